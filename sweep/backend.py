@@ -1,0 +1,292 @@
+"""The only module that talks to llama.cpp (through llama-cpp-python's low-level API).
+
+It offers three mechanisms and no policy:
+  * `decode_window`: one window of tokens in, the logits of the requested positions out;
+  * an activation hook: a function called with the data of chosen graph nodes right after llama.cpp computed
+    them, whose return value is written back before anything downstream reads it (the context's eval callback);
+  * weight access: read/write of the model's weight tensors in place (model loaded without mmap).
+Reads and writes go through ggml_backend_tensor_get/set, never through `tensor->data`, so GPU backends work too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp._ggml import libggml
+
+from .errors import SweepError
+
+log = logging.getLogger(__name__)
+
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+GGML_TYPE_F32 = 0
+
+
+class GGMLTensor(ctypes.Structure):
+    """`struct ggml_tensor` from ggml/include/ggml.h (the version vendored by llama-cpp-python 0.3.36)."""
+
+
+GGMLTensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+    ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(GGMLTensor) * GGML_MAX_SRC),
+    ("view_src", ctypes.POINTER(GGMLTensor)),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * GGML_MAX_NAME),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
+_TensorPtr = ctypes.POINTER(GGMLTensor)
+
+for _fn, _args, _res in [
+    ("ggml_backend_tensor_get", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
+    ("ggml_backend_tensor_set", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
+    ("ggml_nbytes", [ctypes.c_void_p], ctypes.c_size_t),
+    ("ggml_nelements", [ctypes.c_void_p], ctypes.c_int64),
+    ("ggml_is_contiguous", [ctypes.c_void_p], ctypes.c_bool),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+# A weight tensor's name in the graph is its GGUF name, e.g. "blk.3.ffn_down.weight".
+_WEIGHT_NAME = re.compile(r"^[\w.]+\.(weight|bias)$")
+
+# llama.cpp's log lines are dropped unless they are warnings or errors; the last errors explain a failed load.
+_recent_errors: list[str] = []
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level, text, user_data):
+    msg = text.decode("utf-8", "replace").rstrip()
+    if level >= 4 and msg:  # GGML_LOG_LEVEL_ERROR
+        _recent_errors.append(msg)
+        del _recent_errors[:-5]
+
+
+_initialised = False
+
+
+def _init_once() -> None:
+    global _initialised
+    if not _initialised:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _initialised = True
+
+
+ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
+
+
+class Backend:
+    """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, writable_weights: bool = False,
+                 n_gpu_layers: int = 0):
+        _init_once()
+        self.path, self.n_ctx = Path(path), n_ctx
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        if writable_weights:  # with mmap, the weights are read-only pages of the file: writing would crash
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        _recent_errors.clear()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            why = _recent_errors[-1] if _recent_errors else "unknown reason"
+            raise SweepError(f"llama.cpp cannot load {self.path}: {why} "
+                             f"(unsupported architecture or damaged file?)")
+
+        # The eval callback must stay referenced as long as the context lives.
+        self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        cparams.cb_eval = self._eval_cb
+        cparams.cb_eval_user_data = None
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise SweepError(f"llama.cpp cannot create a context of {n_ctx} tokens for {self.path}")
+
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.n_layers = llama_cpp.llama_model_n_layer(self.model)
+
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        b = self._batch
+        self._b_token = np.ctypeslib.as_array(b.token, shape=(n_ctx,))
+        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n_ctx,))
+        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n_ctx,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(n_ctx,))[:] = 1
+        for k in range(n_ctx):
+            b.seq_id[k][0] = 0
+        self._b_pos[:] = np.arange(n_ctx, dtype=np.int32)
+
+        # Hook state: which node names to hand to `activation_hook`.
+        self.hooked_nodes: frozenset[str] = frozenset()
+        self.activation_hook: ActivationHook | None = None
+        self.hook_error: BaseException | None = None
+        # Filled by the probe decode: every node name of the graph and every weight tensor reachable from it.
+        self._collect = False
+        self.node_names: set[str] = set()
+        self._weights: dict[str, int] = {}
+        self._probe()
+
+    # ---- tokens and decoding -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
+        if n < 0:
+            raise SweepError(f"tokenizer needed {-n} slots for {len(data)} bytes of text")
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+
+    def detokenize(self, tokens) -> str:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = llama_cpp.llama_token_to_piece(self.vocab, int(t), buf, len(buf), 0, False)
+            out += buf.raw[:max(n, 0)]
+        return out.decode("utf-8", "replace")
+
+    def decode_window(self, tokens: np.ndarray, output_mask: np.ndarray) -> np.ndarray:
+        """Decode `tokens` as one fresh sequence; return the logits of positions where `output_mask` is set.
+
+        The KV cache is cleared first, so windows are independent, as in llama-perplexity.
+        """
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ValueError(f"window of {n} tokens exceeds the context ({self.n_ctx})")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self._b_token[:n] = tokens
+        self._b_logits[:n] = output_mask
+        self._batch.n_tokens = n
+        self.hook_error = None
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        if self.hook_error is not None:
+            raise self.hook_error
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        n_out = int(np.count_nonzero(output_mask))
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    # ---- graph introspection and the activation hook -------------------------------------------------------
+
+    def _probe(self) -> None:
+        """Decode two tokens once to learn the graph's node names and reach the weight tensors."""
+        self._collect = True
+        try:
+            tok = np.full(2, self.bos if self.bos >= 0 else 0, dtype=np.int32)
+            self.decode_window(tok, np.array([0, 1], dtype=np.int8))
+        finally:
+            self._collect = False
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def _on_eval(self, t_ptr, ask, user_data):
+        t = ctypes.cast(t_ptr, _TensorPtr).contents
+        name = t.name.decode("utf-8", "replace")
+        if ask:
+            if self._collect:
+                self.node_names.add(name)
+                for src in t.src:
+                    if src:
+                        sname = src.contents.name.decode("utf-8", "replace")
+                        if _WEIGHT_NAME.match(sname):
+                            self._weights[sname] = ctypes.addressof(src.contents)
+            return name in self.hooked_nodes
+        try:
+            self._run_hook(t_ptr, t, name)
+        except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later
+            self.hook_error = e
+            return False
+        return True
+
+    def _run_hook(self, t_ptr, t: GGMLTensor, name: str) -> None:
+        if self.activation_hook is None:
+            return
+        x = self._get(t_ptr, t, name)
+        y = self.activation_hook(name, x)
+        if y is not None:
+            self._set(t_ptr, t, name, y)
+
+    @staticmethod
+    def _shape(t: GGMLTensor) -> tuple[int, ...]:
+        ne = [int(n) for n in t.ne]
+        while len(ne) > 1 and ne[-1] == 1:
+            ne.pop()
+        return tuple(reversed(ne))  # ggml ne (fastest first) -> numpy row-major shape
+
+    def _get(self, t_ptr, t: GGMLTensor, name: str) -> np.ndarray:
+        if t.type != GGML_TYPE_F32 or not libggml.ggml_is_contiguous(t_ptr):
+            raise SweepError(f"tensor {name!r} is not a contiguous F32 tensor (ggml type {t.type}); "
+                             f"only F32 tensors can be fake-quantized in place")
+        x = np.empty(self._shape(t), dtype=np.float32)
+        libggml.ggml_backend_tensor_get(t_ptr, x.ctypes.data, 0, x.nbytes)
+        return x
+
+    def _set(self, t_ptr, t: GGMLTensor, name: str, y: np.ndarray) -> None:
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        if y.shape != self._shape(t):
+            raise ValueError(f"shape {y.shape} written to {name!r} of shape {self._shape(t)}")
+        libggml.ggml_backend_tensor_set(t_ptr, y.ctypes.data, 0, y.nbytes)
+
+    # ---- weights --------------------------------------------------------------------------------------------
+
+    @property
+    def weight_names(self) -> list[str]:
+        return sorted(self._weights)
+
+    def _weight(self, name: str):
+        if name not in self._weights:
+            raise SweepError(f"weight tensor {name!r} is not used by the graph of {self.path.name}")
+        addr = self._weights[name]
+        return ctypes.c_void_p(addr), GGMLTensor.from_address(addr)
+
+    def weight_type(self, name: str) -> int:
+        return self._weight(name)[1].type
+
+    def read_weight(self, name: str) -> np.ndarray:
+        ptr, t = self._weight(name)
+        return self._get(ptr, t, name)
+
+    def write_weight(self, name: str, data: np.ndarray) -> None:
+        ptr, t = self._weight(name)
+        self._set(ptr, t, name, data)
+
+    # ---- lifetime -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,71 @@
+"""The reference a run is measured against: the model in its container, and the text cut into windows.
+
+Loading is cached within a process: Hydra's default launcher runs the jobs of a sweep one after another in one
+process, and every job that shares model file, container, n_ctx and threads reuses the same loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backend import Backend
+from .container import container_path
+from .model_file import ModelInfo, model_info, resolve_model_path, sha256
+from .perplexity import Windows, make_windows
+from .text import Text, load_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reference:
+    source: Path  # the user's model file (never written)
+    info: ModelInfo
+    container: str  # "f32" | "native"
+    backend: Backend  # the loaded container file
+    text: Text
+    windows: Windows
+
+    @property
+    def model_sha256(self) -> str:
+        return sha256(self.source)
+
+
+_live: dict[tuple, Backend] = {}  # at most one loaded model per process: memory stays bounded
+_tokens: dict[tuple, object] = {}
+
+
+def default_threads(threads: int | None) -> int:
+    return int(threads) if threads else (os.cpu_count() or 1)
+
+
+def load_backend(path: Path, n_ctx: int, threads: int, n_gpu_layers: int = 0) -> Backend:
+    """The loaded model for `path`, reused when the same one is asked for again."""
+    key = (str(path), n_ctx, threads, n_gpu_layers)
+    if key not in _live:
+        for old in _live.values():
+            old.close()
+        _live.clear()
+        log.info("loading %s (n_ctx %d, %d threads)", path.name, n_ctx, threads)
+        # Weights are loaded writable (no mmap) so that weight perturbations can be applied in place and undone.
+        _live[key] = Backend(path, n_ctx, threads, writable_weights=True, n_gpu_layers=n_gpu_layers)
+    return _live[key]
+
+
+def open_reference(model_cfg, data_cfg, run_cfg) -> Reference:
+    source = resolve_model_path(model_cfg.path)
+    info = model_info(source)
+    text = load_text(data_cfg.path)  # before loading the model: a missing text fails fast
+    cache_dir = Path(model_cfg.cache_dir) if model_cfg.get("cache_dir") else None
+    file = container_path(source, model_cfg.container, cache_dir)
+    backend = load_backend(file, int(data_cfg.n_ctx), default_threads(run_cfg.threads),
+                           int(model_cfg.get("n_gpu_layers", 0)))
+    key = (sha256(source), text.sha256)
+    if key not in _tokens:
+        _tokens[key] = backend.tokenize(text.text)
+    windows = make_windows(_tokens[key], int(data_cfg.n_ctx), int(data_cfg.n_chunks),
+                           backend.bos if backend.add_bos else None)
+    return Reference(source, info, model_cfg.container, backend, text, windows)

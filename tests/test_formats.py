@@ -1,0 +1,383 @@
+"""Property tests of sweep.formats: every fake quantizer against its documented contract."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from sweep.errors import SweepError
+from sweep.formats import FORMATS, GRANULARITIES, Format, make_format
+
+# Any warning (division by zero, invalid cast, overflow) is a bug in the policy handling.
+pytestmark = pytest.mark.filterwarnings("error")
+FEW = settings(max_examples=60, deadline=None)  # parametrized over ~17 formats: keep each one short
+MORE = settings(max_examples=200, deadline=None)
+
+SCALED_FORMATS = (
+    [make_format("int8", granularity=g) for g in GRANULARITIES]
+    + [make_format(n, scaled=True, granularity=g) for n in ("fp8_e4m3", "fp8_e5m2") for g in GRANULARITIES]
+    + [make_format("int4"), make_format("int4", group_size=8), make_format("mxfp4")]
+)
+CAST_FORMATS = [make_format(n) for n in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2")]
+ALL_FORMATS = [make_format("none"), make_format("zero")] + CAST_FORMATS + SCALED_FORMATS
+NOT_ZERO = [f for f in ALL_FORMATS if f.name != "zero"]
+DTYPES = {
+    "bf16": ml_dtypes.bfloat16,
+    "fp16": np.float16,
+    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+    "fp8_e5m2": ml_dtypes.float8_e5m2,
+    "mxfp4": ml_dtypes.float4_e2m1fn,
+}
+
+
+def fid(fmt: Format) -> str:
+    return fmt.label
+
+
+SHAPES = st.one_of(
+    st.tuples(st.integers(1, 8), st.sampled_from([32, 64, 96, 128])),  # (rows, multiple of 32)
+    st.sampled_from([(32,), (64,)]),  # 1-D: a norm weight vector is one row
+    st.tuples(st.integers(1, 3), st.integers(1, 3), st.just(32)),
+)
+ANY_F32 = st.floats(width=32)  # NaN, +-inf, subnormals and extremes included
+MODEST = st.floats(-1e4, 1e4, width=32, allow_subnormal=False)
+ANY_ARRAYS = hnp.arrays(np.float32, SHAPES, elements=st.one_of(MODEST, ANY_F32))
+FINITE_ARRAYS = hnp.arrays(np.float32, SHAPES, elements=MODEST)
+
+
+def block_len(fmt: Format, shape: tuple) -> int:
+    """Elements sharing one scale, consecutive in row-major order (the docstring's rows / groups)."""
+    if fmt.name in ("int4", "mxfp4"):
+        return fmt.group_size
+    return int(np.prod(shape)) if fmt.granularity == "per_tensor" else shape[-1]
+
+
+def finite_amax(x: np.ndarray, n: int) -> np.ndarray:
+    b = x.reshape(-1, n).astype(np.float64)
+    return np.where(np.isfinite(b), np.abs(b), 0.0).max(axis=1, keepdims=True)
+
+
+def saturation(fmt: Format, amax: np.ndarray) -> np.ndarray:
+    """+-inf maps to +-(max representable * scale), per block, as the module docstring says."""
+    if fmt.name == "mxfp4":
+        return np.where(amax > 0, 6.0 * 2.0 ** (np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2), 0.0)
+    return amax  # int8: 127 * amax/127; int4: 7 * amax/7; scaled fp8: fmax * amax/fmax
+
+
+# --- general contract --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=fid)
+@FEW
+@given(x=ANY_ARRAYS)
+def test_idempotent(fmt, x):
+    y = fmt(x)
+    np.testing.assert_array_equal(fmt(y), y)  # NaN-aware, exact
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=fid)
+@FEW
+@given(x=ANY_ARRAYS)
+def test_shape_dtype_preserved_input_untouched(fmt, x):
+    before = x.copy()
+    y = fmt(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert not np.shares_memory(x, y)
+    np.testing.assert_array_equal(x, before)
+    assert np.array_equal(np.signbit(x), np.signbit(before))
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=fid)
+def test_all_zero_gives_zeros(fmt):
+    for shape in [(4, 64), (64,), (2, 3, 32)]:
+        y = fmt(np.zeros(shape, np.float32))
+        assert y.shape == shape and not np.any(y)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=fid)
+def test_empty_and_other_dtypes(fmt):
+    assert fmt(np.zeros((0, 32), np.float32)).shape == (0, 32)
+    y = fmt(np.ones((2, 32), np.float64))
+    assert y.dtype == np.float32 and y.shape == (2, 32)
+
+
+# --- exact on representable inputs, equal to the ml_dtypes cast ---------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", CAST_FORMATS, ids=fid)
+@FEW
+@given(x=ANY_ARRAYS)
+def test_equals_ml_dtypes_cast(fmt, x):
+    dtype = DTYPES[fmt.name]
+    if fmt.name.startswith("fp8"):  # the plain cast only within range; beyond it the format saturates
+        fmax = float(ml_dtypes.finfo(dtype).max)
+        x = np.where(np.abs(x) <= fmax, x, np.float32(np.nan))
+    with np.errstate(over="ignore"):
+        expected = x.astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(fmt(x), expected)
+
+
+@pytest.mark.parametrize("fmt", CAST_FORMATS, ids=fid)
+@FEW
+@given(x=ANY_ARRAYS)
+def test_exact_on_cast_values(fmt, x):
+    dtype = DTYPES[fmt.name]
+    fmax = float(ml_dtypes.finfo(dtype).max)
+    with np.errstate(over="ignore"):
+        x = np.clip(x, -fmax, fmax).astype(dtype).astype(np.float32)  # already in the format
+    np.testing.assert_array_equal(fmt(x), x)
+
+
+def grid_values(fmt: Format) -> tuple[np.ndarray, float]:
+    """(the format's finite code values, its max) in units of the scale."""
+    if fmt.name == "int8":
+        return np.arange(-127, 128, dtype=np.float64), 127.0
+    if fmt.name == "int4":
+        return np.arange(-7, 8, dtype=np.float64), 7.0
+    dtype = DTYPES[fmt.name]
+    bits = np.arange(16 if fmt.name == "mxfp4" else 256, dtype=np.uint8)
+    v = bits.view(dtype).astype(np.float64)
+    v = v[np.isfinite(v)]
+    return v, float(v.max())
+
+
+@st.composite
+def on_grid(draw, fmt: Format):
+    """Codes * a power-of-two scale per block, with one +-max code in each block: exactly representable."""
+    values, vmax = grid_values(fmt)
+    shape = draw(SHAPES)
+    n = block_len(fmt, shape)
+    q = draw(hnp.arrays(np.float64, shape, elements=st.sampled_from(list(values)))).reshape(-1, n)
+    signs = draw(hnp.arrays(np.float64, (q.shape[0],), elements=st.sampled_from([-1.0, 1.0])))
+    q[:, draw(st.integers(0, n - 1))] = signs * vmax
+    k = draw(hnp.arrays(np.int32, (q.shape[0], 1), elements=st.integers(-20, 20)))
+    return (q * np.ldexp(1.0, k)).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", SCALED_FORMATS, ids=fid)
+@FEW
+@given(data=st.data())
+def test_exact_on_grid_values(fmt, data):
+    x = data.draw(on_grid(fmt))
+    np.testing.assert_array_equal(fmt(x), x)
+
+
+# --- error bounds and grids ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [make_format("int8", granularity=g) for g in GRANULARITIES] + [make_format("int4"), make_format("int4", group_size=8)],
+    ids=fid,
+)
+@FEW
+@given(x=FINITE_ARRAYS)
+def test_error_within_half_step(fmt, x):
+    n = block_len(fmt, x.shape)
+    amax = finite_amax(x, n)
+    step = amax / (127 if fmt.name == "int8" else 7)
+    err = np.abs(fmt(x).reshape(-1, n).astype(np.float64) - x.reshape(-1, n))
+    assert np.all(err <= step / 2 + amax * 2.0**-22)  # + float32 rounding of the result
+
+
+@pytest.mark.parametrize("fmt", SCALED_FORMATS, ids=fid)
+@FEW
+@given(x=ANY_ARRAYS)
+def test_few_distinct_values_per_block(fmt, x):
+    values, _ = grid_values(fmt)
+    n = block_len(fmt, x.shape)
+    for block in fmt(x).reshape(-1, n):
+        assert len(np.unique(block[~np.isnan(block)])) <= len(np.unique(values))
+
+
+# --- NaN / inf / saturation / zero policy -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", NOT_ZERO, ids=fid)
+@FEW
+@given(x=ANY_ARRAYS)
+def test_nan_stays_nan_and_does_not_affect_the_rest(fmt, x):
+    nan = np.isnan(x)
+    y = fmt(x)
+    assert np.all(np.isnan(y[nan]))
+    np.testing.assert_array_equal(y[~nan], fmt(np.where(nan, np.float32(0), x))[~nan])
+    assert not np.any(np.isnan(y[~nan])) or fmt.name in ("bf16", "fp16")  # no new NaN
+
+
+@pytest.mark.parametrize("fmt", SCALED_FORMATS, ids=fid)
+@FEW
+@given(x=FINITE_ARRAYS, data=st.data())
+def test_inf_saturates_to_max_times_scale(fmt, x, data):
+    mask = data.draw(hnp.arrays(np.int8, x.shape, elements=st.sampled_from([0, 0, 0, 1, -1])))
+    xi = np.where(mask == 0, x, np.copysign(np.float32(np.inf), mask)).astype(np.float32)
+    n = block_len(fmt, x.shape)
+    amax = finite_amax(xi, n)
+    amax = np.where(amax < np.finfo(np.float32).tiny, 0.0, amax)
+    sat = np.broadcast_to(saturation(fmt, amax), (amax.shape[0], n)).reshape(x.shape).astype(np.float32)
+    y = fmt(xi)
+    np.testing.assert_array_equal(y[mask == 1], sat[mask == 1])
+    np.testing.assert_array_equal(y[mask == -1], -sat[mask == -1])
+    # the scale comes from the finite values only: the rest is as if the infs were zeros
+    np.testing.assert_array_equal(y[mask == 0], fmt(np.where(mask == 0, xi, np.float32(0)))[mask == 0])
+
+
+@pytest.mark.parametrize("fmt", SCALED_FORMATS, ids=fid)
+def test_zero_block_with_inf_and_nan(fmt):
+    x = np.zeros((2, 64), np.float32)
+    x[0, :3] = [np.inf, -np.inf, np.nan]
+    x[1, :2] = 1e-40  # subnormal amax: flushed, the block is zero
+    x[1, 40] = 1.0
+    y = fmt(x)
+    if fmt.granularity == "per_tensor" and fmt.name not in ("int4", "mxfp4"):
+        assert y[0, 0] == fmt(np.float32([[1.0]]))[0, 0] and y[0, 1] == -y[0, 0]  # the tensor's scale
+    else:
+        np.testing.assert_array_equal(y[0, :2], [0.0, 0.0])
+        np.testing.assert_array_equal(y[1, :2], [0.0, 0.0])
+    assert np.isnan(y[0, 2])
+    assert y[1, 40] == 1.0
+
+
+def test_zero_format_is_all_zeros():
+    x = np.array([[1.0, np.nan, np.inf, -3.0]], np.float32)
+    np.testing.assert_array_equal(make_format("zero")(x), np.zeros_like(x))
+
+
+def test_none_is_an_identity_copy():
+    x = np.array([[1.0, np.nan, -np.inf, 1e-45]], np.float32)
+    y = make_format("none")(x)
+    np.testing.assert_array_equal(y, x)
+    y[0, 0] = 5
+    assert x[0, 0] == 1.0
+
+
+def test_bf16_fp16_overflow_follows_ieee():
+    fp16, bf16 = make_format("fp16"), make_format("bf16")
+    np.testing.assert_array_equal(
+        fp16(np.float32([65504, 65519, 65520, 1e6, -1e6, np.inf, -np.inf])),
+        [65504, 65504, np.inf, np.inf, -np.inf, np.inf, -np.inf],
+    )
+    big = np.finfo(np.float32).max
+    np.testing.assert_array_equal(bf16(np.float32([big, -big, np.inf])), [np.inf, -np.inf, np.inf])
+
+
+@pytest.mark.parametrize("name, fmax", [("fp8_e4m3", 448.0), ("fp8_e5m2", 57344.0)])
+def test_unscaled_fp8_saturates(name, fmax):
+    x = np.float32([fmax, 2 * fmax, 1e30, -1e30, np.inf, -np.inf, np.nan, 1.0])
+    y = make_format(name)(x)
+    np.testing.assert_array_equal(y, [fmax, fmax, fmax, -fmax, fmax, -fmax, np.nan, 1.0])
+
+
+def test_mxfp4_known_values():
+    # amax 3.5 -> X = 2**(1 - 2) = 0.5; 3.5/X = 7 saturates to 6 -> 3.0; 1.25/X = 2.5 -> 2 (half to even) -> 1.0;
+    # 0.125/X = 0.25, halfway between 0 and 0.5 -> 0 (even); inf -> 6 * X
+    x = np.zeros(32, np.float32)
+    x[:5] = [3.5, -1.25, 0.125, 0.25, np.inf]
+    np.testing.assert_array_equal(make_format("mxfp4")(x)[:5], [3.0, -1.0, 0.0, 0.25, 3.0])
+
+
+def test_int8_known_values():
+    x = np.float32([[127.0, 0.5, 1.5, -2.5, 63.4]])  # scale 1: half to even
+    np.testing.assert_array_equal(make_format("int8")(x), [[127.0, 0.0, 2.0, -2.0, 63.0]])
+
+
+# --- granularity --------------------------------------------------------------------------------------------------
+
+
+@MORE
+@given(x=ANY_ARRAYS)
+def test_granularities(x):
+    per_row, per_token = make_format("int8", granularity="per_row"), make_format("int8", granularity="per_token")
+    np.testing.assert_array_equal(per_row(x), per_token(x))  # same computation, named for the role
+    rows = x.reshape(-1, x.shape[-1])
+    np.testing.assert_array_equal(per_row(x).reshape(rows.shape), np.stack([per_row(r) for r in rows]))
+    per_tensor = make_format("int8", granularity="per_tensor")
+    np.testing.assert_array_equal(per_tensor(x), per_row(x.reshape(1, -1)).reshape(x.shape))
+
+
+@MORE
+@given(x=ANY_ARRAYS)
+def test_groups_are_consecutive_along_last_axis(x):
+    int4 = make_format("int4", group_size=16)
+    groups = x.reshape(-1, 16)
+    np.testing.assert_array_equal(int4(x).reshape(groups.shape), np.stack([int4(g) for g in groups]))
+
+
+@pytest.mark.parametrize("name", ["int4", "mxfp4"])
+def test_grouped_needs_divisible_last_axis(name):
+    with pytest.raises(SweepError, match="divisible"):
+        make_format(name)(np.ones((2, 48), np.float32))
+
+
+# --- make_format / Format -----------------------------------------------------------------------------------------
+
+
+def test_labels():
+    assert make_format("bf16").label == "bf16"
+    assert make_format("int8").label == "int8/per_row"
+    assert make_format("int8", granularity="per_token").label == "int8/per_token"
+    assert make_format("fp8_e4m3").label == "fp8_e4m3"
+    assert make_format("fp8_e4m3", scaled=True, granularity="per_tensor").label == "fp8_e4m3/scaled/per_tensor"
+    assert make_format("int4").label == "int4/g32"
+    assert make_format("mxfp4").label == "mxfp4/g32"
+    assert len({f.label for f in ALL_FORMATS}) == len(ALL_FORMATS)
+
+
+def test_unused_params_are_normalized():
+    assert make_format("bf16", granularity="per_tensor", group_size=8) == make_format("bf16")
+    assert make_format("fp8_e5m2", granularity="per_tensor") == make_format("fp8_e5m2")
+    assert make_format("int8", group_size=64) == make_format("int8")
+    assert make_format("int4", granularity="per_tensor") == make_format("int4")
+
+
+def test_registry():
+    assert set(FORMATS) == {"none", "zero", "bf16", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4", "mxfp4"}
+
+
+def one_line(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_name():
+    with pytest.raises(SweepError) as err:
+        make_format("int3")
+    assert all(name in one_line(err) for name in FORMATS)
+
+
+@pytest.mark.parametrize("bad", ["per_col", "", None])
+def test_bad_granularity(bad):
+    with pytest.raises(SweepError) as err:
+        make_format("int8", granularity=bad)
+    assert all(g in one_line(err) for g in GRANULARITIES)
+
+
+@pytest.mark.parametrize("bad", [0, -32, 1.5, "32", True])
+def test_bad_group_size(bad):
+    with pytest.raises(SweepError) as err:
+        make_format("int4", group_size=bad)
+    assert "positive integer" in one_line(err)
+
+
+def test_bad_scaled():
+    with pytest.raises(SweepError) as err:
+        make_format("fp8_e4m3", scaled="yes")
+    assert "true or false" in one_line(err)
+
+
+def test_unknown_param():
+    with pytest.raises(SweepError) as err:
+        make_format("int8", granulartiy="per_row")
+    msg = one_line(err)
+    assert "granulartiy" in msg and all(p in msg for p in ("granularity", "group_size", "scaled"))
+
+
+def test_format_validates_on_direct_construction():
+    with pytest.raises(SweepError):
+        Format("int9")
+    with pytest.raises(SweepError):
+        Format("int8", granularity="per_col")
