@@ -72,13 +72,13 @@ def make_windows(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None)
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, as llama-perplexity: max-shifted, exponentials summed in float64."""
-    logits = np.asarray(logits, dtype=np.float32)
+    """-log softmax(logits)[target] per row, as llama-perplexity computes it: max-shifted in float32,
+    exponentials summed in float64. Works in place: `logits` (llama.cpp's output buffer) is overwritten."""
     top = logits.max(axis=1)
-    shifted = logits - top[:, None]
-    picked = shifted[np.arange(len(targets)), targets].astype(np.float64)
-    np.exp(shifted, out=shifted)
-    return np.log(shifted.sum(axis=1, dtype=np.float64)) - picked
+    picked = (logits[np.arange(len(targets)), targets] - top).astype(np.float64)
+    logits -= top[:, None]
+    np.exp(logits, out=logits)
+    return np.log(logits.sum(axis=1, dtype=np.float64)) - picked
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class Reference:
     backend: Backend  # the loaded container file
     text: Text
     windows: Windows
+    threads: int
 
     @property
     def model_sha256(self) -> str:
@@ -61,11 +62,11 @@ def open_reference(model_cfg, data_cfg, run_cfg) -> Reference:
     text = load_text(data_cfg.path)  # before loading the model: a missing text fails fast
     cache_dir = Path(model_cfg.cache_dir) if model_cfg.get("cache_dir") else None
     file = container_path(source, model_cfg.container, cache_dir)
-    backend = load_backend(file, int(data_cfg.n_ctx), default_threads(run_cfg.threads),
-                           int(model_cfg.get("n_gpu_layers", 0)))
+    threads = default_threads(run_cfg.threads)
+    backend = load_backend(file, int(data_cfg.n_ctx), threads, int(model_cfg.get("n_gpu_layers", 0)))
     key = (sha256(source), text.sha256)
     if key not in _tokens:
         _tokens[key] = backend.tokenize(text.text)
     windows = make_windows(_tokens[key], int(data_cfg.n_ctx), int(data_cfg.n_chunks),
                            backend.bos if backend.add_bos else None)
-    return Reference(source, info, model_cfg.container, backend, text, windows)
+    return Reference(source, info, model_cfg.container, backend, text, windows, threads)

@@ -1,0 +1,113 @@
+"""How to apply a format to a target inside the loaded model, and the proof that it was applied.
+
+Weights are rewritten in place and restored on exit (the model stays loaded for the next point); activations are
+rounded by the backend's eval-callback hook during every decode. Either way a `Proof` counts what changed, so a
+perturbation that changed nothing is reported as a no-op instead of as "insensitive".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .formats import Format
+from .targets import Target
+
+
+@dataclass
+class Proof:
+    n_elements: int = 0  # elements the format was applied to (activations: summed over every hook call)
+    n_changed: int = 0  # elements whose value changed
+    sum_sq_err: float = 0.0
+    sum_sq_ref: float = 0.0
+    max_abs_err: float = 0.0
+    n_overflow: int = 0  # finite inputs the format turned into inf/NaN
+    hook_calls: int = 0  # weights: tensors written; activations: times the hook rounded a node
+
+    def add(self, before: np.ndarray, after: np.ndarray) -> None:
+        b, a = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
+        same = (b == a) | (np.isnan(b) & np.isnan(a))
+        both = np.isfinite(b) & np.isfinite(a)
+        err = np.where(both, a - b, 0.0)
+        self.n_elements += b.size
+        self.n_changed += int(b.size - np.count_nonzero(same))
+        self.sum_sq_err += float(err @ err)
+        self.sum_sq_ref += float(np.where(both, b, 0.0) @ np.where(both, b, 0.0))
+        self.max_abs_err = max(self.max_abs_err, float(np.abs(err).max(initial=0.0)))
+        self.n_overflow += int(np.count_nonzero(np.isfinite(b) & ~np.isfinite(a)))
+        self.hook_calls += 1
+
+    @property
+    def frac_changed(self) -> float:
+        return self.n_changed / self.n_elements if self.n_elements else 0.0
+
+    @property
+    def rel_mse(self) -> float:
+        return self.sum_sq_err / self.sum_sq_ref if self.sum_sq_ref else math.nan
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.sum_sq_err == 0:
+            return math.inf
+        return 10 * math.log10(self.sum_sq_ref / self.sum_sq_err) if self.sum_sq_ref else -math.inf
+
+    def no_op_reason(self, target: Target, fmt: Format) -> str | None:
+        """Why this perturbation changed nothing, or None when it did change something."""
+        if self.hook_calls == 0:
+            return f"the hook never ran on {', '.join(target.names)}"
+        if self.n_changed == 0:
+            return (f"all {self.n_elements} elements of {target.kind} {target.tensor} "
+                    f"(layer {target.layer_label}) are already exactly representable in {fmt.label}")
+        return None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(frac_changed=self.frac_changed, rel_mse=self.rel_mse, sqnr_db=self.sqnr_db)
+        return d
+
+
+@contextmanager
+def applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
+    """Within the block, `backend` computes with `fmt` applied to `target`; afterwards it is as before."""
+    if target.kind == "weight":
+        with _weights_applied(backend, target, fmt) as proof:
+            yield proof
+    else:
+        with _activations_applied(backend, target, fmt) as proof:
+            yield proof
+
+
+@contextmanager
+def _weights_applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
+    proof, originals = Proof(), {}
+    try:
+        for name in target.names:
+            original = backend.read_weight(name)
+            originals[name] = original
+            rounded = fmt(original)
+            proof.add(original, rounded)
+            backend.write_weight(name, rounded)
+        yield proof
+    finally:  # restore exactly, so the loaded model serves the next point unchanged
+        for name, original in originals.items():
+            backend.write_weight(name, original)
+
+
+@contextmanager
+def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
+    proof = Proof()
+
+    def hook(name: str, x: np.ndarray) -> np.ndarray:
+        y = fmt(x)
+        proof.add(x, y)
+        return y
+
+    backend.hooked_nodes, backend.activation_hook = frozenset(target.names), hook
+    try:
+        yield proof
+    finally:
+        backend.hooked_nodes, backend.activation_hook = frozenset(), None

@@ -1,0 +1,112 @@
+"""One point of the grid: apply a format to a target, score, compare with the matching baseline, record."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .apply import Proof, applied
+from .backend import Backend
+from .container import tensors_to_f32
+from .formats import Format
+from .perplexity import Score, score
+from .reference import Reference
+from .targets import Target
+
+log = logging.getLogger(__name__)
+
+_baselines: dict[tuple, Score] = {}
+
+
+def baseline_score(backend: Backend, ref: Reference, progress: bool) -> Score:
+    """The unperturbed score of `backend` on the reference windows, computed once per process."""
+    key = (str(backend.path), ref.windows.n_ctx, ref.windows.n_windows, ref.text.sha256)
+    if key not in _baselines:
+        _baselines[key] = score(backend, ref.windows, progress, desc="baseline")
+    return _baselines[key]
+
+
+@dataclass
+class Outcome:
+    proof: Proof
+    score: Score
+    baseline: Score
+    container_note: str  # what the baseline is, in words
+    status: str  # "ok" | "no-op" | "diverged"
+    reason: str | None
+    seconds: float
+
+
+def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True) -> Outcome:
+    t0 = time.perf_counter()
+    backend, note, scratch = ref.backend, f"{ref.container} container", None
+    if target.kind == "weight" and any(ref.info.tensor_types.get(n) != "F32" for n in target.names) \
+            and ref.container == "native":
+        # A quantized tensor cannot hold the format's values: this point runs on a copy of the file with only the
+        # target tensors dequantized to F32, and its baseline is that same copy unrounded (container-matched).
+        scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")
+        copy = tensors_to_f32(ref.source, target.names, Path(scratch.name) / "matched.gguf")
+        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True)
+        note = f"native container, {', '.join(target.names)} dequantized to F32"
+    try:
+        base = baseline_score(backend, ref, progress) if scratch is None else \
+            score(backend, ref.windows, progress, desc="matched baseline")
+        with applied(backend, target, fmt) as proof:
+            result = score(backend, ref.windows, progress, desc=f"{target.kind} {target.tensor} "
+                                                                   f"L{target.layer_label} {fmt.label}")
+    finally:
+        if scratch is not None:
+            backend.close()
+            scratch.cleanup()
+    reason = proof.no_op_reason(target, fmt)
+    status = "no-op" if reason else ("diverged" if not np.isfinite(result.nll).all() else "ok")
+    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0)
+
+
+def paired_delta(run: Score, base: Score) -> tuple[float, float]:
+    """Mean per-token ΔNLL and its standard error from per-window means (tokens of one window are correlated)."""
+    d = (run.nll - base.nll).mean(axis=1)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    return float(d.mean()), se
+
+
+def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
+    """One flat row of the results table."""
+    dnll, dnll_se = paired_delta(out.score, out.baseline)
+    return {
+        "layer": target.layer_label, "tensor": target.tensor, "kind": target.kind, "fmt": fmt.label,
+        "status": out.status, "reason": out.reason,
+        "ppl": out.score.ppl, "ppl_stderr": out.score.ppl_stderr,
+        "baseline_ppl": out.baseline.ppl, "baseline_ppl_stderr": out.baseline.ppl_stderr,
+        "delta_ppl": out.score.ppl - out.baseline.ppl,
+        # ΔPPL = PPL_base * (exp(ΔNLL) - 1): its paired standard error by the delta method.
+        "delta_ppl_stderr": out.score.ppl * dnll_se,
+        "delta_nll": dnll, "delta_nll_stderr": dnll_se,
+        "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
+        "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
+        "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
+        "targets": ",".join(target.names), "baseline": out.container_note,
+        "container": ref.container, "model": ref.source.name, "model_sha256": ref.model_sha256,
+        "data_source": ref.text.source, "data_sha256": ref.text.sha256,
+        "n_chunks": out.score.n_windows, "n_ctx": out.score.n_ctx, "n_tokens": out.score.n_tokens,
+        "seconds": out.seconds, "decode_seconds": out.score.seconds, "sweep_version": __version__,
+    }
+
+
+def describe(rec: dict) -> str:
+    """The one-line summary printed when a point finishes."""
+    head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layer']} {rec['fmt']}"
+    if rec["status"] == "no-op":
+        return f"{head}: NO-OP, {rec['reason']}"
+    return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "
+            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}), "
+            f"changed {100 * rec['frac_changed']:.2f}% of {rec['n_elements']} elements, "
+            f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}")
+
