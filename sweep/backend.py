@@ -140,6 +140,8 @@ class Backend:
         self.hooked_nodes: frozenset[str] = frozenset()
         self.activation_hook: ActivationHook | None = None
         self.hook_error: BaseException | None = None
+        # When a list, every hooked node is read back after the write: (name, computed, written, read back).
+        self.read_back: list | None = None
         # Filled by the probe decode: every node name of the graph and every weight tensor reachable from it.
         self._collect = False
         self.node_names: set[str] = set()
@@ -225,6 +227,8 @@ class Backend:
         y = self.activation_hook(name, x)
         if y is not None:
             self._set(t_ptr, t, name, y)
+            if self.read_back is not None:
+                self.read_back.append((name, x, y, self._get(t_ptr, t, name)))
 
     @staticmethod
     def _shape(t: GGMLTensor) -> tuple[int, ...]:

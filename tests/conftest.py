@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sweep.model_file import embedded_model_path
+
+from tiny_model import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    path = Path(os.environ.get("SWEEP_WIKITEXT") or SHARED_TEXT)
+    assert path.is_file(), f"WikiText-2 test file not found at {path}: set SWEEP_WIKITEXT"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_model_is_never_written(smollm2):
+    """Every test session ends by checking the user's (here: the embedded) model file byte for byte."""
+    before = hashlib.sha256(smollm2.read_bytes()).hexdigest()
+    yield
+    assert hashlib.sha256(smollm2.read_bytes()).hexdigest() == before, f"{smollm2} was modified"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf", smollm2)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Containers built by tests go here, never into the user's cache."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_cfg(model: Path | None, text: Path, n_ctx: int, n_chunks: int, container: str = "f32",
+             cache_dir: Path | None = None):
+    return OmegaConf.create({
+        "model": {"path": str(model) if model else None, "container": container,
+                  "cache_dir": str(cache_dir) if cache_dir else None, "n_gpu_layers": 0},
+        "data": {"path": str(text), "n_ctx": n_ctx, "n_chunks": n_chunks},
+        "run": {"threads": 2, "progress": False},
+    })
