@@ -56,17 +56,34 @@ def load_backend(path: Path, n_ctx: int, threads: int, n_gpu_layers: int = 0) ->
     return _live[key]
 
 
-def open_reference(model_cfg, data_cfg, run_cfg) -> Reference:
+@dataclass(frozen=True)
+class Inputs:
+    """What a point depends on, cheap to get: the model file (hashed, described) and the text."""
+
+    source: Path
+    info: ModelInfo
+    text: Text
+
+    @property
+    def model_sha256(self) -> str:
+        return sha256(self.source)
+
+
+def load_inputs(model_cfg, data_cfg) -> Inputs:
     source = resolve_model_path(model_cfg.path)
     info = model_info(source)
-    text = load_text(data_cfg.path)  # before loading the model: a missing text fails fast
+    return Inputs(source, info, load_text(data_cfg.path))
+
+
+def open_reference(model_cfg, data_cfg, run_cfg, inputs: Inputs | None = None) -> Reference:
+    inputs = inputs or load_inputs(model_cfg, data_cfg)  # the text first: a missing text fails fast
     cache_dir = Path(model_cfg.cache_dir) if model_cfg.get("cache_dir") else None
-    file = container_path(source, model_cfg.container, cache_dir)
+    file = container_path(inputs.source, model_cfg.container, cache_dir)
     threads = default_threads(run_cfg.threads)
     backend = load_backend(file, int(data_cfg.n_ctx), threads, int(model_cfg.get("n_gpu_layers", 0)))
-    key = (sha256(source), text.sha256)
+    key = (inputs.model_sha256, inputs.text.sha256)
     if key not in _tokens:
-        _tokens[key] = backend.tokenize(text.text)
+        _tokens[key] = backend.tokenize(inputs.text.text)
     windows = make_windows(_tokens[key], int(data_cfg.n_ctx), int(data_cfg.n_chunks),
                            backend.bos if backend.add_bos else None)
-    return Reference(source, info, model_cfg.container, backend, text, windows, threads)
+    return Reference(inputs.source, inputs.info, model_cfg.container, backend, inputs.text, windows, threads)

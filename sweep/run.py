@@ -17,20 +17,33 @@ from .backend import Backend
 from .container import tensors_to_f32
 from .formats import Format
 from .perplexity import Score, score
+from .records import Store, point_key
 from .reference import Reference
 from .targets import Target
 
 log = logging.getLogger(__name__)
 
-_baselines: dict[tuple, Score] = {}
+_baselines: dict[str, Score] = {}
 
 
-def baseline_score(backend: Backend, ref: Reference, progress: bool) -> Score:
-    """The unperturbed score of `backend` on the reference windows, computed once per process."""
-    key = (str(backend.path), ref.windows.n_ctx, ref.windows.n_windows, ref.text.sha256)
-    if key not in _baselines:
-        _baselines[key] = score(backend, ref.windows, progress, desc="baseline")
-    return _baselines[key]
+def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Store | None = None,
+                   matched: tuple[str, ...] = ()) -> Score:
+    """The unperturbed score on the reference windows: computed once, then reused within the process and,
+    through `store`, by every other process of any sweep (keyed by all that determines it)."""
+    w = ref.windows
+    key = point_key(kind="baseline", model_sha256=ref.model_sha256, container=ref.container, matched=sorted(matched),
+                    data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows)
+    if key in _baselines:
+        return _baselines[key]
+    nll = store.baseline(key) if store else None
+    if nll is not None and nll.shape == (w.n_windows, w.n_scored):
+        result = Score(nll, w.n_ctx, seconds=0.0)
+    else:
+        result = score(backend, w, progress, desc="baseline")
+        if store:
+            store.put_baseline(key, result.nll)
+    _baselines[key] = result
+    return result
 
 
 @dataclass
@@ -44,7 +57,8 @@ class Outcome:
     seconds: float
 
 
-def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True) -> Outcome:
+def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
+              store: Store | None = None) -> Outcome:
     t0 = time.perf_counter()
     backend, note, scratch = ref.backend, f"{ref.container} container", None
     if target.kind == "weight" and any(ref.info.tensor_types.get(n) != "F32" for n in target.names) \
@@ -56,11 +70,14 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True)
         note = f"native container, {', '.join(target.names)} dequantized to F32"
     try:
-        base = baseline_score(backend, ref, progress) if scratch is None else \
-            score(backend, ref.windows, progress, desc="matched baseline")
+        matched = target.names if scratch is not None else ()
+        base = baseline_score(backend, ref, progress, store, matched)
         with applied(backend, target, fmt) as proof:
-            result = score(backend, ref.windows, progress, desc=f"{target.kind} {target.tensor} "
-                                                                   f"L{target.layer_label} {fmt.label}")
+            if target.kind == "weight" and proof.n_changed == 0:
+                result = base  # bit-identical weights: the baseline's numbers, no decode needed (a no-op)
+            else:
+                result = score(backend, ref.windows, progress, desc=f"{target.kind} {target.tensor} "
+                                                                       f"L{target.layer_label} {fmt.label}")
     finally:
         if scratch is not None:
             backend.close()
@@ -81,7 +98,9 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
     """One flat row of the results table."""
     dnll, dnll_se = paired_delta(out.score, out.baseline)
     return {
-        "layer": target.layer_label, "tensor": target.tensor, "kind": target.kind, "fmt": fmt.label,
+        # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
+        "layer": target.layers[0] if len(target.layers) == 1 else None, "layers": target.layer_label,
+        "tensor": target.tensor, "kind": target.kind, "fmt": fmt.label,
         "status": out.status, "reason": out.reason,
         "ppl": out.score.ppl, "ppl_stderr": out.score.ppl_stderr,
         "baseline_ppl": out.baseline.ppl, "baseline_ppl_stderr": out.baseline.ppl_stderr,
@@ -102,9 +121,9 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
 
 def describe(rec: dict) -> str:
     """The one-line summary printed when a point finishes."""
-    head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layer']} {rec['fmt']}"
-    if rec["status"] == "no-op":
-        return f"{head}: NO-OP, {rec['reason']}"
+    head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']} {rec['fmt']}"
+    if rec["status"] in ("no-op", "failed"):
+        return f"{head}: {rec['status'].upper()}, {rec['reason']}"
     return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "
             f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}), "
             f"changed {100 * rec['frac_changed']:.2f}% of {rec['n_elements']} elements, "

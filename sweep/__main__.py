@@ -1,0 +1,33 @@
+"""`python -m sweep [axis=values ...]`: the sensitivity sweep (a Hydra multirun by default)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from . import config  # noqa: F401  (registers the schemas)
+from .cli import exit_on_user_error
+from .grid import plan, wants_hydra_only
+from .job import run_job
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def sweep_app(cfg: DictConfig) -> dict:
+    return run_job(cfg, job_dir=Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not wants_hydra_only(argv):
+        # Validate the whole grid before Hydra launches anything; resolve layer=each from the model.
+        overrides = [a for a in argv if not a.startswith("-")]
+        sys.argv += exit_on_user_error(plan, overrides).extra_argv
+    sweep_app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Hydra callbacks: at the end of a multirun, gather the records into one table and print the ranking."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .records import format_ranking, gather, write_table
+
+log = logging.getLogger(__name__)
+
+
+class GatherResults(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        df = gather([sweep_dir])
+        if df.empty:
+            print(f"no records under {sweep_dir}")
+            return
+        parquet, csv = write_table(df, sweep_dir)
+        print(format_ranking(df))
+        counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
+        print(f"{len(df)} points ({counts}) -> {parquet} and {csv.name}")

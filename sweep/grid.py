@@ -1,0 +1,122 @@
+"""Before any job starts: expand the grid and validate every point of it against the model it will run on.
+
+Hydra would find some mistakes only when it reaches the job that has them (an unknown format in the 40th job),
+and others -- a layer past the model's last block, a tensor the model does not have -- only llama.cpp would
+find, silently. Here every point is composed and checked first; the first mistake is one line and exit code 2.
+This also expands `layer=each` to one job per block of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from . import config  # noqa: F401  (registers the schemas)
+from .container import CONTAINERS
+from .errors import SweepError
+from .formats import make_format
+from .model_file import ModelInfo, model_info, resolve_model_path
+from .targets import KINDS, resolve
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+               "--resolve", "-p", "--package")
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's multi-line message (and the first line of its cause) as one line, without search-path details."""
+    text = str(e).split("Config search path")[0]
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        text += ": " + str(cause).strip().splitlines()[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _compose(overrides: list[str], with_hydra: bool = False):
+    try:
+        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
+    except Exception as e:
+        raise SweepError(f"bad configuration ({' '.join(overrides)}): {_one_line(e)}") from None
+
+
+@dataclass
+class Plan:
+    jobs: list[list[str]]  # the override list of every job, in launch order
+    extra_argv: list[str] = field(default_factory=list)  # what to append to argv (the expanded layer=each)
+
+
+class _Checker:
+    """Validates points, remembering what it learned about each model file."""
+
+    def __init__(self):
+        self.infos: dict[str, ModelInfo] = {}
+        self.nodes: dict[str, set[str]] = {}
+
+    def info(self, path) -> ModelInfo:
+        key = str(path)
+        if key not in self.infos:
+            self.infos[key] = model_info(resolve_model_path(path))
+        return self.infos[key]
+
+    def node_names(self, path) -> set[str]:
+        key = str(path)
+        if key not in self.nodes:
+            from .backend import Backend
+
+            with Backend(self.info(path).path, 32, 1) as b:  # a small context: only the graph's names are needed
+                self.nodes[key] = set(b.node_names)
+        return self.nodes[key]
+
+    def check(self, cfg) -> None:
+        make_format(**cfg.fmt)
+        if cfg.model.container not in CONTAINERS:
+            raise SweepError(f"unknown model.container={cfg.model.container!r}; valid: {', '.join(CONTAINERS)}")
+        if cfg.kind not in KINDS:
+            raise SweepError(f"unknown kind={cfg.kind!r}; valid: {', '.join(KINDS)}")
+        if cfg.layer == "each":
+            raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
+        info = self.info(cfg.model.path)
+        nodes = self.node_names(cfg.model.path) if cfg.kind == "activation" else None
+        resolve(cfg.kind, cfg.tensor, OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer,
+                info, nodes)
+
+
+def plan(overrides: list[str]) -> Plan:
+    """Every job of the sweep that `overrides` asks for, each composed and validated."""
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+    except Exception as e:
+        raise SweepError(f"cannot parse the command line: {_one_line(e)}") from None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    checker = _Checker()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="sweep"):
+        base = _compose(fixed, with_hydra=True)
+        params = base.hydra.sweeper.params or {}
+        grid = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+        jobs = BasicSweeper.split_arguments(grid, None)[0]
+        extra = []
+        if any("layer=each" in job for job in jobs):
+            counts = {checker.info(_compose(job).model.path).n_layers for job in jobs if "layer=each" in job}
+            if len(counts) > 1:
+                raise SweepError(f"layer=each over models with different block counts {sorted(counts)}: "
+                                 f"give the layers explicitly, e.g. layer=range(0,{min(counts)})")
+            n_layers = counts.pop()
+            extra = [f"layer={','.join(map(str, range(n_layers)))}"]
+            jobs = BasicSweeper.split_arguments(parser.parse_overrides(
+                [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
+        for job in jobs:
+            checker.check(_compose(job))
+    if not jobs:
+        raise SweepError("the sweep has no points")
+    return Plan(jobs, extra)
+
+
+def wants_hydra_only(argv: list[str]) -> bool:
+    return any(a.split("=")[0] in HYDRA_FLAGS for a in argv)

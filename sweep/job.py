@@ -1,0 +1,62 @@
+"""One job of a sweep: reuse the stored record of this point, or compute it; either way record it in the job dir.
+
+A job never takes the sweep down: anything that goes wrong inside a point is recorded as `failed` with the reason,
+and the next point runs. Bad configuration is caught before any job starts (see `grid.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .formats import make_format
+from .records import RECORD_FILE, Store, point_key, write_record
+from .reference import load_inputs, open_reference
+from .run import describe, record, run_point
+from .targets import parse_layers, resolve
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg: DictConfig, job_dir: Path | None = None) -> dict:
+    store = Store(Path(cfg.run.store))
+    fmt = make_format(**cfg.fmt)
+    inputs = load_inputs(cfg.model, cfg.data)
+    layers = parse_layers(cfg.layer, inputs.info.n_layers)
+    key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
+                    n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
+                    layers=layers, fmt=asdict(fmt))
+    rec = store.point(key)
+    if rec is not None:
+        log.info("already done (record %s), not recomputed", key)
+    else:
+        started = time.time()
+        try:
+            ref = open_reference(cfg.model, cfg.data, cfg.run, inputs)
+            target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.node_names)
+            rec = record(ref, target, fmt, run_point(ref, target, fmt, cfg.run.progress, store))
+        except Exception as e:  # recorded, and the sweep goes on
+            log.debug("point failed", exc_info=True)
+            rec = failed_record(cfg, fmt.label, layers, inputs, e)
+        rec.update(key=key, started_at=started, finished_at=time.time())
+        store.put_point(key, rec)
+    if job_dir is not None:
+        write_record(job_dir / RECORD_FILE, rec)
+    print(describe(rec), flush=True)
+    return rec
+
+
+def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict:
+    return {
+        "layer": layers[0] if len(layers) == 1 else None, "layers": ",".join(map(str, layers)) or "-",
+        "tensor": cfg.tensor, "kind": cfg.kind, "fmt": fmt_label, "status": "failed",
+        "reason": f"{type(error).__name__}: {error}".splitlines()[0],
+        "traceback": "".join(traceback.format_exception(error))[-4000:],
+        "container": cfg.model.container, "model": inputs.source.name, "model_sha256": inputs.model_sha256,
+        "data_source": inputs.text.source, "n_chunks": cfg.data.n_chunks, "n_ctx": cfg.data.n_ctx,
+    }
