@@ -17,7 +17,8 @@ from .job import run_job
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def sweep_app(cfg: DictConfig) -> dict:
-    return run_job(cfg, job_dir=Path(HydraConfig.get().runtime.output_dir))
+    hc = HydraConfig.get()
+    return run_job(cfg, Path(hc.runtime.output_dir), hc.launcher)
 
 
 def main() -> None:

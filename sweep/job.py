@@ -7,12 +7,13 @@ and the next point runs. Bad configuration is caught before any job starts (see 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .formats import make_format
 from .records import RECORD_FILE, Store, point_key, write_record
@@ -23,8 +24,22 @@ from .targets import parse_layers, resolve
 log = logging.getLogger(__name__)
 
 
-def run_job(cfg: DictConfig, job_dir: Path | None = None) -> dict:
+def cores_for_this_job(launcher_cfg) -> int:
+    """Cores this job may use: the cores it can run on, shared among the jobs that run beside it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if launcher_cfg is None:
+        return cores
+    if launcher_cfg.get("cpus_per_task"):  # submitit: what the scheduler gave each task
+        return int(launcher_cfg.cpus_per_task)
+    n_jobs = launcher_cfg.get("n_jobs")  # joblib: -1 means one job per core
+    if n_jobs:
+        return max(1, cores // (cores if n_jobs < 0 else min(int(n_jobs), cores)))
+    return cores
+
+
+def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> dict:
     store = Store(Path(cfg.run.store))
+    run_cfg = OmegaConf.merge(cfg.run, {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)})
     fmt = make_format(**cfg.fmt)
     inputs = load_inputs(cfg.model, cfg.data)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
@@ -32,12 +47,13 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None) -> dict:
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
                     layers=layers, fmt=asdict(fmt))
     rec = store.point(key)
-    if rec is not None:
+    reused = rec is not None
+    if reused:
         log.info("already done (record %s), not recomputed", key)
     else:
         started = time.time()
         try:
-            ref = open_reference(cfg.model, cfg.data, cfg.run, inputs)
+            ref = open_reference(cfg.model, cfg.data, run_cfg, inputs)
             target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.node_names)
             rec = record(ref, target, fmt, run_point(ref, target, fmt, cfg.run.progress, store))
         except Exception as e:  # recorded, and the sweep goes on
@@ -47,7 +63,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None) -> dict:
         store.put_point(key, rec)
     if job_dir is not None:
         write_record(job_dir / RECORD_FILE, rec)
-    print(describe(rec), flush=True)
+    print(describe(rec) + (" [stored]" if reused else ""), flush=True)
     return rec
 
 
