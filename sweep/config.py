@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -57,6 +58,9 @@ class SweepConfig(ScoreConfig):
 
 
 def register() -> None:
+    # The sweep dir carries the launching process's id: two sweeps started in the same second never share one.
+    if not OmegaConf.has_resolver("sweep_pid"):
+        OmegaConf.register_new_resolver("sweep_pid", lambda: str(os.getpid()), use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="score_schema", node=ScoreConfig)
     cs.store(name="sweep_schema", node=SweepConfig)

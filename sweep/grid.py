@@ -8,6 +8,7 @@ This also expands `layer=each` to one job per block of the model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class _Checker:
     def __init__(self):
         self.infos: dict[str, ModelInfo] = {}
         self.nodes: dict[str, set[str]] = {}
+        self.probed: set = set()
 
     def info(self, path) -> ModelInfo:
         key = str(path)
@@ -65,13 +67,25 @@ class _Checker:
         return self.infos[key]
 
     def node_names(self, path) -> set[str]:
-        key = str(path)
-        if key not in self.nodes:
-            from .backend import Backend
+        self.probe(path, None, 0, 0)
+        return self.nodes[str(path)]
 
-            with Backend(self.info(path).path, 32, 1) as b:  # a small context: only the graph's names are needed
-                self.nodes[key] = set(b.node_names)
-        return self.nodes[key]
+    def probe(self, path, text_path, n_ctx: int, n_chunks: int) -> None:
+        """Load the model as llama.cpp will (an architecture it cannot load fails here), learn its graph's node
+        names, and check that the text gives at least two windows."""
+        from .backend import Backend
+        from .perplexity import make_windows
+        from .text import load_text
+
+        key = (str(path), text_path, n_ctx)
+        if key in self.probed:
+            return
+        text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
+        with Backend(self.info(path).path, 32, 1) as b:  # a small context: names and tokens need no more
+            self.nodes[str(path)] = set(b.node_names)
+            if text is not None:
+                make_windows(b.tokenize(text.text), n_ctx, n_chunks, None)
+        self.probed.add(key)
 
     def check(self, cfg) -> None:
         make_format(**cfg.fmt)
@@ -82,6 +96,7 @@ class _Checker:
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
         info = self.info(cfg.model.path)
+        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_chunks))
         nodes = self.node_names(cfg.model.path) if cfg.kind == "activation" else None
         resolve(cfg.kind, cfg.tensor, OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer,
                 info, nodes)
@@ -113,9 +128,21 @@ def plan(overrides: list[str]) -> Plan:
                 [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
         for job in jobs:
             checker.check(_compose(job))
+        for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir).parent)}:
+            check_writable(Path(directory))
     if not jobs:
         raise SweepError("the sweep has no points")
     return Plan(jobs, extra)
+
+
+def check_writable(directory: Path) -> None:
+    """Fail now, not after the first point, when results could not be written."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SweepError(f"cannot write to {directory} ({existing} is not writable): run from a writable directory "
+                         f"or set run.store=... and hydra.sweep.dir=... to writable paths")
 
 
 def wants_hydra_only(argv: list[str]) -> bool:

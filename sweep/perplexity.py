@@ -86,6 +86,7 @@ class Score:
     nll: np.ndarray  # (n_windows, n_scored) per-token negative log-likelihood
     n_ctx: int
     seconds: float
+    diverged: str | None = None  # where non-finite logits were first seen; scoring stops there
 
     @property
     def n_windows(self) -> int:
@@ -125,6 +126,10 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
         for i, window in enumerate(windows.tokens):
             logits = backend.decode_window(window, mask)
             nll[i] = token_nll(logits, targets[i])
+            if not np.isfinite(nll[i]).all():  # NaN/inf logits: the rest would only repeat it
+                pos = windows.first + int(np.argmin(np.isfinite(nll[i])))
+                return Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0,
+                             diverged=f"non-finite logits in window {i} at position {pos}")
             bar.update()
             bar.set_postfix_str(f"ppl {math.exp(nll[: i + 1].mean()):.4f}")
     return Score(nll, windows.n_ctx, time.perf_counter() - t0)

@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
 from .apply import Proof, applied
@@ -83,7 +82,9 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             backend.close()
             scratch.cleanup()
     reason = proof.no_op_reason(target, fmt)
-    status = "no-op" if reason else ("diverged" if not np.isfinite(result.nll).all() else "ok")
+    status = "no-op" if reason else "ok"
+    if result.diverged:
+        status, reason = "diverged", result.diverged
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0)
 
 
@@ -96,7 +97,7 @@ def paired_delta(run: Score, base: Score) -> tuple[float, float]:
 
 def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
     """One flat row of the results table."""
-    dnll, dnll_se = paired_delta(out.score, out.baseline)
+    dnll, dnll_se = paired_delta(out.score, out.baseline) if out.status != "diverged" else (math.inf, math.nan)
     return {
         # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
         "layer": target.layers[0] if len(target.layers) == 1 else None, "layers": target.layer_label,
@@ -104,7 +105,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
         "status": out.status, "reason": out.reason,
         "ppl": out.score.ppl, "ppl_stderr": out.score.ppl_stderr,
         "baseline_ppl": out.baseline.ppl, "baseline_ppl_stderr": out.baseline.ppl_stderr,
-        "delta_ppl": out.score.ppl - out.baseline.ppl,
+        "delta_ppl": out.score.ppl - out.baseline.ppl if out.status != "diverged" else math.inf,
         # ΔPPL = PPL_base * (exp(ΔNLL) - 1): its paired standard error by the delta method.
         "delta_ppl_stderr": out.score.ppl * dnll_se,
         "delta_nll": dnll, "delta_nll_stderr": dnll_se,
@@ -122,7 +123,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
 def describe(rec: dict) -> str:
     """The one-line summary printed when a point finishes."""
     head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']} {rec['fmt']}"
-    if rec["status"] in ("no-op", "failed"):
+    if rec["status"] in ("no-op", "failed", "diverged"):
         return f"{head}: {rec['status'].upper()}, {rec['reason']}"
     return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "
             f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}), "

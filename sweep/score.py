@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from . import config  # noqa: F401  (registers the schemas)
 from .cli import exit_on_user_error
 from .perplexity import score
 from .reference import open_reference

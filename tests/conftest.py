@@ -54,3 +54,9 @@ def make_cfg(model: Path | None, text: Path, n_ctx: int, n_chunks: int, containe
         "data": {"path": str(text), "n_ctx": n_ctx, "n_chunks": n_chunks},
         "run": {"threads": 2, "progress": False},
     })
+
+
+@pytest.fixture
+def env(wikitext, cache_dir):
+    """Environment of a `python -m sweep` subprocess: the offline text, and a cache inside the test's tmp."""
+    return {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}

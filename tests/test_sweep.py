@@ -24,11 +24,6 @@ REQUIRED_COLUMNS = ["layer", "tensor", "kind", "fmt", "status", "ppl", "ppl_stde
                     "n_ctx"]
 
 
-@pytest.fixture
-def env(wikitext, cache_dir):
-    return {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}
-
-
 def tiny_args(tiny_model, tmp_path, *axes, store="store", sweep_dir="sweep"):
     return [f"model.path={tiny_model}", "data.n_ctx=64", "data.n_chunks=3", "run.progress=false",
             f"run.store={tmp_path / store}", f"hydra.sweep.dir={tmp_path / sweep_dir}", *axes]
