@@ -189,6 +189,45 @@ class Backend:
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
 
+    def chat_prompt(self, user_text: str) -> str:
+        """`user_text` as one user turn in the model's own chat template (plain text if it has none)."""
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        if not template:
+            return user_text
+        msg = (llama_cpp.llama_chat_message * 1)(llama_cpp.llama_chat_message(b"user", user_text.encode()))
+        buf = ctypes.create_string_buffer(4 * len(user_text) + 1024)
+        n = llama_cpp.llama_chat_apply_template(template, msg, 1, True, buf, len(buf))
+        return buf.raw[:n].decode("utf-8", "replace") if 0 < n <= len(buf) else user_text
+
+    def generate_greedy(self, prompt: np.ndarray, max_new: int) -> list[int]:
+        """Greedy continuation of `prompt` (a fresh sequence), stopping at end-of-generation or `max_new` tokens.
+        Hooks and weight changes apply as in scoring."""
+        n = len(prompt)
+        if n + max_new > self.n_ctx:
+            raise SweepError(f"prompt of {n} tokens + {max_new} new exceeds the context of {self.n_ctx}")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        out: list[int] = []
+        try:
+            self._b_token[:n], self._b_logits[:n] = prompt, 0
+            self._b_logits[n - 1] = 1
+            for step in range(max_new + 1):
+                self._batch.n_tokens = n if step == 0 else 1
+                self.hook_error = None
+                rc = llama_cpp.llama_decode(self.ctx, self._batch)
+                if self.hook_error is not None:
+                    raise self.hook_error
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with code {rc}")
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+                token = int(logits.argmax())
+                if step == max_new or llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                    break
+                out.append(token)
+                self._b_token[0], self._b_pos[0], self._b_logits[0] = token, n + step, 1
+        finally:
+            self._b_pos[:] = np.arange(self.n_ctx, dtype=np.int32)  # decode_window relies on positions 0..n-1
+        return out
+
     # ---- graph introspection and the activation hook -------------------------------------------------------
 
     def _probe(self) -> None:

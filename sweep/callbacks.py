@@ -21,6 +21,6 @@ class GatherResults(Callback):
             print(f"no records under {sweep_dir}")
             return
         parquet, csv = write_table(df, sweep_dir)
-        print(format_ranking(df))
+        print(format_ranking(df, config.metrics.rank_by))
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
         print(f"{len(df)} points ({counts}) -> {parquet} and {csv.name}")

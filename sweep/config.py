@@ -33,6 +33,20 @@ class FormatConfig:
     scaled: bool = False
 
 
+DEFAULT_PROMPTS = ("What is the capital of France?",
+                   "What is 17 * 23? Reply with digits only, then list the first ten prime numbers.")
+
+
+@dataclass
+class MetricsConfig:
+    kld: bool = True
+    alpha: float = 0.05
+    rank_by: str = "delta_ppl"
+    generate: bool = True
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = 32
+
+
 @dataclass
 class RunConfig:
     threads: Optional[int] = None
@@ -50,6 +64,7 @@ class ScoreConfig:
 @dataclass
 class SweepConfig(ScoreConfig):
     fmt: FormatConfig = field(default_factory=FormatConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # The grid's axes. layer: an int, a list ([0,1,2]: one run perturbing all three), "all" (every block at once),
     # "each" (one job per block, expanded from the model's block count) or null (tensors outside the blocks).
     layer: Any = "each"

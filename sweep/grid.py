@@ -21,6 +21,7 @@ from . import config  # noqa: F401  (registers the schemas)
 from .container import CONTAINERS
 from .errors import SweepError
 from .formats import make_format
+from .metrics import RANKABLE
 from .model_file import ModelInfo, model_info, resolve_model_path
 from .targets import KINDS, resolve
 
@@ -89,6 +90,10 @@ class _Checker:
 
     def check(self, cfg) -> None:
         make_format(**cfg.fmt)
+        if cfg.metrics.rank_by not in RANKABLE:
+            raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
+        if not 0 < cfg.metrics.alpha < 1:
+            raise SweepError(f"metrics.alpha={cfg.metrics.alpha} must be between 0 and 1 (e.g. 0.05)")
         if cfg.model.container not in CONTAINERS:
             raise SweepError(f"unknown model.container={cfg.model.container!r}; valid: {', '.join(CONTAINERS)}")
         if cfg.kind not in KINDS:

@@ -45,7 +45,9 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
     key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
-                    layers=layers, fmt=asdict(fmt))
+                    layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
+                    prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
+                    max_new_tokens=cfg.metrics.max_new_tokens)
     rec = store.point(key)
     reused = rec is not None
     if reused:
@@ -55,7 +57,10 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         try:
             ref = open_reference(cfg.model, cfg.data, run_cfg, inputs)
             target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.node_names)
-            rec = record(ref, target, fmt, run_point(ref, target, fmt, cfg.run.progress, store))
+            prompts = tuple(cfg.metrics.prompts) if cfg.metrics.generate else ()
+            out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
+                            max_new_tokens=cfg.metrics.max_new_tokens)
+            rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)
             rec = failed_record(cfg, fmt.label, layers, inputs, e)

@@ -63,7 +63,7 @@ def read_record(path: Path) -> dict | None:
 
 
 class Store:
-    """Finished points (`points/<key>.json`) and baseline scores (`baselines/<key>.npy`), shared by sweeps."""
+    """Finished points (`points/<key>.json`) and baseline scores (`baselines/<key>.npz`), shared by sweeps."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -75,18 +75,34 @@ class Store:
     def put_point(self, key: str, record: dict) -> None:
         write_record(self.root / "points" / f"{key}.json", record)
 
-    def baseline(self, key: str) -> np.ndarray | None:
+    def baseline(self, key: str) -> dict[str, np.ndarray] | None:
+        """A stored baseline: its per-token arrays, and its raw logits memory-mapped (read one window at a time)."""
+        meta, logits = self.root / "baselines" / f"{key}.npz", self.root / "baselines" / f"{key}.logits.npy"
         try:
-            return np.load(self.root / "baselines" / f"{key}.npy")
-        except (OSError, ValueError):
+            with np.load(meta) as f:
+                arrays = dict(f)
+            if logits.exists():
+                arrays["logits"] = np.load(logits, mmap_mode="r")
+            return arrays
+        except (OSError, ValueError, KeyError):
             return None
 
-    def put_baseline(self, key: str, nll: np.ndarray) -> None:
+    def baseline_logits_file(self, key: str, shape: tuple[int, ...]) -> tuple[np.ndarray, Path]:
+        """A writable memmap for a baseline's logits, in a temporary file until `put_baseline` renames it."""
+        directory = self.root / "baselines"
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".logits.tmp")
+        os.close(fd)
+        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape), Path(tmp)
+
+    def put_baseline(self, key: str, arrays: dict[str, np.ndarray], logits_tmp: Path | None = None) -> None:
         import io
 
+        if logits_tmp is not None:
+            os.replace(logits_tmp, self.root / "baselines" / f"{key}.logits.npy")
         buf = io.BytesIO()
-        np.save(buf, nll)
-        atomic_write_bytes(self.root / "baselines" / f"{key}.npy", buf.getvalue())
+        np.savez(buf, **arrays)
+        atomic_write_bytes(self.root / "baselines" / f"{key}.npz", buf.getvalue())  # last: marks it complete
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------
@@ -109,7 +125,8 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
-    order = ["kind", "tensor", "fmt", "layer_index"]
+    df["layer"] = df["layer"].astype("Int64")  # NA for points over several blocks or none
+    order = ["kind", "tensor", "fmt", "layer"]
     return df.sort_values([c for c in order if c in df]).reset_index(drop=True)
 
 
@@ -128,12 +145,17 @@ def write_table(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
 
 def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -> pd.DataFrame:
     """Most sensitive points first; no-op and failed points are listed apart, never ranked as insensitive."""
+    from .metrics import RANKABLE
+
+    worse_is_lower = metric in RANKABLE and RANKABLE[metric].worse == "lower"
     measured = df[df["status"].isin(["ok", "diverged"])].copy()
-    measured["_order"] = measured[metric].where(measured["status"] == "ok", math.inf)
+    damage = -measured[metric] if worse_is_lower else measured[metric]
+    measured["_order"] = damage.where(measured["status"] == "ok", math.inf)  # diverged: the worst of all
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
-    cols = ["layer", "tensor", "kind", "fmt", "status", metric, f"{metric}_stderr", "ppl", "baseline_ppl",
-            "frac_changed", "sqnr_db"]
-    out = measured[[c for c in cols if c in measured]].reset_index(drop=True)
+    stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
+    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "significant", "ppl",
+            "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db"]
+    out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
     return out if top is None else out.head(top)
 
@@ -141,20 +163,26 @@ def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -
 def format_ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int = 20) -> str:
     if df.empty:
         return "no records found"
-    lines = []
+    from .metrics import RANKABLE
+
+    stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     ranked = ranking(df, metric, top)
     n_measured = int(df["status"].isin(["ok", "diverged"]).sum())
-    lines.append(f"most sensitive first ({min(top, n_measured)} of {n_measured} measured points), "
-                 f"{metric} ± paired stderr:")
+    lines = [f"most sensitive first by {metric} ({len(ranked)} of {n_measured} measured points; "
+             f"± paired stderr, * significant):"]
     for i, r in ranked.iterrows():
-        err = r.get(f"{metric}_stderr", math.nan)
-        lines.append(f"{i:>4}. {r['kind']:<10} {r['tensor']:<12} L{str(r['layer']):<6} {r['fmt']:<24} "
-                     f"{r[metric]:+.4f} ± {err:.4f}   PPL {r['ppl']:.4f} (base {r['baseline_ppl']:.4f})"
+        err = f" ± {r[stderr]:.4g}" if stderr and stderr in r and pd.notna(r[stderr]) else ""
+        star = " *" if r.get("significant") is True else ""
+        extra = ""
+        if "kld_mean" in r and pd.notna(r.get("kld_mean")):
+            extra = f"  KLD {r['kld_mean']:.3g}  top-1 {100 * r['top1_agree']:.2f}%"
+        lines.append(f"{i:>4}. {r['kind']:<10} {r['tensor']:<12} L{str(r['layers']):<6} {r['fmt']:<24} "
+                     f"{r[metric]:+.4g}{err}{star}   PPL {r['ppl']:.4f} (base {r['baseline_ppl']:.4f}){extra}"
                      + ("  DIVERGED" if r["status"] == "diverged" else ""))
     for status in ("no-op", "failed"):
         sub = df[df["status"] == status]
         if len(sub):
-            lines.append(f"{status}: {len(sub)} point(s), not ranked -- e.g. "
-                         f"{sub.iloc[0]['kind']} {sub.iloc[0]['tensor']} L{sub.iloc[0]['layer']} "
-                         f"{sub.iloc[0]['fmt']}: {sub.iloc[0].get('reason')}")
+            first = sub.iloc[0]
+            lines.append(f"{status}: {len(sub)} point(s), not ranked -- e.g. {first['kind']} {first['tensor']} "
+                         f"L{first['layers']} {first['fmt']}: {first.get('reason')}")
     return "\n".join(lines)

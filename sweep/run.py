@@ -6,8 +6,10 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 
 from . import __version__
@@ -15,6 +17,9 @@ from .apply import Proof, applied
 from .backend import Backend
 from .container import tensors_to_f32
 from .formats import Format
+from .generation import complete
+from .generation import summarize as summarize_generation
+from .metrics import blocked_stderr, summarize
 from .perplexity import Score, score
 from .records import Store, point_key
 from .reference import Reference
@@ -26,23 +31,49 @@ _baselines: dict[str, Score] = {}
 
 
 def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Store | None = None,
-                   matched: tuple[str, ...] = ()) -> Score:
-    """The unperturbed score on the reference windows: computed once, then reused within the process and,
-    through `store`, by every other process of any sweep (keyed by all that determines it)."""
+                   matched: tuple[str, ...] = (), keep_logits: bool = True) -> Score:
+    """The unperturbed score on the reference windows, with its raw logits (for exact KL) unless told not to:
+    computed once, then reused within the process and, through `store`, by every other process of any sweep
+    (keyed by all that determines it)."""
     w = ref.windows
     key = point_key(kind="baseline", model_sha256=ref.model_sha256, container=ref.container, matched=sorted(matched),
                     data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows)
-    if key in _baselines:
-        return _baselines[key]
-    nll = store.baseline(key) if store else None
-    if nll is not None and nll.shape == (w.n_windows, w.n_scored):
-        result = Score(nll, w.n_ctx, seconds=0.0)
+    cached = _baselines.get(key)
+    if cached is not None and (cached.logits is not None or not keep_logits):
+        return cached
+    saved = store.baseline(key) if store else None
+    if saved is not None and saved["nll"].shape == (w.n_windows, w.n_scored) and \
+            ("logits" in saved or not keep_logits):
+        result = Score(saved["nll"], w.n_ctx, 0.0, argmax=saved["argmax"], lse=saved["lse"],
+                       logits=saved.get("logits"))
     else:
-        result = score(backend, w, progress, desc="baseline")
-        if store:
-            store.put_baseline(key, result.nll)
+        shape = (w.n_windows, w.n_scored, backend.n_vocab)
+        logits, tmp = (None, None)
+        if keep_logits:
+            logits, tmp = store.baseline_logits_file(key, shape) if store else (np.empty(shape, np.float32), None)
+        try:
+            result = score(backend, w, progress, desc="baseline", keep_logits=logits)
+            if store:
+                if tmp is not None:
+                    logits.flush()
+                store.put_baseline(key, {"nll": result.nll, "argmax": result.argmax, "lse": result.lse}, tmp)
+                if tmp is not None:
+                    result = replace(result, logits=store.baseline(key)["logits"])
+        finally:
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
     _baselines[key] = result
     return result
+
+
+_completions: dict[tuple, list] = {}
+
+
+def baseline_completions(backend: Backend, prompts: tuple[str, ...], max_new: int) -> list:
+    key = (str(backend.path), prompts, max_new)
+    if key not in _completions:
+        _completions[key] = complete(backend, prompts, max_new)
+    return _completions[key]
 
 
 @dataclass
@@ -54,10 +85,12 @@ class Outcome:
     status: str  # "ok" | "no-op" | "diverged"
     reason: str | None
     seconds: float
+    generation: dict | None = None
 
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
-              store: Store | None = None) -> Outcome:
+              store: Store | None = None, kld: bool = True, prompts: tuple[str, ...] = (),
+              max_new_tokens: int = 32) -> Outcome:
     t0 = time.perf_counter()
     backend, note, scratch = ref.backend, f"{ref.container} container", None
     if target.kind == "weight" and any(ref.info.tensor_types.get(n) != "F32" for n in target.names) \
@@ -70,13 +103,19 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         note = f"native container, {', '.join(target.names)} dequantized to F32"
     try:
         matched = target.names if scratch is not None else ()
-        base = baseline_score(backend, ref, progress, store, matched)
+        base = baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
         with applied(backend, target, fmt) as proof:
             if target.kind == "weight" and proof.n_changed == 0:
                 result = base  # bit-identical weights: the baseline's numbers, no decode needed (a no-op)
             else:
-                result = score(backend, ref.windows, progress, desc=f"{target.kind} {target.tensor} "
-                                                                       f"L{target.layer_label} {fmt.label}")
+                result = score(backend, ref.windows, progress, reference=base,
+                               desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}")
+        generation = None
+        if prompts and not result.diverged:
+            expected = baseline_completions(backend, tuple(prompts), max_new_tokens)
+            with applied(backend, target, fmt):
+                got = expected if result is base else complete(backend, prompts, max_new_tokens)
+            generation = summarize_generation(got, expected)
     finally:
         if scratch is not None:
             backend.close()
@@ -85,19 +124,31 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     status = "no-op" if reason else "ok"
     if result.diverged:
         status, reason = "diverged", result.diverged
-    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0)
+    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation)
 
 
 def paired_delta(run: Score, base: Score) -> tuple[float, float]:
-    """Mean per-token ΔNLL and its standard error from per-window means (tokens of one window are correlated)."""
-    d = (run.nll - base.nll).mean(axis=1)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    return float(d.mean()), se
+    """Mean per-token ΔNLL and its window-blocked standard error."""
+    d = run.nll - base.nll
+    return float(d.mean()), blocked_stderr(d)
 
 
-def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
+def per_token(run: Score, base: Score) -> dict[str, np.ndarray]:
+    """The paired per-token quantities that every metric of `metrics.METRICS` aggregates."""
+    if run is base:  # a weight no-op: the model is bit-identical to its baseline
+        zeros = np.zeros_like(base.nll)
+        return {"dnll": zeros, "kld": zeros, "top1": np.ones_like(zeros)}
+    tokens = {"dnll": run.nll - base.nll, "top1": (run.argmax == base.argmax).astype(np.float64)}
+    if run.kld is not None:
+        tokens["kld"] = run.kld
+    return tokens
+
+
+def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: float = 0.05) -> dict:
     """One flat row of the results table."""
-    dnll, dnll_se = paired_delta(out.score, out.baseline) if out.status != "diverged" else (math.inf, math.nan)
+    diverged = out.status == "diverged"
+    metrics = {} if diverged else summarize(per_token(out.score, out.baseline), alpha)
+    dnll, dnll_se = (math.inf, math.nan) if diverged else (metrics["delta_nll"], metrics["delta_nll_stderr"])
     return {
         # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
         "layer": target.layers[0] if len(target.layers) == 1 else None, "layers": target.layer_label,
@@ -108,7 +159,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome) -> dict:
         "delta_ppl": out.score.ppl - out.baseline.ppl if out.status != "diverged" else math.inf,
         # ΔPPL = PPL_base * (exp(ΔNLL) - 1): its paired standard error by the delta method.
         "delta_ppl_stderr": out.score.ppl * dnll_se,
-        "delta_nll": dnll, "delta_nll_stderr": dnll_se,
+        **metrics, **(out.generation or {}), "delta_nll": dnll, "delta_nll_stderr": dnll_se, "alpha": alpha,
         "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
@@ -126,7 +177,8 @@ def describe(rec: dict) -> str:
     if rec["status"] in ("no-op", "failed", "diverged"):
         return f"{head}: {rec['status'].upper()}, {rec['reason']}"
     return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "
-            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}), "
+            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}{' *' if rec.get('significant') else ''}), "
+            f"KLD {rec.get('kld_mean', math.nan):.2e}, top-1 {100 * rec.get('top1_agree', math.nan):.2f}%, "
             f"changed {100 * rec['frac_changed']:.2f}% of {rec['n_elements']} elements, "
             f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}")
 

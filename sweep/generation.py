@@ -1,0 +1,45 @@
+"""The generation check: greedy completions of a few prompts, compared token by token with the baseline's.
+
+Perplexity and KL say how much the distributions moved; this says whether the text a user would see changed,
+and where it first departed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: str
+    tokens: tuple[int, ...]
+    text: str
+
+
+def complete(backend, prompts, max_new: int) -> list[Completion]:
+    out = []
+    for prompt in prompts:
+        tokens = backend.tokenize(backend.chat_prompt(prompt), add_special=True)
+        new = backend.generate_greedy(tokens, max_new)
+        out.append(Completion(prompt, tuple(new), backend.detokenize(new)))
+    return out
+
+
+def first_departure(run: Completion, base: Completion) -> int | None:
+    """Index of the first generated token that differs from the baseline's (None: identical)."""
+    for i, (a, b) in enumerate(zip(run.tokens, base.tokens)):
+        if a != b:
+            return i
+    return None if len(run.tokens) == len(base.tokens) else min(len(run.tokens), len(base.tokens))
+
+
+def summarize(runs: list[Completion], bases: list[Completion]) -> dict:
+    departures = [first_departure(r, b) for r, b in zip(runs, bases)]
+    departed = [d for d in departures if d is not None]
+    return {
+        "gen_departed": len(departed),  # prompts whose completion changed
+        "gen_first_departure": min(departed) if departed else None,
+        "generations": json.dumps([{"prompt": r.prompt, "text": r.text, "baseline_text": b.text, "departs_at": d}
+                                   for r, b, d in zip(runs, bases, departures)], ensure_ascii=False),
+    }

@@ -1,0 +1,109 @@
+"""KL divergence, top-1 agreement and paired statistics agree with an exact float64 computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from sweep.apply import applied
+from sweep.formats import make_format
+from sweep.generation import Completion, first_departure
+from sweep.metrics import blocked_stderr, summarize
+from sweep.records import Store
+from sweep.reference import open_reference
+from sweep.run import record, run_point
+from sweep.targets import resolve
+
+from conftest import make_cfg
+
+
+def full_logprobs(backend, windows) -> np.ndarray:
+    """Exact float64 log-softmax of every scored position (a full logit dump)."""
+    dumps = [backend.decode_window(w, windows.output_mask).astype(np.float64) for w in windows.tokens]
+    return np.stack([d - logsumexp(d, axis=1, keepdims=True) for d in dumps])
+
+
+def exact_metrics(ref, target, fmt):
+    base = full_logprobs(ref.backend, ref.windows)
+    with applied(ref.backend, target, fmt):
+        run = full_logprobs(ref.backend, ref.windows)
+    kld = (np.exp(base) * (base - run)).sum(axis=-1)
+    top1 = (base.argmax(-1) == run.argmax(-1)).astype(float)
+    targets = ref.windows.targets
+    pick = lambda lp: -np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]  # noqa: E731
+    return kld, top1, pick(run) - pick(base)
+
+
+CASES = [("weight", "ffn_down", 1, make_format("int8")), ("activation", "l_out", 0, make_format("fp8_e4m3")),
+         ("weight", "attn_q", 2, make_format("bf16"))]
+
+
+@pytest.mark.parametrize("kind, tensor, layer, fmt", CASES)
+def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer, fmt, tiny_model, wikitext,
+                                                             cache_dir, tmp_path):
+    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir).values())
+    target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+    out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))  # the baseline goes through disk
+    kld, top1, dnll = exact_metrics(ref, target, fmt)
+    assert out.score.kld is not None
+    np.testing.assert_allclose(out.score.kld, kld, rtol=1e-3, atol=1e-9)
+    rec = record(ref, target, fmt, out)
+    assert rec["kld_mean"] == pytest.approx(kld.mean(), rel=1e-4)
+    assert rec["kld_p99"] == pytest.approx(np.percentile(kld, 99), rel=1e-3, abs=1e-9)  # resolution ~1e-9
+    assert rec["top1_agree"] == pytest.approx(top1.mean(), abs=1e-12)
+    # llama-perplexity's NLL (float32 exponentials) vs float64: ~1e-8 absolute on the mean
+    assert rec["delta_nll"] == pytest.approx(dnll.mean(), rel=1e-4, abs=1e-8)
+    assert rec["delta_nll_stderr"] == pytest.approx(dnll.mean(axis=1).std(ddof=1) / 2, rel=1e-3)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("kind, tensor, layer, fmt", [("weight", "ffn_down", 5, make_format("bf16")),
+                                                      ("activation", "l_out", 10, make_format("int8"))])
+def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path):
+    ref = open_reference(*make_cfg(None, wikitext, 512, 2, "f32", cache_dir).values())
+    target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+    out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))
+    kld, top1, _ = exact_metrics(ref, target, fmt)
+    assert kld.mean() < 2e-3  # small perturbations: the regime where rounding could drown the signal
+    assert out.score.kld.mean() == pytest.approx(kld.mean(), rel=1e-3)
+    assert record(ref, target, fmt, out)["top1_agree"] == pytest.approx(top1.mean(), abs=1e-12)
+
+
+def test_identical_model_has_zero_kld_and_full_agreement(tiny_model, wikitext, cache_dir):
+    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 3, "f32", cache_dir).values())
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.node_names)
+    out = run_point(ref, target, make_format("none"), progress=False)
+    assert out.status == "no-op"
+    assert np.abs(out.score.kld).max() < 1e-12 and (out.score.argmax == out.baseline.argmax).all()
+
+
+def test_significance_uses_t_quantiles_over_windows():
+    rng = np.random.default_rng(0)
+    noise = {"dnll": rng.normal(0, 1e-3, (16, 255)), "kld": np.abs(rng.normal(0, 1e-6, (16, 255))),
+             "top1": np.ones((16, 255))}
+    assert not summarize(noise, 0.05)["significant"]
+    shifted = {**noise, "dnll": noise["dnll"] + 1e-3}
+    s = summarize(shifted, 0.05)
+    assert s["significant"] and s["kld_significant"]
+    assert s["delta_nll_stderr"] == pytest.approx(blocked_stderr(shifted["dnll"]))
+    assert summarize(shifted, 1e-300)["significant"] is False  # an absurdly strict level rejects nothing
+
+
+def test_first_departure():
+    base = Completion("p", (1, 2, 3), "abc")
+    assert first_departure(Completion("p", (1, 2, 3), "abc"), base) is None
+    assert first_departure(Completion("p", (1, 5, 3), "a?c"), base) == 1
+    assert first_departure(Completion("p", (1, 2), "ab"), base) == 2
+
+
+def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_dir):
+    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir).values())
+    target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.node_names)
+    zero = run_point(ref, target, make_format("zero"), progress=False, prompts=("Hello",), max_new_tokens=8)
+    same = run_point(ref, target, make_format("none"), progress=False, prompts=("Hello",), max_new_tokens=8)
+    assert same.generation["gen_departed"] == 0 and same.generation["gen_first_departure"] is None
+    assert zero.generation["gen_departed"] == 1 and zero.generation["gen_first_departure"] == 0
+    assert math.isfinite(record(ref, target, make_format("zero"), zero)["kld_mean"])
