@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write results.parquet/csv (default: the first DIR)")
     parser.add_argument("--metric", default="delta_ppl", help="column to rank by (default: delta_ppl)")
     parser.add_argument("--top", type=int, default=20, help="rows of the ranking to print (default: 20)")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the figures as PNGs into DIR")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.exists()]
     if missing:
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parquet, csv = write_table(df, out)
     print(format_ranking(df, args.metric, args.top))
     print(f"{len(df)} points -> {parquet} and {csv.name}")
+    if args.plots:
+        from .plots import write_all
+
+        for path in write_all(df, args.plots):
+            print(f"wrote {path}")
     return 0
 
 

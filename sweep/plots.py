@@ -1,0 +1,151 @@
+"""The figures of a sweep, from its results table. Used by `python -m sweep.report --plots DIR` and by
+notebooks/sensitivity.ipynb, so the two always show the same thing.
+
+Every function takes the table (pandas) and returns a matplotlib Figure; none reads files or shows windows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")  # headless by default; a notebook's inline backend is set before this import
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .records import gather, ranking
+
+# metric column -> (axis label, stderr column)
+CURVE_METRICS = {"delta_ppl": ("ΔPPL vs. baseline", "delta_ppl_stderr"),
+                 "kld_mean": ("KL divergence (baseline ‖ run)", "kld_stderr")}
+
+
+RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
+
+
+def load_results(path: str | os.PathLike | None = None, runs_dir: str | os.PathLike = RUNS_DIR) -> pd.DataFrame:
+    """A results table: a .parquet/.csv file, a sweep directory, or (None) the newest sweep under `runs_dir`."""
+    if path in (None, ""):
+        sweeps = [p for p in Path(runs_dir).glob("*") if p.is_dir() and (p / "results.parquet").exists()]
+        if not sweeps:
+            raise FileNotFoundError(f"no sweep with a results.parquet under {runs_dir}/: run `python -m sweep` "
+                                    f"or set SWEEP_RESULTS to a sweep directory or table")
+        path = max(sweeps, key=lambda p: (p / "results.parquet").stat().st_mtime)
+    path = Path(path)
+    if path.is_dir():
+        table = path / "results.parquet"
+        return pd.read_parquet(table) if table.exists() else gather([path])
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def _series(df: pd.DataFrame):
+    """(fmt, (tensor, kind), rows sorted by layer) for the single-layer points of each curve."""
+    single = df[df["layer"].notna()]
+    for fmt, by_fmt in single.groupby("fmt", sort=True):
+        for (tensor, kind), rows in by_fmt.groupby(["tensor", "kind"], sort=True):
+            yield fmt, (tensor, kind), rows.sort_values("layer")
+
+
+def sensitivity_curves(df: pd.DataFrame, metric: str = "delta_ppl") -> plt.Figure:
+    """Metric vs. layer, one line per (tensor, kind), a panel per format, ±1 stderr bands.
+    No-op points are drawn as hollow grey markers (not measured, not zero effect); failed ones as red x."""
+    label, err_col = CURVE_METRICS[metric]
+    fmts = sorted(df["fmt"].unique())
+    fig, axes = plt.subplots(1, len(fmts), figsize=(6 * len(fmts), 4), squeeze=False, sharey=metric == "kld_mean")
+    panels = dict(zip(fmts, axes[0]))
+    for fmt, (tensor, kind), rows in _series(df):
+        ax = panels[fmt]
+        ok = rows[rows["status"] == "ok"]
+        if len(ok) and metric in ok and ok[metric].notna().any():
+            y, e = ok[metric].to_numpy(float), ok.get(err_col, pd.Series(np.nan, ok.index)).to_numpy(float)
+            (line,) = ax.plot(ok["layer"], y, marker="o", ms=3, label=f"{tensor} ({kind})")
+            ax.fill_between(ok["layer"], y - e, y + e, color=line.get_color(), alpha=0.2, lw=0)
+        noop = rows[rows["status"] == "no-op"]
+        if len(noop):
+            ax.scatter(noop["layer"], np.zeros(len(noop)), facecolors="none", edgecolors="grey", s=30,
+                       label=f"{tensor} ({kind}): no-op, nothing changed")
+        bad = rows[rows["status"].isin(["failed", "diverged"])]
+        if len(bad):
+            ax.scatter(bad["layer"], np.zeros(len(bad)), marker="x", color="red", label=f"{tensor} ({kind}): failed")
+    for fmt, ax in panels.items():
+        ax.set_title(f"fmt = {fmt}")
+        ax.set_xlabel("layer")
+        ax.axhline(0, color="black", lw=0.5)
+        if metric == "kld_mean" and (df[metric] > 0).any():
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(label)
+    fig.tight_layout()
+    return fig
+
+
+def heatmaps(df: pd.DataFrame, metric: str = "delta_ppl") -> plt.Figure:
+    """Layer × (tensor, kind) per format; no-op cells hatched grey, missing cells white."""
+    fmts = sorted(df["fmt"].unique())
+    fig, axes = plt.subplots(len(fmts), 1, figsize=(10, 1.2 + 0.5 * df[["tensor", "kind"]].drop_duplicates().shape[0]
+                                                        * len(fmts)), squeeze=False)
+    single = df[df["layer"].notna()].assign(row=lambda d: d["tensor"] + " (" + d["kind"] + ")")
+    for ax, fmt in zip(axes[:, 0], fmts):
+        sub = single[single["fmt"] == fmt]
+        grid = sub[sub["status"] == "ok"].pivot_table(index="row", columns="layer", values=metric)
+        rows = sorted(sub["row"].unique())
+        layers = sorted(sub["layer"].unique())
+        grid = grid.reindex(index=rows, columns=layers)
+        im = ax.imshow(grid.to_numpy(float), aspect="auto", cmap="magma_r")
+        noop = sub[sub["status"] == "no-op"]
+        for _, r in noop.iterrows():
+            ax.add_patch(plt.Rectangle((layers.index(r["layer"]) - 0.5, rows.index(r["row"]) - 0.5), 1, 1,
+                                       fill=True, color="lightgrey", hatch="//", ec="grey"))
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xticks(range(len(layers)), [str(int(x)) for x in layers], fontsize=7)
+        ax.set_title(f"{metric} — fmt = {fmt} (hatched: no-op)")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def proxy_scatter(df: pd.DataFrame, metric: str = "kld_mean") -> tuple[plt.Figure, float]:
+    """The cheap proxy (SQNR of the perturbed tensor) against the end-to-end effect, with Spearman's rho."""
+    ok = df[(df["status"] == "ok") & df["sqnr_db"].notna() & np.isfinite(df["sqnr_db"])]
+    ok = ok[ok[metric].notna()]
+    rho = float(stats.spearmanr(ok["sqnr_db"], ok[metric]).statistic) if len(ok) > 2 else math.nan
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, rows in ok.groupby("kind"):
+        ax.scatter(rows["sqnr_db"], rows[metric], s=14, label=kind)
+    if metric == "kld_mean" and (ok[metric] > 0).all() and len(ok):
+        ax.set_yscale("log")
+    ax.set_xlabel("SQNR of the perturbed tensor (dB)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"cheap proxy vs. end-to-end effect: Spearman ρ = {rho:.2f} (n = {len(ok)})")
+    ax.legend()
+    fig.tight_layout()
+    return fig, rho
+
+
+def top_table(df: pd.DataFrame, metric: str = "delta_ppl", n: int = 15) -> pd.DataFrame:
+    return ranking(df, metric, n)
+
+
+def write_all(df: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
+    """Every figure as a PNG in `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    figures = {"curves_delta_ppl.png": sensitivity_curves(df, "delta_ppl"),
+               "heatmap_delta_ppl.png": heatmaps(df, "delta_ppl")}
+    if "kld_mean" in df and df["kld_mean"].notna().any():
+        figures["curves_kld.png"] = sensitivity_curves(df, "kld_mean")
+        figures["heatmap_kld.png"] = heatmaps(df, "kld_mean")
+        figures["proxy_sqnr_vs_kld.png"] = proxy_scatter(df, "kld_mean")[0]
+    figures["proxy_sqnr_vs_delta_ppl.png"] = proxy_scatter(df, "delta_ppl")[0]
+    written = []
+    for name, fig in figures.items():
+        fig.savefig(directory / name, dpi=110)
+        plt.close(fig)
+        written.append(directory / name)
+    return written
