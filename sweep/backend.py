@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,6 +143,7 @@ class Backend:
         self.hook_error: BaseException | None = None
         # When a list, every hooked node is read back after the write: (name, computed, written, read back).
         self.read_back: list | None = None
+        self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
         # Filled by the probe decode: every node name of the graph and every weight tensor reachable from it.
         self._collect = False
         self.node_names: set[str] = set()
@@ -179,12 +181,7 @@ class Backend:
         self._b_token[:n] = tokens
         self._b_logits[:n] = output_mask
         self._batch.n_tokens = n
-        self.hook_error = None
-        rc = llama_cpp.llama_decode(self.ctx, self._batch)
-        if self.hook_error is not None:
-            raise self.hook_error
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
+        self._decode()
         n_out = int(np.count_nonzero(output_mask))
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
@@ -212,12 +209,7 @@ class Backend:
             self._b_logits[n - 1] = 1
             for step in range(max_new + 1):
                 self._batch.n_tokens = n if step == 0 else 1
-                self.hook_error = None
-                rc = llama_cpp.llama_decode(self.ctx, self._batch)
-                if self.hook_error is not None:
-                    raise self.hook_error
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with code {rc}")
+                self._decode()
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
                 token = int(logits.argmax())
                 if step == max_new or llama_cpp.llama_vocab_is_eog(self.vocab, token):
@@ -227,6 +219,17 @@ class Backend:
         finally:
             self._b_pos[:] = np.arange(self.n_ctx, dtype=np.int32)  # decode_window relies on positions 0..n-1
         return out
+
+    def _decode(self) -> None:
+        """llama_decode of the prepared batch; time spent inside it is added to `decode_seconds`."""
+        self.hook_error = None
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        self.decode_seconds += time.perf_counter() - t0
+        if self.hook_error is not None:
+            raise self.hook_error
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
 
     # ---- graph introspection and the activation hook -------------------------------------------------------
 

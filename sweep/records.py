@@ -22,6 +22,8 @@ import pandas as pd
 RECORD_FILE = "record.json"
 DONE = ("ok", "no-op", "diverged")  # a "failed" point is retried when the sweep runs again
 RECORD_SCHEMA = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def point_key(**fields) -> str:
@@ -33,6 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -92,6 +95,7 @@ class Store:
         directory = self.root / "baselines"
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".logits.tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
         return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape), Path(tmp)
 
@@ -153,7 +157,7 @@ def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -
     measured["_order"] = damage.where(measured["status"] == "ok", math.inf)  # diverged: the worst of all
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
-    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "significant", "ppl",
+    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "significant", "kld_significant", "ppl",
             "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db"]
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
@@ -172,7 +176,8 @@ def format_ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int = 20) -
              f"± paired stderr, * significant):"]
     for i, r in ranked.iterrows():
         err = f" ± {r[stderr]:.4g}" if stderr and stderr in r and pd.notna(r[stderr]) else ""
-        star = " *" if r.get("significant") is True else ""
+        flag = "kld_significant" if metric.startswith("kld") else "significant"
+        star = " *" if r.get(flag) is True else ""
         extra = ""
         if "kld_mean" in r and pd.notna(r.get("kld_mean")):
             extra = f"  KLD {r['kld_mean']:.3g}  top-1 {100 * r['top1_agree']:.2f}%"

@@ -86,12 +86,14 @@ class Outcome:
     reason: str | None
     seconds: float
     generation: dict | None = None
+    decode_seconds: float = 0.0  # inside llama_decode: scoring, generation, and a baseline if computed here
 
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
               store: Store | None = None, kld: bool = True, prompts: tuple[str, ...] = (),
               max_new_tokens: int = 32) -> Outcome:
     t0 = time.perf_counter()
+    decoding_before = ref.backend.decode_seconds
     backend, note, scratch = ref.backend, f"{ref.container} container", None
     if target.kind == "weight" and any(ref.info.tensor_types.get(n) != "F32" for n in target.names) \
             and ref.container == "native":
@@ -120,11 +122,12 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         if scratch is not None:
             backend.close()
             scratch.cleanup()
+    decoding = (backend.decode_seconds if scratch is not None else ref.backend.decode_seconds - decoding_before)
     reason = proof.no_op_reason(target, fmt)
     status = "no-op" if reason else "ok"
     if result.diverged:
         status, reason = "diverged", result.diverged
-    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation)
+    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding)
 
 
 def paired_delta(run: Score, base: Score) -> tuple[float, float]:
@@ -167,7 +170,8 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "container": ref.container, "model": ref.source.name, "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
         "n_chunks": out.score.n_windows, "n_ctx": out.score.n_ctx, "n_tokens": out.score.n_tokens,
-        "seconds": out.seconds, "decode_seconds": out.score.seconds, "sweep_version": __version__,
+        "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
+        "sweep_version": __version__,
     }
 
 

@@ -1,0 +1,71 @@
+"""Cross-check of KL divergence and top-1 agreement against `llama-perplexity --kl-divergence`.
+
+A large perturbation (every attn_v weight rounded to int4 g32) is written into a GGUF copy of the F32 container;
+llama-perplexity scores the container with --kl-divergence-base, then the copy with --kl-divergence. The same
+perturbation is then applied in memory by this project. llama-perplexity stores base log-probs in 16 bits, which
+is why the perturbation must be large for the comparison to test definitions rather than its rounding.
+
+    python bench/kld_crosscheck.py [--llama-perplexity PATH] [--chunks 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llama_perplexity  # noqa: E402
+
+from sweep.container import write_gguf_copy  # noqa: E402
+from sweep.formats import make_format  # noqa: E402
+from sweep.reference import open_reference  # noqa: E402
+from sweep.run import record, run_point  # noqa: E402
+from sweep.targets import resolve  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-perplexity", help="path of a llama-perplexity binary (default: build one)")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
+                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    args = ap.parse_args()
+    binary = llama_perplexity.find(args.llama_perplexity)
+    fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")
+    cfg = OmegaConf.create({"model": {"path": None, "container": "f32", "cache_dir": None, "n_gpu_layers": 0},
+                            "data": {"path": args.text, "n_ctx": 512, "n_chunks": args.chunks},
+                            "run": {"threads": args.threads, "progress": True}})
+    ref = open_reference(cfg.model, cfg.data, cfg.run)
+    target = resolve("weight", "attn_v", "all", ref.info)
+    ours = record(ref, target, fmt, run_point(ref, target, fmt, progress=True))
+
+    with tempfile.TemporaryDirectory(prefix="kld-crosscheck-") as tmp:
+        perturbed = write_gguf_copy(ref.backend.path, Path(tmp) / "attn_v_int4.gguf",
+                                    to_f32=lambda name, ty: bool(pattern.match(name)),
+                                    transform=lambda name, data: fmt(data))
+        base_file = Path(tmp) / "base.kld"
+        base = llama_perplexity.run(binary, ref.backend.path, Path(args.text), args.chunks, args.threads,
+                                    extra=["--kl-divergence-base", str(base_file)])
+        theirs = llama_perplexity.run(binary, perturbed, Path(args.text), args.chunks, args.threads,
+                                      extra=["--kl-divergence-base", str(base_file), "--kl-divergence"])
+    print(f"\nperturbation: weight attn_v, all {ref.info.n_layers} layers, {fmt.label}; {args.chunks} windows of 512")
+    print(f"{'':28}{'llama-perplexity':>22}{'sweep':>22}")
+    print(f"{'baseline PPL':28}{base['ppl']:>22.4f}{ours['baseline_ppl']:>22.4f}")
+    print(f"{'mean KLD':28}{theirs['kld_mean']:>14.6f} ± {theirs['kld_mean_stderr']:<7.6f}"
+          f"{ours['kld_mean']:>14.6f} ± {ours['kld_stderr']:.6f}")
+    print(f"{'same top token (%)':28}{theirs['same_top_p']:>14.3f} ± {theirs['same_top_p_stderr']:<7.3f}"
+          f"{100 * ours['top1_agree']:>14.3f} ± {100 * ours['top1_agree_stderr']:.3f}")
+    print("(llama-perplexity's ± treats tokens as independent; this project's is from per-window means)")
+
+
+if __name__ == "__main__":
+    main()

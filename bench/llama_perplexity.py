@@ -1,0 +1,68 @@
+"""llama.cpp's own `llama-perplexity`, the reference this project is measured against.
+
+Built on demand from the llama-cpp-python source package (the same llama.cpp that the bindings vendor) into a
+cache directory; nothing of llama.cpp is kept in this repository. `--llama-perplexity PATH` skips the build.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from importlib.metadata import version
+from pathlib import Path
+
+CACHE = Path(os.environ.get("SWEEP_CACHE") or Path.home() / ".cache" / "sweep") / "llama-perplexity"
+
+
+def build(cache: Path = CACHE) -> Path:
+    """Path of a llama-perplexity binary built from llama-cpp-python's source package (about 5 minutes once)."""
+    ver = version("llama-cpp-python")
+    binary = cache / ver / "build" / "bin" / "llama-perplexity"
+    if binary.exists():
+        return binary
+    src = cache / ver
+    src.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={ver}", "-d", str(src)], check=True)
+    archive = next(src.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(src, filter="data")
+    llama = next(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    subprocess.run(["cmake", "-S", str(llama), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                   check=True)
+    subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-perplexity",
+                    "-j", str(os.cpu_count() or 2)], check=True)
+    return binary
+
+
+def find(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    on_path = shutil.which("llama-perplexity")
+    return Path(on_path) if on_path else build()
+
+
+def run(binary: Path, model: Path, text: Path, n_chunks: int, threads: int, n_ctx: int = 512,
+        extra: list[str] = ()) -> dict:
+    """Run it; return its final figures (PPL, stderr, and the KL block when asked) and its own timings."""
+    cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
+           "--chunks", str(n_chunks), "-t", str(threads), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-perplexity failed ({proc.returncode}): {log[-2000:]}")
+    out = {"log": log}
+    if m := re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log):
+        out["ppl"], out["ppl_stderr"] = float(m[1]), float(m[2])
+    if m := re.search(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens", log):
+        out["eval_ms"], out["eval_tokens"] = float(m[1]), int(m[2])
+    for key, pattern in {"kld_mean": r"Mean\s+KLD:\s+([\d.eE+-]+)\s+±\s+([\d.eE+-]+)",
+                         "same_top_p": r"Same top p:\s+([\d.]+)\s+±\s+([\d.]+)\s*%"}.items():
+        if m := re.search(pattern, log):
+            out[key], out[f"{key}_stderr"] = float(m[1]), float(m[2])
+    return out

@@ -1,0 +1,175 @@
+"""Speed and memory of the scorer and of sweeps, side by side with llama.cpp's own llama-perplexity.
+
+    python bench/run.py [--quick] [--llama-perplexity PATH] [--threads N]
+
+Every figure is measured in this invocation, on this machine; ratios compare runs made minutes apart on the same
+machine. --quick (smaller slices, fewer points) stays under two minutes once llama-perplexity is built.
+The last line is `throughput ratio (sweep / llama-perplexity): X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llama_perplexity  # noqa: E402
+
+from sweep.backend import Backend  # noqa: E402
+from sweep.formats import make_format  # noqa: E402
+from sweep.perplexity import score  # noqa: E402
+from sweep.reference import open_reference  # noqa: E402
+from sweep.run import run_point  # noqa: E402
+from sweep.targets import resolve  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8"), ("weight", "attn_q", 3, "bf16"),
+          ("activation", "ffn_norm", 29, "bf16"), ("weight", "ffn_up", 12, "int4"), ("activation", "attn_norm", 7,
+                                                                                        "fp8_e4m3"),
+          ("weight", "attn_output", 20, "mxfp4"), ("activation", "ffn_out", 2, "int8"), ("weight", "ffn_gate", 25,
+                                                                                          "fp16"),
+          ("activation", "kqv_out", 15, "bf16")]
+
+
+def cfg(container: str, n_chunks: int, threads: int, text: str):
+    return OmegaConf.create({"model": {"path": None, "container": container, "cache_dir": None, "n_gpu_layers": 0},
+                             "data": {"path": text, "n_ctx": 512, "n_chunks": n_chunks},
+                             "run": {"threads": threads, "progress": False}})
+
+
+def row(*cells, widths=(44, 18, 18, 12)):
+    print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+
+
+def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
+    print(f"\n## Scorer vs llama-perplexity ({n_chunks} windows of 512, {threads} threads; load and tokenization "
+          f"excluded from both)")
+    row("model", "llama-perplexity", "sweep", "ratio")
+    ratios = []
+    for container in ("native", "f32"):
+        ref = open_reference(*cfg(container, n_chunks, threads, text).values())
+        ours = score(ref.backend, ref.windows, progress=False)  # noqa: F841  (warm caches as llama-perplexity does)
+        ours = score(ref.backend, ref.windows, progress=False)
+        theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_chunks, threads)
+        log = theirs["log"]
+        total_ms = float(log.split("total time =")[1].split("ms")[0])
+        tokenize_ms = float(log.split("tokenization took")[1].split("ms")[0])
+        their_tps = n_chunks * 512 / ((total_ms - tokenize_ms) / 1000)
+        ratio = ours.tokens_per_second / their_tps
+        ratios.append(ratio)
+        same = f"PPL {ours.ppl:.4f} vs {theirs['ppl']:.4f}"
+        row(f"{ref.source.name[:20]} [{container}] tokens/s", f"{their_tps:.1f}", f"{ours.tokens_per_second:.1f}",
+            f"{ratio:.3f}")
+        row(f"   {same}" + ("  (identical)" if round(ours.ppl, 4) == theirs["ppl"] else "  (DIFFERENT)"), "", "", "")
+    return min(ratios)
+
+
+def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
+    print(f"\n## Per-point overhead (F32 container, {n_chunks} windows; baseline already stored)")
+    ref = open_reference(*cfg("f32", n_chunks, threads, text).values())
+    run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False)  # baseline
+    row("point", "wall s", "decode s", "overhead")
+    for generate in (False, True):
+        walls, decodes = [], []
+        for kind, tensor, layer, fmt in POINTS[:n_points]:
+            target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+            prompts = ("What is the capital of France?", "What is 17 * 23?") if generate else ()
+            out = run_point(ref, target, make_format(fmt), progress=False, prompts=prompts)
+            walls.append(out.seconds)
+            decodes.append(out.decode_seconds)
+        share = 1 - sum(decodes) / sum(walls)
+        row(f"{n_points} points, KLD on, generation {'on' if generate else 'off'}", f"{sum(walls):.2f}",
+            f"{sum(decodes):.2f}", f"{100 * share:.1f}%")
+
+
+def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> None:
+    print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_chunks} windows)")
+    ref = open_reference(*cfg("f32", n_chunks, threads, text).values())
+    targets = [(resolve(k, t, l, ref.info, ref.backend.node_names), make_format(f)) for k, t, l, f in
+               POINTS[:n_points]]
+    t0 = time.perf_counter()
+    for target, fmt in targets:
+        run_point(ref, target, fmt, progress=False)
+    reuse = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for target, fmt in targets:
+        ref.backend.close()
+        ref.backend = Backend(ref.backend.path, 512, threads, writable_weights=True)
+        run_point(ref, target, fmt, progress=False)
+    reload = time.perf_counter() - t0
+    row("", "reuse s", "reload s", "saved")
+    row(f"{n_points} points", f"{reuse:.1f}", f"{reload:.1f}", f"{100 * (1 - reuse / reload):.1f}%")
+
+
+def sweep_rss(text: str, n_chunks: int, points: str, tmp: Path) -> None:
+    print(f"\n## Peak memory of a sweep process (`python -m sweep`, {n_chunks} windows, layers {points})")
+    row("container", "peak RSS MB", "model MB", "limit MB")
+    env = {**os.environ, "SWEEP_WIKITEXT": text}
+    for container in ("native", "f32"):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "sweep", f"layer={points}", "fmt=int8", "kind=weight,activation",
+                               "tensor=ffn_norm", f"data.n_chunks={n_chunks}", f"model.container={container}",
+                               f"run.store={tmp / container}", f"hydra.sweep.dir={tmp / ('sweep-' + container)}",
+                               "run.progress=false"], cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if peak <= before:
+            print("   (peak not larger than an earlier child's; figure below is an upper bound)")
+        sweep_dir = tmp / f"sweep-{container}"
+        model = json.loads(next(sweep_dir.glob("*/record.json")).read_text())["baseline"]
+        from sweep.container import container_path
+        from sweep.model_file import embedded_model_path
+        size = container_path(embedded_model_path(), container).stat().st_size / 2**20
+        row(f"{container} ({model[:30]})", f"{peak / 1024:.0f}", f"{size:.0f}", f"{size + 1536:.0f}")
+        print(f"   wall {wall:.1f} s for {len(list(sweep_dir.glob('*/record.json')))} points")
+
+
+def scaling(text: str, threads: int, sizes: list[int]) -> None:
+    print("\n## Wall time vs slice size (one activation point, F32)")
+    row("windows", "point s", "s / window", "")
+    for n in sizes:
+        ref = open_reference(*cfg("f32", n, threads, text).values())
+        target = resolve("activation", "l_out", 10, ref.info, ref.backend.node_names)
+        run_point(ref, target, make_format("none"), progress=False)  # the baseline of this slice
+        out = run_point(ref, target, make_format("int8"), progress=False)
+        row(str(n), f"{out.seconds:.2f}", f"{out.seconds / n:.3f}", "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small slices and few points (under two minutes)")
+    ap.add_argument("--llama-perplexity", help="path of a llama-perplexity binary (default: build one)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
+                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    args = ap.parse_args()
+    binary = llama_perplexity.find(args.llama_perplexity)
+    n_chunks, n_points = (4, 3) if args.quick else (16, 10)
+    print(f"# sweep benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, {'quick' if args.quick else 'full'}")
+    ratio = throughput(binary, args.text, n_chunks, args.threads)
+    overhead(args.text, n_chunks, args.threads, n_points)
+    if not args.quick:
+        import tempfile
+
+        reuse_vs_reload(args.text, 4, args.threads, n_points)
+        with tempfile.TemporaryDirectory() as tmp:
+            sweep_rss(args.text, 4, "0,15,29", Path(tmp))
+        scaling(args.text, args.threads, [2, 4, 8, 16])
+    print(f"\nthroughput ratio (sweep / llama-perplexity): {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
