@@ -59,8 +59,13 @@ def run(binary: Path, model: Path, text: Path, n_chunks: int, threads: int, n_ct
     out = {"log": log}
     if m := re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log):
         out["ppl"], out["ppl_stderr"] = float(m[1]), float(m[2])
-    if m := re.search(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens", log):
-        out["eval_ms"], out["eval_tokens"] = float(m[1]), int(m[2])
+    # Log lines start with a timestamp M.SS.mmm.uuu: scoring runs from the end of tokenization to the final line.
+    # (the timestamp right before the text: llama-perplexity's "ETA" line has no newline before the final one)
+    stamps = {key: re.search(rf"(\d+)\.(\d+)\.(\d+)\.(\d+) I (?:\w+: )?{text}", log)
+              for key, text in {"tokenized": "tokenization took", "final": "Final estimate"}.items()}
+    if all(stamps.values()):
+        at = {k: int(m[1]) * 60 + int(m[2]) + int(m[3]) / 1e3 + int(m[4]) / 1e6 for k, m in stamps.items()}
+        out["score_seconds"] = at["final"] - at["tokenized"]
     for key, pattern in {"kld_mean": r"Mean\s+KLD:\s+([\d.eE+-]+)\s+±\s+([\d.eE+-]+)",
                          "same_top_p": r"Same top p:\s+([\d.]+)\s+±\s+([\d.]+)\s*%"}.items():
         if m := re.search(pattern, log):

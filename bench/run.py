@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -60,10 +59,7 @@ def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
         ours = score(ref.backend, ref.windows, progress=False)  # noqa: F841  (warm caches as llama-perplexity does)
         ours = score(ref.backend, ref.windows, progress=False)
         theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_chunks, threads)
-        log = theirs["log"]
-        total_ms = float(log.split("total time =")[1].split("ms")[0])
-        tokenize_ms = float(log.split("tokenization took")[1].split("ms")[0])
-        their_tps = n_chunks * 512 / ((total_ms - tokenize_ms) / 1000)
+        their_tps = n_chunks * 512 / theirs["score_seconds"]
         ratio = ours.tokens_per_second / their_tps
         ratios.append(ratio)
         same = f"PPL {ours.ppl:.4f} vs {theirs['ppl']:.4f}"
@@ -111,29 +107,27 @@ def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> No
 
 
 def sweep_rss(text: str, n_chunks: int, points: str, tmp: Path) -> None:
-    print(f"\n## Peak memory of a sweep process (`python -m sweep`, {n_chunks} windows, layers {points})")
+    print(f"\n## Peak memory of a sweep process (`python -m sweep`, {n_chunks} windows, layers {points}, "
+          f"int8, ffn_norm weight + activation; GNU time's maximum resident set size)")
     row("container", "peak RSS MB", "model MB", "limit MB")
+    from sweep.container import container_path
+    from sweep.model_file import embedded_model_path
+
     env = {**os.environ, "SWEEP_WIKITEXT": text}
     for container in ("native", "f32"):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "sweep", f"layer={points}", "fmt=int8", "kind=weight,activation",
-                               "tensor=ffn_norm", f"data.n_chunks={n_chunks}", f"model.container={container}",
-                               f"run.store={tmp / container}", f"hydra.sweep.dir={tmp / ('sweep-' + container)}",
-                               "run.progress=false"], cwd=ROOT, env=env, capture_output=True, text=True)
+        proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "sweep", f"layer={points}",
+                               "fmt=int8", "kind=weight,activation", "tensor=ffn_norm", f"data.n_chunks={n_chunks}",
+                               f"model.container={container}", f"run.store={tmp / container}",
+                               f"hydra.sweep.dir={tmp / ('sweep-' + container)}", "run.progress=false"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if peak <= before:
-            print("   (peak not larger than an earlier child's; figure below is an upper bound)")
-        sweep_dir = tmp / f"sweep-{container}"
-        model = json.loads(next(sweep_dir.glob("*/record.json")).read_text())["baseline"]
-        from sweep.container import container_path
-        from sweep.model_file import embedded_model_path
+        peak_mb = int(proc.stderr.rsplit("MAXRSS", 1)[1].split()[0]) / 1024
         size = container_path(embedded_model_path(), container).stat().st_size / 2**20
-        row(f"{container} ({model[:30]})", f"{peak / 1024:.0f}", f"{size:.0f}", f"{size + 1536:.0f}")
-        print(f"   wall {wall:.1f} s for {len(list(sweep_dir.glob('*/record.json')))} points")
+        row(container, f"{peak_mb:.0f}", f"{size:.0f}", f"{size + 1536:.0f}")
+        print(f"   wall {wall:.1f} s for {len(list((tmp / f'sweep-{container}').glob('*/record.json')))} points")
 
 
 def scaling(text: str, threads: int, sizes: list[int]) -> None:

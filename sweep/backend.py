@@ -174,6 +174,7 @@ class Backend:
 
         The KV cache is cleared first, so windows are independent, as in llama-perplexity.
         """
+        self._check_open()
         n = len(tokens)
         if n > self.n_ctx:
             raise ValueError(f"window of {n} tokens exceeds the context ({self.n_ctx})")
@@ -199,6 +200,7 @@ class Backend:
     def generate_greedy(self, prompt: np.ndarray, max_new: int) -> list[int]:
         """Greedy continuation of `prompt` (a fresh sequence), stopping at end-of-generation or `max_new` tokens.
         Hooks and weight changes apply as in scoring."""
+        self._check_open()
         n = len(prompt)
         if n + max_new > self.n_ctx:
             raise SweepError(f"prompt of {n} tokens + {max_new} new exceeds the context of {self.n_ctx}")
@@ -219,6 +221,14 @@ class Backend:
         finally:
             self._b_pos[:] = np.arange(self.n_ctx, dtype=np.int32)  # decode_window relies on positions 0..n-1
         return out
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "ctx", None)
+
+    def _check_open(self) -> None:
+        if self.closed:  # llama.cpp would dereference freed memory
+            raise RuntimeError(f"the model {self.path.name} was closed; load it again")
 
     def _decode(self) -> None:
         """llama_decode of the prepared batch; time spent inside it is added to `decode_seconds`."""
@@ -300,6 +310,7 @@ class Backend:
         return sorted(self._weights)
 
     def _weight(self, name: str):
+        self._check_open()
         if name not in self._weights:
             raise SweepError(f"weight tensor {name!r} is not used by the graph of {self.path.name}")
         addr = self._weights[name]

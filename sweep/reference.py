@@ -46,7 +46,7 @@ def default_threads(threads: int | None) -> int:
 def load_backend(path: Path, n_ctx: int, threads: int, n_gpu_layers: int = 0) -> Backend:
     """The loaded model for `path`, reused when the same one is asked for again."""
     key = (str(path), n_ctx, threads, n_gpu_layers)
-    if key not in _live:
+    if key not in _live or _live[key].closed:
         for old in _live.values():
             old.close()
         _live.clear()
