@@ -21,7 +21,8 @@ def complete(backend, prompts, max_new: int) -> list[Completion]:
     out = []
     for prompt in prompts:
         tokens = backend.tokenize(backend.chat_prompt(prompt), add_special=True)
-        new = backend.generate_greedy(tokens, max_new)
+        room = backend.n_ctx - len(tokens)  # a small data.n_ctx shortens the completions, it does not fail the point
+        new = backend.generate_greedy(tokens, min(max_new, room)) if room > 0 else []
         out.append(Completion(prompt, tuple(new), backend.detokenize(new)))
     return out
 

@@ -101,7 +101,7 @@ def heatmaps(df: pd.DataFrame, metric: str = "delta_ppl") -> plt.Figure:
         noop = sub[sub["status"] == "no-op"]
         for _, r in noop.iterrows():
             ax.add_patch(plt.Rectangle((layers.index(r["layer"]) - 0.5, rows.index(r["row"]) - 0.5), 1, 1,
-                                       fill=True, color="lightgrey", hatch="//", ec="grey"))
+                                       facecolor="lightgrey", edgecolor="dimgrey", hatch="//", lw=0.5))
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_xticks(range(len(layers)), [str(int(x)) for x in layers], fontsize=7)
         ax.set_title(f"{metric} — fmt = {fmt} (hatched: no-op)")

@@ -20,21 +20,6 @@ from .text import Text, load_text
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Reference:
-    source: Path  # the user's model file (never written)
-    info: ModelInfo
-    container: str  # "f32" | "native"
-    backend: Backend  # the loaded container file
-    text: Text
-    windows: Windows
-    threads: int
-
-    @property
-    def model_sha256(self) -> str:
-        return sha256(self.source)
-
-
 _live: dict[tuple, Backend] = {}  # at most one loaded model per process: memory stays bounded
 _tokens: dict[tuple, object] = {}
 
@@ -56,17 +41,27 @@ def load_backend(path: Path, n_ctx: int, threads: int, n_gpu_layers: int = 0) ->
     return _live[key]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Inputs:
     """What a point depends on, cheap to get: the model file (hashed, described) and the text."""
 
-    source: Path
+    source: Path  # the user's model file (never written)
     info: ModelInfo
     text: Text
 
     @property
     def model_sha256(self) -> str:
         return sha256(self.source)
+
+
+@dataclass
+class Reference(Inputs):
+    """The inputs made ready: the model loaded in its container, the text cut into windows."""
+
+    container: str  # "f32" | "native"
+    backend: Backend  # the loaded container file
+    windows: Windows
+    threads: int
 
 
 def load_inputs(model_cfg, data_cfg) -> Inputs:
@@ -86,4 +81,4 @@ def open_reference(model_cfg, data_cfg, run_cfg, inputs: Inputs | None = None) -
         _tokens[key] = backend.tokenize(inputs.text.text)
     windows = make_windows(_tokens[key], int(data_cfg.n_ctx), int(data_cfg.n_chunks),
                            backend.bos if backend.add_bos else None)
-    return Reference(inputs.source, inputs.info, model_cfg.container, backend, inputs.text, windows, threads)
+    return Reference(inputs.source, inputs.info, inputs.text, model_cfg.container, backend, windows, threads)
