@@ -10,7 +10,6 @@ The last line is `throughput ratio (sweep / llama-perplexity): X.XX`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

@@ -19,7 +19,7 @@ from .container import tensors_to_f32
 from .formats import Format
 from .generation import complete
 from .generation import summarize as summarize_generation
-from .metrics import blocked_stderr, summarize
+from .metrics import summarize
 from .perplexity import Score, score
 from .records import Store, point_key
 from .reference import Reference
@@ -106,18 +106,18 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     try:
         matched = target.names if scratch is not None else ()
         base = baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
+        expected = baseline_completions(backend, tuple(prompts), max_new_tokens) if prompts else None
+        got = None
         with applied(backend, target, fmt) as proof:
             if target.kind == "weight" and proof.n_changed == 0:
                 result = base  # bit-identical weights: the baseline's numbers, no decode needed (a no-op)
             else:
                 result = score(backend, ref.windows, progress, reference=base,
                                desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}")
-        generation = None
-        if prompts and not result.diverged:
-            expected = baseline_completions(backend, tuple(prompts), max_new_tokens)
-            with applied(backend, target, fmt):
+            proof = replace(proof)  # the record's counts are about the scored windows, not the generation
+            if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
-            generation = summarize_generation(got, expected)
+        generation = summarize_generation(got, expected) if got is not None else None
     finally:
         if scratch is not None:
             backend.close()
@@ -128,12 +128,6 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     if result.diverged:
         status, reason = "diverged", result.diverged
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding)
-
-
-def paired_delta(run: Score, base: Score) -> tuple[float, float]:
-    """Mean per-token ΔNLL and its window-blocked standard error."""
-    d = run.nll - base.nll
-    return float(d.mean()), blocked_stderr(d)
 
 
 def per_token(run: Score, base: Score) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from sweep.container import f32_container, write_gguf_copy
 from sweep.errors import SweepError
 from sweep.formats import make_format
 from sweep.model_file import model_info, sha256
-from sweep.perplexity import make_windows, score
+from sweep.perplexity import score
 from sweep.reference import open_reference
 from sweep.run import record, run_point
 from sweep.targets import resolve
