@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,6 +131,36 @@ def sweep_rss(text: str, n_chunks: int, points: str, tmp: Path) -> None:
         print(f"   wall {wall:.1f} s for {len(list((tmp / f'sweep-{container}').glob('*/record.json')))} points")
 
 
+def splits(text: str, n_chunks: int, layers: str, tmp: Path) -> None:
+    cores = os.cpu_count() or 1
+    configs = sorted({(1, cores), (cores, 1), (1, 1), (cores, cores), (2, max(1, cores // 2))})
+    print(f"\n## Parallel jobs x llama.cpp threads on {cores} cores (`python -m sweep`, layers {layers}, l_out int8 "
+          f"activation, {n_chunks} windows, F32, default metrics; baseline already stored; model loads included)")
+    row("n_jobs x threads", "wall s", "points/min", "vs 1 x all")
+    env = {**os.environ, "SWEEP_WIKITEXT": text}
+    base = [sys.executable, "-m", "sweep", "tensor=l_out", "kind=activation", "fmt=int8", f"data.n_chunks={n_chunks}",
+            "run.progress=false"]
+    warm = tmp / "warm"  # the baseline, computed once and hard-linked into each configuration's store
+    subprocess.run([*base, "layer=0", "fmt=none", f"run.store={warm}", f"hydra.sweep.dir={tmp / 'warm-sweep'}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    reference = None
+    for n_jobs, threads in sorted(configs, key=lambda c: (c != (1, cores), c)):
+        store = tmp / f"store-{n_jobs}x{threads}"
+        shutil.copytree(warm / "baselines", store / "baselines", copy_function=os.link)
+        launcher = ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}"] if n_jobs > 1 else []
+        t0 = time.perf_counter()
+        proc = subprocess.run([*base, f"layer={layers}", f"run.threads={threads}", *launcher, f"run.store={store}",
+                               f"hydra.sweep.dir={tmp / f'sweep-{n_jobs}x{threads}'}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        n_points = len(list((store / "points").glob("*.json")))
+        reference = reference or wall
+        row(f"{n_jobs} x {threads}" + ("  (default)" if threads == max(1, cores // n_jobs) else ""), f"{wall:.1f}",
+            f"{60 * n_points / wall:.2f}", f"{reference / wall:.2f}x")
+
+
 def scaling(text: str, threads: int, sizes: list[int]) -> None:
     print("\n## Wall time vs slice size (one activation point, F32)")
     row("windows", "point s", "s / window", "")
@@ -155,11 +187,11 @@ def main() -> None:
     ratio = throughput(binary, args.text, n_chunks, args.threads)
     overhead(args.text, n_chunks, args.threads, n_points)
     if not args.quick:
-        import tempfile
-
         reuse_vs_reload(args.text, 4, args.threads, n_points)
         with tempfile.TemporaryDirectory() as tmp:
             sweep_rss(args.text, 4, "0,15,29", Path(tmp))
+        with tempfile.TemporaryDirectory() as tmp:
+            splits(args.text, 8, "range(0,8)", Path(tmp))
         scaling(args.text, args.threads, [2, 4, 8, 16])
     print(f"\nthroughput ratio (sweep / llama-perplexity): {ratio:.2f}")
 

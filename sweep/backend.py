@@ -96,7 +96,7 @@ class Backend:
     def __init__(self, path: Path, n_ctx: int, n_threads: int, writable_weights: bool = False,
                  n_gpu_layers: int = 0):
         _init_once()
-        self.path, self.n_ctx = Path(path), n_ctx
+        self.path, self.n_ctx, self.n_threads = Path(path), n_ctx, n_threads
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         if writable_weights:  # with mmap, the weights are read-only pages of the file: writing would crash

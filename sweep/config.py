@@ -38,6 +38,14 @@ DEFAULT_PROMPTS = ("What is the capital of France?",
 
 
 @dataclass
+class EarlyStopConfig:
+    enabled: bool = False
+    min_windows: int = 4
+    rtol: float = 0.5
+    atol: float = 0.0
+
+
+@dataclass
 class MetricsConfig:
     kld: bool = True
     alpha: float = 0.05
@@ -45,6 +53,7 @@ class MetricsConfig:
     generate: bool = True
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 32
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass

@@ -94,6 +94,14 @@ class _Checker:
             raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
         if not 0 < cfg.metrics.alpha < 1:
             raise SweepError(f"metrics.alpha={cfg.metrics.alpha} must be between 0 and 1 (e.g. 0.05)")
+        stop = cfg.metrics.early_stop
+        if stop.enabled:
+            if stop.min_windows < 2 or stop.rtol < 0 or stop.atol < 0:
+                raise SweepError(f"metrics.early_stop needs min_windows >= 2 and rtol, atol >= 0 (got min_windows="
+                                 f"{stop.min_windows}, rtol={stop.rtol}, atol={stop.atol})")
+            if RANKABLE[cfg.metrics.rank_by].per_token == "kld" and not cfg.metrics.kld:
+                raise SweepError(f"metrics.early_stop watches metrics.rank_by={cfg.metrics.rank_by}, which needs "
+                                 f"metrics.kld=true")
         if cfg.model.container not in CONTAINERS:
             raise SweepError(f"unknown model.container={cfg.model.container!r}; valid: {', '.join(CONTAINERS)}")
         if cfg.kind not in KINDS:

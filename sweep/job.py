@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .formats import make_format
+from .metrics import StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
 from .reference import load_inputs, open_reference
 from .run import describe, record, run_point
@@ -43,11 +44,12 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     fmt = make_format(**cfg.fmt)
     inputs = load_inputs(cfg.model, cfg.data)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
+    stop = stop_rule(cfg.metrics)
     key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
                     layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                     prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
-                    max_new_tokens=cfg.metrics.max_new_tokens)
+                    max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}))
     rec = store.point(key)
     reused = rec is not None
     if reused:
@@ -59,7 +61,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
             target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.node_names)
             prompts = tuple(cfg.metrics.prompts) if cfg.metrics.generate else ()
             out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
-                            max_new_tokens=cfg.metrics.max_new_tokens)
+                            max_new_tokens=cfg.metrics.max_new_tokens, stop=stop)
             rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)
@@ -70,6 +72,15 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         write_record(job_dir / RECORD_FILE, rec)
     print(describe(rec) + (" [stored]" if reused else ""), flush=True)
     return rec
+
+
+def stop_rule(metrics_cfg) -> StopRule | None:
+    """The early-stopping rule of this sweep, if it has one (conf/metrics/default.yaml explains the parameters)."""
+    es = metrics_cfg.early_stop
+    if not es.enabled:
+        return None
+    return StopRule.for_metric(metrics_cfg.rank_by, min_windows=es.min_windows, rtol=es.rtol, atol=es.atol,
+                               alpha=metrics_cfg.alpha)
 
 
 def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict:

@@ -72,3 +72,34 @@ def summarize(per_token: dict[str, np.ndarray], alpha: float) -> dict:
                                           * out["kld_stderr"])
     return out
 
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Early stopping: a point stops scoring windows once the window-blocked (1 - alpha) confidence interval of the
+    mean damage it is ranked by is narrower than max(rtol * |estimate|, atol) -- the estimate is then known to
+    within rtol of itself (rtol=1: its sign is settled, i.e. it is significant) or to be below atol (negligible).
+
+    The damage is the mean of the rank metric's per-token quantity: ΔNLL for delta_ppl/delta_nll, KL for kld_*,
+    1 - top-1 agreement for top1_agree. atol is in its units (nats, or a fraction of tokens).
+    """
+    per_token: str
+    min_windows: int = 4
+    rtol: float = 0.5
+    atol: float = 0.0
+    alpha: float = 0.05
+
+    @classmethod
+    def for_metric(cls, rank_by: str, **params) -> StopRule:
+        return cls(RANKABLE[rank_by].per_token, **params)
+
+    def settled(self, per_token: dict[str, np.ndarray]) -> bool:
+        values = per_token[self.per_token]
+        if self.per_token == "top1":
+            values = 1.0 - values
+        n = values.shape[0]
+        if n < max(2, self.min_windows):
+            return False
+        means = values.mean(axis=1)
+        half_width = float(stats.t.ppf(1 - self.alpha / 2, n - 1) * means.std(ddof=1) / math.sqrt(n))
+        return half_width <= max(self.rtol * abs(float(means.mean())), self.atol)

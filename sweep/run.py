@@ -19,7 +19,7 @@ from .container import tensors_to_f32
 from .formats import Format
 from .generation import complete
 from .generation import summarize as summarize_generation
-from .metrics import summarize
+from .metrics import StopRule, summarize
 from .perplexity import Score, score
 from .records import Store, point_key
 from .reference import Reference
@@ -91,7 +91,7 @@ class Outcome:
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
               store: Store | None = None, kld: bool = True, prompts: tuple[str, ...] = (),
-              max_new_tokens: int = 32) -> Outcome:
+              max_new_tokens: int = 32, stop: StopRule | None = None) -> Outcome:
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
     backend, note, scratch = ref.backend, f"{ref.container} container", None
@@ -112,7 +112,9 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             if target.kind == "weight" and proof.n_changed == 0:
                 result = base  # bit-identical weights: the baseline's numbers, no decode needed (a no-op)
             else:
-                result = score(backend, ref.windows, progress, reference=base,
+                settled = (lambda so_far: stop.settled(per_token(so_far, base.first(so_far.n_windows)))) \
+                    if stop is not None else None
+                result = score(backend, ref.windows, progress, reference=base, settled=settled,
                                desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}")
             proof = replace(proof)  # the record's counts are about the scored windows, not the generation
             if prompts and not result.diverged:
@@ -127,6 +129,8 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     status = "no-op" if reason else "ok"
     if result.diverged:
         status, reason = "diverged", result.diverged
+    if result.stopped_early:
+        base = base.first(result.n_windows)  # paired: the baseline on the same windows
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding)
 
 
@@ -144,7 +148,12 @@ def per_token(run: Score, base: Score) -> dict[str, np.ndarray]:
 def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: float = 0.05) -> dict:
     """One flat row of the results table."""
     diverged = out.status == "diverged"
-    metrics = {} if diverged else summarize(per_token(out.score, out.baseline), alpha)
+    tokens = {} if diverged else per_token(out.score, out.baseline)
+    metrics = summarize(tokens, alpha) if tokens else {}
+    # Per-window means (window i of every point is the same text): enough to replay any early-stopping rule.
+    windows = {f"window_{name}": values.mean(axis=1).tolist() for name, values in tokens.items()}
+    if tokens:
+        windows["window_baseline_nll"] = out.baseline.nll.mean(axis=1).tolist()
     dnll, dnll_se = (math.inf, math.nan) if diverged else (metrics["delta_nll"], metrics["delta_nll_stderr"])
     return {
         # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
@@ -163,9 +172,10 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "targets": ",".join(target.names), "baseline": out.container_note,
         "container": ref.container, "model": ref.source.name, "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
-        "n_chunks": out.score.n_windows, "n_ctx": out.score.n_ctx, "n_tokens": out.score.n_tokens,
+        "n_chunks": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
+        "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
-        "sweep_version": __version__,
+        "sweep_version": __version__, **windows,
     }
 
 

@@ -27,11 +27,12 @@ def tiny_ref(tiny_model, wikitext, cache_dir):
     return open_reference(*make_cfg(tiny_model, wikitext, N_CTX, 4, "f32", cache_dir).values())
 
 
-def rewritten_copy_nll(container, names, fmt, windows, dst):
-    """The independent check: the same rounding done by rewriting a GGUF copy, then scoring that file."""
+def rewritten_copy_nll(container, names, fmt, windows, dst, baseline):
+    """The independent check: the same rounding done by rewriting a GGUF copy, then scoring that file against the
+    same baseline (the same arithmetic: equal NLLs then mean equal logits)."""
     write_gguf_copy(container, dst, to_f32=lambda n, t: n in names, transform=lambda n, d: fmt(d))
     with Backend(dst, windows.n_ctx, 2) as b:
-        return score(b, windows, progress=False).nll
+        return score(b, windows, progress=False, reference=baseline).nll
 
 
 @pytest.mark.parametrize("tensor, layer, fmt", [
@@ -46,7 +47,7 @@ def test_weight_runs_equal_a_rewritten_gguf_copy(tiny_ref, tensor, layer, fmt, t
     out = run_point(tiny_ref, target, fmt, progress=False)
     assert out.status == "ok" and out.proof.n_changed > 0
     expected = rewritten_copy_nll(tiny_ref.backend.path, set(target.names), fmt, tiny_ref.windows,
-                                  tmp_path / "rounded.gguf")
+                                  tmp_path / "rounded.gguf", out.baseline)
     np.testing.assert_array_equal(out.score.nll, expected)
     assert not np.array_equal(out.score.nll, out.baseline.nll)
 
@@ -171,6 +172,6 @@ def test_real_weight_run_equals_rewritten_copy(real_ref, tmp_path):
     target = resolve("weight", "ffn_down", 5, real_ref.info)
     out = run_point(real_ref, target, fmt, progress=False)
     expected = rewritten_copy_nll(real_ref.backend.path, set(target.names), fmt, real_ref.windows,
-                                  tmp_path / "rounded.gguf")
+                                  tmp_path / "rounded.gguf", out.baseline)
     np.testing.assert_array_equal(out.score.nll, expected)
 

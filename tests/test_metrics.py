@@ -11,7 +11,8 @@ from scipy.special import logsumexp
 from sweep.apply import applied
 from sweep.formats import make_format
 from sweep.generation import Completion, first_departure
-from sweep.metrics import blocked_stderr, summarize
+from sweep.metrics import StopRule, blocked_stderr, summarize
+from sweep.perplexity import WindowMath
 from sweep.records import Store
 from sweep.reference import open_reference
 from sweep.run import record, run_point
@@ -107,3 +108,58 @@ def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_di
     assert same.generation["gen_departed"] == 0 and same.generation["gen_first_departure"] is None
     assert zero.generation["gen_departed"] == 1 and zero.generation["gen_first_departure"] == 0
     assert math.isfinite(record(ref, target, make_format("zero"), zero)["kld_mean"])
+
+
+def test_window_math_is_exact_in_float64_terms_on_one_or_two_threads():
+    """KL from logit differences, for tiny divergences and for a token the baseline gives no probability at all
+    (p underflows to 0 in float32, so the run's mass there must come from the log-sum-exps)."""
+    rng = np.random.default_rng(1)
+    y = (rng.normal(size=(37, 1000)) * 4).astype(np.float32)
+    y[:, 7] = -300.0
+    z = y + (rng.normal(size=y.shape) * 1e-3).astype(np.float32)
+    z[:5, 7] = 50.0  # the run makes token 7 by far the most likely in five rows
+    targets = rng.integers(0, 1000, 37)
+    lp_y = y - logsumexp(y.astype(np.float64), axis=1, keepdims=True)
+    lp_z = z - logsumexp(z.astype(np.float64), axis=1, keepdims=True)
+    exact_kld = (np.exp(lp_y) * (lp_y - lp_z)).sum(axis=1)
+    exact_nll = -lp_z[np.arange(37), targets]
+    lse_y = logsumexp(y.astype(np.float64), axis=1)
+    base_nll = -lp_y[np.arange(37), targets]
+    one, two = (WindowMath(t)(z.copy(), targets, None, y, lse_y, base_nll) for t in (1, 2))
+    for key in ("kld", "nll", "lse", "argmax"):
+        np.testing.assert_array_equal(one[key], two[key])
+    assert exact_kld[:5].min() > 1 and exact_kld[5:].max() < 1e-5  # both regimes are present
+    np.testing.assert_allclose(one["kld"], exact_kld, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(one["nll"], exact_nll, rtol=1e-6)
+    np.testing.assert_allclose(WindowMath(2)(z.copy(), targets)["nll"], exact_nll, rtol=1e-6)  # no reference
+    assert (one["argmax"][:5] == 7).all()
+
+
+def test_early_stop_rule_settles_clear_effects_and_negligible_ones_but_not_noise():
+    rng = np.random.default_rng(2)
+    clear = {"dnll": rng.normal(0.05, 0.01, (16, 255))}
+    noise = {"dnll": rng.normal(0, 1e-3, (16, 255))}
+    rule = StopRule("dnll", min_windows=4, rtol=0.5)
+    assert not rule.settled({"dnll": clear["dnll"][:3]})  # never before min_windows
+    assert rule.settled({"dnll": clear["dnll"][:4]})
+    assert not any(rule.settled({"dnll": noise["dnll"][:k]}) for k in range(2, 17))  # a mean near 0 is never known
+    assert StopRule("dnll", atol=1e-3).settled(noise)  # ... to 50% of itself, but it is confidently below 1e-3
+    disagree = {"top1": (rng.random((16, 255)) > 0.2).astype(float)}  # the rule watches 1 - agreement
+    assert StopRule("top1", rtol=0.5).settled(disagree)
+    assert not StopRule("top1", rtol=0.5).settled({"top1": disagree["top1"][:1]})  # one window has no interval
+    assert StopRule.for_metric("kld_p99").per_token == "kld" and StopRule.for_metric("delta_ppl").per_token == "dnll"
+
+
+def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_model, wikitext, cache_dir):
+    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 8, "f32", cache_dir).values())
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.node_names)
+    full = run_point(ref, target, make_format("int4"), progress=False)
+    stopped = run_point(ref, target, make_format("int4"), progress=False,
+                        stop=StopRule("dnll", min_windows=3, rtol=1.0))
+    k = stopped.score.n_windows
+    assert stopped.score.stopped_early and 3 <= k < 8 and not full.score.stopped_early
+    np.testing.assert_array_equal(stopped.score.nll, full.score.nll[:k])
+    np.testing.assert_array_equal(stopped.score.kld, full.score.kld[:k])
+    np.testing.assert_array_equal(stopped.baseline.nll, full.baseline.nll[:k])  # paired with the same windows
+    rec = record(ref, target, make_format("int4"), stopped)
+    assert rec["n_chunks"] == k and rec["stopped_early"] and rec["significant"]

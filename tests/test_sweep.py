@@ -117,6 +117,22 @@ def test_sequential_sweep_writes_one_row_per_point_and_loads_the_model_once(tiny
     pd.testing.assert_frame_equal(read_table(tmp_path / "sweep2")[REQUIRED_COLUMNS], df[REQUIRED_COLUMNS])
 
 
+def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model, tmp_path, env):
+    axes = ["layer=0,1", "fmt=zero", "kind=activation", "tensor=l_out"]
+    early = ["metrics.early_stop.enabled=true", "metrics.early_stop.min_windows=2", "metrics.early_stop.atol=1e3"]
+    run_sweep(tiny_args(tiny_model, tmp_path, *axes, *early, sweep_dir="early"), env)
+    df = read_table(tmp_path / "early")
+    assert df["stopped_early"].all() and (df["n_chunks"] == 2).all()  # any |ΔNLL| < 1000 nats is settled at once
+    assert df["window_dnll"].map(len).eq(2).all() and df["window_baseline_nll"].map(len).eq(2).all()
+    full = run_sweep(tiny_args(tiny_model, tmp_path, *axes, sweep_dir="full"), env)
+    assert "already done" not in full.stderr  # an early-stopped record never stands in for a full one
+    df = read_table(tmp_path / "full")
+    assert not df["stopped_early"].any() and (df["n_chunks"] == 3).all()
+    bad = run_sweep(tiny_args(tiny_model, tmp_path, *axes, "metrics.early_stop.enabled=true",
+                              "metrics.early_stop.min_windows=1", sweep_dir="bad"), env, check=False)
+    assert bad.returncode == 2 and "metrics.early_stop needs min_windows >= 2" in bad.stderr
+
+
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_launchers_give_the_sequential_table(launcher, tiny_model, tmp_path, env):
     axes = ["layer=0,2", "fmt=int8", "kind=weight,activation", "tensor=ffn_norm"]
