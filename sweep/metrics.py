@@ -9,7 +9,7 @@ standard error of those means. Tokens of one window share their context and are 
 standard error (what llama-perplexity prints) would be too small.
 
 KL is exact: the baseline's raw float32 logits are kept on disk (full vocabulary, read one window at a time) and
-KL is computed from the logit differences (perplexity.process_window), so it equals a float64 computation from
+KL is computed from the logit differences (perplexity.WindowMath), so it equals a float64 computation from
 two full logit dumps to ~1e-4 relative even at KL ~ 1e-7. (A top-64 + tail scheme was measured to under-estimate
 KL by ~20% on SmolLM2, whose next-token distributions are broad.)
 """
