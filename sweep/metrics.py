@@ -73,7 +73,6 @@ def summarize(per_token: dict[str, np.ndarray], alpha: float) -> dict:
     return out
 
 
-
 @dataclass(frozen=True)
 class StopRule:
     """Early stopping: a point stops scoring windows once the window-blocked (1 - alpha) confidence interval of the
