@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 
-from . import __version__
 from .apply import Proof, applied
 from .backend import Backend
-from .container import tensors_to_f32
+from .container import runtime_identity, tensors_to_f32
 from .formats import Format
 from .generation import complete
 from .generation import summarize as summarize_generation
@@ -37,7 +36,8 @@ def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Stor
     (keyed by all that determines it)."""
     w = ref.windows
     key = point_key(kind="baseline", model_sha256=ref.model_sha256, container=ref.container, matched=sorted(matched),
-                    data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows)
+                    data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows,
+                    runtime=runtime_identity(backend.settings))
     cached = _baselines.get(key)
     if cached is not None and (cached.logits is not None or not keep_logits):
         return cached
@@ -101,7 +101,8 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         # target tensors dequantized to F32, and its baseline is that same copy unrounded (container-matched).
         scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")
         copy = tensors_to_f32(ref.source, target.names, Path(scratch.name) / "matched.gguf")
-        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True)
+        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
+                          settings=ref.backend.settings)
         note = f"native container, {', '.join(target.names)} dequantized to F32"
     try:
         matched = target.names if scratch is not None else ()
@@ -125,13 +126,34 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             backend.close()
             scratch.cleanup()
     decoding = (backend.decode_seconds if scratch is not None else ref.backend.decode_seconds - decoding_before)
-    reason = proof.no_op_reason(target, fmt)
+    reason = proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
+    expected_calls = result.n_windows * len(target.names) if target.kind == "activation" else len(target.names)
     if result.diverged:
         status, reason = "diverged", result.diverged
+    elif proof.hook_calls != expected_calls:  # a node rounded twice, or never: the point is not what it names
+        status, reason = "failed", (f"the format was applied {proof.hook_calls} times, expected {expected_calls} "
+                                    f"({len(target.names)} node(s) x {result.n_windows} window(s))"
+                                    if target.kind == "activation" else
+                                    f"{proof.hook_calls} weight tensors written, expected {expected_calls}")
     if result.stopped_early:
         base = base.first(result.n_windows)  # paired: the baseline on the same windows
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding)
+
+
+def absorbed(run: Score, base: Score) -> str | None:
+    """Why a perturbation that changed values left the output untouched, or None when the output moved.
+
+    E.g. rounding V to fp16 when the V cache is F16 anyway: the hook ran and changed half the elements, yet every
+    logit is what it was. Such a point measured nothing and must not rank as "insensitive"."""
+    if run is base or run.diverged or run.argmax is None:
+        return None
+    cut = base.first(run.n_windows)
+    # (log-sum-exps are summed in float32 when paired, in float64 alone: they are not comparable bit for bit)
+    same = (np.array_equal(run.nll, cut.nll) and np.array_equal(run.argmax, cut.argmax)
+            and (run.kld is None or not run.kld.any()))
+    return ("absorbed downstream: the values changed but the scored output did not (NLL, KL and top token of "
+            "every scored token are exactly the baseline's)") if same else None
 
 
 def per_token(run: Score, base: Score) -> dict[str, np.ndarray]:
@@ -170,12 +192,13 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
         "targets": ",".join(target.names), "baseline": out.container_note,
-        "container": ref.container, "model": ref.source.name, "model_sha256": ref.model_sha256,
+        "container": ref.container, **runtime_identity(ref.backend.settings),
+        "model": ref.source.name, "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
         "n_chunks": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
         "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
-        "sweep_version": __version__, **windows,
+        **windows,
     }
 
 

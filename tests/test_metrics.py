@@ -13,6 +13,7 @@ from sweep.formats import make_format
 from sweep.generation import Completion, first_departure
 from sweep.metrics import StopRule, blocked_stderr, summarize
 from sweep.perplexity import WindowMath
+from sweep import run as run_module
 from sweep.records import Store
 from sweep.reference import open_reference
 from sweep.run import record, run_point
@@ -44,10 +45,12 @@ CASES = [("weight", "ffn_down", 1, make_format("int8")), ("activation", "l_out",
 
 @pytest.mark.parametrize("kind, tensor, layer, fmt", CASES)
 def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer, fmt, tiny_model, wikitext,
-                                                             cache_dir, tmp_path):
+                                                             cache_dir, tmp_path, monkeypatch):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir).values())
-    target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+    target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
+    monkeypatch.setattr(run_module, "_baselines", {})  # not served from another test's baseline in memory
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))  # the baseline goes through disk
+    assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in out.baseline.logits.filename
     kld, top1, dnll = exact_metrics(ref, target, fmt)
     assert out.score.kld is not None
     np.testing.assert_allclose(out.score.kld, kld, rtol=1e-3, atol=1e-9)
@@ -63,10 +66,13 @@ def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer
 @pytest.mark.real_model
 @pytest.mark.parametrize("kind, tensor, layer, fmt", [("weight", "ffn_down", 5, make_format("bf16")),
                                                       ("activation", "l_out", 10, make_format("int8"))])
-def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path):
+def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path,
+                                                     monkeypatch):
     ref = open_reference(*make_cfg(None, wikitext, 512, 2, "f32", cache_dir).values())
-    target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+    target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
+    monkeypatch.setattr(run_module, "_baselines", {})
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))
+    assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in out.baseline.logits.filename
     kld, top1, _ = exact_metrics(ref, target, fmt)
     assert kld.mean() < 2e-3  # small perturbations: the regime where rounding could drown the signal
     assert out.score.kld.mean() == pytest.approx(kld.mean(), rel=1e-3)
@@ -75,7 +81,7 @@ def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, w
 
 def test_identical_model_has_zero_kld_and_full_agreement(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 3, "f32", cache_dir).values())
-    target = resolve("activation", "l_out", 1, ref.info, ref.backend.node_names)
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     out = run_point(ref, target, make_format("none"), progress=False)
     assert out.status == "no-op"
     assert np.abs(out.score.kld).max() < 1e-12 and (out.score.argmax == out.baseline.argmax).all()
@@ -102,7 +108,7 @@ def test_first_departure():
 
 def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir).values())
-    target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.node_names)
+    target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.nodes)
     zero = run_point(ref, target, make_format("zero"), progress=False, prompts=("Hello",), max_new_tokens=8)
     same = run_point(ref, target, make_format("none"), progress=False, prompts=("Hello",), max_new_tokens=8)
     assert same.generation["gen_departed"] == 0 and same.generation["gen_first_departure"] is None
@@ -152,7 +158,7 @@ def test_early_stop_rule_settles_clear_effects_and_negligible_ones_but_not_noise
 
 def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 8, "f32", cache_dir).values())
-    target = resolve("activation", "l_out", 1, ref.info, ref.backend.node_names)
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     full = run_point(ref, target, make_format("int4"), progress=False)
     stopped = run_point(ref, target, make_format("int4"), progress=False,
                         stop=StopRule("dnll", min_windows=3, rtol=1.0))
