@@ -102,7 +102,7 @@ def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> No
     t0 = time.perf_counter()
     for target, fmt in targets:
         ref.backend.close()
-        ref.backend = Backend(ref.backend.path, 512, threads, writable_weights=True)
+        ref.backend = Backend(ref.backend.path, 512, threads, writable_weights=True, settings=ref.backend.settings)
         run_point(ref, target, fmt, progress=False)
     reload = time.perf_counter() - t0
     row("", "reuse s", "reload s", "saved")

@@ -148,8 +148,8 @@ ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
 class Backend:
     """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int, writable_weights: bool = False,
-                 settings: ComputeSettings = ComputeSettings()):
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, *, settings: ComputeSettings,
+                 writable_weights: bool = False):
         _init_once()
         self.path, self.n_ctx, self.n_threads, self.settings = Path(path), n_ctx, n_threads, settings
         mparams = llama_cpp.llama_model_default_params()

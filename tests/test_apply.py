@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sweep.backend import Backend
-from sweep.container import f32_container, write_gguf_copy
+from sweep.container import compute_settings, f32_container, write_gguf_copy
 from sweep.errors import SweepError
 from sweep.formats import make_format
 from sweep.model_file import model_info, sha256
@@ -31,7 +31,7 @@ def rewritten_copy_nll(container, names, fmt, windows, dst, baseline):
     """The independent check: the same rounding done by rewriting a GGUF copy, then scoring that file against the
     same baseline (the same arithmetic: equal NLLs then mean equal logits)."""
     write_gguf_copy(container, dst, to_f32=lambda n, t: n in names, transform=lambda n, d: fmt(d))
-    with Backend(dst, windows.n_ctx, 2) as b:
+    with Backend(dst, windows.n_ctx, 2, settings=compute_settings("f32")) as b:
         return score(b, windows, progress=False, reference=baseline).nll
 
 

@@ -67,6 +67,8 @@ def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):
     (["layer=1", "fmt.granulrity=x"], "Key 'granulrity' not in 'FormatConfig'"),
     (["layer=1", "kind=weights"], "unknown kind='weights'; valid: weight, activation"),
     (["layer=1", "model.container=q8"], "unknown model.container='q8'; valid: f32, native"),
+    (["layer=1", "kind=activation", "tensor=Qcur"], "2 computed graph nodes are named 'Qcur-1'"),
+    (["layer=1", "kind=activation", "tensor=kq", "fmt=int8"], "node 'kq' does not have one row per token"),
 ])
 def test_bad_configs_fail_before_any_job_with_one_line(args, message, tiny_model, tmp_path, env):
     proc = run_sweep(tiny_args(tiny_model, tmp_path, *args), env, check=False)
