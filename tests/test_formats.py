@@ -22,7 +22,8 @@ SCALED_FORMATS = (
     + [make_format(n, scaled=True, granularity=g) for n in ("fp8_e4m3", "fp8_e5m2") for g in GRANULARITIES]
     + [make_format("int4"), make_format("int4", group_size=8), make_format("mxfp4")]
 )
-CAST_FORMATS = [make_format(n) for n in ("bf16", "fp16")] + [make_format(n, scaled=False) for n in ("fp8_e4m3", "fp8_e5m2")]
+CAST_FORMATS = [make_format(n) for n in ("bf16", "fp16")] + [make_format(n, scaled=False)
+                                                            for n in ("fp8_e4m3", "fp8_e5m2")]
 ALL_FORMATS = [make_format("none"), make_format("zero")] + CAST_FORMATS + SCALED_FORMATS
 NOT_ZERO = [f for f in ALL_FORMATS if f.name != "zero"]
 DTYPES = {
