@@ -29,7 +29,8 @@ Policies
 - fp8 is scaled by default, as fp8 is deployed (one amax scale per tensor): an unscaled cast puts typical weights
   (|w| ~ 0.01-0.05) into e4m3's subnormal range (below 2**-6 = 0.0156), whose steps are 2**-9 = 0.002 wide.
   `scaled=false` keeps the plain cast for studying exactly that, and its label says so (`fp8_e4m3/unscaled`).
-- Overflow: bf16 and fp16 follow IEEE: |x| beyond the max finite becomes +-inf, +-inf stays +-inf.
+- Overflow: bf16 and fp16 follow IEEE round-to-nearest-even: |x| from halfway past the max finite (65520 for
+  fp16, (2 - 2**-8) * 2**127 for bf16) becomes +-inf, +-inf stays +-inf.
   Unscaled fp8 is a saturating cast: values beyond +-max (+-inf included) become +-max before the cast
   (e4m3fn has no inf, and ml_dtypes would give NaN).
 - Scaled formats (int8, int4, mxfp4, fp8 with scaled=True) take the scale from the finite values only;
