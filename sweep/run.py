@@ -171,7 +171,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
     """One flat row of the results table."""
     diverged = out.status == "diverged"
     tokens = {} if diverged else per_token(out.score, out.baseline)
-    metrics = summarize(tokens, alpha) if tokens else {}
+    metrics = summarize(tokens, alpha, out.score.stopped_early) if tokens else {}
     # Per-window means (window i of every point is the same text): enough to replay any early-stopping rule.
     windows = {f"window_{name}": values.mean(axis=1).tolist() for name, values in tokens.items()}
     if tokens:
@@ -208,8 +208,15 @@ def describe(rec: dict) -> str:
     if rec["status"] in ("no-op", "failed", "diverged"):
         return f"{head}: {rec['status'].upper()}, {rec['reason']}"
     return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "
-            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}{' *' if rec.get('significant') else ''}), "
+            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}{_p_value(rec)}), "
             f"KLD {rec.get('kld_mean', math.nan):.2e}, top-1 {100 * rec.get('top1_agree', math.nan):.2f}%, "
             f"changed {100 * rec['frac_changed']:.2f}% of {rec['n_elements']} elements, "
             f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}")
 
+
+def _p_value(rec: dict) -> str:
+    """The point's own ΔNLL test, printed as a p-value (per comparison: a sweep's table adds q-values)."""
+    if rec.get("stopped_early"):
+        return f", stopped early after {rec['n_chunks']} windows, untested"
+    p = rec.get("delta_nll_p")
+    return f", p {p:.2g}" if p is not None and math.isfinite(p) else ""
