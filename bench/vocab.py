@@ -1,7 +1,8 @@
 """Per-point overhead, per-window math and peak memory against the vocabulary size: 49k (the embedded SmolLM2)
 and 262k (a tiny random-weight llama with Gemma 3's vocabulary size).
 
-    python bench/vocab.py [--vocab 49152,262144] [--windows 4] [--points 4] [--threads N] [--no-rss]
+    python bench/vocab.py [--vocab 49152,262144] [--windows 4] [--points 4] [--threads N] [--no-rss] [--recompute]
+                          [--generation]
 
 For 262,144 tokens the model is written with gguf's writer (tests/tiny_model.py): SmolLM2's tokenizer padded with
 unique unused tokens, n_embd 640 (Gemma-3-270M's width, so the tied output matmul has the real size), 3 blocks.
@@ -103,11 +104,12 @@ def overhead(ref, store_root: Path, n_points: int, prompts: tuple[str, ...]) -> 
     return {"wall": sum(walls), "decode": sum(decodes), "share": 1 - sum(decodes) / sum(walls)}
 
 
-def peak_rss(model: Path, n_chunks: int, tmp: Path, text: str) -> tuple[float, float]:
+def peak_rss(model: Path, n_chunks: int, tmp: Path, text: str, mode: str = "store") -> tuple[float, float]:
     env = {**os.environ, "SWEEP_WIKITEXT": text}
     proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "sweep", f"model.path={model}",
                            "layer=0,1", "fmt=int8", "kind=weight,activation", "tensor=ffn_norm",
                            f"data.n_chunks={n_chunks}", "metrics.generate=false", f"run.store={tmp / 'store'}",
+                           f"metrics.baseline_logits={mode}",
                            f"hydra.sweep.dir={tmp / 'sweep'}", "run.progress=false"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--recompute", action="store_true", help="also the peak RSS with metrics.baseline_logits=recompute")
     ap.add_argument("--generation", action="store_true", help="also time points with the generation check")
     ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
                     str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -155,10 +158,10 @@ def main() -> None:
                 print(f"   scaled to a real Gemma-3-270M decode of {REAL_DECODE_S_PER_WINDOW:.2f} s/window: "
                       f"{100 * real:.1f}% outside decode")
         ref.backend.close()
-        if not args.no_rss:
+        for mode in () if args.no_rss else ("store", "recompute") if args.recompute else ("store",):
             with tempfile.TemporaryDirectory() as tmp:
-                peak, size = peak_rss(model, args.windows, Path(tmp), args.text)
-            row("peak RSS MB (python -m sweep, 4 points)", f"{peak:.0f}", f"model {size:.0f}",
+                peak, size = peak_rss(model, args.windows, Path(tmp), args.text, mode)
+            row(f"peak RSS MB (python -m sweep, 4 points, {mode})", f"{peak:.0f}", f"model {size:.0f}",
                 f"limit {size + 1536:.0f}")
 
 

@@ -146,8 +146,9 @@ class WindowMath:
 
     def __call__(self, logits: np.ndarray, targets: np.ndarray, keep=None, ref_logits=None,
                  ref_lse: np.ndarray | None = None, ref_nll: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """keep: an array (n_scored, n_vocab), or an open file (written at `keep_offset`), receiving the raw
-        logits. ref_logits: the baseline's logits of this window, an array or a `baseline_window`."""
+        """keep: an array (n_scored, n_vocab) that receives the raw logits (a recomputed baseline's window).
+        ref_logits: the baseline's logits of this window, an array or a stored file's window (`StoredLogits[i]`,
+        read a chunk of rows at a time)."""
         n, n_vocab = logits.shape
         out = {"argmax": np.empty(n, np.int64), "nll": np.empty(n), "lse": np.empty(n)}
         if ref_logits is not None:
