@@ -114,3 +114,39 @@ def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof
         yield proof
     finally:
         backend.hooked_nodes, backend.activation_hook = frozenset(), None
+
+
+# ---- metrics.baseline_logits=recompute: the baseline window is decoded alongside each perturbed one -------------
+
+class Unperturbed:
+    """Inside `applied(...)`, `with switch():` runs its block with the perturbation off, and on again after it.
+
+    Weights: the originals (read before `applied`) are written for the block and the rounded values (read once,
+    at the first switch) after it, both exact copies. Activations: the hook is detached for the block, so it
+    neither rounds nor counts there (the proof counts the perturbed decodes only, as in the stored mode).
+    """
+
+    def __init__(self, backend, target: Target, originals: dict[str, np.ndarray]):
+        self.backend, self.target, self.originals = backend, target, originals
+        self._perturbed: dict[str, np.ndarray] | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        b = self.backend
+        if self.target.kind == "weight":
+            if self._perturbed is None:
+                self._perturbed = {name: b.read_weight(name) for name in self.originals}
+            for name, original in self.originals.items():
+                b.write_weight(name, original)
+            try:
+                yield
+            finally:
+                for name, rounded in self._perturbed.items():
+                    b.write_weight(name, rounded)
+        else:
+            nodes, hook = b.hooked_nodes, b.activation_hook
+            b.hooked_nodes, b.activation_hook = frozenset(), None
+            try:
+                yield
+            finally:
+                b.hooked_nodes, b.activation_hook = nodes, hook

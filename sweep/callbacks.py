@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .gencheck import check_worst, generation_mode
 from .records import format_ranking, gather, write_table
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,9 @@ class GatherResults(Callback):
         if df.empty:
             print(f"no records under {sweep_dir}")
             return
+        n_check = generation_mode(config.metrics.generate)
+        if n_check:  # metrics.generate=top:N: the generation check of the N worst points, now that they are known
+            df = check_worst(df, sweep_dir, config.metrics.rank_by, n_check)
         parquet, csv = write_table(df, sweep_dir)
         print(format_ranking(df, config.metrics.rank_by))
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())

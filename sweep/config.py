@@ -48,9 +48,10 @@ class EarlyStopConfig:
 @dataclass
 class MetricsConfig:
     kld: bool = True
+    baseline_logits: str = "store"  # store | recompute (see conf/metrics/default.yaml)
     alpha: float = 0.05
     rank_by: str = "delta_ppl"
-    generate: bool = True
+    generate: Any = "top:5"  # true (every point) | false | top:N (the N worst, after the sweep): see gencheck.py
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 32
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)

@@ -22,12 +22,14 @@ from . import config  # noqa: F401  (registers the schemas)
 from .container import CONTAINERS, compute_settings
 from .errors import SweepError
 from .formats import make_format
+from .gencheck import generation_mode
 from .metrics import RANKABLE
 from .model_file import ModelInfo, model_info, resolve_model_path
 from .targets import KINDS, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
+BASELINE_LOGITS = ("store", "recompute")
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                "--resolve", "-p", "--package")
 
@@ -94,6 +96,10 @@ class _Checker:
         fmt = make_format(**cfg.fmt)
         if cfg.metrics.rank_by not in RANKABLE:
             raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
+        generation_mode(cfg.metrics.generate)
+        if cfg.metrics.baseline_logits not in BASELINE_LOGITS:
+            raise SweepError(f"unknown metrics.baseline_logits={cfg.metrics.baseline_logits!r}; valid: "
+                             f"{', '.join(BASELINE_LOGITS)} (recompute: no logits on disk, twice the decode)")
         if not 0 < cfg.metrics.alpha < 1:
             raise SweepError(f"metrics.alpha={cfg.metrics.alpha} must be between 0 and 1 (e.g. 0.05)")
         stop = cfg.metrics.early_stop

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .container import compute_settings, runtime_identity
 from .formats import make_format
+from .gencheck import generation_mode
 from .metrics import StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
 from .reference import load_inputs, open_reference
@@ -46,12 +47,16 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     inputs = load_inputs(cfg.model, cfg.data)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
     stop = stop_rule(cfg.metrics)
+    # metrics.generate: true checks every point here; top:N only the worst, after the sweep (sweep/gencheck.py)
+    generate_here = generation_mode(cfg.metrics.generate) is None
     key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
                     layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
-                    prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
+                    prompts=list(cfg.metrics.prompts) if generate_here else [],
                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
+    # Not in the key: metrics.baseline_logits (store and recompute give the same numbers, tests/test_vocab.py), like
+    # run.threads; the record says which was used.
     rec = store.point(key)
     reused = rec is not None
     if reused:
@@ -61,9 +66,10 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         try:
             ref = open_reference(cfg.model, cfg.data, run_cfg, inputs)
             target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
-            prompts = tuple(cfg.metrics.prompts) if cfg.metrics.generate else ()
+            prompts = tuple(cfg.metrics.prompts) if generate_here else ()
             out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
-                            max_new_tokens=cfg.metrics.max_new_tokens, stop=stop)
+                            max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
+                            baseline_logits=cfg.metrics.baseline_logits)
             rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)

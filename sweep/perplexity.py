@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cache
@@ -79,47 +81,100 @@ def _split(n_rows: int, parts: int) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
+# Rows are processed in chunks of about this many floats per array, so that the chunk's three arrays (the logits,
+# their differences and the baseline's probabilities) stay in cache across the passes over it.
+CHUNK_FLOATS = 1 << 18
+
+
+class StoredLogits:
+    """A stored baseline's logits (an .npy file), read a block of rows at a time into the caller's buffer.
+
+    Reading with pread instead of through a memory map keeps the page cache out of the process: mapped pages of a
+    1 GB baseline count in its resident set, copies into one reused buffer do not.
+    """
+
+    def __init__(self, array: np.memmap):
+        self.path, self.offset, self.shape = str(array.filename), int(array.offset), array.shape
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __getitem__(self, i: int) -> _WindowRows:
+        return _WindowRows(self, i)
+
+    def read(self, i: int, rows: slice, out: np.ndarray) -> np.ndarray:
+        n_vocab = self.shape[2]
+        start = self.offset + 4 * n_vocab * (i * self.shape[1] + rows.start)
+        view = out[: rows.stop - rows.start]
+        got = os.preadv(self._fd, [memoryview(view).cast("B")], start)
+        if got != view.nbytes:
+            raise SweepError(f"{self.path} is truncated: a stored baseline must be recomputed (delete it)")
+        return view
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+@dataclass(frozen=True)
+class _WindowRows:
+    source: StoredLogits
+    window: int
+
+    def read(self, rows: slice, out: np.ndarray) -> np.ndarray:
+        return self.source.read(self.window, rows, out)
+
+
 class WindowMath:
     """Everything a window's logits are needed for, computed over row blocks on `threads` threads.
 
-    Per window the work is a handful of passes over n_scored x n_vocab floats (50 MB for SmolLM2); numpy releases
-    the GIL on them, so the blocks run in parallel while llama.cpp's threads are idle between decodes. Scratch
-    buffers are allocated once and reused: a fresh 50 MB array costs ~12k page faults, more than the math on it.
+    Per window the work is a handful of passes over n_scored x n_vocab floats (50 MB for SmolLM2, 267 MB for a
+    262k vocabulary); numpy releases the GIL on them, so the blocks run in parallel while llama.cpp's threads are
+    idle between decodes. Each thread walks its rows in short chunks, all passes on one chunk before the next, so
+    the passes after the first read cache instead of memory. Scratch buffers are per thread, a few MB, allocated
+    once (a fresh large array costs more in page faults than the math on it).
     """
 
     def __init__(self, threads: int = 1):
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self._scratch: dict[str, np.ndarray] = {}
+        self._scratch: dict[tuple, np.ndarray] = {}
 
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        buf = self._scratch.get(name)
+    def _buffer(self, name: str, part: int, shape: tuple[int, ...]) -> np.ndarray:
+        buf = self._scratch.get((name, part))
         if buf is None or buf.shape != shape:
-            buf = self._scratch[name] = np.empty(shape, dtype=np.float32)
+            buf = self._scratch[(name, part)] = np.empty(shape, dtype=np.float32)
         return buf
 
-    def __call__(self, logits: np.ndarray, targets: np.ndarray, keep: np.ndarray | None = None,
-                 ref_logits: np.ndarray | None = None, ref_lse: np.ndarray | None = None,
-                 ref_nll: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        n = len(targets)
+    def __call__(self, logits: np.ndarray, targets: np.ndarray, keep=None, ref_logits=None,
+                 ref_lse: np.ndarray | None = None, ref_nll: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """keep: an array (n_scored, n_vocab) that receives the raw logits (a recomputed baseline's window).
+        ref_logits: the baseline's logits of this window, an array or a stored file's window (`StoredLogits[i]`,
+        read a chunk of rows at a time)."""
+        n, n_vocab = logits.shape
         out = {"argmax": np.empty(n, np.int64), "nll": np.empty(n), "lse": np.empty(n)}
         if ref_logits is not None:
             out["kld"] = np.empty(n)
-            diff, p = self._buffer("diff", logits.shape), self._buffer("p", logits.shape)
         blocks = _split(n, self.threads)
+        chunk = max(1, CHUNK_FLOATS // n_vocab)
 
-        def block(r: slice) -> None:
-            parts = {k: v[r] for k, v in out.items()}
-            if ref_logits is None:
-                _window_block(logits[r], targets[r], parts, keep[r] if keep is not None else None)
-            else:
-                _window_block(logits[r], targets[r], parts, keep[r] if keep is not None else None,
-                              ref_logits[r], ref_lse[r], ref_nll[r], diff[r], p[r])
+        def block(part: int, r: slice) -> None:
+            if ref_logits is not None:
+                d = self._buffer("diff", part, (chunk, n_vocab))
+                y = self._buffer("ref", part, (chunk, n_vocab))
+            for lo in range(r.start, r.stop, chunk):
+                c = slice(lo, min(lo + chunk, r.stop))
+                parts = {k: v[c] for k, v in out.items()}
+                if keep is not None:
+                    keep[c] = logits[c]
+                if ref_logits is None:
+                    _window_rows(logits[c], targets[c], parts)
+                else:
+                    ref = ref_logits.read(c, y) if hasattr(ref_logits, "read") else ref_logits[c]
+                    _paired_rows(logits[c], targets[c], parts, ref, ref_lse[c], ref_nll[c], d, y)
 
         if self._pool is None or len(blocks) == 1:
-            block(blocks[0])
+            block(0, blocks[0])
         else:
-            for f in [self._pool.submit(block, r) for r in blocks]:
+            for f in [self._pool.submit(block, k, r) for k, r in enumerate(blocks)]:
                 f.result()
         return out
 
@@ -144,50 +199,66 @@ def window_math(threads: int) -> WindowMath:
     return WindowMath(threads)
 
 
-def _window_block(z, targets, out, keep=None, ref=None, ref_lse=None, ref_nll=None, diff=None, p=None) -> None:
-    """Rows of one window; `z` (llama.cpp's output buffer) is overwritten.
-
-    Without a reference, nll is llama-perplexity's: max-shifted float32 exponentials summed in float64.
-    With one (a baseline's raw logits y, their log-sum-exps and NLLs), everything paired comes from the logit
-    differences d = z - y, which are small where the perturbation is small, so tiny changes are not lost to
-    rounding. With p = softmax(y), q = p e^d / Z:
-        KL = log Z - u,   ΔNLL = log Z - d[target],   u = sum p d,   log Z = log1p(u + v),
-        v = sum p (expm1(d) - d) >= 0.
-    An error in u enters KL only times (u + v), and v is a sum of non-negative terms, so float32 products summed
-    in short blocks suffice.
-    Where p underflows for tokens that the run makes likely, log1p(u + v) misses their mass; there (and only
-    for large divergences, where cancellation is harmless) log Z = lse(z) - lse(y) is used instead.
-    """
+def _window_rows(z, targets, out) -> None:
+    """Rows of an unpaired window (llama-perplexity's NLL: max-shifted float32 exponentials summed in float64);
+    `z` (llama.cpp's output buffer) is overwritten."""
     rows = np.arange(len(targets))
     argmax = z.argmax(axis=1)
     top = z[rows, argmax]
     picked = z[rows, targets].astype(np.float64) - top
-    if keep is not None:
-        keep[...] = z
-    if ref is not None:
-        np.subtract(z, ref, out=diff)
     z -= top[:, None]
     np.exp(z, out=z)
-    # With a reference, lse only serves large divergences: a float32 sum (~1e-7 relative) is three times faster.
-    log_sum = np.log(z.sum(axis=1, dtype=np.float64) if ref is None else z.sum(axis=1).astype(np.float64))
+    log_sum = np.log(z.sum(axis=1, dtype=np.float64))
     out["argmax"][...] = argmax
     out["lse"][...] = top + log_sum
-    if ref is None:
-        out["nll"][...] = log_sum - picked
-        return
-    np.subtract(ref, ref_lse[:, None].astype(np.float32), out=p)
+    out["nll"][...] = log_sum - picked
+
+
+# Where max(d) - sum(p d) stays below this, the tokens whose baseline probability underflows float32 (log-prob
+# below -87) carry at most n_vocab * exp(-87 + 40) ~ 1e-15 of the run's mass: the paired form is then exact.
+_UNDERFLOW_MARGIN = 40.0
+
+
+def _paired_rows(z, targets, out, y, y_lse, y_nll, d, p) -> None:
+    """Rows of a window paired with its baseline (raw logits y, their log-sum-exps and NLLs); `z` (llama.cpp's
+    output buffer) is overwritten, `d` and `p` are scratch (`y` may be `p` itself: it is read before p is written).
+
+    Everything comes from the logit differences d = z - y, which are small where the perturbation is small, so
+    tiny changes are not lost to rounding. With p = softmax(y), q = p e^d / Z:
+        KL = log Z - u,   ΔNLL = log Z - d[target],   u = sum p d,   log Z = log1p(u + v),
+        v = sum p (expm1(d) - d) >= 0.
+    An error in u enters KL only times (u + v), and v is a sum of non-negative terms, so float32 products summed
+    in short blocks suffice. The run's log-sum-exp is the baseline's + log Z.
+    Where p underflows for tokens that the run makes likely, log1p(u + v) would miss their mass; rows where that
+    could happen (max d - u >= _UNDERFLOW_MARGIN, or non-finite logits) take log Z = lse(z) - lse(y) instead
+    (only large divergences, where the cancellation is harmless).
+    """
+    n = len(targets)
+    rows = np.arange(n)
+    d, p = d[:n], p[:n]
+    out["argmax"][...] = z.argmax(axis=1)
+    np.subtract(z, y, out=d)
+    picked = d[rows, targets].astype(np.float64)
+    d_max = d.max(axis=1).astype(np.float64)
+    np.subtract(y, y_lse[:, None].astype(np.float32), out=p)
     np.exp(p, out=p)
-    u = _row_dot(p, diff)
-    work = z  # z is spent: reuse its memory
+    u = _row_dot(p, d)
     with np.errstate(over="ignore", invalid="ignore"):
-        np.expm1(diff, out=work)
-        work -= diff
+        coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < 80)  # NaN compares false: non-finite rows too
+        log_z = np.empty(n)
+        if coarse.any():
+            zc = z[coarse].astype(np.float64)
+            top = zc.max(axis=1)
+            log_z[coarse] = top + np.log(np.exp(zc - top[:, None]).sum(axis=1)) - y_lse[coarse]
+        work = z  # z is spent: reuse its memory
+        np.expm1(d, out=work)
+        work -= d
         v = _row_dot(p, work)
         fine = np.log1p(u + v)
-    coarse = out["lse"] - ref_lse
-    log_z = np.where(np.abs(fine - coarse) < 1e-4, fine, coarse)
+    log_z[~coarse] = fine[~coarse]
+    out["lse"][...] = y_lse + log_z
     out["kld"][...] = np.maximum(log_z - u, 0.0)  # rounding may leave -1e-15 at equality
-    out["nll"][...] = ref_nll + (log_z - diff[np.arange(len(targets)), targets])
+    out["nll"][...] = y_nll + (log_z - picked)
 
 
 @dataclass(frozen=True)
@@ -201,6 +272,7 @@ class Score:
     logits: np.ndarray | None = None  # (n_windows, n_scored, n_vocab) raw logits, kept for baselines (memmap)
     kld: np.ndarray | None = None  # (n_windows, n_scored) KL(reference || this), when a reference was given
     stopped_early: bool = False  # scoring stopped before the last window because the question was settled
+    baseline: Score | None = None  # the baseline's score on the same windows, when it was recomputed alongside
 
     @property
     def n_windows(self) -> int:
@@ -238,11 +310,15 @@ class Score:
 
 
 def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring", keep_logits=None,
-          reference: Score | None = None, settled: Callable[[Score], bool] | None = None) -> Score:
+          reference: Score | None = None, settled: Callable[[Score], bool] | None = None,
+          unperturbed: Callable[[], AbstractContextManager] | None = None) -> Score:
     """Score every window on `backend` (whose hooks/weights define the perturbation, if any).
 
     keep_logits: an array of shape (n_windows, n_scored, n_vocab) (a memmap for a baseline) that receives the
     raw logits. reference: a baseline scored with keep_logits; KL(reference || this run) is then computed.
+    unperturbed: instead of a stored reference, recompute it: each window is decoded first inside this context
+    (the perturbation switched off) and its logits kept in memory for the paired math, then decoded perturbed
+    (twice the decode, no disk). The baseline's score comes back as the result's `baseline`.
     settled: asked after each window with the score so far; True stops scoring there (early stopping).
     """
     mask, targets = windows.output_mask, windows.targets
@@ -251,28 +327,87 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
     nll = np.empty((n, m), dtype=np.float64)
     lse = np.empty((n, m), dtype=np.float64)
     argmax = np.empty((n, m), dtype=np.int32)
-    with_kl = reference is not None and reference.logits is not None
+    recompute = unperturbed is not None and reference is None
+    if recompute:
+        base = {k: np.empty((n, m), dtype=v.dtype) for k, v in (("nll", nll), ("lse", lse), ("argmax", argmax))}
+        kept = window_buffer(m, backend.n_vocab)
+    with_kl = recompute or (reference is not None and reference.logits is not None)
     kld = np.empty((n, m), dtype=np.float64) if with_kl else None
+    ref_logits = reference.logits if with_kl and not recompute else None
+    if isinstance(ref_logits, np.memmap):
+        ref_logits = StoredLogits(ref_logits)
+    writer = _LogitsWriter(keep_logits) if isinstance(keep_logits, np.memmap) else None
     t0 = time.perf_counter()
+
+    def baseline_so_far(k: int) -> Score | None:
+        if not recompute:
+            return None
+        return Score(base["nll"][:k], windows.n_ctx, 0.0, argmax=base["argmax"][:k], lse=base["lse"][:k],
+                     stopped_early=k < n)
+
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     with bar:
         for i, window in enumerate(windows.tokens):
+            if recompute:
+                with unperturbed():
+                    b = process_window(backend.decode_window(window, mask), targets[i], kept)
+                base["nll"][i], base["lse"][i], base["argmax"][i] = b["nll"], b["lse"], b["argmax"]
+                paired = (kept, base["lse"][i], base["nll"][i])
+            else:
+                paired = (ref_logits[i], reference.lse[i], reference.nll[i]) if with_kl else ()
             logits = backend.decode_window(window, mask)
-            w = process_window(logits, targets[i], keep_logits[i] if keep_logits is not None else None,
-                               *((reference.logits[i], reference.lse[i], reference.nll[i]) if with_kl else ()))
+            if writer is not None:
+                writer.write(i, logits)
+            keep = keep_logits[i] if keep_logits is not None and writer is None else None
+            w = process_window(logits, targets[i], keep, *paired)
             nll[i], lse[i], argmax[i] = w["nll"], w["lse"], w["argmax"]
             if with_kl:
                 kld[i] = w["kld"]
             if not np.isfinite(nll[i]).all():  # NaN/inf logits: the rest would only repeat it
                 pos = windows.first + int(np.argmin(np.isfinite(nll[i])))
                 return Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0,
-                             diverged=f"non-finite logits in window {i} at position {pos}")
+                             diverged=f"non-finite logits in window {i} at position {pos}",
+                             baseline=baseline_so_far(i + 1))
             bar.update()
             bar.set_postfix_str(f"ppl {math.exp(nll[: i + 1].mean()):.4f}")
             if settled is not None and i + 1 < n:
                 so_far = Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0, argmax=argmax[: i + 1],
-                               lse=lse[: i + 1], kld=kld[: i + 1] if with_kl else None, stopped_early=True)
+                               lse=lse[: i + 1], kld=kld[: i + 1] if with_kl else None, stopped_early=True,
+                               baseline=baseline_so_far(i + 1))
                 if settled(so_far):
                     log.info("%s: settled after %d of %d windows", desc, i + 1, n)
                     return so_far
-    return Score(nll, windows.n_ctx, time.perf_counter() - t0, argmax=argmax, lse=lse, logits=keep_logits, kld=kld)
+    if writer is not None:
+        writer.close()
+    return Score(nll, windows.n_ctx, time.perf_counter() - t0, argmax=argmax, lse=lse, logits=keep_logits, kld=kld,
+                 baseline=baseline_so_far(n))
+
+
+_kept: list[np.ndarray] = []
+
+
+def window_buffer(n_scored: int, n_vocab: int) -> np.ndarray:
+    """One window of logits (the recomputed baseline's), allocated once per process and reused."""
+    if not _kept or _kept[0].shape != (n_scored, n_vocab):
+        _kept[:] = [np.empty((n_scored, n_vocab), dtype=np.float32)]
+    return _kept[0]
+
+
+class _LogitsWriter:
+    """Writes a baseline's logits into its .npy file window by window with pwrite: written through a memory map,
+    every page of the file would stay in the process's resident set."""
+
+    def __init__(self, array: np.memmap):
+        self.offset, self.shape = int(array.offset), array.shape
+        self._fd = os.open(str(array.filename), os.O_WRONLY)
+
+    def write(self, i: int, logits: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(logits)).cast("B")
+        os.pwrite(self._fd, data, self.offset + i * data.nbytes)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = close

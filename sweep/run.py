@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 
-from .apply import Proof, applied
+from .apply import Proof, Unperturbed, applied
 from .backend import Backend
 from .container import runtime_identity, tensors_to_f32
 from .formats import Format
@@ -87,11 +87,14 @@ class Outcome:
     seconds: float
     generation: dict | None = None
     decode_seconds: float = 0.0  # inside llama_decode: scoring, generation, and a baseline if computed here
+    baseline_logits: str = "store"  # "store": paired with stored baseline logits; "recompute": decoded alongside
 
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
               store: Store | None = None, kld: bool = True, prompts: tuple[str, ...] = (),
-              max_new_tokens: int = 32, stop: StopRule | None = None) -> Outcome:
+              max_new_tokens: int = 32, stop: StopRule | None = None, baseline_logits: str = "store") -> Outcome:
+    """baseline_logits="recompute" (with kld): no stored baseline logits; each window is decoded unperturbed, its
+    logits kept in memory, then decoded perturbed (twice the decode, no disk). The numbers equal the stored mode's."""
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
     backend, note, scratch = ref.backend, f"{ref.container} container", None
@@ -106,17 +109,25 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         note = f"native container, {', '.join(target.names)} dequantized to F32"
     try:
         matched = target.names if scratch is not None else ()
-        base = baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
+        recompute = kld and baseline_logits == "recompute"
+        base = None if recompute else baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
+        # recompute: the originals are read before the perturbation is applied, to switch it off per window
+        originals = {n: backend.read_weight(n) for n in target.names} if recompute and target.kind == "weight" \
+            else {}
         expected = baseline_completions(backend, tuple(prompts), max_new_tokens) if prompts else None
         got = None
         with applied(backend, target, fmt) as proof:
             if target.kind == "weight" and proof.n_changed == 0:
-                result = base  # bit-identical weights: the baseline's numbers, no decode needed (a no-op)
+                # bit-identical weights: the baseline's numbers, no perturbed decode needed (a no-op)
+                result = base = base or baseline_score(backend, ref, progress, store, matched, keep_logits=False)
             else:
-                settled = (lambda so_far: stop.settled(per_token(so_far, base.first(so_far.n_windows)))) \
+                settled = (lambda so_far: stop.settled(per_token(so_far, so_far.baseline or
+                                                                 base.first(so_far.n_windows)))) \
                     if stop is not None else None
                 result = score(backend, ref.windows, progress, reference=base, settled=settled,
-                               desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}")
+                               desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}",
+                               unperturbed=Unperturbed(backend, target, originals) if recompute else None)
+                base = result.baseline or base
             proof = replace(proof)  # the record's counts are about the scored windows, not the generation
             if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
@@ -138,7 +149,8 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
                                     f"{proof.hook_calls} weight tensors written, expected {expected_calls}")
     if result.stopped_early:
         base = base.first(result.n_windows)  # paired: the baseline on the same windows
-    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding)
+    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding,
+                   "recompute" if recompute else "store")
 
 
 def absorbed(run: Score, base: Score) -> str | None:
@@ -198,7 +210,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "n_chunks": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
         "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
-        **windows,
+        "baseline_logits": out.baseline_logits, **windows,
     }
 
 

@@ -1,0 +1,169 @@
+"""Per-point overhead, per-window math and peak memory against the vocabulary size: 49k (the embedded SmolLM2)
+and 262k (a tiny random-weight llama with Gemma 3's vocabulary size).
+
+    python bench/vocab.py [--vocab 49152,262144] [--windows 4] [--points 4] [--threads N] [--no-rss] [--recompute]
+                          [--generation]
+
+For 262,144 tokens the model is written with gguf's writer (tests/tiny_model.py): SmolLM2's tokenizer padded with
+unique unused tokens, n_embd 640 (Gemma-3-270M's width, so the tied output matmul has the real size), 3 blocks.
+Its decode is much cheaper than a real model's, so the overhead *share* on it is pessimistic; the per-window math
+(what grows with the vocabulary) is the real figure, and the last section scales it to a real model's decode.
+Every figure is measured in this invocation, F32 container, baseline stored before the timed points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from tiny_model import write_tiny_model  # noqa: E402
+
+from sweep.container import container_path, default_cache_dir  # noqa: E402
+from sweep.formats import make_format  # noqa: E402
+from sweep.model_file import embedded_model_path  # noqa: E402
+from sweep.perplexity import WindowMath  # noqa: E402
+from sweep.records import Store  # noqa: E402
+from sweep.reference import open_reference  # noqa: E402
+from sweep.run import run_point  # noqa: E402
+from sweep.targets import resolve  # noqa: E402
+
+POINTS = [("weight", "ffn_down", 1, "int8"), ("activation", "l_out", 2, "int8"), ("weight", "attn_q", 0, "bf16"),
+          ("activation", "ffn_norm", 1, "fp8_e4m3"), ("weight", "ffn_up", 2, "int4"), ("activation", "kqv_out", 0,
+                                                                                        "bf16")]
+# Gemma-3-270M Q4_K_M in its F32 container on 2 cores (issue 16): a 4-window point took 14.2 s, 15.6% of it outside
+# llama_decode, 3.4 s of it in the generation check (all decode): 14.2 * 0.844 - 3.4 = 8.6 s of scoring decode.
+REAL_DECODE_S_PER_WINDOW = (14.2 * (1 - 0.156) - 3.4) / 4
+
+
+def model_for(n_vocab: int) -> Path:
+    if n_vocab == 49152:
+        return embedded_model_path()
+    path = default_cache_dir() / "bench-models" / f"tiny-llama-v{n_vocab}-e640.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        write_tiny_model(tmp, embedded_model_path(), n_vocab=n_vocab, n_embd=640, n_ctx_train=4096)
+        tmp.rename(path)
+    return path
+
+
+def cfg(model: Path, n_chunks: int, threads: int, text: str):
+    return OmegaConf.create({"model": {"path": str(model), "container": "f32", "cache_dir": None,
+                                       "n_gpu_layers": 0},
+                             "data": {"path": text, "n_ctx": 512, "n_chunks": n_chunks},
+                             "run": {"threads": threads, "progress": False}})
+
+
+def row(*cells, widths=(46, 14, 14, 14, 14)):
+    print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+
+
+def window_math_ms(ref, store_root: Path, repeat: int = 5) -> dict[str, float]:
+    """Median ms per window of the math alone: unpaired (a baseline's) and paired with a stored baseline."""
+    be, w = ref.backend, ref.windows
+    math = WindowMath(be.n_threads)
+    base = run_point(ref, resolve("weight", POINTS[0][1], POINTS[0][2], ref.info), make_format("none"),
+                     progress=False, store=Store(store_root)).baseline
+    logits = np.array(be.decode_window(w.tokens[0], w.output_mask))  # a copy: the math overwrites its input
+    work = np.empty_like(logits)
+    out = {}
+    for name, extra in (("unpaired", ()), ("paired", (base.logits[0], base.lse[0], base.nll[0]))):
+        times = []
+        for _ in range(repeat):
+            np.copyto(work, logits)
+            t0 = time.perf_counter()
+            math(work, w.targets[0], None, *extra)
+            times.append(time.perf_counter() - t0)
+        out[name] = 1e3 * statistics.median(times)
+    return out
+
+
+def overhead(ref, store_root: Path, n_points: int, prompts: tuple[str, ...]) -> dict[str, float]:
+    walls, decodes, gen = [], [], 0.0
+    store = Store(store_root)
+    run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False, store=store)
+    if prompts:  # the baseline's completions, once per sweep, outside the timing
+        run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False,
+                  store=store, prompts=prompts)
+    for kind, tensor, layer, fmt in POINTS[:n_points]:
+        target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
+        out = run_point(ref, target, make_format(fmt), progress=False, store=store, prompts=prompts)
+        walls.append(out.seconds)
+        decodes.append(out.decode_seconds)
+    return {"wall": sum(walls), "decode": sum(decodes), "share": 1 - sum(decodes) / sum(walls)}
+
+
+def peak_rss(model: Path, n_chunks: int, tmp: Path, text: str, mode: str = "store") -> tuple[float, float]:
+    env = {**os.environ, "SWEEP_WIKITEXT": text}
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "sweep", f"model.path={model}",
+                           "layer=0,1", "fmt=int8", "kind=weight,activation", "tensor=ffn_norm",
+                           f"data.n_chunks={n_chunks}", "metrics.generate=false", f"run.store={tmp / 'store'}",
+                           f"metrics.baseline_logits={mode}",
+                           f"hydra.sweep.dir={tmp / 'sweep'}", "run.progress=false"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    peak_mb = int(proc.stderr.rsplit("MAXRSS", 1)[1].split()[0]) / 1024
+    return peak_mb, container_path(model, "f32").stat().st_size / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", default="49152,262144")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--points", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--recompute", action="store_true", help="also the peak RSS with metrics.baseline_logits=recompute")
+    ap.add_argument("--generation", action="store_true", help="also time points with the generation check")
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
+                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    args = ap.parse_args()
+    print(f"# vocabulary benchmark: {os.cpu_count()} cores, {args.threads} threads, {args.windows} windows of 512, "
+          f"F32 container, {args.points} points (weight + activation), baseline stored")
+    for n_vocab in map(int, args.vocab.split(",")):
+        model = model_for(n_vocab)
+        ref = open_reference(*cfg(model, args.windows, args.threads, args.text).values())
+        print(f"\n## vocab {ref.backend.n_vocab} ({model.name})")
+        with tempfile.TemporaryDirectory() as tmp:
+            ms = window_math_ms(ref, Path(tmp) / "store")
+            o = overhead(ref, Path(tmp) / "store", args.points, ())
+            decode_per_window = o["decode"] / (args.points * args.windows)
+            outside_per_window = (o["wall"] - o["decode"]) / (args.points * args.windows)
+            row("math ms/window", "unpaired", "paired", "", "")
+            row("", f"{ms['unpaired']:.1f}", f"{ms['paired']:.1f}")
+            row("per point", "wall s", "decode s", "outside", "s/window")
+            row(f"{args.points} points, generation off", f"{o['wall']:.2f}", f"{o['decode']:.2f}",
+                f"{100 * o['share']:.1f}%", f"{outside_per_window:.3f}")
+            if args.generation:
+                g = overhead(ref, Path(tmp) / "store", args.points, ("What is the capital of France?",
+                                                                    "What is 17 * 23?"))
+                row(f"{args.points} points, generation on", f"{g['wall']:.2f}", f"{g['decode']:.2f}",
+                    f"{100 * g['share']:.1f}%", f"gen {100 * (g['wall'] - o['wall']) / g['wall']:.1f}%")
+            print(f"   decode {decode_per_window:.3f} s/window on this model; outside decode "
+                  f"{outside_per_window:.3f} s/window")
+            if n_vocab > 49152:
+                real = outside_per_window / (outside_per_window + REAL_DECODE_S_PER_WINDOW)
+                print(f"   scaled to a real Gemma-3-270M decode of {REAL_DECODE_S_PER_WINDOW:.2f} s/window: "
+                      f"{100 * real:.1f}% outside decode")
+        ref.backend.close()
+        for mode in () if args.no_rss else ("store", "recompute") if args.recompute else ("store",):
+            with tempfile.TemporaryDirectory() as tmp:
+                peak, size = peak_rss(model, args.windows, Path(tmp), args.text, mode)
+            row(f"peak RSS MB (python -m sweep, 4 points, {mode})", f"{peak:.0f}", f"model {size:.0f}",
+                f"limit {size + 1536:.0f}")
+
+
+if __name__ == "__main__":
+    main()

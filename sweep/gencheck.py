@@ -1,0 +1,136 @@
+"""`metrics.generate=top:N`: the generation check for only the N points that rank worst, after the sweep.
+
+Greedy completions decode one token at a time through the whole model and its full-vocabulary output: with a
+262k vocabulary that took a quarter of a 4-window point. Run for every point it is the largest cost after scoring;
+it matters most for the points that damage the model most. So the jobs score only, and when the multirun ends the
+launching process (Hydra's GatherResults callback) loads each of the N worst points' configuration from its job
+directory (`.hydra/config.yaml`), applies its perturbation once more, generates, and adds the comparison to the
+point's record and to the table. Results are cached in the store by point and prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from .errors import SweepError
+from .records import RECORD_FILE, find_records, point_key, read_record, write_record
+
+log = logging.getLogger(__name__)
+
+
+def generation_mode(value) -> int | None:
+    """metrics.generate as the number of points that get the check: None for every point (true), 0 for none
+    (false), N for `top:N`. Raises SweepError for anything else."""
+    if isinstance(value, bool):
+        return None if value else 0
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return None if text == "true" else 0
+    if text.startswith("top:"):
+        try:
+            n = int(text[4:])
+        except ValueError:
+            n = -1
+        if n >= 1:
+            return n
+    raise SweepError(f"metrics.generate={value!r} must be true (every point), false (none) or top:N (the N "
+                     f"worst points by metrics.rank_by, checked after the sweep; e.g. top:5)")
+
+
+def worst_keys(df: pd.DataFrame, metric: str, n: int) -> list[str]:
+    """Keys of the n measured points that rank worst by `metric` (as the ranking orders; diverged points have no
+    completion worth comparing)."""
+    from .metrics import RANKABLE
+
+    ok = df[df["status"] == "ok"]
+    if ok.empty or metric not in ok:
+        return []
+    damage = -ok[metric] if metric in RANKABLE and RANKABLE[metric].worse == "lower" else ok[metric]
+    return list(ok.assign(_damage=damage).sort_values("_damage", ascending=False)["key"].head(n))
+
+
+def check_worst(df: pd.DataFrame, sweep_dir: Path, metric: str, n: int) -> pd.DataFrame:
+    """The table with the generation check added for its n worst points; their job records are updated too."""
+    keys = worst_keys(df, metric, n)
+    if not keys:
+        return df
+    job_dirs = {}
+    for path in find_records([sweep_dir]):
+        rec = read_record(path)
+        if rec and rec.get("key") in keys:
+            job_dirs[rec["key"]] = path.parent
+    df = df.copy()
+    for key in keys:
+        job_dir = job_dirs.get(key)
+        if job_dir is None or not (job_dir / ".hydra" / "config.yaml").exists():
+            log.warning("generation check: no job configuration for point %s, skipped", key)
+            continue
+        fields = check_point(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), key)
+        rec = read_record(job_dir / RECORD_FILE)
+        rec.update(fields)
+        write_record(job_dir / RECORD_FILE, rec)
+        for name, value in fields.items():
+            if name not in df:
+                df[name] = pd.Series([None] * len(df), dtype=object, index=df.index)
+            df.loc[df["key"] == key, name] = value
+    return df
+
+
+def check_point(cfg, key: str) -> dict:
+    """The generation check of one point (its job's composed config), cached in the store."""
+    from .formats import make_format
+    from .generation import complete, summarize
+    from .reference import open_reference
+    from .run import baseline_completions
+    from .targets import resolve
+
+    prompts, max_new = tuple(cfg.metrics.prompts), int(cfg.metrics.max_new_tokens)
+    gen_key = point_key(point=key, prompts=list(prompts), max_new_tokens=max_new)
+    store_file = Path(cfg.run.store) / "generations" / f"{gen_key}.json"
+    cached = read_record(store_file)
+    if cached is not None:
+        return cached
+    run_cfg = OmegaConf.merge(cfg.run, {"progress": False})
+    ref = open_reference(cfg.model, cfg.data, run_cfg)
+    target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
+    fmt = make_format(**cfg.fmt)
+    with _backend_for(ref, target) as backend:
+        from .apply import applied
+
+        expected = baseline_completions(backend, prompts, max_new)
+        with applied(backend, target, fmt):
+            got = complete(backend, prompts, max_new)
+    fields = {**summarize(got, expected), "generation_checked": "top"}
+    write_record(store_file, fields)
+    return fields
+
+
+class _backend_for:
+    """The loaded model, or for a weight of a quantized tensor in the native container the same F32-matched copy
+    that run_point scores on."""
+
+    def __init__(self, ref, target):
+        self.ref, self.target, self.scratch, self.backend = ref, target, None, ref.backend
+
+    def __enter__(self):
+        ref, target = self.ref, self.target
+        if target.kind == "weight" and ref.container == "native" and \
+                any(ref.info.tensor_types.get(n) != "F32" for n in target.names):
+            from .backend import Backend
+            from .container import tensors_to_f32
+
+            self.scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")
+            copy = tensors_to_f32(ref.source, target.names, Path(self.scratch.name) / "matched.gguf")
+            self.backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
+                                   settings=ref.backend.settings)
+        return self.backend
+
+    def __exit__(self, *exc):
+        if self.scratch is not None:
+            self.backend.close()
+            self.scratch.cleanup()
