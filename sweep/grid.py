@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from . import config  # noqa: F401  (registers the schemas)
+from . import ggml_formats
 from .container import CONTAINERS
 from .errors import SweepError
 from .formats import make_format
@@ -89,7 +90,7 @@ class _Checker:
         self.probed.add(key)
 
     def check(self, cfg) -> None:
-        make_format(**cfg.fmt)
+        fmt = make_format(**cfg.fmt)
         if cfg.metrics.rank_by not in RANKABLE:
             raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
         if not 0 < cfg.metrics.alpha < 1:
@@ -111,8 +112,9 @@ class _Checker:
         info = self.info(cfg.model.path)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_chunks))
         nodes = self.node_names(cfg.model.path) if cfg.kind == "activation" else None
-        resolve(cfg.kind, cfg.tensor, OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer,
-                info, nodes)
+        target = resolve(cfg.kind, cfg.tensor,
+                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
+        ggml_formats.preflight(fmt, cfg.kind, target.names)
 
 
 def plan(overrides: list[str]) -> Plan:

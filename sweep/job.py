@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .formats import make_format
+from .model_file import sha256
 from .metrics import StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
 from .reference import load_inputs, open_reference
@@ -49,7 +50,8 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
                     layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                     prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
-                    max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}))
+                    max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
+                    **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}))
     rec = store.point(key)
     reused = rec is not None
     if reused:

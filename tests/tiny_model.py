@@ -16,7 +16,10 @@ N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYERS, N_CTX_TRAIN = 64, 128, 4, 2, 3, 256
 Q = GGMLQuantizationType
 
 
-def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None) -> Path:
+def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None,
+                     n_embd: int = N_EMBD, n_ff: int = N_FF, matmul_type: Q = Q.Q4_1, embd_type: Q = Q.Q8_0) -> Path:
+    """`n_embd`, `n_ff` and the types let tests make variants, e.g. an all-F32 model whose rows suit 256-blocks."""
+    N_EMBD, N_FF = n_embd, n_ff  # noqa: N806  (the module's defaults, overridable)
     reader = GGUFReader(tokenizer_source)
     writer = GGUFWriter(path, "llama")
     writer.add_name("sweep-tiny-test")
@@ -52,19 +55,19 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         else:
             writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
-    add("token_embd.weight", (n_vocab, N_EMBD), Q.Q8_0, scale=0.05)
+    add("token_embd.weight", (n_vocab, N_EMBD), embd_type, scale=0.05)
     add("output_norm.weight", (N_EMBD,), Q.F32, scale=0.1, offset=1.0)
     kv = N_EMBD // N_HEAD * N_HEAD_KV
     for i in range(N_LAYERS):
         add(f"blk.{i}.attn_norm.weight", (N_EMBD,), Q.F32, scale=0.1, offset=1.0)
-        add(f"blk.{i}.attn_q.weight", (N_EMBD, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.attn_k.weight", (kv, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.attn_v.weight", (kv, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.attn_output.weight", (N_EMBD, N_EMBD), Q.Q4_1)
+        add(f"blk.{i}.attn_q.weight", (N_EMBD, N_EMBD), matmul_type)
+        add(f"blk.{i}.attn_k.weight", (kv, N_EMBD), matmul_type)
+        add(f"blk.{i}.attn_v.weight", (kv, N_EMBD), matmul_type)
+        add(f"blk.{i}.attn_output.weight", (N_EMBD, N_EMBD), matmul_type)
         add(f"blk.{i}.ffn_norm.weight", (N_EMBD,), Q.F32, scale=0.1, offset=1.0)
-        add(f"blk.{i}.ffn_gate.weight", (N_FF, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.ffn_up.weight", (N_FF, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.ffn_down.weight", (N_EMBD, N_FF), Q.Q4_1)
+        add(f"blk.{i}.ffn_gate.weight", (N_FF, N_EMBD), matmul_type)
+        add(f"blk.{i}.ffn_up.weight", (N_FF, N_EMBD), matmul_type)
+        add(f"blk.{i}.ffn_down.weight", (N_EMBD, N_FF), matmul_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
