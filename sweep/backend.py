@@ -94,8 +94,9 @@ ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
 class Backend:
     """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
 
-    # When set, called with a `MatMul` (end of this module) for every MUL_MAT / MUL_MAT_ID node once computed.
-    matmul_observer: Callable[[MatMul], None] | None = None
+    # When set: `wants(MatMul without data)` is asked for every MUL_MAT / MUL_MAT_ID node before it is scheduled,
+    # and the observer is called with the `MatMul` (end of this module) of each wanted node once computed.
+    matmul_observer = None
 
     def __init__(self, path: Path, n_ctx: int, n_threads: int, writable_weights: bool = False,
                  n_gpu_layers: int = 0):
@@ -268,10 +269,14 @@ class Backend:
                         sname = src.contents.name.decode("utf-8", "replace")
                         if _WEIGHT_NAME.match(sname):
                             self._weights[sname] = ctypes.addressof(src.contents)
-            return name in self.hooked_nodes or (self.matmul_observer is not None and t.op in _MATMUL_OPS)
+            observe = self.matmul_observer is not None and t.op in _MATMUL_OPS \
+                and self.matmul_observer.wants(_matmul(t, with_data=False))
+            return name in self.hooked_nodes or observe
         try:
             if self.matmul_observer is not None and t.op in _MATMUL_OPS:
-                self.matmul_observer(_matmul(t))
+                m = _matmul(t, with_data=False)
+                if self.matmul_observer.wants(m):
+                    self.matmul_observer(_matmul(t))
             self._run_hook(t_ptr, t, name)
         except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later
             self.hook_error = e
@@ -525,7 +530,8 @@ class MatMul:
     weight: str  # src[0]'s name, e.g. "blk.3.ffn_down.weight"
     weight_ne: tuple[int, int, int, int]  # src[0]->ne
     x_ne: tuple[int, int, int, int]  # src[1]->ne (the input activations)
-    x: np.ndarray | None  # src[1] as float32 of numpy shape (ne3, ne2, ne1, ne0); None when src[1] is not F32
+    x_is_f32: bool  # src[1]->type == F32
+    x: np.ndarray | None  # src[1] as float32 of numpy shape (ne3, ne2, ne1, ne0) (None: not F32, or not read)
     ids: np.ndarray | None  # MUL_MAT_ID: src[2], the expert ids, int32 of shape (ne1, ne0) = (n_tokens, n_ids)
 
 
@@ -541,11 +547,12 @@ def _strided(t: GGMLTensor, dtype) -> np.ndarray:
                                            strides=tuple(reversed(nb))).copy()
 
 
-def _matmul(t: GGMLTensor) -> MatMul:
+def _matmul(t: GGMLTensor, with_data: bool = True) -> MatMul:
     w, x = t.src[0].contents, t.src[1].contents
-    ids = _strided(t.src[2].contents, np.int32)[0, 0] if t.op == GGML_OP_MUL_MAT_ID else None
+    f32 = x.type == GGML_TYPE_F32
+    ids = _strided(t.src[2].contents, np.int32)[0, 0] if with_data and t.op == GGML_OP_MUL_MAT_ID else None
     return MatMul(int(t.op), w.name.decode("utf-8", "replace"), tuple(int(n) for n in w.ne),
-                  tuple(int(n) for n in x.ne), _strided(x, np.float32) if x.type == GGML_TYPE_F32 else None, ids)
+                  tuple(int(n) for n in x.ne), f32, _strided(x, np.float32) if with_data and f32 else None, ids)
 
 
 class _GGUFInitParams(ctypes.Structure):
