@@ -48,7 +48,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     stop = stop_rule(cfg.metrics)
     key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
-                    layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
+                    layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                     prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
                     **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}))
@@ -74,6 +74,11 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         write_record(job_dir / RECORD_FILE, rec)
     print(describe(rec) + (" [stored]" if reused else ""), flush=True)
     return rec
+
+
+def fmt_key(fmt) -> dict:
+    """The format's part of a point's key; `imatrix` only when set, so that keys of other formats stay as before."""
+    return {k: v for k, v in asdict(fmt).items() if k != "imatrix" or v is not None}
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

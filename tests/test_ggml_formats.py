@@ -154,3 +154,29 @@ def test_storage_and_labels():
     assert s["bytes"] == 192 * 576 // 32 * 34 and s["bytes_orig"] == 192 * 576 // 32 * 20
     assert make_format("q4_K", imatrix="x.gguf").label == "q4_K/imatrix"
     assert make_format("bf16", imatrix="x.gguf").imatrix is None  # unused parameters reset
+
+
+def test_sweep_records_fallback_and_sizes_and_refuses_misuse(tiny_model, tmp_path, env):
+    """End to end on the tiny model (rows of 64 and 128: every 256-block type falls back)."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from test_sweep import ROOT, run_sweep, tiny_args
+
+    proc = run_sweep(tiny_args(tiny_model, tmp_path, "layer=0", "tensor=ffn_down", "kind=weight", "fmt=q4_0,q4_K",
+                               "metrics.generate=false"), env)
+    assert "L0 q4_K (stored as q5_0: q4_K's block does not divide the rows)" in proc.stdout
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet").set_index("fmt")
+    assert df.loc["q4_K", "ggml_type"] == "q5_0" and df.loc["q4_K", "fallback_from"] == "q4_K"
+    assert df.loc["q4_0", "ggml_type"] == "q4_0" and pd.isna(df.loc["q4_0", "fallback_from"])
+    assert df.loc["q4_0", "bpw"] == 4.5 and df.loc["q4_K", "bpw"] == 5.5 and (df["bpw_orig"] == 5.0).all()
+    assert df.loc["q4_0", "bytes"] == 64 * 128 // 32 * 18 and (df["bytes_orig"] == 64 * 128 // 32 * 20).all()
+    assert df.loc["q4_0", "kld_per_bit_saved"] == pytest.approx(df.loc["q4_0", "kld_mean"] / 0.5)
+    assert pd.isna(df.loc["q4_K", "kld_per_bit_saved"])  # 5.5 bits: nothing saved against Q4_1
+    for axes, message in ((["kind=activation", "tensor=ffn_out", "fmt=q4_K"], "cannot round activations"),
+                          (["kind=weight", "tensor=ffn_down", "fmt=iq2_xxs"], "python -m sweep.imatrix")):
+        bad = subprocess.run([sys.executable, "-m", "sweep", *tiny_args(tiny_model, tmp_path, "layer=0", *axes)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert bad.returncode == 2 and message in bad.stderr and bad.stderr.startswith("error: "), bad.stderr[-2000:]
