@@ -16,6 +16,7 @@ Activations cannot take these types: llama.cpp quantizes activations only inside
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +130,7 @@ def fake_quant(x: np.ndarray, fmt, tensor: str | None = None, threads: int | Non
         where = f" has no entry for {tensor}" if fmt.imatrix else " was given"
         raise SweepError(f"{fmt.name} needs an importance matrix and none{where}: add fmt.imatrix=PATH (a llama.cpp "
                          f"imatrix file; make one with `python -m sweep.imatrix out=PATH`)")
-    n = threads or len(__import__("os").sched_getaffinity(0))
+    n = threads or len(os.sched_getaffinity(0))
     shape = x.shape if x.ndim else (1,)
     data = backend.ggml_quantize(x.reshape(shape), got.type_id, imat, n)
     return backend.ggml_dequantize(data, got.type_id, shape, n).reshape(x.shape)
@@ -143,6 +144,10 @@ def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> 
     if is_ggml(fmt.name):
         got, asked = type_for_rows(fmt.name, n_per_row)
         info.update(ggml_type=got.name, fallback_from=asked, bytes=n // got.block_size * got.type_size)
+        if fmt.imatrix:  # a tensor the imatrix does not cover is quantized without one, as llama.cpp does: say so
+            from .imatrix_file import load
+
+            info["imatrix_used"] = tensor in load(fmt.imatrix)
     else:
         bits = _NOMINAL_BITS.get(fmt.name)
         if fmt.name == "none" or bits is None:

@@ -191,6 +191,8 @@ def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
     out = {"ggml_type": ",".join(used) or None, "fallback_from": ",".join(fallback) or None,
            "bytes": sum(s["bytes"] for s in storage)}
     out["bpw"] = 8 * out["bytes"] / n
+    if any("imatrix_used" in s for s in storage):
+        out["imatrix_used"] = all(s.get("imatrix_used", False) for s in storage)
     if all("bytes_orig" in s for s in storage):
         out["bytes_orig"] = sum(s["bytes_orig"] for s in storage)
         out["bpw_orig"] = 8 * out["bytes_orig"] / n
@@ -204,6 +206,8 @@ def describe(rec: dict) -> str:
     head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']} {rec['fmt']}"
     if rec.get("fallback_from"):  # llama.cpp's fallback for rows its block does not divide: never silent
         head += f" (stored as {rec['ggml_type']}: {rec['fallback_from']}'s block does not divide the rows)"
+    if rec.get("imatrix_used") is False:
+        head += " (the imatrix has no entry for it: quantized without)"
     if rec.get("bpw") is not None and not math.isnan(rec["bpw"]):
         head += f" [{rec['bpw']:.3g} bpw" + (f" vs {rec['bpw_orig']:.3g}]" if rec.get("bpw_orig") else "]")
     if rec["status"] in ("no-op", "failed", "diverged"):

@@ -147,7 +147,10 @@ def test_rows_split_over_threads_change_nothing():
         assert np.array_equal(be.ggml_quantize(x, t, None, 1), be.ggml_quantize(x, t, None, 4))
 
 
-def test_storage_and_labels():
+def test_storage_and_labels(importance):
+    with_imatrix = make_format("q4_K", imatrix=str(importance[0]))
+    assert ggml_formats.storage(with_imatrix, TENSORS[0], (384, 256), "F32")["imatrix_used"] is True
+    assert ggml_formats.storage(with_imatrix, "token_embd.weight", (10, 256), "F32")["imatrix_used"] is False
     fmt = make_format("q6_K")
     s = ggml_formats.storage(fmt, "blk.0.attn_v.weight", (192, 576), "Q4_1")
     assert (s["ggml_type"], s["fallback_from"]) == ("q8_0", "q6_K")
