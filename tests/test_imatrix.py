@@ -85,3 +85,21 @@ def test_bad_imatrix_files(tmp_path):
     (tmp_path / "junk.dat").write_bytes(b"\x00\x00\x00\x00")
     with pytest.raises(SweepError, match="no entries"):
         read(tmp_path / "junk.dat")
+
+
+def test_cli_writes_an_imatrix_the_sweep_reads(tiny_model, tmp_path, env):
+    import subprocess
+    import sys
+
+    from test_sweep import ROOT
+
+    out = tmp_path / "tiny.imatrix.gguf"
+    proc = subprocess.run([sys.executable, "-m", "sweep.imatrix", f"model.path={tiny_model}", "data.n_ctx=64",
+                           "data.n_chunks=2", "run.progress=false", f"out={out}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    im = read(out)
+    assert (im.chunk_count, im.chunk_size, len(im.sums)) == (2, 64, 21)
+    assert all(c.tolist() == [128] for c in im.counts.values())
+    assert all((v > 0).all() for v in load(out).values())
