@@ -369,7 +369,8 @@ class Backend:
 
 # enum ggml_op in ggml.h of that version: NONE = 0, DUP, ADD, ADD_ID, ADD1, ACC, SUB, MUL, DIV, SQR, SQRT, LOG, SIN,
 # COS, SUM, SUM_ROWS, CUMSUM, MEAN, ARGMAX, COUNT_EQUAL, REPEAT, REPEAT_BACK, CONCAT, SILU_BACK, NORM, RMS_NORM,
-# RMS_NORM_BACK, GROUP_NORM, L2_NORM, MUL_MAT (29), MUL_MAT_ID (30). tests/test_ggml_formats.py re-reads the header.
+# RMS_NORM_BACK, GROUP_NORM, L2_NORM, MUL_MAT (29), MUL_MAT_ID (30); tests/test_ggml_formats.py checks them with
+# ggml_op_name().
 GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30
 GGML_TYPE_COUNT = 43  # enum ggml_type's GGML_TYPE_COUNT in that ggml.h
 
