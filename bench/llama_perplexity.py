@@ -18,26 +18,30 @@ from pathlib import Path
 CACHE = Path(os.environ.get("SWEEP_CACHE") or Path.home() / ".cache" / "sweep") / "llama-perplexity"
 
 
-def build(cache: Path = CACHE) -> Path:
-    """Path of a llama-perplexity binary built from llama-cpp-python's source package (about 5 minutes once)."""
+def build(cache: Path = CACHE, targets: tuple[str, ...] = ("llama-perplexity",)) -> Path:
+    """Path of the first of `targets` (llama.cpp tools: llama-perplexity, llama-imatrix, llama-quantize), built from
+    llama-cpp-python's source package into one shared build tree (about 5-15 minutes once; later targets reuse it)."""
     ver = version("llama-cpp-python")
-    binary = cache / ver / "build" / "bin" / "llama-perplexity"
-    if binary.exists():
-        return binary
+    binaries = [cache / ver / "build" / "bin" / t for t in targets]
+    if all(b.exists() for b in binaries):
+        return binaries[0]
     src = cache / ver
     src.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={ver}", "-d", str(src)], check=True)
-    archive = next(src.glob("llama_cpp_python-*.tar.gz"))
-    with tarfile.open(archive) as tar:
-        tar.extractall(src, filter="data")
+    if not any(src.glob("llama_cpp_python-*/vendor/llama.cpp")):
+        if not any(src.glob("llama_cpp_python-*.tar.gz")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            f"llama-cpp-python=={ver}", "-d", str(src)], check=True)
+        archive = next(src.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(src, filter="data")
     llama = next(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    subprocess.run(["cmake", "-S", str(llama), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-                   check=True)
-    subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-perplexity",
+    if not (src / "build" / "CMakeCache.txt").exists():
+        subprocess.run(["cmake", "-S", str(llama), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_SERVER=OFF"], check=True)
+    subprocess.run(["cmake", "--build", str(src / "build"), "--target", *targets,
                     "-j", str(os.cpu_count() or 2)], check=True)
-    return binary
+    return binaries[0]
 
 
 def find(path: str | None) -> Path:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .formats import Format
+from .ggml_formats import storage
 from .targets import Target
 
 
@@ -27,6 +28,8 @@ class Proof:
     max_abs_err: float = 0.0
     n_overflow: int = 0  # finite inputs the format turned into inf/NaN
     hook_calls: int = 0  # weights: tensors written; activations: times the hook rounded a node
+    # weights: per tensor, what it occupies in the format (type actually used, fallback, bytes; ggml_formats.storage)
+    storage: list = field(default_factory=list)
 
     def add(self, before: np.ndarray, after: np.ndarray) -> None:
         b, a = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
@@ -71,10 +74,11 @@ class Proof:
 
 
 @contextmanager
-def applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
-    """Within the block, `backend` computes with `fmt` applied to `target`; afterwards it is as before."""
+def applied(backend, target: Target, fmt: Format, orig_types: dict[str, str] | None = None) -> Iterator[Proof]:
+    """Within the block, `backend` computes with `fmt` applied to `target`; afterwards it is as before.
+    `orig_types`: the weights' types in the user's file (GGUF names), for the storage figures of the proof."""
     if target.kind == "weight":
-        with _weights_applied(backend, target, fmt) as proof:
+        with _weights_applied(backend, target, fmt, orig_types or {}) as proof:
             yield proof
     else:
         with _activations_applied(backend, target, fmt) as proof:
@@ -82,14 +86,15 @@ def applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
 
 
 @contextmanager
-def _weights_applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
+def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str, str]) -> Iterator[Proof]:
     proof, originals = Proof(), {}
     try:
         for name in target.names:
             original = backend.read_weight(name)
             originals[name] = original
-            rounded = fmt(original)
+            rounded = fmt(original, tensor=name, threads=backend.n_threads)
             proof.add(original, rounded)
+            proof.storage.append(storage(fmt, name, original.shape, orig_types.get(name)))
             backend.write_weight(name, rounded)
         yield proof
     finally:  # restore exactly, so the loaded model serves the next point unchanged

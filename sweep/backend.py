@@ -148,6 +148,10 @@ ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
 class Backend:
     """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
 
+    # When set: `wants(MatMul without data)` is asked for every MUL_MAT / MUL_MAT_ID node before it is scheduled,
+    # and the observer is called with the `MatMul` (end of this module) of each wanted node once computed.
+    matmul_observer = None
+
     def __init__(self, path: Path, n_ctx: int, n_threads: int, *, settings: ComputeSettings,
                  writable_weights: bool = False):
         _init_once()
@@ -338,9 +342,16 @@ class Backend:
                         sname = src.contents.name.decode("utf-8", "replace")
                         if _WEIGHT_NAME.match(sname):
                             self._weights[sname] = ctypes.addressof(src.contents)
-            return (name, index) in self.hooked_nodes
+            observe = self.matmul_observer is not None and t.op in _MATMUL_OPS \
+                and self.matmul_observer.wants(_matmul(t, with_data=False))
+            return (name, index) in self.hooked_nodes or observe
         try:
-            self._run_hook(t_ptr, t, name)
+            if self.matmul_observer is not None and t.op in _MATMUL_OPS:
+                m = _matmul(t, with_data=False)
+                if self.matmul_observer.wants(m):
+                    self.matmul_observer(_matmul(t))
+            if (name, self._seen[name] - 1) in self.hooked_nodes:  # the node just asked for is this one
+                self._run_hook(t_ptr, t, name)
         except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later
             self.hook_error = e
             return False
@@ -421,3 +432,240 @@ class Backend:
             self.close()
         except Exception:
             pass
+
+
+# =================================================================================================================
+# GGUF quant types through ggml's own code (module-level; used by sweep/ggml_formats.py, sweep/imatrix.py, tests).
+# Nothing here re-implements a quantizer: rows go through `ggml_quantize_chunk` and back through the type traits'
+# `to_float` of the libggml that llama_cpp loads; whole files through llama.cpp's `llama_model_quantize`.
+# Signatures: ggml/include/ggml.h and include/llama.h of the llama.cpp vendored by llama-cpp-python 0.3.36.
+# =================================================================================================================
+
+# enum ggml_op in ggml.h of that version: NONE = 0, DUP, ADD, ADD_ID, ADD1, ACC, SUB, MUL, DIV, SQR, SQRT, LOG, SIN,
+# COS, SUM, SUM_ROWS, CUMSUM, MEAN, ARGMAX, COUNT_EQUAL, REPEAT, REPEAT_BACK, CONCAT, SILU_BACK, NORM, RMS_NORM,
+# RMS_NORM_BACK, GROUP_NORM, L2_NORM, MUL_MAT (29), MUL_MAT_ID (30); tests/test_ggml_formats.py checks them with
+# ggml_op_name().
+GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30
+GGML_TYPE_COUNT = 43  # enum ggml_type's GGML_TYPE_COUNT in that ggml.h
+
+
+class _GGMLTypeTraits(ctypes.Structure):
+    """`struct ggml_type_traits` (ggml.h)."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+_FloatPtr = ctypes.POINTER(ctypes.c_float)
+
+for _fn, _args, _res in [
+    ("ggml_quantize_chunk", [ctypes.c_int, _FloatPtr, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64, _FloatPtr], ctypes.c_size_t),
+    ("ggml_quantize_init", [ctypes.c_int], None),
+    ("ggml_quantize_requires_imatrix", [ctypes.c_int], ctypes.c_bool),
+    ("ggml_get_type_traits", [ctypes.c_int], ctypes.POINTER(_GGMLTypeTraits)),
+    ("ggml_row_size", [ctypes.c_int, ctypes.c_int64], ctypes.c_size_t),
+    ("ggml_blck_size", [ctypes.c_int], ctypes.c_int64),
+    ("ggml_type_size", [ctypes.c_int], ctypes.c_size_t),
+    ("ggml_type_name", [ctypes.c_int], ctypes.c_char_p),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+def ggml_type_facts(type_id: int) -> dict:
+    """What ggml says about one type: name, block size, bytes per block, quantized, needs an imatrix in ggml."""
+    tr = libggml.ggml_get_type_traits(type_id).contents
+    return {"name": (tr.type_name or b"").decode(), "block_size": int(tr.blck_size), "type_size": int(tr.type_size),
+            "is_quantized": bool(tr.is_quantized), "has_to_float": bool(tr.to_float),
+            "ggml_requires_imatrix": bool(libggml.ggml_quantize_requires_imatrix(type_id))}
+
+
+def ggml_row_size(type_id: int, n_per_row: int) -> int:
+    return int(libggml.ggml_row_size(type_id, n_per_row))
+
+
+def _row_spans(n_rows: int, n_threads: int) -> list[tuple[int, int]]:
+    n = max(1, min(n_threads, n_rows))
+    edges = np.linspace(0, n_rows, n + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _parallel(spans, work) -> None:
+    """Run work(a, b) for every span, on threads (ctypes releases the GIL inside ggml's C code)."""
+    if len(spans) == 1:
+        work(*spans[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(spans)) as pool:
+        for f in [pool.submit(work, a, b) for a, b in spans]:
+            f.result()
+
+
+def ggml_quantize(x: np.ndarray, type_id: int, imatrix: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+    """The bytes of `x` (float32, rows = last axis) stored as ggml type `type_id`: `ggml_quantize_chunk` on row
+    spans split across `n_threads` threads. Every ggml quantizer works row by row, so the split changes nothing.
+    `imatrix`: one importance value per column, or shape (n_mat, n_per_row) for a stack of n_mat matrices (rows of
+    matrix m use imatrix[m], as llama.cpp's quantizer does for expert tensors)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_per_row = x.shape[-1] if x.ndim else 1
+    n_rows = x.size // n_per_row
+    if n_per_row % libggml.ggml_blck_size(type_id):
+        raise SweepError(f"rows of {n_per_row} are not a multiple of {ggml_type_facts(type_id)['name']}'s block "
+                         f"of {libggml.ggml_blck_size(type_id)}")
+    imat = None
+    if imatrix is not None:
+        imat = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1, n_per_row)
+        if n_rows % imat.shape[0]:
+            raise SweepError(f"importance matrix of {imat.shape[0]} x {n_per_row} does not fit {n_rows} rows")
+    elif libggml.ggml_quantize_requires_imatrix(type_id):  # ggml would abort the process
+        raise SweepError(f"{ggml_type_facts(type_id)['name']} cannot be quantized without an importance matrix")
+    row_size = ggml_row_size(type_id, n_per_row)
+    out = np.empty(n_rows * row_size, dtype=np.uint8)
+    rows_per_mat = n_rows // imat.shape[0] if imat is not None else n_rows
+    libggml.ggml_quantize_init(type_id)  # thread-safe, but initialise once before the threads
+    src, dst = x.reshape(n_rows, n_per_row), out.reshape(n_rows, row_size)
+
+    def work(a: int, b: int) -> None:
+        while a < b:  # never cross a matrix boundary: each matrix has its own importance row
+            end = min(b, (a // rows_per_mat + 1) * rows_per_mat)
+            imp = imat[a // rows_per_mat].ctypes.data_as(_FloatPtr) if imat is not None else None
+            libggml.ggml_quantize_chunk(type_id, src[a:end].ctypes.data_as(_FloatPtr), dst[a:end].ctypes.data,
+                                        0, end - a, n_per_row, imp)
+            a = end
+
+    _parallel(_row_spans(n_rows, n_threads), work)
+    return out
+
+
+def ggml_dequantize(data: np.ndarray, type_id: int, shape: tuple[int, ...], n_threads: int = 1) -> np.ndarray:
+    """float32 array of `shape` from ggml type `type_id` bytes, through the type traits' `to_float`."""
+    n_per_row = shape[-1] if shape else 1
+    n_rows = int(np.prod(shape)) // n_per_row
+    row_size = ggml_row_size(type_id, n_per_row)
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(n_rows, row_size)
+    if type_id == GGML_TYPE_F32:
+        return data.view(np.float32).reshape(shape).copy()
+    to_float = _TO_FLOAT(libggml.ggml_get_type_traits(type_id).contents.to_float)
+    out = np.empty((n_rows, n_per_row), dtype=np.float32)
+
+    def work(a: int, b: int) -> None:
+        to_float(data[a:b].ctypes.data, out[a:b].ctypes.data_as(_FloatPtr), (b - a) * n_per_row)
+
+    _parallel(_row_spans(n_rows, n_threads), work)
+    return out.reshape(shape)
+
+
+def llama_quantize_file(src: Path, dst: Path, overrides: list[tuple[str, int]], ftype: int = 7, pure: bool = True,
+                        imatrix: dict[str, np.ndarray] | None = None, n_threads: int = 1) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`, what llama-quantize runs) from `src` to `dst`, with
+    per-tensor type overrides (regex pattern -> ggml type, first match wins) and importance data per tensor name
+    (the values llama-quantize passes: sums / counts). The overrides apply only when `ftype` is a quantized type
+    (default 7 = LLAMA_FTYPE_MOSTLY_Q8_0); with `pure`, a final (".*", F32) keeps every other tensor F32."""
+    _init_once()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.ftype, params.pure = n_threads, ftype, pure
+    keep = []  # the C side reads these during the call: keep them referenced
+    tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (pattern, type_id) in enumerate(overrides):
+        keep.append(pattern.encode())
+        tt[i].pattern, tt[i].type = keep[-1], type_id
+    tt[len(overrides)].pattern = None
+    params.tt_overrides = tt
+    if imatrix:
+        im = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            v = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [name.encode(), v]
+            im[i].name, im[i].data, im[i].size = keep[-2], v.ctypes.data_as(_FloatPtr), v.size
+        im[len(imatrix)].name = None
+        params.imatrix = im
+    _recent_errors.clear()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        why = _recent_errors[-1] if _recent_errors else "see llama.cpp's log"
+        raise SweepError(f"llama_model_quantize failed ({rc}) on {src}: {why}")
+
+
+_MATMUL_OPS = (GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID)
+
+
+@dataclass
+class MatMul:
+    """One computed matrix multiplication, as an importance-matrix collector sees it (llama-imatrix's view)."""
+
+    op: int  # GGML_OP_MUL_MAT or GGML_OP_MUL_MAT_ID
+    weight: str  # src[0]'s name, e.g. "blk.3.ffn_down.weight"
+    weight_ne: tuple[int, int, int, int]  # src[0]->ne
+    x_ne: tuple[int, int, int, int]  # src[1]->ne (the input activations)
+    x_is_f32: bool  # src[1]->type == F32
+    x: np.ndarray | None  # src[1] as float32 of numpy shape (ne3, ne2, ne1, ne0) (None: not F32, or not read)
+    ids: np.ndarray | None  # MUL_MAT_ID: src[2], the expert ids, int32 of shape (ne1, ne0) = (n_tokens, n_ids)
+
+
+def _strided(t: GGMLTensor, dtype) -> np.ndarray:
+    """A tensor's data through ggml_backend_tensor_get, viewed with its own strides (views are not contiguous)."""
+    ptr = ctypes.byref(t)
+    raw = np.empty(libggml.ggml_nbytes(ptr), dtype=np.uint8)
+    libggml.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, raw.nbytes)
+    ne, nb = [int(n) for n in t.ne], [int(n) for n in t.nb]
+    if nb[0] != np.dtype(dtype).itemsize:
+        raise SweepError(f"tensor {t.name.decode()!r}: elements are not adjacent (nb[0] = {nb[0]})")
+    return np.lib.stride_tricks.as_strided(raw.view(dtype), shape=tuple(reversed(ne)),
+                                           strides=tuple(reversed(nb))).copy()
+
+
+def _matmul(t: GGMLTensor, with_data: bool = True) -> MatMul:
+    w, x = t.src[0].contents, t.src[1].contents
+    f32 = x.type == GGML_TYPE_F32
+    ids = _strided(t.src[2].contents, np.int32)[0, 0] if with_data and t.op == GGML_OP_MUL_MAT_ID else None
+    return MatMul(int(t.op), w.name.decode("utf-8", "replace"), tuple(int(n) for n in w.ne),
+                  tuple(int(n) for n in x.ne), f32, _strided(x, np.float32) if with_data and f32 else None, ids)
+
+
+class _GGUFInitParams(ctypes.Structure):
+    """`struct gguf_init_params` (ggml/include/gguf.h)."""
+
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+for _fn, _args, _res in [
+    ("gguf_init_from_file", [ctypes.c_char_p, _GGUFInitParams], ctypes.c_void_p),
+    ("gguf_free", [ctypes.c_void_p], None),
+    ("gguf_find_tensor", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
+    ("gguf_get_data_offset", [ctypes.c_void_p], ctypes.c_size_t),
+    ("gguf_get_tensor_offset", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+    ("gguf_get_tensor_ne", [ctypes.c_void_p, ctypes.c_int64], ctypes.POINTER(ctypes.c_int64)),
+    ("gguf_get_tensor_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+    ("gguf_get_tensor_size", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+def read_gguf_tensor(path: Path, name: str) -> tuple[int, tuple[int, ...], np.ndarray]:
+    """(ggml type, numpy shape, stored bytes) of one tensor of a GGUF file, through ggml's own gguf reader (it
+    knows every type this llama.cpp writes; the Python `gguf` package may lag behind)."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        tid = libggml.gguf_find_tensor(ctx, name.encode())
+        if tid < 0:
+            raise SweepError(f"{path} has no tensor {name!r}")
+        offset = libggml.gguf_get_data_offset(ctx) + libggml.gguf_get_tensor_offset(ctx, tid)
+        size = libggml.gguf_get_tensor_size(ctx, tid)
+        ne = libggml.gguf_get_tensor_ne(ctx, tid)
+        shape = tuple(int(ne[i]) for i in range(GGML_MAX_DIMS))
+        type_id = int(libggml.gguf_get_tensor_type(ctx, tid))
+    finally:
+        libggml.gguf_free(ctx)
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return type_id, tuple(reversed(shape)), np.fromfile(path, dtype=np.uint8, count=size, offset=offset)

@@ -31,6 +31,7 @@ class FormatConfig:
     granularity: str = "per_row"
     group_size: int = 32
     scaled: bool = True  # fp8 only: scaled (amax scale, the default) or a plain cast
+    imatrix: Optional[str] = None  # GGUF quant types: a llama.cpp imatrix file (GGUF or legacy .dat)
 
 
 DEFAULT_PROMPTS = ("What is the capital of France?",

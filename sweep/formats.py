@@ -17,6 +17,8 @@ format; the input is never modified. Make one with `make_format(name, **params)`
   int4      symmetric per group: scale = amax/7, q in [-7, 7]             group_size
   mxfp4     OCP MX: e2m1 elements (max 6), per group one power-of-two     group_size (the MX spec uses 32)
             scale X = 2**(floor(log2(amax)) - 2)
+  q8_0 ... GGUF quant types, weights only: ggml's own quantizer and       imatrix (a llama.cpp imatrix file)
+            dequantizer (see sweep/ggml_formats.py for the list)
 
 Policies
 - Rounding is round-half-to-even everywhere (np.rint, and ml_dtypes'/numpy's casts).
@@ -50,6 +52,7 @@ from dataclasses import dataclass, fields, replace
 import ml_dtypes
 import numpy as np
 
+from . import ggml_formats
 from .errors import SweepError
 
 GRANULARITIES = ("per_tensor", "per_row", "per_token")
@@ -65,12 +68,14 @@ class Format:
     granularity: str | None = None  # int8 and scaled fp8; None: the format's default (_DEFAULT_GRANULARITY)
     group_size: int = 32  # int4 / mxfp4
     scaled: bool = True  # fp8: scaled (amax -> format max, the default) or a plain saturating cast
+    imatrix: str | None = None  # GGUF quant types: llama.cpp importance-matrix file
 
     def __post_init__(self):
         if self.granularity is None:
             object.__setattr__(self, "granularity", _DEFAULT_GRANULARITY.get(self.name, "per_row"))
-        if not isinstance(self.name, str) or self.name not in FORMATS:
-            raise SweepError(f"unknown format {self.name!r}; valid formats: {', '.join(FORMATS)}")
+        if not isinstance(self.name, str) or (self.name not in FORMATS and not ggml_formats.is_ggml(self.name)):
+            raise SweepError(f"unknown format {self.name!r}; valid formats: {', '.join(FORMATS)}, "
+                             f"and the GGUF quant types {', '.join(ggml_formats.TYPES)}")
         if self.granularity not in GRANULARITIES:
             raise SweepError(
                 f"unknown granularity {self.granularity!r} for format {self.name}; "
@@ -84,11 +89,17 @@ class Format:
             )
         if not isinstance(self.scaled, (bool, np.bool_)):
             raise SweepError(f"bad scaled {self.scaled!r} for format {self.name}; valid: true or false")
+        if self.imatrix is not None and (not isinstance(self.imatrix, str) or not self.imatrix):
+            raise SweepError(f"bad imatrix {self.imatrix!r} for format {self.name}; valid: the path of a llama.cpp "
+                             f"imatrix file")
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
+        """`tensor` (the GGUF name) and `threads` matter only to the GGUF quant types (importance matrix, speed)."""
         x = np.array(x, dtype=np.float32)  # always a copy: the caller's array is never modified
         if x.size == 0:
             return x
+        if ggml_formats.is_ggml(self.name):
+            return ggml_formats.fake_quant(x, self, tensor, threads)
         return FORMATS[self.name](x, self)
 
     @property
@@ -99,6 +110,8 @@ class Format:
             return f"{self.name}/scaled/{self.granularity}" if self.scaled else f"{self.name}/unscaled"
         if self.name in ("int4", "mxfp4"):
             return f"{self.name}/g{self.group_size}"
+        if self.imatrix:
+            return f"{self.name}/imatrix"
         return self.name
 
 
@@ -205,6 +218,8 @@ def _uses(fmt: Format) -> set[str]:
         return {"scaled", "granularity"} if fmt.scaled else {"scaled"}
     if fmt.name in ("int4", "mxfp4"):
         return {"group_size"}
+    if ggml_formats.is_ggml(fmt.name):
+        return {"imatrix"}
     return set()
 
 

@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from . import config  # noqa: F401  (registers the schemas)
+from . import ggml_formats
 from .container import CONTAINERS, compute_settings
 from .errors import SweepError
 from .formats import make_format
@@ -125,6 +126,7 @@ class _Checker:
         if not target.token_rows and make_format(**{**asdict(fmt), "granularity": "per_tensor"}) != fmt:
             raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
+        ggml_formats.preflight(fmt, cfg.kind, target.names)
 
 
 def plan(overrides: list[str]) -> Plan:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .container import compute_settings, runtime_identity
 from .formats import make_format
 from .gencheck import generation_mode
+from .model_file import sha256
 from .metrics import StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
 from .reference import load_inputs, open_reference
@@ -51,9 +52,10 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     generate_here = generation_mode(cfg.metrics.generate) is None
     key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
-                    layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
+                    layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                     prompts=list(cfg.metrics.prompts) if generate_here else [],
                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
+                    **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
     # Not in the key: metrics.baseline_logits (store and recompute give the same numbers, tests/test_vocab.py), like
     # run.threads; the record says which was used.
@@ -80,6 +82,11 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         write_record(job_dir / RECORD_FILE, rec)
     print(describe(rec) + (" [stored]" if reused else ""), flush=True)
     return rec
+
+
+def fmt_key(fmt) -> dict:
+    """The format's part of a point's key; `imatrix` only when set, so that keys of other formats stay as before."""
+    return {k: v for k, v in asdict(fmt).items() if k != "imatrix" or v is not None}
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

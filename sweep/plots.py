@@ -128,6 +128,26 @@ def proxy_scatter(df: pd.DataFrame, metric: str = "kld_mean") -> tuple[plt.Figur
     return fig, rho
 
 
+def size_tradeoff(df: pd.DataFrame, metric: str = "kld_mean") -> plt.Figure:
+    """Damage against storage (bits per weight of the target, e.g. GGUF types): one marker per point, a colour per
+    format, with the original file's bits per weight as a dashed line (bits saved lie to its left)."""
+    ok = df[(df["status"] == "ok") & df["bpw"].notna() & df[metric].notna()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fmt, rows in ok.groupby("fmt", sort=True):
+        ax.scatter(rows["bpw"], rows[metric], s=14, label=fmt)
+    if "bpw_orig" in ok and ok["bpw_orig"].notna().any():
+        for bpw in ok["bpw_orig"].dropna().unique():
+            ax.axvline(bpw, color="grey", ls="--", lw=0.8)
+    if metric == "kld_mean" and len(ok) and (ok[metric] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight of the target (dashed: original file)")
+    ax.set_ylabel(metric)
+    ax.set_title("damage vs. size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def top_table(df: pd.DataFrame, metric: str = "delta_ppl", n: int = 15) -> pd.DataFrame:
     return ranking(df, metric, n)
 
@@ -143,6 +163,8 @@ def write_all(df: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
         figures["heatmap_kld.png"] = heatmaps(df, "kld_mean")
         figures["proxy_sqnr_vs_kld.png"] = proxy_scatter(df, "kld_mean")[0]
     figures["proxy_sqnr_vs_delta_ppl.png"] = proxy_scatter(df, "delta_ppl")[0]
+    if "bpw" in df and df["bpw"].notna().any():
+        figures["size_vs_damage.png"] = size_tradeoff(df, "kld_mean" if "kld_mean" in df else "delta_ppl")
     written = []
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)

@@ -185,7 +185,8 @@ def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "delta_nll_p", "delta_nll_q",
-            "significant", "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db"]
+            "significant", "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
+            "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved"]  # the last: GGUF-type points
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
     return out if top is None else out.head(top)

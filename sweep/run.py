@@ -116,7 +116,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             else {}
         expected = baseline_completions(backend, tuple(prompts), max_new_tokens) if prompts else None
         got = None
-        with applied(backend, target, fmt) as proof:
+        with applied(backend, target, fmt, ref.info.tensor_types) as proof:
             if target.kind == "weight" and proof.n_changed == 0:
                 # bit-identical weights: the baseline's numbers, no perturbed decode needed (a no-op)
                 result = base = base or baseline_score(backend, ref, progress, store, matched, keep_logits=False)
@@ -203,6 +203,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
+        **storage_columns(out.proof.storage, metrics.get("kld_mean")),
         "targets": ",".join(target.names), "baseline": out.container_note,
         "container": ref.container, **runtime_identity(ref.backend.settings),
         "model": ref.source.name, "model_sha256": ref.model_sha256,
@@ -214,9 +215,36 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
     }
 
 
+def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
+    """Size of the target in the format and in the user's file, and the damage per bit saved (KLD divided by the
+    bits per weight saved against the file; NaN where the format does not save bits)."""
+    if not storage:
+        return {}
+    n = sum(s["n_elements"] for s in storage)
+    used = sorted({s["ggml_type"] for s in storage if s["ggml_type"]})
+    fallback = sorted({s["fallback_from"] for s in storage if s["fallback_from"]})
+    out = {"ggml_type": ",".join(used) or None, "fallback_from": ",".join(fallback) or None,
+           "bytes": sum(s["bytes"] for s in storage)}
+    out["bpw"] = 8 * out["bytes"] / n
+    if any("imatrix_used" in s for s in storage):
+        out["imatrix_used"] = all(s.get("imatrix_used", False) for s in storage)
+    if all("bytes_orig" in s for s in storage):
+        out["bytes_orig"] = sum(s["bytes_orig"] for s in storage)
+        out["bpw_orig"] = 8 * out["bytes_orig"] / n
+        saved = out["bpw_orig"] - out["bpw"]
+        out["kld_per_bit_saved"] = kld_mean / saved if kld_mean is not None and saved > 0 else math.nan
+    return out
+
+
 def describe(rec: dict) -> str:
     """The one-line summary printed when a point finishes."""
     head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']} {rec['fmt']}"
+    if rec.get("fallback_from"):  # llama.cpp's fallback for rows its block does not divide: never silent
+        head += f" (stored as {rec['ggml_type']}: {rec['fallback_from']}'s block does not divide the rows)"
+    if rec.get("imatrix_used") is False:
+        head += " (the imatrix has no entry for it: quantized without)"
+    if rec.get("bpw") is not None and not math.isnan(rec["bpw"]):
+        head += f" [{rec['bpw']:.3g} bpw" + (f" vs {rec['bpw_orig']:.3g}]" if rec.get("bpw_orig") else "]")
     if rec["status"] in ("no-op", "failed", "diverged"):
         return f"{head}: {rec['status'].upper()}, {rec['reason']}"
     return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "

@@ -17,12 +17,13 @@ Q = GGMLQuantizationType
 
 
 def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None,
-                     matmul_type: Q = Q.Q4_1, n_vocab: int | None = None, n_embd: int = N_EMBD,
-                     n_ctx_train: int = N_CTX_TRAIN) -> Path:
-    """matmul_type: the type of the block matmuls (Q4_0 is what x86 CPUs repack); n_vocab: pad the tokenizer with
-    unique unused tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's 49,152 tokens +
-    padding = 262,144 like Gemma 3); n_embd: width of the blocks and the (tied) output matmul."""
-    n_ff = 2 * n_embd
+                     matmul_type: Q = Q.Q4_1, embd_type: Q = Q.Q8_0, n_vocab: int | None = None,
+                     n_embd: int = N_EMBD, n_ff: int | None = None, n_ctx_train: int = N_CTX_TRAIN) -> Path:
+    """matmul_type, embd_type: the block matmuls' and the token embedding's types (Q4_0 is what x86 CPUs repack;
+    all F32 with rows of 256 suits the 256-blocks of the K-quants); n_vocab: pad the tokenizer with unique unused
+    tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's 49,152 tokens + padding =
+    262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff defaults to 2 * n_embd)."""
+    n_ff = n_ff or 2 * n_embd
     reader = GGUFReader(tokenizer_source)
     writer = GGUFWriter(path, "llama")
     writer.add_name("sweep-tiny-test")
@@ -65,7 +66,7 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         else:
             writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
-    add("token_embd.weight", (n_vocab, n_embd), Q.Q8_0, scale=0.05)
+    add("token_embd.weight", (n_vocab, n_embd), embd_type, scale=0.05)
     add("output_norm.weight", (n_embd,), Q.F32, scale=0.1, offset=1.0)
     kv = n_embd // N_HEAD * N_HEAD_KV
     for i in range(N_LAYERS):
