@@ -65,7 +65,9 @@ def finite_amax(x: np.ndarray, n: int) -> np.ndarray:
 def saturation(fmt: Format, amax: np.ndarray) -> np.ndarray:
     """+-inf maps to +-(max representable * scale), per block, as the module docstring says."""
     if fmt.name == "mxfp4":
-        return np.where(amax > 0, 6.0 * 2.0 ** (np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2), 0.0)
+        # the scale is clamped to E8M0's smallest value, 2**-127 (only amax in [2**-126, 2**-125) reaches it)
+        scale = np.maximum(2.0 ** (np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2), 2.0 ** -127)
+        return np.where(amax > 0, 6.0 * scale, 0.0)
     return amax  # int8: 127 * amax/127; int4: 7 * amax/7; scaled fp8: fmax * amax/fmax
 
 
