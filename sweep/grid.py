@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import config  # noqa: F401  (registers the schemas)
 from .container import CONTAINERS
@@ -23,7 +23,7 @@ from .errors import SweepError
 from .formats import make_format
 from .metrics import RANKABLE
 from .model_file import ModelInfo, model_info, resolve_model_path
-from .targets import KINDS, resolve
+from .targets import KINDS, Target, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
@@ -51,6 +51,11 @@ def _compose(overrides: list[str], with_hydra: bool = False):
 class Plan:
     jobs: list[list[str]]  # the override list of every job, in launch order
     extra_argv: list[str] = field(default_factory=list)  # what to append to argv (the expanded layer=each)
+    # What the checks learned, for `planning.py` (what the sweep will cost): each job's composed config and
+    # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_chunks).
+    points: list[tuple[DictConfig, Target]] = field(default_factory=list)
+    launcher: DictConfig | None = None
+    n_windows: dict[tuple, int] = field(default_factory=dict)
 
 
 class _Checker:
@@ -60,6 +65,8 @@ class _Checker:
         self.infos: dict[str, ModelInfo] = {}
         self.nodes: dict[str, set[str]] = {}
         self.probed: set = set()
+        self.tokens: dict[tuple, object] = {}
+        self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_chunks) -> windows scored
 
     def info(self, path) -> ModelInfo:
         key = str(path)
@@ -79,16 +86,17 @@ class _Checker:
         from .text import load_text
 
         key = (str(path), text_path, n_ctx)
-        if key in self.probed:
-            return
-        text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
-        with Backend(self.info(path).path, 32, 1) as b:  # a small context: names and tokens need no more
-            self.nodes[str(path)] = set(b.node_names)
-            if text is not None:
-                make_windows(b.tokenize(text.text), n_ctx, n_chunks, None)
-        self.probed.add(key)
+        if key not in self.probed:
+            text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
+            with Backend(self.info(path).path, 32, 1) as b:  # a small context: names and tokens need no more
+                self.nodes[str(path)] = set(b.node_names)
+                if text is not None:
+                    self.tokens[key] = b.tokenize(text.text)
+            self.probed.add(key)
+        if n_ctx and (*key, n_chunks) not in self.n_windows:
+            self.n_windows[(*key, n_chunks)] = make_windows(self.tokens[key], n_ctx, n_chunks, None).n_windows
 
-    def check(self, cfg) -> None:
+    def check(self, cfg) -> Target:
         make_format(**cfg.fmt)
         if cfg.metrics.rank_by not in RANKABLE:
             raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
@@ -111,8 +119,8 @@ class _Checker:
         info = self.info(cfg.model.path)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_chunks))
         nodes = self.node_names(cfg.model.path) if cfg.kind == "activation" else None
-        resolve(cfg.kind, cfg.tensor, OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer,
-                info, nodes)
+        return resolve(cfg.kind, cfg.tensor,
+                       OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
 
 
 def plan(overrides: list[str]) -> Plan:
@@ -139,13 +147,15 @@ def plan(overrides: list[str]) -> Plan:
             extra = [f"layer={','.join(map(str, range(n_layers)))}"]
             jobs = BasicSweeper.split_arguments(parser.parse_overrides(
                 [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
+        points = []
         for job in jobs:
-            checker.check(_compose(job))
+            cfg = _compose(job)
+            points.append((cfg, checker.check(cfg)))
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir).parent)}:
             check_writable(Path(directory))
     if not jobs:
         raise SweepError("the sweep has no points")
-    return Plan(jobs, extra)
+    return Plan(jobs, extra, points, base.hydra.launcher, checker.n_windows)
 
 
 def check_writable(directory: Path) -> None:

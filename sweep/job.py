@@ -45,11 +45,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     inputs = load_inputs(cfg.model, cfg.data)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
     stop = stop_rule(cfg.metrics)
-    key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
-                    n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
-                    layers=layers, fmt=asdict(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
-                    prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
-                    max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}))
+    key = job_key(cfg, inputs.model_sha256, inputs.text.sha256, layers)
     rec = store.point(key)
     reused = rec is not None
     if reused:
@@ -72,6 +68,17 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         write_record(job_dir / RECORD_FILE, rec)
     print(describe(rec) + (" [stored]" if reused else ""), flush=True)
     return rec
+
+
+def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[int, ...]) -> str:
+    """The store key of this job's point: everything that determines its result (the planner asks it too, to
+    count the points a sweep will not recompute)."""
+    stop = stop_rule(cfg.metrics)
+    return point_key(model_sha256=model_sha256, container=cfg.model.container, data_sha256=data_sha256,
+                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
+                     layers=layers, fmt=asdict(make_format(**cfg.fmt)), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
+                     prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
+                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:
