@@ -39,7 +39,7 @@ from .text import load_text
 
 log = logging.getLogger(__name__)
 
-RUNTIME_BYTES = 400 * 2**20  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (~0.4 GB measured)
+RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 RECORD_BYTES = 6 * 2**10  # one point's record.json (written twice: the store and the job's directory)
 KV_BYTES = 2  # llama.cpp's default K/V cache type is F16
 
@@ -341,11 +341,16 @@ def time_one_window(group: Group, text_path, threads: int) -> Timing:
 # ---- the printed plan ----------------------------------------------------------------------------------------
 
 def gb(n: float) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GB"
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MB"
-    return f"{n / 2**10:.0f} kB" if n else "0"
+    """Bytes in decimal units, as `df -H` and the README's budgets count them."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} kB" if n else "0"
+
+
+def plural(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def duration(s: float) -> str:
@@ -394,15 +399,17 @@ def render(c: Costs, text_path) -> str:
             "the file as it is" + (" (the F32 container is not built yet: its decode speed differs)"
                                    if g.container == "f32" else ""))
         lines.append(f"  one window  {t.point_window_s:.2f} s as a point, {t.baseline_window_s:.2f} s as a baseline "
-                     f"(timed now on {where}, {t.threads} threads; load {t.load_s:.1f} s)"
+                     f"(timed now on {where}, {t.threads} thread{plural(t.threads)}; load {t.load_s:.1f} s)"
                      + (f"; generation check {t.generation_s:.1f} s per point" if g.gen_prompts else ""))
         # recompute: every point also decodes its baseline's window (no logits stored, twice the decode)
         point_s = t.point_window_s + (t.baseline_window_s if g.recompute else 0.0)
         score_s = (g.n_todo * point_s + g.n_new_baselines * t.baseline_window_s) * g.n_windows
         total += score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
     if c.timings:
-        lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} on this machine (an estimate: "
-                     f"{todo} points + {len(new)} baselines x {c.groups[0].n_windows} windows"
+        where = "on this machine" if c.launcher in ("sequential", "joblib") else "of compute in all, at this " \
+            "machine's speed"
+        lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} {where} (an estimate: "
+                     f"{todo} points + {len(new)} baseline{plural(len(new))} x {c.groups[0].n_windows} windows"
                      + (" + the generation check" if c.groups[0].gen_prompts else "")
                      + (f", {c.concurrent_jobs} jobs at once" if c.concurrent_jobs > 1 else "")
                      + "; early stopping and no-op weights only shorten it)")
@@ -418,13 +425,14 @@ def render(c: Costs, text_path) -> str:
 def _launcher_lines(c: Costs) -> list[str]:
     mem = gb(c.job_memory)
     if c.launcher == "sequential":
-        return [f"  launcher    sequential: one process, {c.threads} threads, the model loaded once"]
+        return [f"  launcher    sequential: one process, {c.threads} thread{plural(c.threads)}, the model loaded "
+                f"once"]
     if c.launcher == "joblib":
         return [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} threads per job, "
                 f"~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]
     cfg = c.launcher_cfg or {}
-    lines = [f"  launcher    {c.launcher}: {c.n_points} tasks, 1 point per task, {c.threads} threads per task "
-             f"(cpus_per_task), memory per task ~{mem}"
+    lines = [f"  launcher    {c.launcher}: {c.n_points} tasks, 1 point per task, "
+             f"{c.threads} thread{plural(c.threads)} per task (cpus_per_task), memory per task ~{mem}"
              + (f" vs mem_gb={cfg.get('mem_gb')}" if cfg.get("mem_gb") else "")
              + (f", up to {cfg.get('array_parallelism')} at once" if cfg.get("array_parallelism") else "")]
     if c.timings:
@@ -432,7 +440,8 @@ def _launcher_lines(c: Costs) -> list[str]:
         task = t.load_s + g.n_windows * t.point_window_s + t.generation_s
         lines.append(f"              per task ~{duration(task)} (load + one point), plus "
                      f"~{duration(g.n_windows * t.baseline_window_s)} in a task that computes a missing baseline "
-                     f"(timed here: the cluster's nodes differ)")
+                     f"(timed here: the cluster's nodes differ; tasks that start before a baseline is stored "
+                     f"each compute it, each with its own temporary logits file)")
     return lines
 
 
