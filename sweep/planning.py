@@ -393,24 +393,26 @@ def render(c: Costs, text_path) -> str:
     avail = f"; {gb(c.available_memory)} available now" if c.available_memory is not None else ""
     lines.append(f"  memory      one job ~{gb(g.job_memory)} = {' + '.join(parts)}{avail}")
 
-    total = 0.0
+    total = generating = 0.0
     for g, t in zip(c.groups, c.timings):
-        where = "the F32 container" if t.on_container else (
-            "the file as it is" + (" (the F32 container is not built yet: its decode speed differs)"
-                                   if g.container == "f32" else ""))
+        where = "on the F32 container" if t.on_container else (
+            "on the file as it is" + ("; the F32 container is not built yet and decodes at another speed"
+                                      if g.container == "f32" else ""))
         lines.append(f"  one window  {t.point_window_s:.2f} s as a point, {t.baseline_window_s:.2f} s as a baseline "
-                     f"(timed now on {where}, {t.threads} thread{plural(t.threads)}; load {t.load_s:.1f} s)"
+                     f"(timed now, {t.threads} thread{plural(t.threads)}, {where}; load {t.load_s:.1f} s)"
                      + (f"; generation check {t.generation_s:.1f} s per point" if g.gen_prompts else ""))
         # recompute: every point also decodes its baseline's window (no logits stored, twice the decode)
         point_s = t.point_window_s + (t.baseline_window_s if g.recompute else 0.0)
         score_s = (g.n_todo * point_s + g.n_new_baselines * t.baseline_window_s) * g.n_windows
+        generating += (g.n_todo + g.n_new_baselines) * t.generation_s
         total += score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
     if c.timings:
         where = "on this machine" if c.launcher in ("sequential", "joblib") else "of compute in all, at this " \
             "machine's speed"
         lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} {where} (an estimate: "
                      f"{todo} points + {len(new)} baseline{plural(len(new))} x {c.groups[0].n_windows} windows"
-                     + (" + the generation check" if c.groups[0].gen_prompts else "")
+                     + (f" + the generation check ({duration(generating / max(1, c.concurrent_jobs))}; "
+                        f"metrics.generate=false skips it)" if generating else "")
                      + (f", {c.concurrent_jobs} jobs at once" if c.concurrent_jobs > 1 else "")
                      + "; early stopping and no-op weights only shorten it)")
     lines += _launcher_lines(c)
@@ -427,15 +429,21 @@ def _launcher_lines(c: Costs) -> list[str]:
     if c.launcher == "sequential":
         return [f"  launcher    sequential: one process, {c.threads} thread{plural(c.threads)}, the model loaded "
                 f"once"]
-    if c.launcher == "joblib":
-        return [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} threads per job, "
-                f"~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]
     cfg = c.launcher_cfg or {}
-    lines = [f"  launcher    {c.launcher}: {c.n_points} tasks, 1 point per task, "
-             f"{c.threads} thread{plural(c.threads)} per task (cpus_per_task), memory per task ~{mem}"
-             + (f" vs mem_gb={cfg.get('mem_gb')}" if cfg.get("mem_gb") else "")
-             + (f", up to {cfg.get('array_parallelism')} at once" if cfg.get("array_parallelism") else "")]
-    if c.timings:
+    if c.launcher == "joblib":
+        lines = [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} thread{plural(c.threads)} per "
+                 f"job, ~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]
+    else:
+        lines = [f"  launcher    {c.launcher}: {c.n_points} tasks, 1 point per task, "
+                 f"{c.threads} thread{plural(c.threads)} per task (cpus_per_task), memory per task ~{mem}"
+                 + (f" vs mem_gb={cfg.get('mem_gb')}" if cfg.get("mem_gb") else "")
+                 + (f", up to {cfg.get('array_parallelism')} at once" if cfg.get("array_parallelism") else "")]
+    for g in c.groups:
+        if g.container_missing:  # every job that starts before it exists would build its own copy
+            lines.append(f"              the F32 container is not built yet: jobs starting at once would each "
+                         f"write {gb(g.model_bytes)}; build it first (python -m sweep.score data.n_chunks=2 "
+                         f"model.path=...)")
+    if c.timings and c.launcher != "joblib":
         t, g = c.timings[0], c.groups[0]
         task = t.load_s + g.n_windows * t.point_window_s + t.generation_s
         lines.append(f"              per task ~{duration(task)} (load + one point), plus "

@@ -19,8 +19,12 @@ N_CTX, N_CHUNKS = 64, 3  # tiny_args' slice
 SCORED = N_CTX // 2 - 1
 
 
+def args(tiny_model, tmp_path, *axes):
+    return tiny_args(tiny_model, tmp_path, "run.threads=1", *axes)  # see test_architectures.py on threads
+
+
 def grid(tiny_model, tmp_path, wikitext, *axes):
-    return plan([*tiny_args(tiny_model, tmp_path, *axes), f"data.path={wikitext}"])
+    return plan([*args(tiny_model, tmp_path, *axes), f"data.path={wikitext}"])
 
 
 def logits_bytes(model) -> int:
@@ -33,7 +37,7 @@ def listing(path):
 
 def test_plan_prints_the_figures_and_writes_nothing(tiny_model, tmp_path, env, cache_dir):
     cache_before = listing(cache_dir)
-    proc = run_sweep(tiny_args(tiny_model, tmp_path, "layer=0,1", "fmt=bf16,int8", "kind=weight,activation",
+    proc = run_sweep(args(tiny_model, tmp_path, "layer=0,1", "fmt=bf16,int8", "kind=weight,activation",
                                "--plan"), env)
     out = proc.stdout
     print(out)
@@ -50,7 +54,7 @@ def test_stored_points_and_baselines_count_as_zero(tiny_model, tmp_path, env, wi
     axes = ("layer=0,1", "fmt=int8", "kind=activation", "tensor=l_out")
     before = planning.costs(grid(tiny_model, tmp_path, wikitext, *axes))
     assert (before.n_points, before.n_points_stored, before.logits_bytes) == (2, 0, logits_bytes(tiny_model))
-    run_sweep(tiny_args(tiny_model, tmp_path, "layer=0", *axes[1:]), env)  # one of the two points
+    run_sweep(args(tiny_model, tmp_path, "layer=0", *axes[1:]), env)  # one of the two points
     after = planning.costs(grid(tiny_model, tmp_path, wikitext, *axes))
     assert (after.n_points, after.n_points_stored, after.logits_bytes) == (2, 1, 0)
     assert [b.stored for b in after.baselines] == [True]
@@ -86,7 +90,7 @@ def test_a_store_that_does_not_fit_stops_the_sweep_with_one_line(tiny_model, tmp
     free = without_logits.needed_bytes + logits_bytes(tiny_model) // 2
     monkeypatch.setattr(shutil, "disk_usage", fake_disk(free))
     monkeypatch.setenv("SWEEP_WIKITEXT", str(wikitext))
-    monkeypatch.setattr(sys, "argv", ["sweep", *tiny_args(tiny_model, tmp_path, "layer=0", "kind=weight")])
+    monkeypatch.setattr(sys, "argv", ["sweep", *args(tiny_model, tmp_path, "layer=0", "kind=weight")])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2
