@@ -15,7 +15,6 @@ The figures follow the layout of the store and of a job (README "Budget of a sto
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -37,10 +36,8 @@ from .records import Store
 from .run import baseline_key, matched_targets
 from .text import load_text
 
-log = logging.getLogger(__name__)
-
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
-RECORD_BYTES = 6 * 2**10  # one point's record.json (written twice: the store and the job's directory)
+RECORD_BYTES = 6_000  # one point's record.json (written twice: the store and the job's directory)
 KV_BYTES = 2  # llama.cpp's default K/V cache type is F16
 
 

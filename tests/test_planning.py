@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections import namedtuple
@@ -121,3 +122,13 @@ def test_slurm_plan_is_per_task(tiny_model, tmp_path, wikitext, capsys):
     print(out)
     assert "launcher    slurm: 3 tasks, 1 point per task, 1 thread per task (cpus_per_task)" in out
     assert "vs mem_gb=8" in out and "per task ~" in out
+
+
+def test_joblib_jobs_share_the_cores_and_add_up_their_memory(tiny_model, tmp_path, wikitext, monkeypatch):
+    c = planning.costs(plan([*tiny_args(tiny_model, tmp_path, "layer=0,1,2", "kind=weight"), f"data.path={wikitext}",
+                             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]))
+    cores = len(os.sched_getaffinity(0))
+    assert (c.launcher, c.concurrent_jobs, c.threads) == ("joblib", 2, max(1, cores // 2))
+    monkeypatch.setattr(planning, "available_memory", lambda: int(1.5 * c.job_memory))
+    c.available_memory = planning.available_memory()
+    assert planning.memory_warnings(c)[0].startswith("2 jobs at once x about ")  # one fits, two do not
