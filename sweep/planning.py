@@ -402,12 +402,13 @@ def render(c: Costs, text_path) -> str:
         point_s = t.point_window_s + (t.baseline_window_s if g.recompute else 0.0)
         score_s = (g.n_todo * point_s + g.n_new_baselines * t.baseline_window_s) * g.n_windows
         generating += (g.n_todo + g.n_new_baselines) * t.generation_s
-        total += score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
+        total += t.load_s + score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
     if c.timings:
         where = "on this machine" if c.launcher in ("sequential", "joblib") else "of compute in all, at this " \
             "machine's speed"
         lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} {where} (an estimate: "
-                     f"{todo} points + {len(new)} baseline{plural(len(new))} x {c.groups[0].n_windows} windows"
+                     f"load + {todo} point{plural(todo)} + {len(new)} baseline{plural(len(new))} x "
+                     f"{c.groups[0].n_windows} windows"
                      + (f" + the generation check ({duration(generating / max(1, c.concurrent_jobs))}; "
                         f"metrics.generate=false skips it)" if generating else "")
                      + (f", {c.concurrent_jobs} jobs at once" if c.concurrent_jobs > 1 else "")
