@@ -54,9 +54,10 @@ def main() -> None:
                                     transform=lambda name, data: fmt(data))
         base_file = Path(tmp) / "base.kld"
         base = llama_perplexity.run(binary, ref.backend.path, Path(args.text), args.chunks, args.threads,
-                                    extra=["--kl-divergence-base", str(base_file)])
+                                    extra=["--kl-divergence-base", str(base_file)], settings=ref.backend.settings)
         theirs = llama_perplexity.run(binary, perturbed, Path(args.text), args.chunks, args.threads,
-                                      extra=["--kl-divergence-base", str(base_file), "--kl-divergence"])
+                                      extra=["--kl-divergence-base", str(base_file), "--kl-divergence"],
+                                      settings=ref.backend.settings)
     print(f"\nperturbation: weight attn_v, all {ref.info.n_layers} layers, {fmt.label}; {args.chunks} windows of 512")
     print(f"{'':28}{'llama-perplexity':>22}{'sweep':>22}")
     print(f"{'baseline PPL':28}{base['ppl']:>22.4f}{ours['baseline_ppl']:>22.4f}")

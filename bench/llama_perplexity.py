@@ -47,11 +47,23 @@ def find(path: str | None) -> Path:
     return Path(on_path) if on_path else build()
 
 
+def settings_flags(settings) -> list[str]:
+    """The command-line flags that make llama-perplexity compute as a sweep with these ComputeSettings does: no
+    weight repacking (-nr: both sides run the same kernels, and AMX CPUs do not crash), the same flash-attention
+    choice and K/V cache type."""
+    return ["-nr", "-fa", settings.flash_attn, "-ctk", settings.kv_type, "-ctv", settings.kv_type]
+
+
 def run(binary: Path, model: Path, text: Path, n_chunks: int, threads: int, n_ctx: int = 512,
-        extra: list[str] = ()) -> dict:
-    """Run it; return its final figures (PPL, stderr, and the KL block when asked) and its own timings."""
+        extra: list[str] = (), settings=None) -> dict:
+    """Run it with the sweep's compute settings (default: those of the native container); return its final figures
+    (PPL, stderr, and the KL block when asked) and its own timings."""
+    if settings is None:
+        from sweep.container import compute_settings
+
+        settings = compute_settings("native")
     cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
-           "--chunks", str(n_chunks), "-t", str(threads), *extra]
+           "--chunks", str(n_chunks), "-t", str(threads), *settings_flags(settings), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -59,7 +59,8 @@ def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
         ref = open_reference(*cfg(container, n_chunks, threads, text).values())
         ours = score(ref.backend, ref.windows, progress=False)  # noqa: F841  (warm caches as llama-perplexity does)
         ours = score(ref.backend, ref.windows, progress=False)
-        theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_chunks, threads)
+        theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_chunks, threads,
+                                      settings=ref.backend.settings)
         their_tps = n_chunks * 512 / theirs["score_seconds"]
         ratio = ours.tokens_per_second / their_tps
         ratios.append(ratio)
@@ -78,7 +79,7 @@ def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
     for generate in (False, True):
         walls, decodes = [], []
         for kind, tensor, layer, fmt in POINTS[:n_points]:
-            target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+            target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
             prompts = ("What is the capital of France?", "What is 17 * 23?") if generate else ()
             out = run_point(ref, target, make_format(fmt), progress=False, prompts=prompts)
             walls.append(out.seconds)
@@ -91,7 +92,7 @@ def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
 def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> None:
     print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_chunks} windows)")
     ref = open_reference(*cfg("f32", n_chunks, threads, text).values())
-    targets = [(resolve(k, t, l, ref.info, ref.backend.node_names), make_format(f)) for k, t, l, f in
+    targets = [(resolve(k, t, l, ref.info, ref.backend.nodes), make_format(f)) for k, t, l, f in
                POINTS[:n_points]]
     run_point(ref, targets[0][0], make_format("none"), progress=False)  # the baseline, outside both timings
     t0 = time.perf_counter()
@@ -101,7 +102,7 @@ def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> No
     t0 = time.perf_counter()
     for target, fmt in targets:
         ref.backend.close()
-        ref.backend = Backend(ref.backend.path, 512, threads, writable_weights=True)
+        ref.backend = Backend(ref.backend.path, 512, threads, writable_weights=True, settings=ref.backend.settings)
         run_point(ref, target, fmt, progress=False)
     reload = time.perf_counter() - t0
     row("", "reuse s", "reload s", "saved")
@@ -167,7 +168,7 @@ def scaling(text: str, threads: int, sizes: list[int]) -> None:
     row("windows", "point s", "s / window", "")
     for n in sizes:
         ref = open_reference(*cfg("f32", n, threads, text).values())
-        target = resolve("activation", "l_out", 10, ref.info, ref.backend.node_names)
+        target = resolve("activation", "l_out", 10, ref.info, ref.backend.nodes)
         run_point(ref, target, make_format("none"), progress=False)  # the baseline of this slice
         out = run_point(ref, target, make_format("int8"), progress=False)
         row(str(n), f"{out.seconds:.2f}", f"{out.seconds / n:.3f}", "")

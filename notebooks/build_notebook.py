@@ -31,8 +31,10 @@ cells = [
        "Darker is more damage. Hatched grey cells are no-ops; white cells were not measured."),
     code("fig = heatmaps(df, 'kld_mean' if has_kld else 'delta_ppl')"),
     md("## Ranking\n\n"
-       "Most sensitive first. `significant` marks a ΔNLL that differs from zero at the sweep's level "
-       "(paired t-test over windows)."),
+       "Most sensitive first. `delta_nll_p` is each point's own paired t-test of ΔNLL = 0 over windows, and "
+       "`significant` is p < alpha: a per-point level, so a sweep of 30 points without any effect flags 1.5 by "
+       "chance. `delta_nll_q` is the Benjamini–Hochberg q-value over the whole table: the points with q ≤ alpha "
+       "hold at most a fraction alpha of false discoveries. Early-stopped points are untested (no p, no q)."),
     code("display(top_table(df, 'kld_mean' if has_kld else 'delta_ppl', 15))"),
     md("## Does the cheap proxy suffice?\n\n"
        "SQNR of the perturbed tensor costs nothing to compute; the end-to-end effect costs a perplexity run. "

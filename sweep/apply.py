@@ -102,11 +102,14 @@ def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof
     proof = Proof()
 
     def hook(name: str, x: np.ndarray) -> np.ndarray:
-        y = fmt(x)
+        # Rows are tokens on every node: a 3-D node (tokens x heads x head size) is rounded as tokens x features,
+        # so per_token means the same on Qcur as on l_out (never per token and head).
+        rows = x.reshape(x.shape[0], -1) if x.ndim > 2 and target.token_rows else x
+        y = fmt(rows).reshape(x.shape)
         proof.add(x, y)
         return y
 
-    backend.hooked_nodes, backend.activation_hook = frozenset(target.names), hook
+    backend.hooked_nodes, backend.activation_hook = target.nodes, hook
     try:
         yield proof
     finally:

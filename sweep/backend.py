@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ GGMLTensor._fields_ = [
 _TensorPtr = ctypes.POINTER(GGMLTensor)
 
 for _fn, _args, _res in [
+    ("ggml_op_desc", [ctypes.c_void_p], ctypes.c_char_p),
     ("ggml_backend_tensor_get", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
     ("ggml_backend_tensor_set", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
     ("ggml_nbytes", [ctypes.c_void_p], ctypes.c_size_t),
@@ -63,6 +65,59 @@ for _fn, _args, _res in [
 
 # A weight tensor's name in the graph is its GGUF name, e.g. "blk.3.ffn_down.weight".
 _WEIGHT_NAME = re.compile(r"^[\w.]+\.(weight|bias)$")
+# Tokens of the probe decode: all of them produce logits, so every block (the last included) computes all rows and
+# the token axis of a node is the one of this length (a prime, unlikely to equal a head count or a head size).
+PROBE_TOKENS = 11
+GGML_TYPES = {"f32": 0, "f16": 1}
+FLASH_ATTN = {"off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """The code paths of llama.cpp that change the numbers, set explicitly instead of left to the build's defaults.
+
+    Weight repacking into "extra buffer types" (AMX, AArch64 repacks) is always off: this llama.cpp's AMX matmul
+    segfaults (ggml-org/llama.cpp #20824) and repacked buffers cannot be read back (#11115). Sweeps then run the
+    same kernels on every CPU, as `llama-perplexity -nr` does.
+    """
+
+    kv_type: str = "f16"  # K and V cache element type: f32 | f16
+    flash_attn: str = "on"  # off | on
+    n_gpu_layers: int = 0
+
+    def as_dict(self) -> dict:
+        return {"kv_type": self.kv_type, "flash_attn": self.flash_attn, "n_gpu_layers": self.n_gpu_layers,
+                "extra_bufts": False}
+
+
+@dataclass(frozen=True)
+class NodeOccurrence:
+    """One node of the graph: llama.cpp gives several nodes the same name (a matmul output, its reshape view, the
+    RoPE output are all `Qcur-N`), and the eval callback sees each of them."""
+
+    name: str  # full node name, e.g. "Qcur-3"
+    index: int  # position among the nodes of that name, in graph order (views included)
+    op: str  # ggml's op description, lower case: "mul_mat", "rope", "reshape", "rms_norm", ...
+    shape: tuple[int, ...]  # numpy shape in the probe decode (PROBE_TOKENS tokens)
+    view_of: str  # the node whose memory a view shares ("" for a computed node): rounding a view rounds it again
+
+    @property
+    def view(self) -> bool:
+        return bool(self.view_of)
+
+    @property
+    def describe(self) -> str:
+        return f"{self.op}{f' (view of {self.view_of})' if self.view else ''} {'x'.join(map(str, self.shape))}"
+
+
+def system_info() -> str:
+    """llama.cpp's own description of the CPU features and backends it was built for and runs with."""
+    _init_once()
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def llama_cpp_version() -> str:
+    return getattr(llama_cpp, "__version__", "unknown")
 
 # llama.cpp's log lines are dropped unless they are warnings or errors; the last errors explain a failed load.
 _recent_errors: list[str] = []
@@ -93,14 +148,16 @@ ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
 class Backend:
     """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int, writable_weights: bool = False,
-                 n_gpu_layers: int = 0):
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, *, settings: ComputeSettings,
+                 writable_weights: bool = False):
         _init_once()
-        self.path, self.n_ctx, self.n_threads = Path(path), n_ctx, n_threads
+        self.path, self.n_ctx, self.n_threads, self.settings = Path(path), n_ctx, n_threads, settings
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        mparams.n_gpu_layers = settings.n_gpu_layers
+        mparams.use_extra_bufts = False  # no repacking: AMX crashes, repacked weights are unreadable (see above)
         if writable_weights:  # with mmap, the weights are read-only pages of the file: writing would crash
             mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        self.model_params = mparams
         _recent_errors.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
@@ -114,6 +171,10 @@ class Backend:
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = n_threads
+        # An F16 cache (llama.cpp's default) silently absorbs any K/V perturbation at or below fp16 precision,
+        # and CPU flash attention converts Q to F16: both are chosen, never left to the build.
+        cparams.type_k = cparams.type_v = GGML_TYPES[settings.kv_type]
+        cparams.flash_attn_type = FLASH_ATTN[settings.flash_attn]
         cparams.cb_eval = self._eval_cb
         cparams.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
@@ -137,16 +198,17 @@ class Backend:
             b.seq_id[k][0] = 0
         self._b_pos[:] = np.arange(n_ctx, dtype=np.int32)
 
-        # Hook state: which node names to hand to `activation_hook`.
-        self.hooked_nodes: frozenset[str] = frozenset()
+        # Hook state: which node occurrences (name, index) to hand to `activation_hook`.
+        self.hooked_nodes: frozenset[tuple[str, int]] = frozenset()
+        self._seen: dict[str, int] = {}  # occurrences of each name so far in the current decode
         self.activation_hook: ActivationHook | None = None
         self.hook_error: BaseException | None = None
         # When a list, every hooked node is read back after the write: (name, computed, written, read back).
         self.read_back: list | None = None
         self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
-        # Filled by the probe decode: every node name of the graph and every weight tensor reachable from it.
+        # Filled by the probe decode: every node of the graph and every weight tensor reachable from it.
         self._collect = False
-        self.node_names: set[str] = set()
+        self.nodes: dict[str, list[NodeOccurrence]] = {}
         self._weights: dict[str, int] = {}
         self._probe()
 
@@ -233,6 +295,7 @@ class Backend:
     def _decode(self) -> None:
         """llama_decode of the prepared batch; time spent inside it is added to `decode_seconds`."""
         self.hook_error = None
+        self._seen = {}
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self._batch)
         self.decode_seconds += time.perf_counter() - t0
@@ -243,12 +306,18 @@ class Backend:
 
     # ---- graph introspection and the activation hook -------------------------------------------------------
 
+    @property
+    def node_names(self) -> set[str]:
+        return set(self.nodes)
+
     def _probe(self) -> None:
-        """Decode two tokens once to learn the graph's node names and reach the weight tensors."""
+        """Decode a few tokens once to learn the graph's nodes (every occurrence, with its op and shape) and to reach
+        the weight tensors."""
+        n = min(PROBE_TOKENS, self.n_ctx)
         self._collect = True
         try:
-            tok = np.full(2, self.bos if self.bos >= 0 else 0, dtype=np.int32)
-            self.decode_window(tok, np.array([0, 1], dtype=np.int8))
+            tok = np.full(n, self.bos if self.bos >= 0 else 0, dtype=np.int32)
+            self.decode_window(tok, np.ones(n, dtype=np.int8))
         finally:
             self._collect = False
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
@@ -257,14 +326,19 @@ class Backend:
         t = ctypes.cast(t_ptr, _TensorPtr).contents
         name = t.name.decode("utf-8", "replace")
         if ask:
+            index = self._seen.get(name, 0)
+            self._seen[name] = index + 1
             if self._collect:
-                self.node_names.add(name)
+                op = (libggml.ggml_op_desc(t_ptr) or b"?").decode().lower()
+                self.nodes.setdefault(name, []).append(
+                    NodeOccurrence(name, index, op, self._shape(t),
+                                   t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else ""))
                 for src in t.src:
                     if src:
                         sname = src.contents.name.decode("utf-8", "replace")
                         if _WEIGHT_NAME.match(sname):
                             self._weights[sname] = ctypes.addressof(src.contents)
-            return name in self.hooked_nodes
+            return (name, index) in self.hooked_nodes
         try:
             self._run_hook(t_ptr, t, name)
         except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later
@@ -305,10 +379,6 @@ class Backend:
 
     # ---- weights --------------------------------------------------------------------------------------------
 
-    @property
-    def weight_names(self) -> list[str]:
-        return sorted(self._weights)
-
     def _weight(self, name: str):
         self._check_open()
         if name not in self._weights:
@@ -316,8 +386,12 @@ class Backend:
         addr = self._weights[name]
         return ctypes.c_void_p(addr), GGMLTensor.from_address(addr)
 
-    def weight_type(self, name: str) -> int:
-        return self._weight(name)[1].type
+    def read_weight_bytes(self, name: str) -> bytes:
+        """A weight tensor's bytes as the backend holds them (any type; a repacked buffer could not give them)."""
+        ptr, t = self._weight(name)
+        buf = ctypes.create_string_buffer(libggml.ggml_nbytes(ptr))
+        libggml.ggml_backend_tensor_get(ptr, buf, 0, len(buf))
+        return buf.raw
 
     def read_weight(self, name: str) -> np.ndarray:
         ptr, t = self._weight(name)

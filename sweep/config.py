@@ -30,7 +30,7 @@ class FormatConfig:
     name: str = MISSING
     granularity: str = "per_row"
     group_size: int = 32
-    scaled: bool = False
+    scaled: bool = True  # fp8 only: scaled (amax scale, the default) or a plain cast
 
 
 DEFAULT_PROMPTS = ("What is the capital of France?",

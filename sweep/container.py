@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import ComputeSettings, llama_cpp_version, system_info
 from .errors import SweepError
 from .model_file import sha256
 
@@ -106,6 +107,29 @@ def f32_container(src: Path, cache_dir: Path | None = None) -> Path:
             raise SweepError(f"cannot write the F32 container to {dst.parent}: {e.strerror} "
                              f"(set SWEEP_CACHE or model.cache_dir to a writable directory)") from e
     return dst
+
+
+def compute_settings(container: str, n_gpu_layers: int = 0) -> ComputeSettings:
+    """How llama.cpp computes in each container, stated instead of left to its defaults.
+
+    f32: everything that can be F32 is -- an F32 K/V cache and no flash attention (CPU flash attention converts Q
+    and an F16 cache stores K/V in F16, which would absorb any K/V/Q perturbation at or below fp16 precision).
+    native: llama.cpp's own defaults as they resolve on a CPU (F16 cache, flash attention on), so the file scores
+    as llama-perplexity scores it."""
+    if container == "f32":
+        return ComputeSettings(kv_type="f32", flash_attn="off", n_gpu_layers=n_gpu_layers)
+    if container == "native":
+        return ComputeSettings(kv_type="f16", flash_attn="on", n_gpu_layers=n_gpu_layers)
+    raise SweepError(f"unknown model.container={container!r}; valid: {', '.join(CONTAINERS)}")
+
+
+def runtime_identity(settings: ComputeSettings) -> dict:
+    """Everything besides the inputs that can change a number: part of every store key and every record, so that a
+    shared store never pairs a run with a baseline computed by other kernels (CPU features, backend, versions)."""
+    from . import __version__
+
+    return {**settings.as_dict(), "system_info": system_info(), "llama_cpp_python": llama_cpp_version(),
+            "sweep_version": __version__}
 
 
 def container_path(src: Path, container: str, cache_dir: Path | None = None) -> Path:

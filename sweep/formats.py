@@ -9,9 +9,11 @@ format; the input is never modified. Make one with `make_format(name, **params)`
   zero      all zeros (debug: proves a hook is live)                      -
   bf16      cast to ml_dtypes.bfloat16 and back                           -
   fp16      cast to numpy float16 and back                                -
-  int8      symmetric: scale = amax/127, q = rint(x/scale) in [-127, 127] granularity
-  fp8_e4m3  ml_dtypes.float8_e4m3fn (max 448)                             scaled, granularity (if scaled)
-  fp8_e5m2  ml_dtypes.float8_e5m2 (max 57344)                             scaled, granularity (if scaled)
+  int8      symmetric: scale = amax/127, q = rint(x/scale) in [-127, 127] granularity (default per_row)
+  fp8_e4m3  ml_dtypes.float8_e4m3fn (max 448): scale = amax/448, then      scaled (default true), granularity
+            cast; scaled=false: a plain saturating cast                   (default per_tensor; if scaled)
+  fp8_e5m2  ml_dtypes.float8_e5m2 (max 57344): scale = amax/57344, then   scaled (default true), granularity
+            cast; scaled=false: a plain saturating cast                   (default per_tensor; if scaled)
   int4      symmetric per group: scale = amax/7, q in [-7, 7]             group_size
   mxfp4     OCP MX: e2m1 elements (max 6), per group one power-of-two     group_size (the MX spec uses 32)
             scale X = 2**(floor(log2(amax)) - 2)
@@ -24,7 +26,11 @@ Policies
 - Groups (int4, mxfp4) are `group_size` consecutive elements along the last axis. The last axis must be divisible
   by group_size, else SweepError: no padding, so a group always means the same thing.
 - int4 uses [-7, 7]: with scale = amax/7 the code -8 is never needed, and a symmetric grid keeps f(-x) = -f(x).
-- Overflow: bf16 and fp16 follow IEEE: |x| beyond the max finite becomes +-inf, +-inf stays +-inf.
+- fp8 is scaled by default, as fp8 is deployed (one amax scale per tensor): an unscaled cast puts typical weights
+  (|w| ~ 0.01-0.05) into e4m3's subnormal range (below 2**-6 = 0.0156), whose steps are 2**-9 = 0.002 wide.
+  `scaled=false` keeps the plain cast for studying exactly that, and its label says so (`fp8_e4m3/unscaled`).
+- Overflow: bf16 and fp16 follow IEEE round-to-nearest-even: |x| from halfway past the max finite (65520 for
+  fp16, (2 - 2**-8) * 2**127 for bf16) becomes +-inf, +-inf stays +-inf.
   Unscaled fp8 is a saturating cast: values beyond +-max (+-inf included) become +-max before the cast
   (e4m3fn has no inf, and ml_dtypes would give NaN).
 - Scaled formats (int8, int4, mxfp4, fp8 with scaled=True) take the scale from the finite values only;
@@ -47,17 +53,22 @@ import numpy as np
 from .errors import SweepError
 
 GRANULARITIES = ("per_tensor", "per_row", "per_token")
+# int8 is deployed per output channel; fp8 with one scale per tensor (the common fp8 recipe for weights and
+# activations alike). Every other format ignores granularity.
+_DEFAULT_GRANULARITY = {"fp8_e4m3": "per_tensor", "fp8_e5m2": "per_tensor"}
 _TINY = float(np.finfo(np.float32).tiny)  # flush-to-zero threshold for a block's amax (see module docstring)
 
 
 @dataclass(frozen=True)
 class Format:
     name: str  # registry key, e.g. "int8"
-    granularity: str = "per_row"  # only meaningful for scaled formats
+    granularity: str | None = None  # int8 and scaled fp8; None: the format's default (_DEFAULT_GRANULARITY)
     group_size: int = 32  # int4 / mxfp4
-    scaled: bool = False  # fp8: scaled (amax -> format max) or plain (saturating) cast
+    scaled: bool = True  # fp8: scaled (amax -> format max, the default) or a plain saturating cast
 
     def __post_init__(self):
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", _DEFAULT_GRANULARITY.get(self.name, "per_row"))
         if not isinstance(self.name, str) or self.name not in FORMATS:
             raise SweepError(f"unknown format {self.name!r}; valid formats: {', '.join(FORMATS)}")
         if self.granularity not in GRANULARITIES:
@@ -84,8 +95,8 @@ class Format:
     def label(self) -> str:
         if self.name == "int8":
             return f"int8/{self.granularity}"
-        if self.name.startswith("fp8") and self.scaled:
-            return f"{self.name}/scaled/{self.granularity}"
+        if self.name.startswith("fp8"):
+            return f"{self.name}/scaled/{self.granularity}" if self.scaled else f"{self.name}/unscaled"
         if self.name in ("int4", "mxfp4"):
             return f"{self.name}/g{self.group_size}"
         return self.name

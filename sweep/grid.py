@@ -9,7 +9,8 @@ This also expands `layer=each` to one job per block of the model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -18,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from . import config  # noqa: F401  (registers the schemas)
-from .container import CONTAINERS
+from .container import CONTAINERS, compute_settings
 from .errors import SweepError
 from .formats import make_format
 from .metrics import RANKABLE
@@ -63,7 +64,7 @@ class _Checker:
 
     def __init__(self):
         self.infos: dict[str, ModelInfo] = {}
-        self.nodes: dict[str, set[str]] = {}
+        self.nodes: dict[tuple, dict] = {}  # (path, compute settings) -> the graph's nodes
         self.probed: set = set()
         self.tokens: dict[tuple, object] = {}
         self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_chunks) -> windows scored
@@ -74,30 +75,32 @@ class _Checker:
             self.infos[key] = model_info(resolve_model_path(path))
         return self.infos[key]
 
-    def node_names(self, path) -> set[str]:
-        self.probe(path, None, 0, 0)
-        return self.nodes[str(path)]
+    def graph_nodes(self, path, settings) -> dict:
+        self.probe(path, None, 0, 0, settings)
+        return self.nodes[(str(path), settings)]
 
-    def probe(self, path, text_path, n_ctx: int, n_chunks: int) -> None:
-        """Load the model as llama.cpp will (an architecture it cannot load fails here), learn its graph's node
-        names, and check that the text gives at least two windows."""
+    def probe(self, path, text_path, n_ctx: int, n_chunks: int, settings) -> None:
+        """Load the model as llama.cpp will (an architecture it cannot load fails here), learn its graph's nodes as
+        the job's settings build them (flash attention and the cache type change the graph), and check that the
+        text gives at least two windows."""
         from .backend import Backend
         from .perplexity import make_windows
         from .text import load_text
 
-        key = (str(path), text_path, n_ctx)
+        key = (str(path), text_path, n_ctx, settings)
         if key not in self.probed:
             text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
-            with Backend(self.info(path).path, 32, 1) as b:  # a small context: names and tokens need no more
-                self.nodes[str(path)] = set(b.node_names)
+            with Backend(self.info(path).path, 32, 1, settings=settings) as b:  # small: names and tokens need no more
+                self.nodes[(str(path), settings)] = b.nodes
                 if text is not None:
                     self.tokens[key] = b.tokenize(text.text)
             self.probed.add(key)
-        if n_ctx and (*key, n_chunks) not in self.n_windows:
-            self.n_windows[(*key, n_chunks)] = make_windows(self.tokens[key], n_ctx, n_chunks, None).n_windows
+        if n_ctx and (str(path), text_path, n_ctx, n_chunks) not in self.n_windows:
+            self.n_windows[(str(path), text_path, n_ctx, n_chunks)] = make_windows(
+                self.tokens[key], n_ctx, n_chunks, None).n_windows
 
     def check(self, cfg) -> Target:
-        make_format(**cfg.fmt)
+        fmt = make_format(**cfg.fmt)
         if cfg.metrics.rank_by not in RANKABLE:
             raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
         if not 0 < cfg.metrics.alpha < 1:
@@ -117,10 +120,15 @@ class _Checker:
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
         info = self.info(cfg.model.path)
-        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_chunks))
-        nodes = self.node_names(cfg.model.path) if cfg.kind == "activation" else None
-        return resolve(cfg.kind, cfg.tensor,
-                       OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
+        settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
+        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_chunks), settings)
+        nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
+        target = resolve(cfg.kind, cfg.tensor,
+                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
+        if not target.token_rows and make_format(**{**asdict(fmt), "granularity": "per_tensor"}) != fmt:
+            raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
+                             f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
+        return target
 
 
 def plan(overrides: list[str]) -> Plan:
@@ -151,7 +159,7 @@ def plan(overrides: list[str]) -> Plan:
         for job in jobs:
             cfg = _compose(job)
             points.append((cfg, checker.check(cfg)))
-        for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir).parent)}:
+        for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))
     if not jobs:
         raise SweepError("the sweep has no points")
@@ -159,13 +167,22 @@ def plan(overrides: list[str]) -> Plan:
 
 
 def check_writable(directory: Path) -> None:
-    """Fail now, not after the first point, when results could not be written."""
-    existing = directory
+    """Fail now, not after the first point, when results could not be written.
+
+    Permission bits are not enough (root passes them; /proc refuses anyway): make and remove a directory where
+    `directory` would be created. Nothing is left behind."""
+    existing = directory.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SweepError(f"cannot write to {directory} ({existing} is not writable): run from a writable directory "
-                         f"or set run.store=... and hydra.sweep.dir=... to writable paths")
+    why = f"{existing} is not a directory" if not existing.is_dir() else None
+    if why is None:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sweep-write-check-", dir=existing))
+        except OSError as e:
+            why = f"{existing}: {e.strerror}"
+    if why:
+        raise SweepError(f"cannot write to {directory} ({why}): run from a writable directory or set "
+                         f"run.store=... and hydra.sweep.dir=... to writable paths")
 
 
 def wants_hydra_only(argv: list[str]) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .container import compute_settings, runtime_identity
 from .formats import make_format
 from .metrics import StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
@@ -54,7 +55,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
         started = time.time()
         try:
             ref = open_reference(cfg.model, cfg.data, run_cfg, inputs)
-            target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.node_names)
+            target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
             prompts = tuple(cfg.metrics.prompts) if cfg.metrics.generate else ()
             out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
                             max_new_tokens=cfg.metrics.max_new_tokens, stop=stop)
@@ -78,7 +79,8 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
                      layers=layers, fmt=asdict(make_format(**cfg.fmt)), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                      prompts=list(cfg.metrics.prompts) if cfg.metrics.generate else [],
-                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}))
+                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
+                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .container import default_cache_dir
+from .container import compute_settings, default_cache_dir, runtime_identity
 from .errors import SweepError
 from .grid import Plan
 from .job import cores_for_this_job, job_key
@@ -38,7 +38,7 @@ from .text import load_text
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 RECORD_BYTES = 6_000  # one point's record.json (written twice: the store and the job's directory)
-KV_BYTES = 2  # llama.cpp's default K/V cache type is F16
+KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Group:
     gen_prompts: tuple[str, ...] = ()
     max_new_tokens: int = 0
     kld: bool = True
+    n_gpu_layers: int = 0
     recompute: bool = False  # metrics.baseline_logits=recompute: no logits on disk, a baseline decode per point
     n_todo: int = 0  # its points not yet in the store
     n_new_baselines: int = 0  # its baselines not yet in the store
@@ -182,7 +183,7 @@ def _as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:
     return file_bytes + sum(4 * n - b for name, (b, n) in tensors.items() if name in names)
 
 
-def _kv_bytes(meta: dict, arch: str, n_ctx: int) -> int:
+def _kv_bytes(meta: dict, arch: str, n_ctx: int, kv_type: str) -> int:
     def first(key, default):
         value = meta.get(f"{arch}.{key}", default)
         return max(value) if isinstance(value, list) else value
@@ -193,7 +194,7 @@ def _kv_bytes(meta: dict, arch: str, n_ctx: int) -> int:
     n_embd = int(first("embedding_length", 0))
     k = int(first("attention.key_length", n_embd // n_head))
     v = int(first("attention.value_length", n_embd // n_head))
-    return n_ctx * n_layers * n_head_kv * (k + v) * KV_BYTES
+    return n_ctx * n_layers * n_head_kv * (k + v) * KV_BYTES[kv_type]
 
 
 def costs(plan: Plan) -> Costs:
@@ -225,6 +226,7 @@ def costs(plan: Plan) -> Costs:
         n_ctx = int(cfg.data.n_ctx)
         n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_chunks))]
         recompute = OmegaConf.select(cfg, "metrics.baseline_logits", default="store") == "recompute"
+        settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
         gkey = (source, cfg.model.container, n_ctx, n_windows)
         group = groups.get(gkey)
         if group is None:
@@ -235,9 +237,10 @@ def costs(plan: Plan) -> Costs:
             group = groups[gkey] = Group(
                 source, cfg.model.container, n_ctx, n_windows, info.n_vocab,
                 _as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,
-                cpath is not None and not cpath.exists(), _kv_bytes(meta, info.arch, n_ctx),
+                cpath is not None and not cpath.exists(), _kv_bytes(meta, info.arch, n_ctx, settings.kv_type),
                 gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
-                max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld), recompute=recompute)
+                max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
+                n_gpu_layers=int(cfg.model.n_gpu_layers), recompute=recompute)
         matched = matched_targets(cfg.model.container, info, target)
         if matched:
             group.copy_bytes = max(group.copy_bytes, _as_f32(file_bytes, tensors, set(matched)))
@@ -245,7 +248,8 @@ def costs(plan: Plan) -> Costs:
             n_stored += 1
             continue
         group.n_todo += 1
-        bkey = baseline_key(sha256(source), cfg.model.container, matched, texts[data_key], n_ctx, n_windows)
+        bkey = baseline_key(sha256(source), cfg.model.container, matched, texts[data_key], n_ctx, n_windows,
+                            runtime_identity(settings))
         if bkey not in baselines:
             with_logits = bool(cfg.metrics.kld) and not recompute
             stored = (store.root / "baselines" / f"{bkey}.npz").exists() and \
@@ -310,7 +314,8 @@ def time_one_window(group: Group, text_path, threads: int) -> Timing:
     on_container = group.container_path is not None and not group.container_missing
     file = group.container_path if on_container else group.source
     t0 = time.perf_counter()
-    with Backend(file, group.n_ctx, threads, writable_weights=True) as b:  # loaded as a job loads it
+    settings = compute_settings(group.container, group.n_gpu_layers)
+    with Backend(file, group.n_ctx, threads, settings=settings, writable_weights=True) as b:  # as a job loads it
         load_s = time.perf_counter() - t0
         tokens = b.tokenize(load_text(text_path).text)
         w = make_windows(tokens, group.n_ctx, 1, b.bos if b.add_bos else None)

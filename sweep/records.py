@@ -131,7 +131,34 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
     df["layer"] = df["layer"].astype("Int64")  # NA for points over several blocks or none
     order = ["kind", "tensor", "fmt", "layer"]
-    return df.sort_values([c for c in order if c in df]).reset_index(drop=True)
+    return add_q_values(df.sort_values([c for c in order if c in df]).reset_index(drop=True))
+
+
+# metric -> its per-point p-value column (metrics.summarize); each gets a q-value column over the whole table
+P_VALUES = {"delta_nll": "delta_nll_p"}
+
+
+def add_q_values(df: pd.DataFrame) -> pd.DataFrame:
+    """Benjamini-Hochberg q-values per tested metric (`delta_nll_q`), over every measured (`ok`) point of the table.
+
+    A point's `significant` holds its own test at level alpha: in a table of 30 points, 1.5 are flagged by chance.
+    q <= alpha instead bounds the expected fraction of false discoveries among the points so marked (the FDR) at
+    alpha. An ok point without a p-value (stopped early: untested) counts as p = 1, so it adds to the number of
+    tests (conservative) and its q is empty. Diverged, no-op and failed points are not tests.
+    """
+    from scipy.stats import false_discovery_control
+
+    for metric, p_col in P_VALUES.items():
+        if p_col not in df:
+            continue
+        q_col = metric + "_q"
+        df[q_col] = math.nan
+        tested = df["status"].eq("ok")
+        if tested.any():
+            p = pd.to_numeric(df.loc[tested, p_col], errors="coerce")
+            q = pd.Series(false_discovery_control(p.fillna(1.0).to_numpy(float), method="bh"), index=p.index)
+            df.loc[tested, q_col] = q.where(p.notna())
+    return df
 
 
 def write_table(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
@@ -157,8 +184,8 @@ def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -
     measured["_order"] = damage.where(measured["status"] == "ok", math.inf)  # diverged: the worst of all
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
-    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "significant", "kld_significant", "ppl",
-            "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db"]
+    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "delta_nll_p", "delta_nll_q",
+            "significant", "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db"]
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
     return out if top is None else out.head(top)
@@ -172,15 +199,19 @@ def format_ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int = 20) -
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     ranked = ranking(df, metric, top)
     n_measured = int(df["status"].isin(["ok", "diverged"]).sum())
-    lines = [f"most sensitive first by {metric} ({len(ranked)} of {n_measured} measured points; "
-             f"± paired stderr, * significant):"]
+    alpha = float(df["alpha"].dropna().iloc[0]) if "alpha" in df and df["alpha"].notna().any() else 0.05
+    n_tested = int(df["status"].eq("ok").sum())
+    lines = [f"most sensitive first by {metric} ({len(ranked)} of {n_measured} measured points; ± paired stderr; "
+             f"* ΔNLL q <= {alpha:g}: Benjamini-Hochberg false discovery rate over the {n_tested} ok points):"]
     for i, r in ranked.iterrows():
         err = f" ± {r[stderr]:.4g}" if stderr and stderr in r and pd.notna(r[stderr]) else ""
-        flag = "kld_significant" if metric.startswith("kld") else "significant"
-        star = " *" if r.get(flag) is True else ""
-        extra = ""
+        q = r.get("delta_nll_q")
+        star = " *" if q is not None and pd.notna(q) and q <= alpha else ""
+        stopped = r.get("stopped_early")
+        extra = f"  q {q:.2g}" if q is not None and pd.notna(q) else \
+            ("  (stopped early: untested)" if pd.notna(stopped) and bool(stopped) else "")
         if "kld_mean" in r and pd.notna(r.get("kld_mean")):
-            extra = f"  KLD {r['kld_mean']:.3g}  top-1 {100 * r['top1_agree']:.2f}%"
+            extra += f"  KLD {r['kld_mean']:.3g}  top-1 {100 * r['top1_agree']:.2f}%"
         lines.append(f"{i:>4}. {r['kind']:<10} {r['tensor']:<12} L{str(r['layers']):<6} {r['fmt']:<24} "
                      f"{r[metric]:+.4g}{err}{star}   PPL {r['ppl']:.4f} (base {r['baseline_ppl']:.4f}){extra}"
                      + ("  DIVERGED" if r["status"] == "diverged" else ""))

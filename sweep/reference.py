@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend import Backend
-from .container import container_path
+from .backend import Backend, ComputeSettings
+from .container import compute_settings, container_path
 from .model_file import ModelInfo, model_info, resolve_model_path, sha256
 from .perplexity import Windows, make_windows
 from .text import Text, load_text
@@ -28,16 +28,16 @@ def default_threads(threads: int | None) -> int:
     return int(threads) if threads else (os.cpu_count() or 1)
 
 
-def load_backend(path: Path, n_ctx: int, threads: int, n_gpu_layers: int = 0) -> Backend:
+def load_backend(path: Path, n_ctx: int, threads: int, settings: ComputeSettings) -> Backend:
     """The loaded model for `path`, reused when the same one is asked for again."""
-    key = (str(path), n_ctx, threads, n_gpu_layers)
+    key = (str(path), n_ctx, threads, settings)
     if key not in _live or _live[key].closed:
         for old in _live.values():
             old.close()
         _live.clear()
-        log.info("loading %s (n_ctx %d, %d threads)", path.name, n_ctx, threads)
+        log.info("loading %s (n_ctx %d, %d threads, %s)", path.name, n_ctx, threads, settings)
         # Weights are loaded writable (no mmap) so that weight perturbations can be applied in place and undone.
-        _live[key] = Backend(path, n_ctx, threads, writable_weights=True, n_gpu_layers=n_gpu_layers)
+        _live[key] = Backend(path, n_ctx, threads, writable_weights=True, settings=settings)
     return _live[key]
 
 
@@ -75,7 +75,8 @@ def open_reference(model_cfg, data_cfg, run_cfg, inputs: Inputs | None = None) -
     cache_dir = Path(model_cfg.cache_dir) if model_cfg.get("cache_dir") else None
     file = container_path(inputs.source, model_cfg.container, cache_dir)
     threads = default_threads(run_cfg.threads)
-    backend = load_backend(file, int(data_cfg.n_ctx), threads, int(model_cfg.get("n_gpu_layers", 0)))
+    settings = compute_settings(model_cfg.container, int(model_cfg.get("n_gpu_layers", 0)))
+    backend = load_backend(file, int(data_cfg.n_ctx), threads, settings)
     key = (inputs.model_sha256, inputs.text.sha256)
     if key not in _tokens:
         _tokens[key] = backend.tokenize(inputs.text.text)

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 
-from . import __version__
 from .apply import Proof, applied
 from .backend import Backend
-from .container import tensors_to_f32
+from .container import runtime_identity, tensors_to_f32
 from .formats import Format
 from .generation import complete
 from .generation import summarize as summarize_generation
@@ -30,10 +29,11 @@ log = logging.getLogger(__name__)
 _baselines: dict[str, Score] = {}
 
 
-def baseline_key(model_sha256: str, container: str, matched, data_sha256: str, n_ctx: int, n_windows: int) -> str:
+def baseline_key(model_sha256: str, container: str, matched, data_sha256: str, n_ctx: int, n_windows: int,
+                 runtime: dict) -> str:
     """The store key of a baseline (the planner asks it too, to count the baselines already stored)."""
     return point_key(kind="baseline", model_sha256=model_sha256, container=container, matched=sorted(matched),
-                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows)
+                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime)
 
 
 def matched_targets(container: str, info, target: Target) -> tuple[str, ...]:
@@ -51,7 +51,8 @@ def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Stor
     computed once, then reused within the process and, through `store`, by every other process of any sweep
     (keyed by all that determines it)."""
     w = ref.windows
-    key = baseline_key(ref.model_sha256, ref.container, matched, ref.text.sha256, w.n_ctx, w.n_windows)
+    key = baseline_key(ref.model_sha256, ref.container, matched, ref.text.sha256, w.n_ctx, w.n_windows,
+                       runtime_identity(backend.settings))
     cached = _baselines.get(key)
     if cached is not None and (cached.logits is not None or not keep_logits):
         return cached
@@ -114,7 +115,8 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         # target tensors dequantized to F32, and its baseline is that same copy unrounded (container-matched).
         scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")
         copy = tensors_to_f32(ref.source, target.names, Path(scratch.name) / "matched.gguf")
-        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True)
+        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
+                          settings=ref.backend.settings)
         note = f"native container, {', '.join(target.names)} dequantized to F32"
     try:
         matched = target.names if scratch is not None else ()
@@ -138,13 +140,34 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             backend.close()
             scratch.cleanup()
     decoding = (backend.decode_seconds if scratch is not None else ref.backend.decode_seconds - decoding_before)
-    reason = proof.no_op_reason(target, fmt)
+    reason = proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
+    expected_calls = result.n_windows * len(target.names) if target.kind == "activation" else len(target.names)
     if result.diverged:
         status, reason = "diverged", result.diverged
+    elif proof.hook_calls != expected_calls:  # a node rounded twice, or never: the point is not what it names
+        status, reason = "failed", (f"the format was applied {proof.hook_calls} times, expected {expected_calls} "
+                                    f"({len(target.names)} node(s) x {result.n_windows} window(s))"
+                                    if target.kind == "activation" else
+                                    f"{proof.hook_calls} weight tensors written, expected {expected_calls}")
     if result.stopped_early:
         base = base.first(result.n_windows)  # paired: the baseline on the same windows
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding)
+
+
+def absorbed(run: Score, base: Score) -> str | None:
+    """Why a perturbation that changed values left the output untouched, or None when the output moved.
+
+    E.g. rounding V to fp16 when the V cache is F16 anyway: the hook ran and changed half the elements, yet every
+    logit is what it was. Such a point measured nothing and must not rank as "insensitive"."""
+    if run is base or run.diverged or run.argmax is None:
+        return None
+    cut = base.first(run.n_windows)
+    # (log-sum-exps are summed in float32 when paired, in float64 alone: they are not comparable bit for bit)
+    same = (np.array_equal(run.nll, cut.nll) and np.array_equal(run.argmax, cut.argmax)
+            and (run.kld is None or not run.kld.any()))
+    return ("absorbed downstream: the values changed but the scored output did not (NLL, KL and top token of "
+            "every scored token are exactly the baseline's)") if same else None
 
 
 def per_token(run: Score, base: Score) -> dict[str, np.ndarray]:
@@ -162,7 +185,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
     """One flat row of the results table."""
     diverged = out.status == "diverged"
     tokens = {} if diverged else per_token(out.score, out.baseline)
-    metrics = summarize(tokens, alpha) if tokens else {}
+    metrics = summarize(tokens, alpha, out.score.stopped_early) if tokens else {}
     # Per-window means (window i of every point is the same text): enough to replay any early-stopping rule.
     windows = {f"window_{name}": values.mean(axis=1).tolist() for name, values in tokens.items()}
     if tokens:
@@ -183,12 +206,13 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
         "targets": ",".join(target.names), "baseline": out.container_note,
-        "container": ref.container, "model": ref.source.name, "model_sha256": ref.model_sha256,
+        "container": ref.container, **runtime_identity(ref.backend.settings),
+        "model": ref.source.name, "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
         "n_chunks": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
         "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
-        "sweep_version": __version__, **windows,
+        **windows,
     }
 
 
@@ -198,8 +222,15 @@ def describe(rec: dict) -> str:
     if rec["status"] in ("no-op", "failed", "diverged"):
         return f"{head}: {rec['status'].upper()}, {rec['reason']}"
     return (f"{head}: PPL {rec['ppl']:.4f} vs {rec['baseline_ppl']:.4f} "
-            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}{' *' if rec.get('significant') else ''}), "
+            f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}{_p_value(rec)}), "
             f"KLD {rec.get('kld_mean', math.nan):.2e}, top-1 {100 * rec.get('top1_agree', math.nan):.2f}%, "
             f"changed {100 * rec['frac_changed']:.2f}% of {rec['n_elements']} elements, "
             f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}")
 
+
+def _p_value(rec: dict) -> str:
+    """The point's own ΔNLL test, printed as a p-value (per comparison: a sweep's table adds q-values)."""
+    if rec.get("stopped_early"):
+        return f", stopped early after {rec['n_chunks']} windows, untested"
+    p = rec.get("delta_nll_p")
+    return f", p {p:.2g}" if p is not None and math.isfinite(p) else ""

@@ -7,7 +7,7 @@ llama.cpp's graph -- so an unknown name is an error listing the valid ones, neve
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import SweepError
@@ -22,12 +22,26 @@ _BLOCK_WEIGHT = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<base>.+?)(\.weight)?$")
 _NOT_A_TARGET = re.compile(r"\(|^node_\d+$|^cache_|^leaf_")
 
 
+# An activation target may pick one of several graph nodes that share a name: `Qcur@rope` (by op) or `norm@1`
+# (the second computed node of that name, in graph order).
+SELECTOR = "@"
+
+
 @dataclass(frozen=True)
 class Target:
     kind: str  # "weight" | "activation"
-    tensor: str  # short name: "ffn_norm", "token_embd", "l_out", ...
+    tensor: str  # short name as asked: "ffn_norm", "token_embd", "l_out", "Qcur@rope", ...
     layers: tuple[int, ...]  # () for tensors outside the blocks
     names: tuple[str, ...]  # what is touched: GGUF tensor names or graph node names
+    # activations: which occurrence of each name (backend.NodeOccurrence.index), and whether that node's rows
+    # (its outermost axis) are tokens
+    occurrences: tuple[int, ...] = ()
+    token_rows: bool = True
+
+    @property
+    def nodes(self) -> frozenset[tuple[str, int]]:
+        """The (name, occurrence) pairs the activation hook rounds."""
+        return frozenset(zip(self.names, self.occurrences))
 
     @property
     def layer_label(self) -> str:
@@ -83,16 +97,39 @@ def global_node_names(node_names: Iterable[str]) -> list[str]:
     return sorted(n for n in node_names if not _NOT_A_TARGET.search(n) and not _LAYER_SUFFIX.match(n))
 
 
-def resolve(kind: str, tensor: str, layer, info: ModelInfo, node_names: Iterable[str] | None = None) -> Target:
-    """The concrete tensors/nodes for one point of the grid; raises SweepError naming the valid choices."""
+def computed(occurrences: Sequence) -> list:
+    """The occurrences that compute values; a view shares memory with its source, so rounding it rounds twice."""
+    return [o for o in occurrences if not o.view]
+
+
+def specs(base: str, occurrences: Sequence) -> list[tuple[str, object]]:
+    """How to name each computed node of one name: `base` when it is the only one, else `base@op`, or `base@k`
+    where two share an op as well."""
+    nodes = computed(occurrences)
+    if len(nodes) == 1:
+        return [(base, nodes[0])]
+    ops = [o.op for o in nodes]
+    return [(f"{base}{SELECTOR}{o.op if ops.count(o.op) == 1 else k}", o) for k, o in enumerate(nodes)]
+
+
+def advertised_nodes(nodes: Mapping[str, Sequence], layer: int = 0) -> list[tuple[str, object]]:
+    """Every activation target of one block: (spec, occurrence) by name -- the README's node list."""
+    return [(spec, o) for base in block_node_names(nodes) if f"{base}-{layer}" in nodes
+            for spec, o in specs(base, nodes[f"{base}-{layer}"])]
+
+
+def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, Sequence] | None = None) -> Target:
+    """The concrete tensors/nodes for one point of the grid; raises SweepError naming the valid choices.
+
+    `nodes`: the graph's nodes by name, each a list of backend.NodeOccurrence (needed for activations)."""
     if kind not in KINDS:
         raise SweepError(f"unknown kind={kind!r}; valid: {', '.join(KINDS)}")
     layers = parse_layers(layer, info.n_layers)
     if kind == "weight":
         return _resolve_weight(tensor, layers, info)
-    if node_names is None:
-        raise ValueError("activation targets need the graph's node names")
-    return _resolve_activation(tensor, layers, set(node_names))
+    if nodes is None:
+        raise ValueError("activation targets need the graph's nodes")
+    return _resolve_activation(tensor, layers, nodes)
 
 
 def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Target:
@@ -116,15 +153,47 @@ def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Ta
     return Target("weight", tensor, layers, names)
 
 
-def _resolve_activation(tensor: str, layers: tuple[int, ...], node_names: set[str]) -> Target:
-    block, outside = block_node_names(node_names), global_node_names(node_names)
+def _resolve_activation(tensor: str, layers: tuple[int, ...], nodes: Mapping[str, Sequence]) -> Target:
+    from .backend import PROBE_TOKENS
+
+    base, _, selector = tensor.partition(SELECTOR)
+    block, outside = block_node_names(nodes), global_node_names(nodes)
     valid = f"per-layer nodes: {', '.join(block)}; outside the blocks (layer=null): {', '.join(outside)}"
     if not layers:
-        if tensor not in outside:
-            raise SweepError(f"unknown graph node {tensor!r} outside the blocks; {valid}")
-        return Target("activation", tensor, (), (tensor,))
-    names = tuple(f"{tensor}-{i}" for i in layers)
-    missing = [n for n in names if n not in node_names]
-    if missing:
-        raise SweepError(f"the graph has no node {missing[0]!r}; {valid}")
-    return Target("activation", tensor, layers, names)
+        if base not in outside:
+            raise SweepError(f"unknown graph node {base!r} outside the blocks; {valid}")
+        names = (base,)
+    else:
+        names = tuple(f"{base}-{i}" for i in layers)
+        missing = [n for n in names if n not in nodes]
+        if missing:
+            raise SweepError(f"the graph has no node {missing[0]!r}; {valid}")
+    chosen = [_one_node(base, selector, name, nodes[name]) for name in names]
+    # The probe decodes PROBE_TOKENS tokens: a node whose outermost axis has that length has one row per token.
+    token_rows = all(len(o.shape) > 1 and o.shape[0] == PROBE_TOKENS for o in chosen)
+    return Target("activation", tensor, layers, names, tuple(o.index for o in chosen), token_rows)
+
+
+def _one_node(base: str, selector: str, name: str, occurrences: Sequence):
+    """Exactly one computed node of `name`, as `selector` says; else an error listing the occurrences."""
+    options = specs(base, occurrences)
+    listed = "; ".join(f"{spec}: {o.describe}" for spec, o in options)
+    every = ", ".join(o.describe for o in occurrences)
+    if not options:
+        raise SweepError(f"graph node {name!r} is only a view ({every}), never rounded: target the node it views "
+                         f"instead")
+    if not selector:
+        if len(options) > 1:
+            raise SweepError(f"{len(options)} computed graph nodes are named {name!r} ({listed}); pick one with "
+                             f"tensor={options[0][0]} or tensor={base}{SELECTOR}<index> (views are never rounded)")
+        return options[0][1]
+    nodes = computed(occurrences)
+    if selector.isdigit():
+        if int(selector) >= len(nodes):
+            raise SweepError(f"{base}{SELECTOR}{selector}: {name!r} has {len(nodes)} computed node(s) ({listed})")
+        return nodes[int(selector)]
+    matching = [o for o in nodes if o.op == selector]
+    if len(matching) != 1:
+        raise SweepError(f"{base}{SELECTOR}{selector} matches {len(matching)} computed node(s) named {name!r}; "
+                         f"valid: {listed}")
+    return matching[0]

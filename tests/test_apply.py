@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sweep.backend import Backend
-from sweep.container import f32_container, write_gguf_copy
+from sweep.container import compute_settings, f32_container, write_gguf_copy
 from sweep.errors import SweepError
 from sweep.formats import make_format
 from sweep.model_file import model_info, sha256
@@ -31,7 +31,7 @@ def rewritten_copy_nll(container, names, fmt, windows, dst, baseline):
     """The independent check: the same rounding done by rewriting a GGUF copy, then scoring that file against the
     same baseline (the same arithmetic: equal NLLs then mean equal logits)."""
     write_gguf_copy(container, dst, to_f32=lambda n, t: n in names, transform=lambda n, d: fmt(d))
-    with Backend(dst, windows.n_ctx, 2) as b:
+    with Backend(dst, windows.n_ctx, 2, settings=compute_settings("f32")) as b:
         return score(b, windows, progress=False, reference=baseline).nll
 
 
@@ -66,7 +66,7 @@ def test_weights_are_restored_after_a_run(tiny_ref):
     ("attn_norm", make_format("bf16"), N_CTX),
 ])
 def test_activation_is_read_back_equal_to_the_format_of_what_llama_computed(tiny_ref, node, fmt, last_rows):
-    target = resolve("activation", node, [0, 2], tiny_ref.info, tiny_ref.backend.node_names)
+    target = resolve("activation", node, [0, 2], tiny_ref.info, tiny_ref.backend.nodes)
     tiny_ref.backend.read_back = []
     try:
         out = run_point(tiny_ref, target, fmt, progress=False)
@@ -107,14 +107,14 @@ def test_user_model_file_is_never_written(tiny_model, wikitext, cache_dir):
     for container in ("native", "f32"):
         ref = open_reference(*make_cfg(tiny_model, wikitext, N_CTX, 2, container, cache_dir).values())
         for kind, tensor in [("weight", "ffn_norm"), ("weight", "ffn_down"), ("activation", "ffn_out")]:
-            target = resolve(kind, tensor, "all", ref.info, ref.backend.node_names)
+            target = resolve(kind, tensor, "all", ref.info, ref.backend.nodes)
             run_point(ref, target, make_format("int8"), progress=False)
     assert hashlib.sha256(tiny_model.read_bytes()).hexdigest() == digest
     assert tiny_model.stat().st_mtime == st.st_mtime
 
 
 def test_unknown_targets_fail_listing_the_valid_ones(tiny_ref):
-    info, nodes = tiny_ref.info, tiny_ref.backend.node_names
+    info, nodes = tiny_ref.info, tiny_ref.backend.nodes
     with pytest.raises(SweepError, match=r"graph has no node 'ffn_nrom-0'.*per-layer nodes: .*ffn_norm"):
         resolve("activation", "ffn_nrom", 0, info, nodes)
     with pytest.raises(SweepError, match=r"unknown weight tensor 'ffn_nrom'.*block tensors: .*ffn_norm"):
@@ -152,7 +152,7 @@ def test_seed_weight_ffn_norm_bf16_is_a_no_op(real_ref):
 @pytest.mark.real_model
 def test_seed_activation_ffn_norm_bf16_last_layer_is_applied(real_ref):
     last = real_ref.info.n_layers - 1
-    target = resolve("activation", "ffn_norm", last, real_ref.info, real_ref.backend.node_names)
+    target = resolve("activation", "ffn_norm", last, real_ref.info, real_ref.backend.nodes)
     out = run_point(real_ref, target, make_format("bf16"), progress=False)
     assert out.status == "ok" and out.proof.frac_changed > 0.9
     assert out.proof.hook_calls == 2 and out.proof.n_elements == 2 * 255 * 576
@@ -161,7 +161,7 @@ def test_seed_activation_ffn_norm_bf16_last_layer_is_applied(real_ref):
 
 @pytest.mark.real_model
 def test_zeroing_an_early_activation_destroys_perplexity(real_ref):
-    target = resolve("activation", "ffn_norm", 0, real_ref.info, real_ref.backend.node_names)
+    target = resolve("activation", "ffn_norm", 0, real_ref.info, real_ref.backend.nodes)
     out = run_point(real_ref, target, make_format("zero"), progress=False)
     assert out.baseline.ppl < 50 and out.score.ppl > 1e4
 

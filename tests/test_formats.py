@@ -22,7 +22,8 @@ SCALED_FORMATS = (
     + [make_format(n, scaled=True, granularity=g) for n in ("fp8_e4m3", "fp8_e5m2") for g in GRANULARITIES]
     + [make_format("int4"), make_format("int4", group_size=8), make_format("mxfp4")]
 )
-CAST_FORMATS = [make_format(n) for n in ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2")]
+CAST_FORMATS = [make_format(n) for n in ("bf16", "fp16")] + [make_format(n, scaled=False)
+                                                            for n in ("fp8_e4m3", "fp8_e5m2")]
 ALL_FORMATS = [make_format("none"), make_format("zero")] + CAST_FORMATS + SCALED_FORMATS
 NOT_ZERO = [f for f in ALL_FORMATS if f.name != "zero"]
 DTYPES = {
@@ -194,6 +195,21 @@ def test_few_distinct_values_per_block(fmt, x):
         assert len(np.unique(block[~np.isnan(block)])) <= len(np.unique(values))
 
 
+@pytest.mark.parametrize("fmt", SCALED_FORMATS, ids=fid)
+@pytest.mark.parametrize("seed", range(4))
+def test_at_most_the_code_count_per_block_on_blocks_larger_than_it(fmt, seed):
+    """Blocks of 1,024 (rows) or 4,096 (tensor) distinct inputs, far more than any format's codes (int8 255, e4m3
+    253, e5m2 247): a quantizer that kept values off its grid would leave more distinct values than codes."""
+    values, _ = grid_values(fmt)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(3, (4, 1024)) * 10.0 ** rng.uniform(-6, 6)).astype(np.float32)
+    n = block_len(fmt, x.shape)
+    codes = len(np.unique(values))
+    assert all(len(np.unique(b)) > min(codes, n // 2) for b in x.reshape(-1, n))  # the inputs are diverse
+    for block in fmt(x).reshape(-1, n):
+        assert len(np.unique(block)) <= codes
+
+
 # --- NaN / inf / saturation / zero policy -------------------------------------------------------------------------
 
 
@@ -264,10 +280,76 @@ def test_bf16_fp16_overflow_follows_ieee():
     np.testing.assert_array_equal(bf16(np.float32([big, -big, np.inf])), [np.inf, -np.inf, np.inf])
 
 
+# Hand-computed roundings, each with its bit pattern (bf16: the top 16 bits of the float32; fp16: IEEE binary16 as
+# Python's struct packs it), so that the casts are checked against arithmetic, not against the library they call.
+# bf16 keeps 7 fraction bits (ulp at 1 is 2**-7) and float32's exponent range (normal from 2**-126, subnormal step
+# 2**-133); fp16 keeps 10 (ulp at 1 is 2**-10), normal from 2**-14, subnormal step 2**-24, max 65504.
+BF16_CASES = [  # (input, expected value, expected bf16 bits)
+    (1.0 + 2**-8, 1.0, 0x3F80),  # tie between 1 (even) and 1 + 2**-7 (odd): to even
+    (1.0 + 2**-8 + 2**-16, 1.0 + 2**-7, 0x3F81),  # just above the tie: up
+    (1.0 + 3 * 2**-8, 1.0 + 2**-6, 0x3F82),  # tie between 1 + 2**-7 (odd) and 1 + 2**-6 (even): up, to even
+    (-(1.0 + 3 * 2**-8), -(1.0 + 2**-6), 0xBF82),
+    (1.0 + 2**-7 - 2**-20, 1.0 + 2**-7, 0x3F81),
+    (2**-133, 2**-133, 0x0001),  # the smallest subnormal is kept
+    (2**-134, 0.0, 0x0000),  # half of it: tie with 0, to even
+    (3 * 2**-134, 2**-132, 0x0002),  # 1.5 steps: tie between 1 (odd) and 2 (even) steps
+    (2**-126 - 2**-134, 2**-126, 0x0080),  # half a step below the smallest normal: up to it (even)
+    ((2 - 2**-7) * 2.0**127, (2 - 2**-7) * 2.0**127, 0x7F7F),  # the largest finite
+    ((2 - 2**-8 - 2**-16) * 2.0**127, (2 - 2**-7) * 2.0**127, 0x7F7F),  # below the overflow tie
+    ((2 - 2**-8) * 2.0**127, np.inf, 0x7F80),  # the tie between the max (odd) and 2**128: to even = overflow
+]
+FP16_CASES = [
+    (1.0 + 2**-11, 1.0, 0x3C00),
+    (1.0 + 3 * 2**-11, 1.0 + 2**-9, 0x3C02),
+    (-(1.0 + 3 * 2**-11), -(1.0 + 2**-9), 0xBC02),
+    (2**-24, 2**-24, 0x0001),  # the smallest subnormal
+    (2**-25, 0.0, 0x0000),  # tie with 0: to even
+    (2**-25 + 2**-40, 2**-24, 0x0001),
+    (3 * 2**-25, 2**-23, 0x0002),
+    (1023 * 2**-24, 1023 * 2**-24, 0x03FF),  # the largest subnormal
+    (1023.5 * 2**-24, 2**-14, 0x0400),  # tie with the smallest normal (even)
+    (65504.0, 65504.0, 0x7BFF),  # the largest finite
+    (65519.0, 65504.0, 0x7BFF),
+    (65520.0, np.inf, 0x7C00),  # the overflow tie: to even = inf
+    (-65520.0, -np.inf, 0xFC00),
+]
+
+
+@pytest.mark.parametrize("x, expected, bits", BF16_CASES, ids=[f"{c[0]!r}" for c in BF16_CASES])
+def test_bf16_rounds_to_nearest_even_by_hand(x, expected, bits):
+    assert np.float32(x) == x  # every input is exact in float32
+    y = make_format("bf16")(np.float32([x]))[0]
+    assert y == expected
+    assert int(np.float32(y).view(np.uint32)) == bits << 16  # bf16 is float32's upper half
+
+
+@pytest.mark.parametrize("x, expected, bits", FP16_CASES, ids=[f"{c[0]!r}" for c in FP16_CASES])
+def test_fp16_rounds_to_nearest_even_by_hand(x, expected, bits):
+    import struct
+
+    assert np.float32(x) == x
+    y = make_format("fp16")(np.float32([x]))[0]
+    assert y == expected
+    assert struct.unpack("<H", struct.pack("<e", float(y)))[0] == bits
+
+
+def test_fp8_is_scaled_per_tensor_by_default():
+    """Typical weights: e4m3 unscaled puts 0.0123 in its subnormal range (steps of 2**-9); scaled by amax/448 it
+    lands at 110.2 -> 112 (steps of 8 in [64, 128)), and -0.02 at -179.2 -> -176 (steps of 16 in [128, 256))."""
+    x = np.float32([[0.05, 0.0123], [-0.02, 0.0]])
+    scale = float(np.float32(0.05)) / 448  # one scale for the tensor, from its amax
+    expected = np.float32([[448 * scale, 112 * scale], [-176 * scale, 0.0]])
+    np.testing.assert_array_equal(make_format("fp8_e4m3")(x), expected)
+    assert expected[0, 1] == np.float32(0.0125)
+    # unscaled: 0.05 -> 12.8 steps of 2**-8 in [2**-5, 2**-4) -> 13; 0.0123 -> 6.3 subnormal steps of 2**-9 -> 6
+    np.testing.assert_array_equal(make_format("fp8_e4m3", scaled=False)(x),
+                                  np.float32([[13 * 2**-8, 6 * 2**-9], [-5 * 2**-8, 0.0]]))
+
+
 @pytest.mark.parametrize("name, fmax", [("fp8_e4m3", 448.0), ("fp8_e5m2", 57344.0)])
 def test_unscaled_fp8_saturates(name, fmax):
     x = np.float32([fmax, 2 * fmax, 1e30, -1e30, np.inf, -np.inf, np.nan, 1.0])
-    y = make_format(name)(x)
+    y = make_format(name, scaled=False)(x)
     np.testing.assert_array_equal(y, [fmax, fmax, fmax, -fmax, fmax, -fmax, np.nan, 1.0])
 
 
@@ -319,16 +401,23 @@ def test_labels():
     assert make_format("bf16").label == "bf16"
     assert make_format("int8").label == "int8/per_row"
     assert make_format("int8", granularity="per_token").label == "int8/per_token"
-    assert make_format("fp8_e4m3").label == "fp8_e4m3"
-    assert make_format("fp8_e4m3", scaled=True, granularity="per_tensor").label == "fp8_e4m3/scaled/per_tensor"
+    assert make_format("fp8_e4m3").label == "fp8_e4m3/scaled/per_tensor"  # fp8 is scaled by default, per tensor
+    assert make_format("fp8_e5m2", granularity="per_row").label == "fp8_e5m2/scaled/per_row"
+    assert make_format("fp8_e4m3", scaled=False).label == "fp8_e4m3/unscaled"
     assert make_format("int4").label == "int4/g32"
     assert make_format("mxfp4").label == "mxfp4/g32"
     assert len({f.label for f in ALL_FORMATS}) == len(ALL_FORMATS)
 
 
+def test_granularity_none_means_the_formats_default():
+    assert make_format("int8", granularity=None).granularity == "per_row"
+    assert make_format("fp8_e4m3", granularity=None) == make_format("fp8_e4m3", granularity="per_tensor")
+
+
 def test_unused_params_are_normalized():
     assert make_format("bf16", granularity="per_tensor", group_size=8) == make_format("bf16")
-    assert make_format("fp8_e5m2", granularity="per_tensor") == make_format("fp8_e5m2")
+    assert make_format("fp8_e5m2", granularity="per_tensor") == make_format("fp8_e5m2", scaled=True)
+    assert make_format("fp8_e5m2", scaled=False, granularity="per_row") == make_format("fp8_e5m2", scaled=False)
     assert make_format("int8", group_size=64) == make_format("int8")
     assert make_format("int4", granularity="per_tensor") == make_format("int4")
 
@@ -349,7 +438,7 @@ def test_unknown_name():
     assert all(name in one_line(err) for name in FORMATS)
 
 
-@pytest.mark.parametrize("bad", ["per_col", "", None])
+@pytest.mark.parametrize("bad", ["per_col", "", "PER_ROW"])
 def test_bad_granularity(bad):
     with pytest.raises(SweepError) as err:
         make_format("int8", granularity=bad)

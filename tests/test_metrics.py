@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 from scipy.special import logsumexp
 
 from sweep.apply import applied
 from sweep.formats import make_format
 from sweep.generation import Completion, first_departure
-from sweep.metrics import StopRule, blocked_stderr, summarize
+from sweep.metrics import StopRule, blocked_stderr, delta_nll_p, summarize
 from sweep.perplexity import WindowMath
-from sweep.records import Store
+from sweep import run as run_module
+from sweep.records import Store, add_q_values, format_ranking
 from sweep.reference import open_reference
 from sweep.run import record, run_point
 from sweep.targets import resolve
@@ -44,10 +47,12 @@ CASES = [("weight", "ffn_down", 1, make_format("int8")), ("activation", "l_out",
 
 @pytest.mark.parametrize("kind, tensor, layer, fmt", CASES)
 def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer, fmt, tiny_model, wikitext,
-                                                             cache_dir, tmp_path):
+                                                             cache_dir, tmp_path, monkeypatch):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir).values())
-    target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+    target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
+    monkeypatch.setattr(run_module, "_baselines", {})  # not served from another test's baseline in memory
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))  # the baseline goes through disk
+    assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in str(out.baseline.logits.filename)
     kld, top1, dnll = exact_metrics(ref, target, fmt)
     assert out.score.kld is not None
     np.testing.assert_allclose(out.score.kld, kld, rtol=1e-3, atol=1e-9)
@@ -63,10 +68,13 @@ def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer
 @pytest.mark.real_model
 @pytest.mark.parametrize("kind, tensor, layer, fmt", [("weight", "ffn_down", 5, make_format("bf16")),
                                                       ("activation", "l_out", 10, make_format("int8"))])
-def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path):
+def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path,
+                                                     monkeypatch):
     ref = open_reference(*make_cfg(None, wikitext, 512, 2, "f32", cache_dir).values())
-    target = resolve(kind, tensor, layer, ref.info, ref.backend.node_names)
+    target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
+    monkeypatch.setattr(run_module, "_baselines", {})
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))
+    assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in str(out.baseline.logits.filename)
     kld, top1, _ = exact_metrics(ref, target, fmt)
     assert kld.mean() < 2e-3  # small perturbations: the regime where rounding could drown the signal
     assert out.score.kld.mean() == pytest.approx(kld.mean(), rel=1e-3)
@@ -75,7 +83,7 @@ def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, w
 
 def test_identical_model_has_zero_kld_and_full_agreement(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 3, "f32", cache_dir).values())
-    target = resolve("activation", "l_out", 1, ref.info, ref.backend.node_names)
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     out = run_point(ref, target, make_format("none"), progress=False)
     assert out.status == "no-op"
     assert np.abs(out.score.kld).max() < 1e-12 and (out.score.argmax == out.baseline.argmax).all()
@@ -88,9 +96,63 @@ def test_significance_uses_t_quantiles_over_windows():
     assert not summarize(noise, 0.05)["significant"]
     shifted = {**noise, "dnll": noise["dnll"] + 1e-3}
     s = summarize(shifted, 0.05)
-    assert s["significant"] and s["kld_significant"]
+    assert s["significant"] and "kld_significant" not in s  # "KL = 0" is no hypothesis: any change rejects it
     assert s["delta_nll_stderr"] == pytest.approx(blocked_stderr(shifted["dnll"]))
+    means = shifted["dnll"].mean(axis=1)
+    t = means.mean() / (means.std(ddof=1) / 4)
+    assert s["delta_nll_p"] == pytest.approx(2 * stats.t.sf(abs(t), 15), rel=1e-9)
     assert summarize(shifted, 1e-300)["significant"] is False  # an absurdly strict level rejects nothing
+    stopped = summarize(shifted, 0.05, stopped_early=True)  # the same windows, chosen by a stopping rule
+    assert stopped["significant"] is False and math.isnan(stopped["delta_nll_p"])
+    assert delta_nll_p(np.zeros(8)) == 1.0 and delta_nll_p(np.full(8, 1e-3)) == 0.0  # no spread: exact answers
+
+
+def stopping_windows(rule: StopRule, window_means: np.ndarray) -> np.ndarray:
+    """Windows each simulated point scores under `rule`: asked after every window but the last, as
+    perplexity.score asks it."""
+    n_points, n = window_means.shape
+    stop = np.full(n_points, n)
+    for k in range(1, n):
+        newly = (stop == n) & rule.settled_means(window_means[:, :k])
+        stop[newly] = k
+    return stop
+
+
+def flagged(window_means: np.ndarray, stop: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """The `significant` flag that summarize gives each simulated point, on the windows it scored."""
+    return np.array([summarize({"dnll": m[:k, None]}, alpha, stopped_early=k < n)["significant"]
+                     for m, k in zip(window_means, stop)])
+
+
+def test_significant_keeps_its_level_under_early_stopping():
+    """A zero effect, 3000 simulated points of 16 windows each: the flag's false-positive rate stays at alpha (within
+    3 binomial standard errors) under every stopping rule -- the rule that waits for the sign (rtol=1), a rule that
+    stops negligible points (atol), a rule driven by another metric, and none."""
+    rng = np.random.default_rng(5)
+    n_points, n, alpha = 3000, 16, 0.05
+    means = rng.normal(0.0, 1e-3, (n_points, n))  # per-window mean ΔNLL of points without any effect
+    se = math.sqrt(alpha * (1 - alpha) / n_points)
+
+    sign = stopping_windows(StopRule("dnll", min_windows=4, rtol=1.0), means)
+    assert (sign < n).mean() > 0.15  # the rule stops a zero effect often ...
+    stopped_at = np.array([delta_nll_p(m[:k]) for m, k in zip(means, sign)])
+    assert (stopped_at < alpha).mean() > alpha + 10 * se  # ... with its interval off 0: no test (about 19%)
+    assert flagged(means, sign, n, alpha).mean() <= alpha + 3 * se
+
+    negligible = stopping_windows(StopRule("dnll", min_windows=4, rtol=1.0, atol=5e-4), means)
+    assert (negligible < n).mean() > 0.5
+    assert flagged(means, negligible, n, alpha).mean() <= alpha + 3 * se
+
+    # stopping on an independent quantity (KL) keeps exactly the full points' own level: alpha * P(full)
+    kld = rng.gamma(4.0, 2.5e-4, (n_points, n))  # per-window mean KL: positive, mean 1e-3, sd 5e-4
+    by_kld = stopping_windows(StopRule("kld", min_windows=4, rtol=0.25), kld)
+    full = (by_kld == n).mean()
+    assert 0.2 < full < 0.8
+    rate, expected = flagged(means, by_kld, n, alpha).mean(), alpha * full
+    assert abs(rate - expected) <= 3 * math.sqrt(expected * (1 - expected) / n_points)
+
+    rate = flagged(means, np.full(n_points, n), n, alpha).mean()  # no early stopping: the plain t-test's level
+    assert abs(rate - alpha) <= 3 * se
 
 
 def test_first_departure():
@@ -102,7 +164,7 @@ def test_first_departure():
 
 def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir).values())
-    target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.node_names)
+    target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.nodes)
     zero = run_point(ref, target, make_format("zero"), progress=False, prompts=("Hello",), max_new_tokens=8)
     same = run_point(ref, target, make_format("none"), progress=False, prompts=("Hello",), max_new_tokens=8)
     assert same.generation["gen_departed"] == 0 and same.generation["gen_first_departure"] is None
@@ -152,7 +214,7 @@ def test_early_stop_rule_settles_clear_effects_and_negligible_ones_but_not_noise
 
 def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 8, "f32", cache_dir).values())
-    target = resolve("activation", "l_out", 1, ref.info, ref.backend.node_names)
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     full = run_point(ref, target, make_format("int4"), progress=False)
     stopped = run_point(ref, target, make_format("int4"), progress=False,
                         stop=StopRule("dnll", min_windows=3, rtol=1.0))
@@ -162,4 +224,29 @@ def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_mode
     np.testing.assert_array_equal(stopped.score.kld, full.score.kld[:k])
     np.testing.assert_array_equal(stopped.baseline.nll, full.baseline.nll[:k])  # paired with the same windows
     rec = record(ref, target, make_format("int4"), stopped)
-    assert rec["n_chunks"] == k and rec["stopped_early"] and rec["significant"]
+    assert rec["n_chunks"] == k and rec["stopped_early"]
+    assert rec["significant"] is False and math.isnan(rec["delta_nll_p"])  # stopped by a rule: untested
+
+
+def test_q_values_are_benjamini_hochberg_over_the_tested_points_and_mark_the_ranking():
+    """BH by hand: m = 5 tested points (four p-values and an early-stopped point, untested, counted as p = 1);
+    sorted p = .008 .03 .04 .2 1 -> p * m / rank = .04 .075 .0667 .25 1 -> running minimum from the top:
+    q = .04 .0667 .0667 .25 (1). Diverged and no-op points are no tests."""
+    df = pd.DataFrame({
+        "status": ["ok", "ok", "ok", "ok", "ok", "diverged", "no-op"],
+        "delta_nll_p": [0.04, 0.008, 0.2, 0.03, math.nan, math.nan, 1.0],
+        "stopped_early": [False, False, False, False, True, False, False],
+    })
+    df["significant"] = df["delta_nll_p"] < 0.05
+    q = add_q_values(df.copy())["delta_nll_q"].to_numpy()
+    np.testing.assert_allclose(q[:4], [1 / 15, 0.04, 0.25, 1 / 15], rtol=1e-12)
+    assert np.isnan(q[4:]).all()
+    # the ranking marks by q: p = .008 (q .04) gets a star; p = .03 and .04 are significant on their own but not
+    # at a 5% false discovery rate
+    df = add_q_values(df).assign(kind="activation", tensor="l_out", layers=[str(i) for i in range(7)], fmt="int8",
+                                 ppl=10.0, baseline_ppl=10.0, delta_ppl=[4.0, 3.0, 2.0, 1.0, 0.5, math.inf, 0.0],
+                                 delta_ppl_stderr=0.1, alpha=0.05, reason="x")
+    lines = format_ranking(df, "delta_ppl").splitlines()
+    assert "* ΔNLL q <= 0.05" in lines[0] and "over the 5 ok points" in lines[0]
+    starred = [line.split()[3] for line in lines[1:7] if " * " in line]
+    assert starred == ["L1"] and "untested" in next(line for line in lines if " L4 " in line)

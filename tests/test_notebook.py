@@ -46,7 +46,11 @@ def test_curves_hold_one_series_per_tensor_kind_and_mark_no_ops(real_sweep):
     assert list(line.get_xdata()) == [0, 15, 29]
     assert len(panels["fmt = bf16"].collections) >= 2  # the activation's band and the no-op markers
     fig = plots.sensitivity_curves(df, "kld_mean")
-    assert panels and {ax.get_yscale() for ax in fig.axes} == {"log"}
+    kld_panels = {ax.get_title(): ax for ax in fig.axes}
+    assert set(kld_panels) == {"fmt = bf16", "fmt = int8/per_row"}
+    assert {ax.get_yscale() for ax in kld_panels.values()} == {"log"}
+    assert labels(kld_panels["fmt = int8/per_row"]) == {"ffn_norm (activation)", "ffn_norm (weight)"}
+    assert all((line.get_ydata() > 0).all() for line in kld_panels["fmt = int8/per_row"].get_lines()[:2])
     fig, rho = plots.proxy_scatter(df, "kld_mean")
     assert -1 <= rho <= 1 and "Spearman" in fig.axes[0].get_title()
     fig = plots.heatmaps(df, "kld_mean")

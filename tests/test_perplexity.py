@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sweep.backend import Backend
+from sweep.container import compute_settings
 from sweep.errors import SweepError
 from sweep.perplexity import make_windows, score
 from sweep.reference import open_reference
@@ -38,7 +39,7 @@ def independent_ppl(backend: Backend, tokens: np.ndarray, n_ctx: int, n_chunks: 
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model):
-    with Backend(tiny_model, N_CTX, 2) as b:
+    with Backend(tiny_model, N_CTX, 2, settings=compute_settings("native")) as b:
         yield b
 
 
@@ -75,7 +76,7 @@ def test_windows_are_independent_of_order(tiny_backend, tiny_tokens):
 
 def test_bos_replaces_the_first_token_when_the_vocab_asks(tmp_path, smollm2, wikitext):
     path = write_tiny_model(tmp_path / "bos.gguf", smollm2, add_bos=True)
-    with Backend(path, N_CTX, 2) as b:
+    with Backend(path, N_CTX, 2, settings=compute_settings("native")) as b:
         assert b.add_bos
         tokens = b.tokenize(wikitext.read_text()[:20000])
         assert tokens[0] == b.bos  # the whole text starts with BOS, as in llama-perplexity
@@ -100,10 +101,11 @@ def test_n_chunks_is_clamped_to_the_text_and_zero_means_all():
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("container, n_chunks, ppl, stderr", [
-    # `llama-perplexity -c 512 -b 512 --chunks N -t 2` on the same file and text (built from the llama-cpp-python
-    # 0.3.36 source package); the f32 row ran it on this project's F32 container of the file.
+    # `llama-perplexity -c 512 -b 512 --chunks N -t 2 -nr` plus each container's settings (native: -fa on -ctk f16
+    # -ctv f16; f32: -fa off -ctk f32 -ctv f32) on the same file and text, built from the llama-cpp-python 0.3.36
+    # source package; the f32 row ran it on this project's F32 container of the file.
     ("native", 8, 24.4742, 1.66354),
-    ("f32", 8, 24.3707, 1.65363),
+    ("f32", 8, 24.3706, 1.65361),
 ])
 def test_real_model_matches_llama_perplexity(container, n_chunks, ppl, stderr, wikitext, cache_dir):
     ref = open_reference(*make_cfg(None, wikitext, 512, n_chunks, container, cache_dir).values())

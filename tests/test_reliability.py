@@ -14,6 +14,7 @@ import pytest
 from gguf import GGUFWriter
 
 from sweep.model_file import resolve_model_path
+from sweep.perplexity import score
 from sweep.reference import open_reference
 from sweep.run import describe, record, run_point
 from sweep.targets import resolve
@@ -64,18 +65,21 @@ def bad_inputs(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], d
                                 {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
                                 "pass a local copy with data.path=/path/to/wiki.test.raw"),
         "unwritable runs dir": ([model, "layer=0", f"run.store={unwritable_dir(tmp_path)}"], {}, "cannot write to"),
+        "unwritable sweep dir": ([model, "layer=0", "hydra.sweep.dir=/proc/nope"], {}, "cannot write to /proc/nope"),
     }
 
 
 CASES = ["missing model", "not GGUF", "truncated GGUF", "unloadable architecture", "layer out of range",
          "unknown tensor", "unknown node", "unknown format", "bad format parameter", "text too short", "empty text",
-         "no dataset, no path", "unwritable runs dir"]
+         "no dataset, no path", "unwritable runs dir", "unwritable sweep dir"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_nonzero_exit_and_nothing_written(case, tmp_path, tiny_model, env):
     overrides, extra_env, message = bad_inputs(tmp_path, tiny_model)[case]
     args = tiny_args(tiny_model, tmp_path, *overrides)
+    if case == "unwritable sweep dir":  # the case's own sweep dir replaces the test's
+        args = [a for a in args if a != f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     if case == "no dataset, no path":
         env = {k: v for k, v in env.items() if k != "SWEEP_WIKITEXT"}
     proc = run_sweep(args, {**env, **extra_env}, check=False)
@@ -105,14 +109,14 @@ class NaNFormat:
 
 def test_non_finite_logits_are_recorded_as_diverged_and_the_model_stays_usable(tiny_model, wikitext, cache_dir):
     ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir).values())
-    target = resolve("activation", "ffn_out", 1, ref.info, ref.backend.node_names)
+    target = resolve("activation", "ffn_out", 1, ref.info, ref.backend.nodes)
+    before = score(ref.backend, ref.windows, progress=False).nll
     out = run_point(ref, target, NaNFormat(), progress=False)
     rec = record(ref, target, NaNFormat(), out)
     assert rec["status"] == "diverged" and rec["reason"] == "non-finite logits in window 0 at position 32"
     assert "DIVERGED" in describe(rec) and rec["delta_ppl"] == float("inf")
-    from sweep.formats import make_format
-    healthy = run_point(ref, target, make_format("bf16"), progress=False)
-    assert healthy.status == "ok" and np.isfinite(healthy.score.nll).all()
+    # usable: the same model, unperturbed, scores exactly what it scored before the divergence
+    np.testing.assert_array_equal(score(ref.backend, ref.windows, progress=False).nll, before)
 
 
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tiny_model, tmp_path, env):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -17,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from sweep.errors import SweepError
 from sweep.grid import CONF_DIR, plan
 from sweep.job import cores_for_this_job
+from sweep.metrics import StopRule
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_COLUMNS = ["layer", "tensor", "kind", "fmt", "status", "ppl", "ppl_stderr", "baseline_ppl", "delta_ppl",
@@ -67,6 +69,8 @@ def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):
     (["layer=1", "fmt.granulrity=x"], "Key 'granulrity' not in 'FormatConfig'"),
     (["layer=1", "kind=weights"], "unknown kind='weights'; valid: weight, activation"),
     (["layer=1", "model.container=q8"], "unknown model.container='q8'; valid: f32, native"),
+    (["layer=1", "kind=activation", "tensor=Qcur"], "2 computed graph nodes are named 'Qcur-1'"),
+    (["layer=1", "kind=activation", "tensor=kq", "fmt=int8"], "node 'kq' does not have one row per token"),
 ])
 def test_bad_configs_fail_before_any_job_with_one_line(args, message, tiny_model, tmp_path, env):
     proc = run_sweep(tiny_args(tiny_model, tmp_path, *args), env, check=False)
@@ -118,16 +122,27 @@ def test_sequential_sweep_writes_one_row_per_point_and_loads_the_model_once(tiny
 
 
 def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model, tmp_path, env):
-    axes = ["layer=0,1", "fmt=zero", "kind=activation", "tensor=l_out"]
-    early = ["metrics.early_stop.enabled=true", "metrics.early_stop.min_windows=2", "metrics.early_stop.atol=1e3"]
+    # a rule that stops points whose ΔNLL is confidently below 2e-3 nats: rounding the residual stream to bf16 moves
+    # ΔNLL by ~1e-4 per window, so 2 windows settle it; zeroing it moves ΔNLL by 0.02-0.11 nats from window to
+    # window, so the same rule lets that point score all 3
+    axes = ["layer=1", "fmt=zero,bf16", "kind=activation", "tensor=l_out"]
+    early = ["metrics.early_stop.enabled=true", "metrics.early_stop.min_windows=2", "metrics.early_stop.atol=2e-3"]
     run_sweep(tiny_args(tiny_model, tmp_path, *axes, *early, sweep_dir="early"), env)
-    df = read_table(tmp_path / "early")
-    assert df["stopped_early"].all() and (df["n_chunks"] == 2).all()  # any |ΔNLL| < 1000 nats is settled at once
-    assert df["window_dnll"].map(len).eq(2).all() and df["window_baseline_nll"].map(len).eq(2).all()
+    df = read_table(tmp_path / "early").set_index("fmt")
+    assert df.loc["bf16", "stopped_early"] and df.loc["bf16", "n_chunks"] == 2
+    assert not df.loc["zero", "stopped_early"] and df.loc["zero", "n_chunks"] == 3
+    assert len(df.loc["bf16", "window_dnll"]) == 2 and len(df.loc["bf16", "window_baseline_nll"]) == 2
+    assert not df.loc["bf16", "significant"] and pd.isna(df.loc["bf16", "delta_nll_p"])  # stopped: untested
+    assert pd.notna(df.loc["zero", "delta_nll_p"]) and pd.notna(df.loc["zero", "delta_nll_q"])
     full = run_sweep(tiny_args(tiny_model, tmp_path, *axes, sweep_dir="full"), env)
     assert "already done" not in full.stderr  # an early-stopped record never stands in for a full one
-    df = read_table(tmp_path / "full")
-    assert not df["stopped_early"].any() and (df["n_chunks"] == 3).all()
+    df_full = read_table(tmp_path / "full").set_index("fmt")
+    assert not df_full["stopped_early"].any() and (df_full["n_chunks"] == 3).all()
+    # the decisions are the rule's on the data: replayed on the full points' first 2 windows, it stops the same ones
+    rule = StopRule("dnll", min_windows=2, atol=2e-3)
+    for fmt in ("zero", "bf16"):
+        first_two = np.asarray(df_full.loc[fmt, "window_dnll"][:2])
+        assert bool(rule.settled_means(first_two)) == df.loc[fmt, "stopped_early"]
     bad = run_sweep(tiny_args(tiny_model, tmp_path, *axes, "metrics.early_stop.enabled=true",
                               "metrics.early_stop.min_windows=1", sweep_dir="bad"), env, check=False)
     assert bad.returncode == 2 and "metrics.early_stop needs min_windows >= 2" in bad.stderr

@@ -3,8 +3,8 @@
 Small enough to decode a 64-token window in milliseconds, real enough for llama.cpp to load and run. Three
 architectures, so that no name or shape assumption of one graph hides in the code:
 
-* `llama`: the same architecture and tensor layout as SmolLM2 (tied embeddings, Q4_1 matmuls, a Q8_0 token
-  embedding, F32 norms);
+* `llama`: the same architecture and tensor layout as SmolLM2 (tied embeddings, Q4_1 matmuls unless `matmul_type`
+  says otherwise, a Q8_0 token embedding, F32 norms);
 * `gemma3`: Gemma 3's block (vendored llama.cpp, src/models/gemma3.cpp): per-head Q/K norms, norms after attention
   and after the FFN (`post_attention_norm`, `post_ffw_norm`), a head size (key_length) that is not n_embd / n_head,
   so Q/K/V are not square, a sliding window on some layers (an explicit per-layer pattern) and a final logit
@@ -32,7 +32,7 @@ Q = GGMLQuantizationType
 
 
 def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None,
-                     arch: str = "llama") -> Path:
+                     matmul_type: Q = Q.Q4_1, arch: str = "llama") -> Path:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; tiny models exist for {', '.join(ARCHITECTURES)}")
     reader = GGUFReader(tokenizer_source)
@@ -91,9 +91,9 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     q_dim, kv_dim = head_dim * N_HEAD, head_dim * N_HEAD_KV  # numpy shapes are (out, in)
     for i in range(N_LAYERS):
         norm(f"blk.{i}.attn_norm.weight")
-        add(f"blk.{i}.attn_q.weight", (q_dim, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.attn_k.weight", (kv_dim, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.attn_v.weight", (kv_dim, N_EMBD), Q.Q4_1)
+        add(f"blk.{i}.attn_q.weight", (q_dim, N_EMBD), matmul_type)
+        add(f"blk.{i}.attn_k.weight", (kv_dim, N_EMBD), matmul_type)
+        add(f"blk.{i}.attn_v.weight", (kv_dim, N_EMBD), matmul_type)
         if arch == "qwen2":
             add(f"blk.{i}.attn_q.bias", (q_dim,), Q.F32, scale=0.5)
             add(f"blk.{i}.attn_k.bias", (kv_dim,), Q.F32, scale=0.5)
@@ -101,13 +101,13 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         if arch == "gemma3":
             norm(f"blk.{i}.attn_q_norm.weight", head_dim)
             norm(f"blk.{i}.attn_k_norm.weight", head_dim)
-        add(f"blk.{i}.attn_output.weight", (N_EMBD, q_dim), Q.Q4_1)
+        add(f"blk.{i}.attn_output.weight", (N_EMBD, q_dim), matmul_type)
         if arch == "gemma3":
             norm(f"blk.{i}.post_attention_norm.weight")
         norm(f"blk.{i}.ffn_norm.weight")
-        add(f"blk.{i}.ffn_gate.weight", (N_FF, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.ffn_up.weight", (N_FF, N_EMBD), Q.Q4_1)
-        add(f"blk.{i}.ffn_down.weight", (N_EMBD, N_FF), Q.Q4_1)
+        add(f"blk.{i}.ffn_gate.weight", (N_FF, N_EMBD), matmul_type)
+        add(f"blk.{i}.ffn_up.weight", (N_FF, N_EMBD), matmul_type)
+        add(f"blk.{i}.ffn_down.weight", (N_EMBD, N_FF), matmul_type)
         if arch == "gemma3":
             norm(f"blk.{i}.post_ffw_norm.weight")
     writer.write_header_to_file()
