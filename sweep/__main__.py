@@ -13,6 +13,7 @@ from . import config  # noqa: F401  (registers the schemas)
 from .cli import exit_on_user_error
 from .grid import plan, wants_hydra_only
 from .job import run_job
+from .planning import check_resources, costs, print_plan
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -21,12 +22,22 @@ def sweep_app(cfg: DictConfig) -> dict:
     return run_job(cfg, Path(hc.runtime.output_dir), hc.launcher)
 
 
+PLAN_FLAG = "--plan"
+
+
 def main() -> None:
     argv = sys.argv[1:]
-    if not wants_hydra_only(argv):
-        # Validate the whole grid before Hydra launches anything; resolve layer=each from the model.
+    if PLAN_FLAG in argv:  # ours, not Hydra's: print what the sweep would cost, then stop
         overrides = [a for a in argv if not a.startswith("-")]
-        sys.argv += exit_on_user_error(plan, overrides).extra_argv
+        exit_on_user_error(print_plan, overrides)
+        sys.exit(0)
+    if not wants_hydra_only(argv):
+        # Validate the whole grid before Hydra launches anything; resolve layer=each from the model; stop here
+        # if the store would not fit the disk.
+        overrides = [a for a in argv if not a.startswith("-")]
+        grid = exit_on_user_error(plan, overrides)
+        exit_on_user_error(lambda: check_resources(costs(grid)))
+        sys.argv += grid.extra_argv
     sweep_app()
 
 

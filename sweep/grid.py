@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import config  # noqa: F401  (registers the schemas)
 from . import ggml_formats
@@ -26,7 +26,7 @@ from .formats import make_format
 from .gencheck import generation_mode
 from .metrics import RANKABLE
 from .model_file import ModelInfo, model_info, resolve_model_path
-from .targets import KINDS, resolve
+from .targets import KINDS, Target, resolve
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
@@ -55,6 +55,11 @@ def _compose(overrides: list[str], with_hydra: bool = False):
 class Plan:
     jobs: list[list[str]]  # the override list of every job, in launch order
     extra_argv: list[str] = field(default_factory=list)  # what to append to argv (the expanded layer=each)
+    # What the checks learned, for `planning.py` (what the sweep will cost): each job's composed config and
+    # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_chunks).
+    points: list[tuple[DictConfig, Target]] = field(default_factory=list)
+    launcher: DictConfig | None = None
+    n_windows: dict[tuple, int] = field(default_factory=dict)
 
 
 class _Checker:
@@ -64,6 +69,8 @@ class _Checker:
         self.infos: dict[str, ModelInfo] = {}
         self.nodes: dict[tuple, dict] = {}  # (path, compute settings) -> the graph's nodes
         self.probed: set = set()
+        self.tokens: dict[tuple, object] = {}
+        self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_chunks) -> windows scored
 
     def info(self, path) -> ModelInfo:
         key = str(path)
@@ -84,16 +91,18 @@ class _Checker:
         from .text import load_text
 
         key = (str(path), text_path, n_ctx, settings)
-        if key in self.probed:
-            return
-        text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
-        with Backend(self.info(path).path, 32, 1, settings=settings) as b:  # small: names and tokens need no more
-            self.nodes[(str(path), settings)] = b.nodes
-            if text is not None:
-                make_windows(b.tokenize(text.text), n_ctx, n_chunks, None)
-        self.probed.add(key)
+        if key not in self.probed:
+            text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
+            with Backend(self.info(path).path, 32, 1, settings=settings) as b:  # small: names and tokens need no more
+                self.nodes[(str(path), settings)] = b.nodes
+                if text is not None:
+                    self.tokens[key] = b.tokenize(text.text)
+            self.probed.add(key)
+        if n_ctx and (str(path), text_path, n_ctx, n_chunks) not in self.n_windows:
+            self.n_windows[(str(path), text_path, n_ctx, n_chunks)] = make_windows(
+                self.tokens[key], n_ctx, n_chunks, None).n_windows
 
-    def check(self, cfg) -> None:
+    def check(self, cfg) -> Target:
         fmt = make_format(**cfg.fmt)
         if cfg.metrics.rank_by not in RANKABLE:
             raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
@@ -127,6 +136,7 @@ class _Checker:
             raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
         ggml_formats.preflight(fmt, cfg.kind, target.names)
+        return target
 
 
 def plan(overrides: list[str]) -> Plan:
@@ -153,13 +163,15 @@ def plan(overrides: list[str]) -> Plan:
             extra = [f"layer={','.join(map(str, range(n_layers)))}"]
             jobs = BasicSweeper.split_arguments(parser.parse_overrides(
                 [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
+        points = []
         for job in jobs:
-            checker.check(_compose(job))
+            cfg = _compose(job)
+            points.append((cfg, checker.check(cfg)))
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))
     if not jobs:
         raise SweepError("the sweep has no points")
-    return Plan(jobs, extra)
+    return Plan(jobs, extra, points, base.hydra.launcher, checker.n_windows)
 
 
 def check_writable(directory: Path) -> None:

@@ -48,17 +48,8 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     inputs = load_inputs(cfg.model, cfg.data)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
     stop = stop_rule(cfg.metrics)
-    # metrics.generate: true checks every point here; top:N only the worst, after the sweep (sweep/gencheck.py)
-    generate_here = generation_mode(cfg.metrics.generate) is None
-    key = point_key(model_sha256=inputs.model_sha256, container=cfg.model.container, data_sha256=inputs.text.sha256,
-                    n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
-                    layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
-                    prompts=list(cfg.metrics.prompts) if generate_here else [],
-                    max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
-                    **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
-                    runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
-    # Not in the key: metrics.baseline_logits (store and recompute give the same numbers, tests/test_vocab.py), like
-    # run.threads; the record says which was used.
+    key = job_key(cfg, inputs.model_sha256, inputs.text.sha256, layers)
+    generate_here = generation_mode(cfg.metrics.generate) is None  # top:N: after the sweep (gencheck.py)
     rec = store.point(key)
     reused = rec is not None
     if reused:
@@ -87,6 +78,25 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
 def fmt_key(fmt) -> dict:
     """The format's part of a point's key; `imatrix` only when set, so that keys of other formats stay as before."""
     return {k: v for k, v in asdict(fmt).items() if k != "imatrix" or v is not None}
+
+
+def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[int, ...]) -> str:
+    """The store key of this job's point: everything that determines its result (the planner asks it too, to
+    count the points a sweep will not recompute).
+
+    Not in the key: metrics.baseline_logits (store and recompute give the same numbers, tests/test_vocab.py), like
+    run.threads; the record says which was used."""
+    stop = stop_rule(cfg.metrics)
+    fmt = make_format(**cfg.fmt)
+    # metrics.generate: true checks every point in its job; top:N only the worst, after the sweep (gencheck.py)
+    generate_here = generation_mode(cfg.metrics.generate) is None
+    return point_key(model_sha256=model_sha256, container=cfg.model.container, data_sha256=data_sha256,
+                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
+                     layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
+                     prompts=list(cfg.metrics.prompts) if generate_here else [],
+                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
+                     **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
+                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

@@ -29,15 +29,30 @@ log = logging.getLogger(__name__)
 _baselines: dict[str, Score] = {}
 
 
+def baseline_key(model_sha256: str, container: str, matched, data_sha256: str, n_ctx: int, n_windows: int,
+                 runtime: dict) -> str:
+    """The store key of a baseline (the planner asks it too, to count the baselines already stored)."""
+    return point_key(kind="baseline", model_sha256=model_sha256, container=container, matched=sorted(matched),
+                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime)
+
+
+def matched_targets(container: str, info, target: Target) -> tuple[str, ...]:
+    """The tensors a point's baseline has dequantized to F32: none, except for a weight point in the native
+    container whose targets are quantized (it runs on a copy with those tensors in F32: see `run_point`)."""
+    if target.kind == "weight" and container == "native" and \
+            any(info.tensor_types.get(n) != "F32" for n in target.names):
+        return target.names
+    return ()
+
+
 def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Store | None = None,
                    matched: tuple[str, ...] = (), keep_logits: bool = True) -> Score:
     """The unperturbed score on the reference windows, with its raw logits (for exact KL) unless told not to:
     computed once, then reused within the process and, through `store`, by every other process of any sweep
     (keyed by all that determines it)."""
     w = ref.windows
-    key = point_key(kind="baseline", model_sha256=ref.model_sha256, container=ref.container, matched=sorted(matched),
-                    data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows,
-                    runtime=runtime_identity(backend.settings))
+    key = baseline_key(ref.model_sha256, ref.container, matched, ref.text.sha256, w.n_ctx, w.n_windows,
+                       runtime_identity(backend.settings))
     cached = _baselines.get(key)
     if cached is not None and (cached.logits is not None or not keep_logits):
         return cached
@@ -98,8 +113,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
     backend, note, scratch = ref.backend, f"{ref.container} container", None
-    if target.kind == "weight" and any(ref.info.tensor_types.get(n) != "F32" for n in target.names) \
-            and ref.container == "native":
+    if matched_targets(ref.container, ref.info, target):
         # A quantized tensor cannot hold the format's values: this point runs on a copy of the file with only the
         # target tensors dequantized to F32, and its baseline is that same copy unrounded (container-matched).
         scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")

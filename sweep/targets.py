@@ -15,7 +15,9 @@ from .model_file import ModelInfo
 
 KINDS = ("weight", "activation")
 _LAYER_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
-_BLOCK_WEIGHT = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<base>.+)\.weight$")
+# A weight's short name is its GGUF name without the block prefix and without ".weight"; any other tensor keeps its
+# suffix (qwen2's `blk.N.attn_q.bias` is `attn_q.bias`), so biases can be targeted too and never pass for weights.
+_BLOCK_WEIGHT = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<base>.+?)(\.weight)?$")
 # Graph nodes that are not meaningful targets: views/permutes of named nodes, unnamed nodes, KV-cache views.
 _NOT_A_TARGET = re.compile(r"\(|^node_\d+$|^cache_|^leaf_")
 
@@ -78,8 +80,12 @@ def block_weight_names(info: ModelInfo) -> list[str]:
 
 
 def global_weight_names(info: ModelInfo) -> list[str]:
-    return sorted(n.removesuffix(".weight") for n in info.tensor_types
-                  if not n.startswith("blk.") and n.endswith(".weight"))
+    return sorted(n.removesuffix(".weight") for n in info.tensor_types if not n.startswith("blk."))
+
+
+def _tensor_name(prefix: str, short: str, info: ModelInfo) -> str:
+    """The GGUF name of a short name: `attn_q` -> `blk.3.attn_q.weight`, `attn_q.bias` -> `blk.3.attn_q.bias`."""
+    return f"{prefix}{short}.weight" if f"{prefix}{short}.weight" in info.tensor_types else f"{prefix}{short}"
 
 
 def block_node_names(node_names: Iterable[str]) -> list[str]:
@@ -132,7 +138,7 @@ def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Ta
     if tensor in outside and tensor not in block:
         if layers:
             raise SweepError(f"weight {tensor!r} is not in a block: set layer=null for it ({valid})")
-        return Target("weight", tensor, (), (f"{tensor}.weight",))
+        return Target("weight", tensor, (), (_tensor_name("", tensor, info),))
     if tensor not in block:
         hint = ""
         if tensor == "output" and "token_embd.weight" in info.tensor_types:
@@ -140,7 +146,7 @@ def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Ta
         raise SweepError(f"unknown weight tensor {tensor!r} in {info.path.name}{hint}; {valid}")
     if not layers:
         raise SweepError(f"weight {tensor!r} lives in every block: give layer=N, layer=[..] or layer=all")
-    names = tuple(f"blk.{i}.{tensor}.weight" for i in layers)
+    names = tuple(_tensor_name(f"blk.{i}.", tensor, info) for i in layers)
     missing = [n for n in names if n not in info.tensor_types]
     if missing:
         raise SweepError(f"{info.path.name} has no tensor {missing[0]}; {valid}")

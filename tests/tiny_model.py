@@ -1,7 +1,18 @@
-"""A tiny random-weight llama GGUF, written with gguf's writer, with SmolLM2's tokenizer metadata.
+"""Tiny random-weight GGUFs, written with gguf's writer, with SmolLM2's tokenizer metadata.
 
-Small enough to decode a 64-token window in milliseconds, real enough for llama.cpp to load and run: the same
-architecture and tensor layout as SmolLM2 (tied embeddings, Q4_1 matmuls, a Q8_0 token embedding, F32 norms).
+Small enough to decode a 64-token window in milliseconds, real enough for llama.cpp to load and run. Three
+architectures, so that no name or shape assumption of one graph hides in the code:
+
+* `llama`: the same architecture and tensor layout as SmolLM2 (tied embeddings, Q4_1 matmuls unless `matmul_type`
+  says otherwise, a Q8_0 token embedding, F32 norms);
+* `gemma3`: Gemma 3's block (vendored llama.cpp, src/models/gemma3.cpp): per-head Q/K norms, norms after attention
+  and after the FFN (`post_attention_norm`, `post_ffw_norm`), a head size (key_length) that is not n_embd / n_head,
+  so Q/K/V are not square, a sliding window on some layers (an explicit per-layer pattern) and a final logit
+  soft-cap;
+* `qwen2`: Qwen 2's block (src/models/qwen2.cpp): F32 biases on Q, K and V, and an untied `output.weight`.
+
+Only the architecture's own keys and tensors differ; the tokenizer is SmolLM2's (llama.cpp does not tie the
+tokenizer to the architecture).
 """
 
 from __future__ import annotations
@@ -13,29 +24,47 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYERS, N_CTX_TRAIN = 64, 128, 4, 2, 3, 256
+ARCHITECTURES = ("llama", "gemma3", "qwen2")
+GEMMA3_HEAD_DIM = 32  # != N_EMBD // N_HEAD (16): Q is (N_HEAD * 32) x N_EMBD, as in the real Gemma 3 (head 256)
+GEMMA3_SLIDING_WINDOW = 16  # tokens; smaller than the tests' 64-token windows, so the mask matters
+GEMMA3_SWA_PATTERN = [True, False, True]  # layer 1 attends to the whole window, layers 0 and 2 to 16 tokens
 Q = GGMLQuantizationType
 
 
 def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None,
-                     matmul_type: Q = Q.Q4_1, embd_type: Q = Q.Q8_0, n_vocab: int | None = None,
-                     n_embd: int = N_EMBD, n_ff: int | None = None, n_ctx_train: int = N_CTX_TRAIN) -> Path:
+                     matmul_type: Q = Q.Q4_1, embd_type: Q = Q.Q8_0, arch: str = "llama",
+                     n_vocab: int | None = None, n_embd: int = N_EMBD, n_ff: int | None = None,
+                     n_ctx_train: int = N_CTX_TRAIN) -> Path:
     """matmul_type, embd_type: the block matmuls' and the token embedding's types (Q4_0 is what x86 CPUs repack;
-    all F32 with rows of 256 suits the 256-blocks of the K-quants); n_vocab: pad the tokenizer with unique unused
-    tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's 49,152 tokens + padding =
-    262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff defaults to 2 * n_embd)."""
+    all F32 with rows of 256 suits the 256-blocks of the K-quants); arch: one of ARCHITECTURES; n_vocab: pad the
+    tokenizer with unique unused tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's
+    49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; tiny models exist for {', '.join(ARCHITECTURES)}")
     n_ff = n_ff or 2 * n_embd
     reader = GGUFReader(tokenizer_source)
-    writer = GGUFWriter(path, "llama")
-    writer.add_name("sweep-tiny-test")
+    writer = GGUFWriter(path, arch)
+    writer.add_name(f"sweep-tiny-test-{arch}")
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(N_LAYERS)
     writer.add_feed_forward_length(n_ff)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
-    writer.add_rope_dimension_count(n_embd // N_HEAD)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_layer_norm_rms_eps(1e-6 if arch == "gemma3" else 1e-5)
     writer.add_rope_freq_base(10000.0)
+    head_dim = n_embd // N_HEAD
+    if arch == "gemma3":
+        head_dim = GEMMA3_HEAD_DIM
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(GEMMA3_SLIDING_WINDOW)
+        # llama.cpp reads a per-layer array of this key before falling back to its built-in "every 6th" pattern
+        writer.add_array(f"{arch}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        writer.add_rope_freq_base_swa(10000.0)
+        writer.add_final_logit_softcapping(30.0)
+    else:
+        writer.add_rope_dimension_count(head_dim)
     n_source = len(reader.fields["tokenizer.ggml.tokens"].data)
     n_vocab = n_vocab or n_source
     if n_vocab < n_source:
@@ -66,19 +95,35 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         else:
             writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
 
+    def norm(name: str, n: int = n_embd):
+        add(name, (n,), Q.F32, scale=0.1, offset=1.0)
+
     add("token_embd.weight", (n_vocab, n_embd), embd_type, scale=0.05)
-    add("output_norm.weight", (n_embd,), Q.F32, scale=0.1, offset=1.0)
-    kv = n_embd // N_HEAD * N_HEAD_KV
+    norm("output_norm.weight")
+    if arch == "qwen2":
+        add("output.weight", (n_vocab, n_embd), embd_type, scale=0.05)  # untied: a global weight besides token_embd
+    q_dim, kv_dim = head_dim * N_HEAD, head_dim * N_HEAD_KV  # numpy shapes are (out, in)
     for i in range(N_LAYERS):
-        add(f"blk.{i}.attn_norm.weight", (n_embd,), Q.F32, scale=0.1, offset=1.0)
-        add(f"blk.{i}.attn_q.weight", (n_embd, n_embd), matmul_type)
-        add(f"blk.{i}.attn_k.weight", (kv, n_embd), matmul_type)
-        add(f"blk.{i}.attn_v.weight", (kv, n_embd), matmul_type)
-        add(f"blk.{i}.attn_output.weight", (n_embd, n_embd), matmul_type)
-        add(f"blk.{i}.ffn_norm.weight", (n_embd,), Q.F32, scale=0.1, offset=1.0)
+        norm(f"blk.{i}.attn_norm.weight")
+        add(f"blk.{i}.attn_q.weight", (q_dim, n_embd), matmul_type)
+        add(f"blk.{i}.attn_k.weight", (kv_dim, n_embd), matmul_type)
+        add(f"blk.{i}.attn_v.weight", (kv_dim, n_embd), matmul_type)
+        if arch == "qwen2":
+            add(f"blk.{i}.attn_q.bias", (q_dim,), Q.F32, scale=0.5)
+            add(f"blk.{i}.attn_k.bias", (kv_dim,), Q.F32, scale=0.5)
+            add(f"blk.{i}.attn_v.bias", (kv_dim,), Q.F32, scale=0.5)
+        if arch == "gemma3":
+            norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+            norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+        add(f"blk.{i}.attn_output.weight", (n_embd, q_dim), matmul_type)
+        if arch == "gemma3":
+            norm(f"blk.{i}.post_attention_norm.weight")
+        norm(f"blk.{i}.ffn_norm.weight")
         add(f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), matmul_type)
         add(f"blk.{i}.ffn_up.weight", (n_ff, n_embd), matmul_type)
         add(f"blk.{i}.ffn_down.weight", (n_embd, n_ff), matmul_type)
+        if arch == "gemma3":
+            norm(f"blk.{i}.post_ffw_norm.weight")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,469 @@
+"""What a sweep will cost, before it runs: points, baselines, disk, memory and time.
+
+`python -m sweep ... --plan` prints these figures and exits without scoring or writing anything. Every sweep
+checks the disk first: a store that would not fit the free space stops the sweep before any job, with one line
+naming the figures and the ways out; a job that would not fit the available memory gets a warning.
+
+The figures follow the layout of the store and of a job (README "Budget of a stored baseline"):
+  * a baseline keeps its raw float32 logits for exact KL: n_windows x (n_ctx/2 - 1) x n_vocab x 4 bytes, one per
+    container key (the F32 container: one; the native container: one for activations and F32 weights, plus one
+    per distinct set of quantized weight targets, which run on a copy with those tensors in F32);
+  * a job holds the model in its container, llama.cpp's KV cache and logits, and three window-sized buffers
+    (one window's logits and two scratch buffers of the per-window math);
+  * the time comes from scoring one real window on this machine, as a baseline and as a point: an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .container import compute_settings, default_cache_dir, runtime_identity
+from .errors import SweepError
+from .grid import Plan
+from .job import cores_for_this_job, job_key
+from .model_file import model_info, resolve_model_path, sha256
+from .records import Store
+from .run import baseline_key, matched_targets
+from .text import load_text
+
+RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
+RECORD_BYTES = 6_000  # one point's record.json (written twice: the store and the job's directory)
+KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
+
+
+@dataclass
+class Baseline:
+    label: str  # what the baseline model is, in words
+    key: str
+    stored: bool
+    group: int  # index of its Group
+    n_points: int = 0  # points compared with it
+    logits_bytes: int = 0  # disk its logits will take (0 when stored or not kept)
+
+
+@dataclass
+class Group:
+    """The points of one model, container and slice: they share a loaded model and the window size."""
+
+    source: Path
+    container: str
+    n_ctx: int
+    n_windows: int
+    n_vocab: int
+    model_bytes: int  # the loaded file: the container, or the file as it is
+    container_path: Path | None  # the F32 container's file (None for native)
+    container_missing: bool
+    kv_bytes: int
+    copy_bytes: int = 0  # largest native copy with weight targets dequantized (loaded beside the model)
+    gen_prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 0
+    kld: bool = True
+    n_gpu_layers: int = 0
+    recompute: bool = False  # metrics.baseline_logits=recompute: no logits on disk, a baseline decode per point
+    n_todo: int = 0  # its points not yet in the store
+    n_new_baselines: int = 0  # its baselines not yet in the store
+
+    @property
+    def n_scored(self) -> int:
+        return self.n_ctx - 1 - self.n_ctx // 2
+
+    @property
+    def window_bytes(self) -> int:
+        return self.n_scored * self.n_vocab * 4
+
+    @property
+    def job_memory(self) -> int:
+        # llama.cpp holds the scored rows' logits twice (the graph's output and the context's logits buffer);
+        # the sweep three times (the window's logits, and the two scratch buffers of the per-window math).
+        return self.model_bytes + self.copy_bytes + self.kv_bytes + 5 * self.window_bytes + RUNTIME_BYTES
+
+
+@dataclass
+class Timing:
+    threads: int
+    file: Path
+    on_container: bool  # timed on the F32 container itself (False: on the file as it is, container not built)
+    load_s: float
+    baseline_window_s: float  # one window scored as a baseline (decode + NLL, logits kept)
+    point_window_s: float  # one window scored as a point (decode + NLL, ΔNLL, KL against the baseline)
+    generation_s: float  # the generation check of one point: every prompt, max_new_tokens each
+
+
+@dataclass
+class Costs:
+    n_points: int
+    n_points_stored: int
+    baselines: list[Baseline]
+    groups: list[Group]
+    store: Path
+    free_dir: Path  # the nearest existing directory of run.store: where free space is measured
+    free_bytes: int
+    records_bytes: int
+    container_bytes_same_disk: int  # F32 containers to build on the store's file system
+    launcher: str  # "sequential" | "joblib" | "slurm" | "submitit_local"
+    launcher_cfg: DictConfig | None
+    threads: int  # per job
+    concurrent_jobs: int
+    available_memory: int | None
+    timings: list[Timing] = field(default_factory=list)
+
+    @property
+    def logits_bytes(self) -> int:
+        return sum(b.logits_bytes for b in self.baselines)
+
+    @property
+    def store_bytes(self) -> int:
+        return self.logits_bytes + self.records_bytes
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.store_bytes + self.container_bytes_same_disk
+
+    @property
+    def job_memory(self) -> int:
+        return max(g.job_memory for g in self.groups)
+
+
+# ---- the figures ---------------------------------------------------------------------------------------------
+
+def nearest_existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def available_memory() -> int | None:
+    """Memory available to new processes (Linux: MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def launcher_kind(launcher_cfg) -> str:
+    target = str((launcher_cfg or {}).get("_target_", ""))
+    if "Joblib" in target:
+        return "joblib"
+    if "SlurmLauncher" in target:
+        return "slurm"
+    if "LocalLauncher" in target:
+        return "submitit_local"
+    return "sequential"
+
+
+def _gguf_sizes(path: Path) -> tuple[int, dict[str, tuple[int, int]], dict]:
+    """File size, {tensor: (bytes stored, elements)}, and the metadata fields, read without loading the model."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
+    return path.stat().st_size, tensors, {f.name: f.contents() for f in reader.fields.values()
+                                          if not f.name.startswith("tokenizer.")}
+
+
+def _as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:
+    """Size of the file with `names` stored as F32 (a container or a native matched copy)."""
+    return file_bytes + sum(4 * n - b for name, (b, n) in tensors.items() if name in names)
+
+
+def _kv_bytes(meta: dict, arch: str, n_ctx: int, kv_type: str) -> int:
+    def first(key, default):
+        value = meta.get(f"{arch}.{key}", default)
+        return max(value) if isinstance(value, list) else value
+
+    n_layers = int(first("block_count", 0))
+    n_head = int(first("attention.head_count", 1)) or 1
+    n_head_kv = int(first("attention.head_count_kv", n_head))
+    n_embd = int(first("embedding_length", 0))
+    k = int(first("attention.key_length", n_embd // n_head))
+    v = int(first("attention.value_length", n_embd // n_head))
+    return n_ctx * n_layers * n_head_kv * (k + v) * KV_BYTES[kv_type]
+
+
+def costs(plan: Plan) -> Costs:
+    """Every figure of the plan except the time (which needs a decode): cheap enough for every sweep."""
+    first = plan.points[0][0]
+    store = Store(Path(first.run.store))
+    kind = launcher_kind(plan.launcher)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(first.run.threads or cores_for_this_job(plan.launcher if kind != "sequential" else None))
+    concurrent = 1
+    if kind == "joblib":
+        n_jobs = int(plan.launcher.get("n_jobs") or 1)
+        concurrent = cores if n_jobs < 0 else min(n_jobs, len(plan.points))
+
+    baselines: dict[str, Baseline] = {}
+    groups: dict[tuple, Group] = {}
+    sizes: dict[Path, tuple] = {}
+    texts: dict[str, str] = {}
+    n_stored = 0
+    for cfg, target in plan.points:
+        source = resolve_model_path(cfg.model.path)
+        info = model_info(source)
+        if source not in sizes:
+            sizes[source] = _gguf_sizes(source)
+        file_bytes, tensors, meta = sizes[source]
+        data_key = str(cfg.data.path)
+        if data_key not in texts:
+            texts[data_key] = load_text(cfg.data.path).sha256
+        n_ctx = int(cfg.data.n_ctx)
+        n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_chunks))]
+        recompute = OmegaConf.select(cfg, "metrics.baseline_logits", default="store") == "recompute"
+        settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
+        gkey = (source, cfg.model.container, n_ctx, n_windows)
+        group = groups.get(gkey)
+        if group is None:
+            cpath = None
+            if cfg.model.container == "f32":
+                cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
+                cpath = cache / "containers" / f"{sha256(source)}.f32.gguf"
+            group = groups[gkey] = Group(
+                source, cfg.model.container, n_ctx, n_windows, info.n_vocab,
+                _as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,
+                cpath is not None and not cpath.exists(), _kv_bytes(meta, info.arch, n_ctx, settings.kv_type),
+                gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
+                max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
+                n_gpu_layers=int(cfg.model.n_gpu_layers), recompute=recompute)
+        matched = matched_targets(cfg.model.container, info, target)
+        if matched:
+            group.copy_bytes = max(group.copy_bytes, _as_f32(file_bytes, tensors, set(matched)))
+        if store.point(job_key(cfg, sha256(source), texts[data_key], target.layers)) is not None:
+            n_stored += 1
+            continue
+        group.n_todo += 1
+        bkey = baseline_key(sha256(source), cfg.model.container, matched, texts[data_key], n_ctx, n_windows,
+                            runtime_identity(settings))
+        if bkey not in baselines:
+            with_logits = bool(cfg.metrics.kld) and not recompute
+            stored = (store.root / "baselines" / f"{bkey}.npz").exists() and \
+                (not with_logits or (store.root / "baselines" / f"{bkey}.logits.npy").exists())
+            label = f"{cfg.model.container} container" + (f", {', '.join(matched)} dequantized to F32"
+                                                          if matched else "")
+            baselines[bkey] = Baseline(label, bkey, stored, list(groups).index(gkey),
+                                       logits_bytes=0 if stored or not with_logits else
+                                       n_windows * group.n_scored * info.n_vocab * 4)
+            group.n_new_baselines += not stored
+        baselines[bkey].n_points += 1
+
+    free_dir = nearest_existing(store.root)
+    free = shutil.disk_usage(free_dir).free
+    store_dev = free_dir.stat().st_dev
+    to_build = sum(g.model_bytes for g in groups.values() if g.container_missing and
+                   nearest_existing(g.container_path).stat().st_dev == store_dev)
+    to_compute = len(plan.points) - n_stored
+    return Costs(len(plan.points), n_stored, list(baselines.values()), list(groups.values()), store.root, free_dir,
+                 free, 2 * RECORD_BYTES * to_compute, to_build, kind, plan.launcher, threads, concurrent,
+                 available_memory())
+
+
+def check_resources(c: Costs) -> None:
+    """Stop before any job when the store would not fit the disk; warn when a job would not fit the memory."""
+    if c.needed_bytes > c.free_bytes:
+        container = (f" + {gb(c.container_bytes_same_disk)} F32 container" if c.container_bytes_same_disk else "")
+        raise SweepError(
+            f"the sweep needs {gb(c.needed_bytes)} on {c.free_dir} ({len([b for b in c.baselines if b.logits_bytes])}"
+            f" baseline(s) of raw logits {gb(c.logits_bytes)} + records {gb(c.records_bytes)}{container}) but only "
+            f"{gb(c.free_bytes)} is free: score fewer windows (data.n_chunks=N), drop the logits with "
+            f"metrics.kld=false (no KL columns), put the store elsewhere with run.store=/path/with/space, or "
+            f"recompute each baseline window beside its point with metrics.baseline_logits=recompute (no disk, "
+            f"twice the decode)")
+    for line in memory_warnings(c):
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def memory_warnings(c: Costs) -> list[str]:
+    out = []
+    need = c.job_memory
+    if c.launcher == "slurm":
+        mem_gb = c.launcher_cfg.get("mem_gb") if c.launcher_cfg is not None else None
+        if mem_gb and need > mem_gb * 2**30:
+            out.append(f"one task needs about {gb(need)} but hydra.launcher.mem_gb={mem_gb}: SLURM may kill it; "
+                       f"raise hydra.launcher.mem_gb to at least {math.ceil(need / 2**30)}")
+    elif c.available_memory is not None and need * c.concurrent_jobs > c.available_memory:
+        jobs = f"{c.concurrent_jobs} jobs at once x " if c.concurrent_jobs > 1 else "one job "
+        out.append(f"{jobs}about {gb(need)} exceeds the {gb(c.available_memory)} of memory available now"
+                   + ("; run fewer jobs at once (hydra.launcher.n_jobs)" if c.concurrent_jobs > 1 else ""))
+    return out
+
+
+# ---- the one-window timing -----------------------------------------------------------------------------------
+
+def time_one_window(group: Group, text_path, threads: int) -> Timing:
+    """Score one real window on this machine, as a baseline and as a point, and time the generation check."""
+    from .backend import Backend
+    from .generation import complete
+    from .perplexity import make_windows, score
+
+    on_container = group.container_path is not None and not group.container_missing
+    file = group.container_path if on_container else group.source
+    t0 = time.perf_counter()
+    settings = compute_settings(group.container, group.n_gpu_layers)
+    with Backend(file, group.n_ctx, threads, settings=settings, writable_weights=True) as b:  # as a job loads it
+        load_s = time.perf_counter() - t0
+        tokens = b.tokenize(load_text(text_path).text)
+        w = make_windows(tokens, group.n_ctx, 1, b.bos if b.add_bos else None)
+        logits = np.empty((1, w.n_scored, b.n_vocab), np.float32) if group.kld else None
+        score(b, w, False)  # warm-up: the first decode after a load is slower than the rest
+        base = score(b, w, False, keep_logits=logits)
+        point = score(b, w, False, reference=base)
+        generation_s = 0.0
+        if group.gen_prompts:
+            # The prompts with no new token, then with a few: the rest is extrapolated to the tokens a point
+            # generates (max_new_tokens, or what the context leaves after the prompt, as `complete` does).
+            complete(b, group.gen_prompts, 1)  # warm-up: new batch shapes are slow the first time
+            t0 = time.perf_counter()
+            complete(b, group.gen_prompts, 0)
+            prompts_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            few = complete(b, group.gen_prompts, 4)
+            new = sum(len(c.tokens) for c in few)
+            per_token = max(0.0, time.perf_counter() - t0 - prompts_s) / new if new else 0.0
+            room = [group.n_ctx - len(b.tokenize(b.chat_prompt(p))) for p in group.gen_prompts]
+            generation_s = prompts_s + per_token * sum(max(0, min(group.max_new_tokens, r)) for r in room)
+    return Timing(threads, file, on_container, load_s, base.seconds, point.seconds, generation_s)
+
+
+# ---- the printed plan ----------------------------------------------------------------------------------------
+
+def gb(n: float) -> str:
+    """Bytes in decimal units, as `df -H` and the README's budgets count them."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} kB" if n else "0"
+
+
+def plural(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
+def duration(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+
+
+def render(c: Costs, text_path) -> str:
+    """The plan, as printed by `python -m sweep ... --plan`."""
+    lines = ["Plan (nothing scored, nothing written):"]
+    todo = c.n_points - c.n_points_stored
+    lines.append(f"  points      {c.n_points}" + (f" ({c.n_points_stored} already in the store, {todo} to compute)"
+                                                   if c.n_points_stored else ""))
+    for g in c.groups:
+        lines.append(f"  model       {g.source.name}: {g.container} container, {gb(g.model_bytes)} loaded, "
+                     f"vocabulary {g.n_vocab:,}; {g.n_windows} windows of {g.n_ctx} tokens ({g.n_scored} scored "
+                     f"each)")
+    new = [b for b in c.baselines if not b.stored]
+    lines.append(f"  baselines   {len(c.baselines)} needed, {len(c.baselines) - len(new)} already stored")
+    shown = c.baselines if len(c.baselines) <= 6 else c.baselines[:5]
+    for b in shown:
+        what = "stored" if b.stored else (f"logits {gb(b.logits_bytes)}" if b.logits_bytes else "no logits kept")
+        lines.append(f"                {b.label} ({b.n_points} points; {what})")
+    if len(shown) < len(c.baselines):
+        lines.append(f"                ... and {len(c.baselines) - len(shown)} more, one per set of weight targets")
+    lines.append(f"  disk        store {c.store}: {gb(c.store_bytes)} new = baseline logits {gb(c.logits_bytes)} "
+                 f"+ records {gb(c.records_bytes)}; {gb(c.free_bytes)} free on {c.free_dir}"
+                 + ("" if c.needed_bytes <= c.free_bytes else "  << DOES NOT FIT"))
+    for g in c.groups:
+        if g.container_missing:
+            lines.append(f"              F32 container to build once: {gb(g.model_bytes)} in {g.container_path.parent}")
+        if g.copy_bytes:
+            lines.append(f"              native weight points: each runs on a temporary copy of up to "
+                         f"{gb(g.copy_bytes)} in {tempfile.gettempdir()} (deleted after the point)")
+    g = max(c.groups, key=lambda g: g.job_memory)
+    parts = [f"model {gb(g.model_bytes)}"] + ([f"its F32-target copy {gb(g.copy_bytes)}"] if g.copy_bytes else []) + [
+        f"KV cache {gb(g.kv_bytes)}", f"5 x {gb(g.window_bytes)} window logits (2 in llama.cpp, 3 in the "
+        f"per-window math)", f"runtime ~{gb(RUNTIME_BYTES)}"]
+    avail = f"; {gb(c.available_memory)} available now" if c.available_memory is not None else ""
+    lines.append(f"  memory      one job ~{gb(g.job_memory)} = {' + '.join(parts)}{avail}")
+
+    total = generating = 0.0
+    for g, t in zip(c.groups, c.timings):
+        where = "on the F32 container" if t.on_container else (
+            "on the file as it is" + ("; the F32 container is not built yet and decodes at another speed"
+                                      if g.container == "f32" else ""))
+        lines.append(f"  one window  {t.point_window_s:.2f} s as a point, {t.baseline_window_s:.2f} s as a baseline "
+                     f"(timed now, {t.threads} thread{plural(t.threads)}, {where}; load {t.load_s:.1f} s)"
+                     + (f"; generation check {t.generation_s:.1f} s per point" if g.gen_prompts else ""))
+        # recompute: every point also decodes its baseline's window (no logits stored, twice the decode)
+        point_s = t.point_window_s + (t.baseline_window_s if g.recompute else 0.0)
+        score_s = (g.n_todo * point_s + g.n_new_baselines * t.baseline_window_s) * g.n_windows
+        generating += (g.n_todo + g.n_new_baselines) * t.generation_s
+        total += t.load_s + score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
+    if c.timings:
+        where = "on this machine" if c.launcher in ("sequential", "joblib") else "of compute in all, at this " \
+            "machine's speed"
+        lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} {where} (an estimate: "
+                     f"load + {todo} point{plural(todo)} + {len(new)} baseline{plural(len(new))} x "
+                     f"{c.groups[0].n_windows} windows"
+                     + (f" + the generation check ({duration(generating / max(1, c.concurrent_jobs))}; "
+                        f"metrics.generate=false skips it)" if generating else "")
+                     + (f", {c.concurrent_jobs} jobs at once" if c.concurrent_jobs > 1 else "")
+                     + "; early stopping and no-op weights only shorten it)")
+    lines += _launcher_lines(c)
+    if c.logits_bytes:
+        lines.append(f"  smaller     metrics.kld=false: no logits on disk (no KL columns); "
+                     f"data.n_chunks=N: logits scale with windows; metrics.baseline_logits=recompute: no logits on "
+                     f"disk, twice the decode")
+    lines += [f"  warning     {w}" for w in memory_warnings(c)]
+    return "\n".join(lines)
+
+
+def _launcher_lines(c: Costs) -> list[str]:
+    mem = gb(c.job_memory)
+    if c.launcher == "sequential":
+        return [f"  launcher    sequential: one process, {c.threads} thread{plural(c.threads)}, the model loaded "
+                f"once"]
+    cfg = c.launcher_cfg or {}
+    if c.launcher == "joblib":
+        lines = [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} thread{plural(c.threads)} per "
+                 f"job, ~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]
+    else:
+        lines = [f"  launcher    {c.launcher}: {c.n_points} tasks, 1 point per task, "
+                 f"{c.threads} thread{plural(c.threads)} per task (cpus_per_task), memory per task ~{mem}"
+                 + (f" vs mem_gb={cfg.get('mem_gb')}" if cfg.get("mem_gb") else "")
+                 + (f", up to {cfg.get('array_parallelism')} at once" if cfg.get("array_parallelism") else "")]
+    for g in c.groups:
+        if g.container_missing:  # every job that starts before it exists would build its own copy
+            lines.append(f"              the F32 container is not built yet: jobs starting at once would each "
+                         f"write {gb(g.model_bytes)}; build it first (python -m sweep.score data.n_chunks=2 "
+                         f"model.path=...)")
+    if c.timings and c.launcher != "joblib":
+        t, g = c.timings[0], c.groups[0]
+        task = t.load_s + g.n_windows * t.point_window_s + t.generation_s
+        lines.append(f"              per task ~{duration(task)} (load + one point), plus "
+                     f"~{duration(g.n_windows * t.baseline_window_s)} in a task that computes a missing baseline "
+                     f"(timed here: the cluster's nodes differ; tasks that start before a baseline is stored "
+                     f"each compute it, each with its own temporary logits file)")
+    return lines
+
+
+def print_plan(overrides: list[str]) -> None:
+    """`python -m sweep ... --plan`: validate the grid, measure one window, print the plan; write nothing."""
+    from .grid import plan as grid_plan
+
+    p = grid_plan(overrides)
+    c = costs(p)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    text_path = p.points[0][0].data.path
+    for g in c.groups:
+        c.timings.append(time_one_window(g, text_path, min(c.threads, cores)))
+    print(render(c, text_path))

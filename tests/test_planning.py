@@ -1,0 +1,134 @@
+"""The plan before the run: points, baselines, disk, memory and time, and the refusal when the disk is too small."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections import namedtuple
+
+import pytest
+
+from sweep import __main__ as cli
+from sweep import planning
+from sweep.grid import plan
+from sweep.model_file import model_info
+
+from test_sweep import run_sweep, tiny_args
+
+N_CTX, N_CHUNKS = 64, 3  # tiny_args' slice
+SCORED = N_CTX // 2 - 1
+
+
+def args(tiny_model, tmp_path, *axes):
+    return tiny_args(tiny_model, tmp_path, "run.threads=1", *axes)  # see test_architectures.py on threads
+
+
+def grid(tiny_model, tmp_path, wikitext, *axes):
+    return plan([*args(tiny_model, tmp_path, *axes), f"data.path={wikitext}"])
+
+
+def logits_bytes(model) -> int:
+    return N_CHUNKS * SCORED * model_info(model).n_vocab * 4
+
+
+def listing(path):
+    return sorted(p.relative_to(path) for p in path.rglob("*")) if path.exists() else []
+
+
+def test_plan_prints_the_figures_and_writes_nothing(tiny_model, tmp_path, env, cache_dir):
+    cache_before = listing(cache_dir)
+    proc = run_sweep(args(tiny_model, tmp_path, "layer=0,1", "fmt=bf16,int8", "kind=weight,activation",
+                               "--plan"), env)
+    out = proc.stdout
+    print(out)
+    assert "points      8" in out and "baselines   1 needed, 0 already stored" in out
+    size = planning.gb(logits_bytes(tiny_model))
+    assert f"baseline logits {size}" in out
+    assert "memory      one job ~" in out and "one window  " in out and "an estimate" in out
+    assert "launcher    sequential" in out
+    assert not (tmp_path / "store").exists() and not (tmp_path / "sweep").exists()  # nothing written
+    assert listing(cache_dir) == cache_before  # not even the F32 container
+
+
+def test_stored_points_and_baselines_count_as_zero(tiny_model, tmp_path, env, wikitext):
+    axes = ("layer=0,1", "fmt=int8", "kind=activation", "tensor=l_out")
+    before = planning.costs(grid(tiny_model, tmp_path, wikitext, *axes))
+    assert (before.n_points, before.n_points_stored, before.logits_bytes) == (2, 0, logits_bytes(tiny_model))
+    run_sweep(args(tiny_model, tmp_path, "layer=0", *axes[1:]), env)  # one of the two points
+    after = planning.costs(grid(tiny_model, tmp_path, wikitext, *axes))
+    assert (after.n_points, after.n_points_stored, after.logits_bytes) == (2, 1, 0)
+    assert [b.stored for b in after.baselines] == [True]
+    assert after.records_bytes == before.records_bytes // 2  # one point left to record
+
+
+def test_native_container_needs_one_baseline_per_set_of_quantized_weight_targets(tiny_model, tmp_path, wikitext):
+    # ffn_down is Q4_1 (each layer runs on its own copy, with its own baseline); ffn_norm is F32: its points run
+    # on the file as it is, as activations do, and share the plain native baseline.
+    c = planning.costs(grid(tiny_model, tmp_path, wikitext, "model.container=native", "layer=0,1",
+                            "tensor=ffn_down,ffn_norm", "kind=weight", "fmt=int8"))
+    labels = sorted(b.label for b in c.baselines)
+    assert labels == ["native container", "native container, blk.0.ffn_down.weight dequantized to F32",
+                      "native container, blk.1.ffn_down.weight dequantized to F32"]
+    assert c.logits_bytes == 3 * logits_bytes(tiny_model)
+    assert c.groups[0].copy_bytes > c.groups[0].model_bytes  # the copy is loaded beside the model
+    f32 = planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0,1", "tensor=ffn_down,ffn_norm",
+                              "kind=weight", "fmt=int8"))
+    assert len(f32.baselines) == 1 and f32.groups[0].copy_bytes == 0
+    assert planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "metrics.kld=false")).logits_bytes == 0
+
+
+def fake_disk(free: int):
+    usage = namedtuple("usage", "total used free")
+    return lambda path: usage(free * 4, free * 3, free)
+
+
+def test_a_store_that_does_not_fit_stops_the_sweep_with_one_line(tiny_model, tmp_path, wikitext, monkeypatch,
+                                                                  capsys):
+    # Free space for everything but half the baseline's logits (the F32 container may have to be built too).
+    without_logits = planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "kind=weight",
+                                         "metrics.kld=false"))
+    free = without_logits.needed_bytes + logits_bytes(tiny_model) // 2
+    monkeypatch.setattr(shutil, "disk_usage", fake_disk(free))
+    monkeypatch.setenv("SWEEP_WIKITEXT", str(wikitext))
+    monkeypatch.setattr(sys, "argv", ["sweep", *args(tiny_model, tmp_path, "layer=0", "kind=weight")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    print(err[-1])
+    assert len(err) == 1 and err[0].startswith("error: the sweep needs ")
+    for way_out in ("data.n_chunks=N", "metrics.kld=false", "run.store=", "metrics.baseline_logits=recompute"):
+        assert way_out in err[0]
+    assert f"{planning.gb(free)} is free" in err[0]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "sweep").exists()
+    # without the logits the same sweep fits
+    planning.check_resources(planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "kind=weight",
+                                                 "metrics.kld=false")))
+
+
+def test_a_job_larger_than_the_memory_is_a_warning(tiny_model, tmp_path, wikitext, monkeypatch, capsys):
+    monkeypatch.setattr(planning, "available_memory", lambda: 2**20)
+    planning.check_resources(planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "kind=weight")))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: one job about ") and "exceeds the 1.0 MB of memory available now" in err
+
+
+def test_slurm_plan_is_per_task(tiny_model, tmp_path, wikitext, capsys):
+    planning.print_plan([*tiny_args(tiny_model, tmp_path, "layer=0,1,2", "kind=weight", "fmt=int8",
+                                    "metrics.generate=false"), f"data.path={wikitext}", "hydra/launcher=slurm",
+                         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=8"])
+    out = capsys.readouterr().out
+    print(out)
+    assert "launcher    slurm: 3 tasks, 1 point per task, 1 thread per task (cpus_per_task)" in out
+    assert "vs mem_gb=8" in out and "per task ~" in out
+
+
+def test_joblib_jobs_share_the_cores_and_add_up_their_memory(tiny_model, tmp_path, wikitext, monkeypatch):
+    c = planning.costs(plan([*tiny_args(tiny_model, tmp_path, "layer=0,1,2", "kind=weight"), f"data.path={wikitext}",
+                             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]))
+    cores = len(os.sched_getaffinity(0))
+    assert (c.launcher, c.concurrent_jobs, c.threads) == ("joblib", 2, max(1, cores // 2))
+    monkeypatch.setattr(planning, "available_memory", lambda: int(1.5 * c.job_memory))
+    c.available_memory = planning.available_memory()
+    assert planning.memory_warnings(c)[0].startswith("2 jobs at once x about ")  # one fits, two do not
