@@ -11,7 +11,6 @@ point's record and to the table. Results are cached in the store by point and pr
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -86,7 +85,7 @@ def check_point(cfg, key: str) -> dict:
     from .formats import make_format
     from .generation import complete, summarize
     from .reference import open_reference
-    from .run import baseline_completions
+    from .run import baseline_completions, point_backend
     from .targets import resolve
 
     prompts, max_new = tuple(cfg.metrics.prompts), int(cfg.metrics.max_new_tokens)
@@ -99,7 +98,7 @@ def check_point(cfg, key: str) -> dict:
     ref = open_reference(cfg.model, cfg.data, run_cfg)
     target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
     fmt = make_format(**cfg.fmt)
-    with _backend_for(ref, target) as backend:
+    with point_backend(ref, target) as (backend, _):
         from .apply import applied
 
         expected = baseline_completions(backend, prompts, max_new)
@@ -110,27 +109,3 @@ def check_point(cfg, key: str) -> dict:
     return fields
 
 
-class _backend_for:
-    """The loaded model, or for a weight of a quantized tensor in the native container the same F32-matched copy
-    that run_point scores on."""
-
-    def __init__(self, ref, target):
-        self.ref, self.target, self.scratch, self.backend = ref, target, None, ref.backend
-
-    def __enter__(self):
-        ref, target = self.ref, self.target
-        if target.kind == "weight" and ref.container == "native" and \
-                any(ref.info.tensor_types.get(n) != "F32" for n in target.names):
-            from .backend import Backend
-            from .container import tensors_to_f32
-
-            self.scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")
-            copy = tensors_to_f32(ref.source, target.names, Path(self.scratch.name) / "matched.gguf")
-            self.backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
-                                   settings=ref.backend.settings)
-        return self.backend
-
-    def __exit__(self, *exc):
-        if self.scratch is not None:
-            self.backend.close()
-            self.scratch.cleanup()

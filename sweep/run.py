@@ -6,6 +6,8 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +45,25 @@ def matched_targets(container: str, info, target: Target) -> tuple[str, ...]:
             any(info.tensor_types.get(n) != "F32" for n in target.names):
         return target.names
     return ()
+
+
+@contextmanager
+def point_backend(ref: Reference, target: Target) -> Iterator[tuple[Backend, tuple[str, ...]]]:
+    """The model a point runs on, and the tensors its baseline has dequantized: the loaded reference, or -- for a
+    weight point whose targets are quantized in the native container, which cannot hold the format's values -- a
+    copy of the file with only those tensors in F32, whose unrounded scores are the point's baseline
+    (container-matched)."""
+    matched = matched_targets(ref.container, ref.info, target)
+    if not matched:
+        yield ref.backend, ()
+        return
+    with tempfile.TemporaryDirectory(prefix="sweep-native-") as scratch:
+        copy = tensors_to_f32(ref.source, matched, Path(scratch) / "matched.gguf")
+        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True, settings=ref.backend.settings)
+        try:
+            yield backend, matched
+        finally:
+            backend.close()
 
 
 def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Store | None = None,
@@ -112,17 +133,9 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     logits kept in memory, then decoded perturbed (twice the decode, no disk). The numbers equal the stored mode's."""
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
-    backend, note, scratch = ref.backend, f"{ref.container} container", None
-    if matched_targets(ref.container, ref.info, target):
-        # A quantized tensor cannot hold the format's values: this point runs on a copy of the file with only the
-        # target tensors dequantized to F32, and its baseline is that same copy unrounded (container-matched).
-        scratch = tempfile.TemporaryDirectory(prefix="sweep-native-")
-        copy = tensors_to_f32(ref.source, target.names, Path(scratch.name) / "matched.gguf")
-        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
-                          settings=ref.backend.settings)
-        note = f"native container, {', '.join(target.names)} dequantized to F32"
-    try:
-        matched = target.names if scratch is not None else ()
+    with point_backend(ref, target) as (backend, matched):
+        note = (f"native container, {', '.join(matched)} dequantized to F32" if matched
+                else f"{ref.container} container")
         recompute = kld and baseline_logits == "recompute"
         base = None if recompute else baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
         # recompute: the originals are read before the perturbation is applied, to switch it off per window
@@ -146,11 +159,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
         generation = summarize_generation(got, expected) if got is not None else None
-    finally:
-        if scratch is not None:
-            backend.close()
-            scratch.cleanup()
-    decoding = (backend.decode_seconds if scratch is not None else ref.backend.decode_seconds - decoding_before)
+        decoding = backend.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
     reason = proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
     expected_calls = result.n_windows * len(target.names) if target.kind == "activation" else len(target.names)
