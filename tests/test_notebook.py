@@ -81,4 +81,5 @@ def test_report_writes_the_same_figures_as_pngs(real_sweep, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "curves_delta_ppl.png", "heatmap_delta_ppl.png", "curves_kld.png", "heatmap_kld.png",
-        "proxy_sqnr_vs_kld.png", "proxy_sqnr_vs_delta_ppl.png"}
+        "proxy_sqnr_vs_kld.png", "proxy_sqnr_vs_delta_ppl.png",
+        "size_vs_damage.png"}  # weight points carry bits per weight (here bf16/int8 against the F32 norms)
