@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sweep.metrics import RANKABLE, StopRule, delta_nll_p
+from sweep.metrics import RANKABLE, EarlyStop, StopRule, delta_nll_p
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["tensor=l_out", "kind=activation", "fmt=int8", "metrics.generate=false", "run.progress=false"]
@@ -92,7 +92,7 @@ def overrides(metric: str, params: dict) -> list[str]:
 
 
 def simulate(n_points: int = 200_000, n: int = 16, alpha: float = 0.05, seed: int = 0) -> None:
-    rule = StopRule("dnll", min_windows=4, rtol=1.0, alpha=alpha)
+    rule = StopRule("delta_nll", EarlyStop(min_windows=4, rtol=1.0), alpha=alpha)
     rng = np.random.default_rng(seed)
     print(f"# rtol=1, min_windows=4, {n} windows, alpha {alpha}, {n_points} simulated points per effect size")
     print(f"{'effect':>7}{'stopped':>9}{'flag at stop':>14}{'flag now':>10}{'mean est. stopped':>19}"
@@ -177,7 +177,7 @@ def main() -> None:
 
     metric, params = VERIFY_RULE
     real = sweep(layers, n_chunks, args.store, tmp / "early", *overrides(metric, params))
-    rule = StopRule.for_metric(metric, alpha=float(full["alpha"].iloc[0]), **params)
+    rule = StopRule(metric, EarlyStop(**params), alpha=float(full["alpha"].iloc[0]))
     replays = [replay(r, metric, rule) for _, r in full.iterrows()]
     same_windows = sum(int(r.windows == n) for r, n in zip(replays, real["n_chunks"]))
     same_values = sum(math.isclose(r.value, v, rel_tol=1e-6, abs_tol=1e-12) for r, v in zip(replays, real[metric]))
@@ -189,7 +189,7 @@ def main() -> None:
     print(f"{'rank_by':<12}{'min_windows':>12}{'rtol':>6}{'atol':>8}{'windows':>10}{'tokens saved':>14}"
           f"{'Spearman':>10}{'top-5':>7}")
     for metric, params in RULES:
-        rule = StopRule.for_metric(metric, alpha=float(full["alpha"].iloc[0]), **params)
+        rule = StopRule(metric, EarlyStop(**params), alpha=float(full["alpha"].iloc[0]))
         rs = [replay(r, metric, rule) for _, r in full.iterrows()]
         scored = sum(r.windows for r in rs)
         early = pd.Series([r.value for r in rs], index=full.index)

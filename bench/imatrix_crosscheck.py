@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
@@ -30,6 +29,7 @@ from sweep import ggml_formats  # noqa: E402
 from sweep.container import dequantized  # noqa: E402
 from sweep.imatrix import collect  # noqa: E402
 from sweep.imatrix_file import Imatrix, read  # noqa: E402
+from sweep.config import compose  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +73,9 @@ def main() -> None:
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"
-    cfg = OmegaConf.create({"model": {"path": None, "container": "native", "cache_dir": None, "n_gpu_layers": 0},
-                            "data": {"path": args.text, "n_ctx": 512, "n_chunks": args.chunks},
-                            "run": {"threads": args.threads, "progress": True}})
-    ref = open_reference(cfg.model, cfg.data, cfg.run)
+    cfg = compose([f"model.container=native", f"data.path={args.text}", f"data.n_chunks={args.chunks}",
+                   f"run.threads={args.threads}"])
+    ref = open_reference(cfg)
     t0 = time.perf_counter()
     col = collect(ref.backend, ref.windows.tokens)
     ours_s = time.perf_counter() - t0

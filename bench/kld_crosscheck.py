@@ -17,13 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
 
 from sweep.container import write_gguf_copy  # noqa: E402
 from sweep.formats import make_format  # noqa: E402
+from sweep.config import compose  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import record, run_point  # noqa: E402
 from sweep.targets import resolve  # noqa: E402
@@ -41,10 +41,9 @@ def main() -> None:
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
     fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")
-    cfg = OmegaConf.create({"model": {"path": None, "container": "f32", "cache_dir": None, "n_gpu_layers": 0},
-                            "data": {"path": args.text, "n_ctx": 512, "n_chunks": args.chunks},
-                            "run": {"threads": args.threads, "progress": True}})
-    ref = open_reference(cfg.model, cfg.data, cfg.run)
+    cfg = compose([f"model.container=f32", f"data.path={args.text}", f"data.n_chunks={args.chunks}",
+                   f"run.threads={args.threads}"])
+    ref = open_reference(cfg)
     target = resolve("weight", "attn_v", "all", ref.info)
     ours = record(ref, target, fmt, run_point(ref, target, fmt, progress=True))
 

@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
 
 from sweep.backend import Backend  # noqa: E402
+from sweep.config import compose  # noqa: E402
 from sweep.formats import make_format  # noqa: E402
 from sweep.perplexity import score  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
@@ -41,9 +41,9 @@ POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8")
 
 
 def cfg(container: str, n_chunks: int, threads: int, text: str):
-    return OmegaConf.create({"model": {"path": None, "container": container, "cache_dir": None, "n_gpu_layers": 0},
-                             "data": {"path": text, "n_ctx": 512, "n_chunks": n_chunks},
-                             "run": {"threads": threads, "progress": False}})
+    """The configuration `python -m sweep` composes (the real conf/)."""
+    return compose([f"model.container={container}", f"data.path={text}", f"data.n_chunks={n_chunks}",
+                    f"run.threads={threads}", "run.progress=false"])
 
 
 def row(*cells, widths=(44, 18, 18, 12)):
@@ -56,7 +56,7 @@ def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
     row("model", "llama-perplexity", "sweep", "ratio")
     ratios = []
     for container in ("native", "f32"):
-        ref = open_reference(*cfg(container, n_chunks, threads, text).values())
+        ref = open_reference(cfg(container, n_chunks, threads, text))
         ours = score(ref.backend, ref.windows, progress=False)  # noqa: F841  (warm caches as llama-perplexity does)
         ours = score(ref.backend, ref.windows, progress=False)
         theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_chunks, threads,
@@ -73,7 +73,7 @@ def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
 
 def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
     print(f"\n## Per-point overhead (F32 container, {n_chunks} windows; baseline already stored)")
-    ref = open_reference(*cfg("f32", n_chunks, threads, text).values())
+    ref = open_reference(cfg("f32", n_chunks, threads, text))
     run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False)  # baseline
     row("point", "wall s", "decode s", "overhead")
     for generate in (False, True):
@@ -91,7 +91,7 @@ def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
 
 def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> None:
     print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_chunks} windows)")
-    ref = open_reference(*cfg("f32", n_chunks, threads, text).values())
+    ref = open_reference(cfg("f32", n_chunks, threads, text))
     targets = [(resolve(k, t, l, ref.info, ref.backend.nodes), make_format(f)) for k, t, l, f in
                POINTS[:n_points]]
     run_point(ref, targets[0][0], make_format("none"), progress=False)  # the baseline, outside both timings
@@ -167,7 +167,7 @@ def scaling(text: str, threads: int, sizes: list[int]) -> None:
     print("\n## Wall time vs slice size (one activation point, F32)")
     row("windows", "point s", "s / window", "")
     for n in sizes:
-        ref = open_reference(*cfg("f32", n, threads, text).values())
+        ref = open_reference(cfg("f32", n, threads, text))
         target = resolve("activation", "l_out", 10, ref.info, ref.backend.nodes)
         run_point(ref, target, make_format("none"), progress=False)  # the baseline of this slice
         out = run_point(ref, target, make_format("int8"), progress=False)

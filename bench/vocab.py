@@ -134,7 +134,7 @@ def main() -> None:
           f"F32 container, {args.points} points (weight + activation), baseline stored")
     for n_vocab in map(int, args.vocab.split(",")):
         model = model_for(n_vocab)
-        ref = open_reference(*cfg(model, args.windows, args.threads, args.text).values())
+        ref = open_reference(cfg(model, args.windows, args.threads, args.text))
         print(f"\n## vocab {ref.backend.n_vocab} ({model.name})")
         with tempfile.TemporaryDirectory() as tmp:
             ms = window_math_ms(ref, Path(tmp) / "store")

@@ -11,7 +11,8 @@ cells = [
        "`results.parquet`/`.csv`), or else the newest sweep under `runs/`. Every figure comes from "
        "`sweep.plots`, the same module behind `python -m sweep.report DIR --plots OUT`."),
     code("import os\n\nfrom IPython.display import display\n\n"
-         "from sweep.plots import heatmaps, load_results, proxy_scatter, sensitivity_curves, top_table\n\n"
+         "from sweep.plots import heatmaps, load_results, proxy_scatter, sensitivity_curves\n"
+         "from sweep.records import ranking\n\n"
          "df = load_results(os.environ.get('SWEEP_RESULTS'))\n"
          "has_kld = 'kld_mean' in df and df['kld_mean'].notna().any()\n"
          "print(f\"{len(df)} points: {df['status'].value_counts().to_dict()}\")\n"
@@ -35,7 +36,7 @@ cells = [
        "`significant` is p < alpha: a per-point level, so a sweep of 30 points without any effect flags 1.5 by "
        "chance. `delta_nll_q` is the Benjamini–Hochberg q-value over the whole table: the points with q ≤ alpha "
        "hold at most a fraction alpha of false discoveries. Early-stopped points are untested (no p, no q)."),
-    code("display(top_table(df, 'kld_mean' if has_kld else 'delta_ppl', 15))"),
+    code("display(ranking(df, 'kld_mean' if has_kld else 'delta_ppl', 15))"),
     md("## Does the cheap proxy suffice?\n\n"
        "SQNR of the perturbed tensor costs nothing to compute; the end-to-end effect costs a perplexity run. "
        "A strong rank correlation (|ρ| near 1; negative, since more noise means more damage) says the proxy "

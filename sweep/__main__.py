@@ -14,12 +14,24 @@ from .cli import exit_on_user_error
 from .grid import plan, wants_hydra_only
 from .job import run_job
 from .planning import check_resources, costs, print_plan
+from .session import Sessions
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def sweep_app(cfg: DictConfig) -> dict:
-    hc = HydraConfig.get()
-    return run_job(cfg, Path(hc.runtime.output_dir), hc.launcher)
+def sweep_app(sessions: Sessions):
+    """The Hydra app. Jobs run in this process (the basic launcher) share `sessions`: one loaded model, reused
+    while consecutive jobs ask for it, closed when the sweep ends. A job run elsewhere (joblib, SLURM) gets a
+    copy of its own and closes it when it ends."""
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def sweep_job(cfg: DictConfig) -> dict:
+        hc = HydraConfig.get()
+        try:
+            return run_job(cfg, sessions, Path(hc.runtime.output_dir), hc.launcher)
+        finally:
+            if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+                sessions.close()
+
+    return sweep_job
 
 
 PLAN_FLAG = "--plan"
@@ -38,7 +50,8 @@ def main() -> None:
         grid = exit_on_user_error(plan, overrides)
         exit_on_user_error(lambda: check_resources(costs(grid)))
         sys.argv += grid.extra_argv
-    sweep_app()
+    with Sessions() as sessions:
+        sweep_app(sessions)()
 
 
 if __name__ == "__main__":

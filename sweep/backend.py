@@ -14,6 +14,7 @@ import ctypes
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,16 +120,17 @@ def system_info() -> str:
 def llama_cpp_version() -> str:
     return getattr(llama_cpp, "__version__", "unknown")
 
-# llama.cpp's log lines are dropped unless they are warnings or errors; the last errors explain a failed load.
-_recent_errors: list[str] = []
+# llama.cpp's log lines are dropped unless they are errors; the last few explain a failed load. Its log callback
+# is process-wide in llama.cpp itself, and so are this buffer and `_initialised` below.
+GGML_LOG_LEVEL_ERROR = 4
+_recent_errors: deque[str] = deque(maxlen=5)
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level, text, user_data):
     msg = text.decode("utf-8", "replace").rstrip()
-    if level >= 4 and msg:  # GGML_LOG_LEVEL_ERROR
+    if level >= GGML_LOG_LEVEL_ERROR and msg:
         _recent_errors.append(msg)
-        del _recent_errors[:-5]
 
 
 _initialised = False

@@ -1,27 +1,70 @@
-"""Structured-config schemas: a typo in a key or a value of the wrong type fails at composition, before any job."""
+"""The configuration, defined once: structured schemas whose defaults are the defaults, with a fixed set of values
+as an Enum, so that a typo in a key, a value of the wrong type or an unknown choice fails at composition, before
+any job. The `metrics` and `run` groups are these schemas themselves (no yaml repeats them); `conf/` holds the
+options that are real alternatives (model, data, fmt, launchers) and the sweep's defaults list.
+
+Tests and benchmarks compose the real configuration with `compose(overrides)`, as the command line does.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import SweepError
+from .metrics import RANKABLE, EarlyStop
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class Choice(str, Enum):
+    """A value from a fixed set: equal to, printed and hashed as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Container(Choice):
+    f32 = "f32"  # every tensor dequantized to F32 once (cached): the reference for sensitivity
+    native = "native"  # the file as it is: quantized kernels (requantized activations: a noise floor)
+
+
+class Kind(Choice):
+    weight = "weight"
+    activation = "activation"
+
+
+class BaselineLogits(Choice):
+    store = "store"  # the baseline's logits computed once and kept on disk, shared by every point
+    recompute = "recompute"  # no logits on disk: each baseline window decoded beside its point (twice the decode)
+
+
+RankBy = Choice("RankBy", {name: name for name in RANKABLE})  # any metric of metrics.METRICS
 
 
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # None: the embedded SmolLM2
-    container: str = "f32"  # f32 | native
-    cache_dir: Optional[str] = None
-    n_gpu_layers: int = 0
+    container: Container = Container.f32
+    cache_dir: Optional[str] = None  # containers: default $SWEEP_CACHE or ~/.cache/sweep
+    n_gpu_layers: int = 0  # layers offloaded to a GPU when llama-cpp-python was built with one (-1: all)
 
 
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # None: the hub
-    n_ctx: int = 512
+    n_ctx: int = 512  # tokens per window (llama-perplexity -c); the second half of every window is scored
+    # Windows scored (llama-perplexity --chunks); <= 0: all the text gives (587 at n_ctx 512 on SmolLM2). 16 windows
+    # (4080 scored tokens) is the measured trade-off: README "Choosing the slice".
     n_chunks: int = 16
 
 
@@ -34,34 +77,36 @@ class FormatConfig:
     imatrix: Optional[str] = None  # GGUF quant types: a llama.cpp imatrix file (GGUF or legacy .dat)
 
 
-DEFAULT_PROMPTS = ("What is the capital of France?",
-                   "What is 17 * 23? Reply with digits only, then list the first ten prime numbers.")
-
-
-@dataclass
-class EarlyStopConfig:
-    enabled: bool = False
-    min_windows: int = 4
-    rtol: float = 0.5
-    atol: float = 0.0
-
-
 @dataclass
 class MetricsConfig:
+    """Metrics against the matching baseline (sweep/metrics.py defines them)."""
+
+    # Keep the baseline's raw logits (full vocabulary, float32) for exact KL divergence and top-1 agreement; costs
+    # n_chunks * (n_ctx/2 - 1) * n_vocab * 4 bytes of disk under run.store (802 MB for 16 windows of SmolLM2).
     kld: bool = True
-    baseline_logits: str = "store"  # store | recompute (see conf/metrics/default.yaml)
+    baseline_logits: BaselineLogits = BaselineLogits.store  # same numbers either way
+    # Level of the per-point ΔNLL test (`significant`: paired two-sided t-test over windows; early-stopped points
+    # are untested) and of the false discovery rate that the table's delta_nll_q marks.
     alpha: float = 0.05
-    rank_by: str = "delta_ppl"
-    generate: Any = "top:5"  # true (every point) | false | top:N (the N worst, after the sweep): see gencheck.py
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    rank_by: RankBy = RankBy.delta_ppl  # lower is worse for top1_agree, higher for every other metric
+    # Generation check: greedy completions of `prompts` (through the chat template) compared token by token with
+    # the baseline's. true: every point (~7% of a 16-window sweep on SmolLM2); false: none; top:N: the N points
+    # that rank worst, checked when the sweep ends (gencheck.py; bench/README.md).
+    generate: Any = "top:5"
+    prompts: list[str] = field(default_factory=lambda: [
+        "What is the capital of France?",
+        "What is 17 * 23? Reply with digits only, then list the first ten prime numbers."])
     max_new_tokens: int = 32
-    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # Off: every point scores all data.n_chunks windows. On: a point stops once the confidence interval (level
+    # 1 - alpha) of the mean damage behind rank_by is narrower than max(rtol * |estimate|, atol), after at least
+    # min_windows (metrics.StopRule; README "Early stopping").
+    early_stop: EarlyStop = field(default_factory=EarlyStop)
 
 
 @dataclass
 class RunConfig:
-    threads: Optional[int] = None
-    progress: bool = True
+    threads: Optional[int] = None  # CPU threads for llama.cpp; None: the cores this job may use (affinity mask)
+    progress: bool = True  # progress bars (windows scored) on stderr
     store: str = "runs/store"  # finished points and baselines, shared by every sweep (resume, reuse)
 
 
@@ -80,7 +125,7 @@ class SweepConfig(ScoreConfig):
     # "each" (one job per block, expanded from the model's block count) or null (tensors outside the blocks).
     layer: Any = "each"
     tensor: str = "ffn_norm"
-    kind: str = "weight"  # weight | activation
+    kind: Kind = Kind.weight
 
 
 def register() -> None:
@@ -90,6 +135,34 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="score_schema", node=ScoreConfig)
     cs.store(name="sweep_schema", node=SweepConfig)
+    cs.store(group="metrics", name="default", node=MetricsConfig)
+    cs.store(group="run", name="default", node=RunConfig)
 
 
 register()
+
+
+def compose(overrides=(), config_name: str = "config", with_hydra: bool = False) -> DictConfig:
+    """The configuration the command line would give for `overrides` (Hydra's compose API, the real conf/); a bad
+    override is a SweepError of one line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app or an open initialize block
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="sweep"):
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=with_hydra)
+    except Exception as e:
+        raise SweepError(f"bad configuration ({' '.join(overrides)}): {hydra_error_line(e)}") from None
+
+
+def hydra_error_line(e: BaseException) -> str:
+    """Hydra's multi-line message (and the first line of its cause) as one line, without search-path details."""
+    text = str(e).split("Config search path")[0]
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        text += ": " + str(cause).strip().splitlines()[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from .backend import ComputeSettings, llama_cpp_version, system_info
+from .config import Container
 from .errors import SweepError
+from .files import atomic_path
 from .model_file import sha256
 
 log = logging.getLogger(__name__)
 
 # A tensor transform gets (name, dequantized float32 data) and returns the new float32 data.
 Transform = Callable[[str, np.ndarray], np.ndarray]
-CONTAINERS = ("f32", "native")
 
 
 def default_cache_dir() -> Path:
@@ -56,10 +56,7 @@ def write_gguf_copy(
 
     reader = GGUFReader(src)
     arch = reader.get_field(Keys.General.ARCHITECTURE).contents()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(dst, suffix=".part") as tmp:
         writer = GGUFWriter(tmp, arch)
         for field in reader.fields.values():
             if field.name == Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
@@ -88,10 +85,6 @@ def write_gguf_copy(
             else:
                 writer.write_tensor_data(t.data)
         writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dst
 
 
@@ -120,7 +113,7 @@ def compute_settings(container: str, n_gpu_layers: int = 0) -> ComputeSettings:
         return ComputeSettings(kv_type="f32", flash_attn="off", n_gpu_layers=n_gpu_layers)
     if container == "native":
         return ComputeSettings(kv_type="f16", flash_attn="on", n_gpu_layers=n_gpu_layers)
-    raise SweepError(f"unknown model.container={container!r}; valid: {', '.join(CONTAINERS)}")
+    raise SweepError(f"unknown model.container={container!r}; valid: {', '.join(Container)}")
 
 
 def runtime_identity(settings: ComputeSettings) -> dict:
@@ -138,7 +131,7 @@ def container_path(src: Path, container: str, cache_dir: Path | None = None) -> 
         return src
     if container == "f32":
         return f32_container(src, cache_dir)
-    raise SweepError(f"unknown model.container={container!r}; valid: {', '.join(CONTAINERS)}")
+    raise SweepError(f"unknown model.container={container!r}; valid: {', '.join(Container)}")
 
 
 def tensors_to_f32(src: Path, names: Iterable[str], dst: Path) -> Path:

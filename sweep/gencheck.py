@@ -17,7 +17,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from .errors import SweepError
+from .metrics import worst_first
 from .records import RECORD_FILE, find_records, point_key, read_record, write_record
+from .session import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,10 @@ def generation_mode(value) -> int | None:
 def worst_keys(df: pd.DataFrame, metric: str, n: int) -> list[str]:
     """Keys of the n measured points that rank worst by `metric` (as the ranking orders; diverged points have no
     completion worth comparing)."""
-    from .metrics import RANKABLE
-
     ok = df[df["status"] == "ok"]
     if ok.empty or metric not in ok:
         return []
-    damage = -ok[metric] if metric in RANKABLE and RANKABLE[metric].worse == "lower" else ok[metric]
-    return list(ok.assign(_damage=damage).sort_values("_damage", ascending=False)["key"].head(n))
+    return list(ok.assign(_damage=worst_first(ok, metric)).sort_values("_damage", ascending=False)["key"].head(n))
 
 
 def check_worst(df: pd.DataFrame, sweep_dir: Path, metric: str, n: int) -> pd.DataFrame:
@@ -64,26 +63,31 @@ def check_worst(df: pd.DataFrame, sweep_dir: Path, metric: str, n: int) -> pd.Da
         if rec and rec.get("key") in keys:
             job_dirs[rec["key"]] = path.parent
     df = df.copy()
-    for key in keys:
-        job_dir = job_dirs.get(key)
-        if job_dir is None or not (job_dir / ".hydra" / "config.yaml").exists():
-            log.warning("generation check: no job configuration for point %s, skipped", key)
-            continue
-        fields = check_point(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), key)
-        rec = read_record(job_dir / RECORD_FILE)
-        rec.update(fields)
-        write_record(job_dir / RECORD_FILE, rec)
-        for name, value in fields.items():
-            if name not in df:
-                df[name] = pd.Series([None] * len(df), dtype=object, index=df.index)
-            df.loc[df["key"] == key, name] = value
+    with Sessions() as sessions:  # one loaded model, reused by consecutive points that share it
+        for key in keys:
+            df = _check_one(df, key, job_dirs.get(key), sessions)
     return df
 
 
-def check_point(cfg, key: str) -> dict:
+def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessions) -> pd.DataFrame:
+    if job_dir is None or not (job_dir / ".hydra" / "config.yaml").exists():
+        log.warning("generation check: no job configuration for point %s, skipped", key)
+        return df
+    fields = check_point(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), key, sessions)
+    rec = read_record(job_dir / RECORD_FILE)
+    rec.update(fields)
+    write_record(job_dir / RECORD_FILE, rec)
+    for name, value in fields.items():
+        if name not in df:
+            df[name] = pd.Series([None] * len(df), dtype=object, index=df.index)
+        df.loc[df["key"] == key, name] = value
+    return df
+
+
+def check_point(cfg, key: str, sessions: Sessions) -> dict:
     """The generation check of one point (its job's composed config), cached in the store."""
     from .formats import make_format
-    from .generation import complete, summarize
+    from .generation import compare, complete
     from .reference import open_reference
     from .run import baseline_completions, point_backend
     from .targets import resolve
@@ -94,17 +98,16 @@ def check_point(cfg, key: str) -> dict:
     cached = read_record(store_file)
     if cached is not None:
         return cached
-    run_cfg = OmegaConf.merge(cfg.run, {"progress": False})
-    ref = open_reference(cfg.model, cfg.data, run_cfg)
+    ref = open_reference(OmegaConf.merge(cfg, {"run": {"progress": False}}), sessions=sessions)
     target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
     fmt = make_format(**cfg.fmt)
-    with point_backend(ref, target) as (backend, _):
+    with point_backend(ref, target) as (backend, matched):
         from .apply import applied
 
-        expected = baseline_completions(backend, prompts, max_new)
+        expected = baseline_completions(backend, ref, matched, prompts, max_new)
         with applied(backend, target, fmt):
             got = complete(backend, prompts, max_new)
-    fields = {**summarize(got, expected), "generation_checked": "top"}
+    fields = {**compare(got, expected), "generation_checked": "top"}
     write_record(store_file, fields)
     return fields
 

@@ -35,7 +35,8 @@ def first_departure(run: Completion, base: Completion) -> int | None:
     return None if len(run.tokens) == len(base.tokens) else min(len(run.tokens), len(base.tokens))
 
 
-def summarize(runs: list[Completion], bases: list[Completion]) -> dict:
+def compare(runs: list[Completion], bases: list[Completion]) -> dict:
+    """The record's generation columns: how many completions departed from the baseline's, and where."""
     departures = [first_departure(r, b) for r, b in zip(runs, bases)]
     departed = [d for d in departures if d is not None]
     return {

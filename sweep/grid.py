@@ -13,42 +13,24 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from . import config  # noqa: F401  (registers the schemas)
 from . import ggml_formats
-from .container import CONTAINERS, compute_settings
+from .config import CONF_DIR, compose, hydra_error_line
+from .container import compute_settings
 from .errors import SweepError
 from .formats import make_format
 from .gencheck import generation_mode
 from .metrics import RANKABLE
 from .model_file import ModelInfo, model_info, resolve_model_path
-from .targets import KINDS, Target, resolve
+from .targets import Target, resolve
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
-BASELINE_LOGITS = ("store", "recompute")
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                "--resolve", "-p", "--package")
-
-
-def _one_line(e: BaseException) -> str:
-    """Hydra's multi-line message (and the first line of its cause) as one line, without search-path details."""
-    text = str(e).split("Config search path")[0]
-    cause = e.__cause__ or e.__context__
-    if cause is not None and str(cause).strip():
-        text += ": " + str(cause).strip().splitlines()[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _compose(overrides: list[str], with_hydra: bool = False):
-    try:
-        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
-    except Exception as e:
-        raise SweepError(f"bad configuration ({' '.join(overrides)}): {_one_line(e)}") from None
 
 
 @dataclass
@@ -103,13 +85,9 @@ class _Checker:
                 self.tokens[key], n_ctx, n_chunks, None).n_windows
 
     def check(self, cfg) -> Target:
+        """What composition cannot check (choices and types it does: sweep/config.py)."""
         fmt = make_format(**cfg.fmt)
-        if cfg.metrics.rank_by not in RANKABLE:
-            raise SweepError(f"unknown metrics.rank_by={cfg.metrics.rank_by!r}; valid: {', '.join(RANKABLE)}")
         generation_mode(cfg.metrics.generate)
-        if cfg.metrics.baseline_logits not in BASELINE_LOGITS:
-            raise SweepError(f"unknown metrics.baseline_logits={cfg.metrics.baseline_logits!r}; valid: "
-                             f"{', '.join(BASELINE_LOGITS)} (recompute: no logits on disk, twice the decode)")
         if not 0 < cfg.metrics.alpha < 1:
             raise SweepError(f"metrics.alpha={cfg.metrics.alpha} must be between 0 and 1 (e.g. 0.05)")
         stop = cfg.metrics.early_stop
@@ -117,13 +95,9 @@ class _Checker:
             if stop.min_windows < 2 or stop.rtol < 0 or stop.atol < 0:
                 raise SweepError(f"metrics.early_stop needs min_windows >= 2 and rtol, atol >= 0 (got min_windows="
                                  f"{stop.min_windows}, rtol={stop.rtol}, atol={stop.atol})")
-            if RANKABLE[cfg.metrics.rank_by].per_token == "kld" and not cfg.metrics.kld:
+            if RANKABLE[cfg.metrics.rank_by].needs_logits and not cfg.metrics.kld:
                 raise SweepError(f"metrics.early_stop watches metrics.rank_by={cfg.metrics.rank_by}, which needs "
                                  f"metrics.kld=true")
-        if cfg.model.container not in CONTAINERS:
-            raise SweepError(f"unknown model.container={cfg.model.container!r}; valid: {', '.join(CONTAINERS)}")
-        if cfg.kind not in KINDS:
-            raise SweepError(f"unknown kind={cfg.kind!r}; valid: {', '.join(KINDS)}")
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
         info = self.info(cfg.model.path)
@@ -145,17 +119,17 @@ def plan(overrides: list[str]) -> Plan:
     try:
         parsed = parser.parse_overrides(overrides)
     except Exception as e:
-        raise SweepError(f"cannot parse the command line: {_one_line(e)}") from None
+        raise SweepError(f"cannot parse the command line: {hydra_error_line(e)}") from None
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     checker = _Checker()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="sweep"):
-        base = _compose(fixed, with_hydra=True)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="sweep"):
+        base = compose(fixed, with_hydra=True)
         params = base.hydra.sweeper.params or {}
         grid = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
         jobs = BasicSweeper.split_arguments(grid, None)[0]
         extra = []
         if any("layer=each" in job for job in jobs):
-            counts = {checker.info(_compose(job).model.path).n_layers for job in jobs if "layer=each" in job}
+            counts = {checker.info(compose(job).model.path).n_layers for job in jobs if "layer=each" in job}
             if len(counts) > 1:
                 raise SweepError(f"layer=each over models with different block counts {sorted(counts)}: "
                                  f"give the layers explicitly, e.g. layer=range(0,{min(counts)})")
@@ -165,7 +139,7 @@ def plan(overrides: list[str]) -> Plan:
                 [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
         points = []
         for job in jobs:
-            cfg = _compose(job)
+            cfg = compose(job)
             points.append((cfg, checker.check(cfg)))
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))

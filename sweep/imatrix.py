@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from . import config
 from .backend import GGML_OP_MUL_MAT_ID, Backend, MatMul
-from .cli import exit_on_user_error
+from .cli import hydra_command
 from .errors import SweepError
 from .imatrix_file import Imatrix, write_gguf
 from .reference import open_reference
@@ -105,8 +104,8 @@ def collect(backend: Backend, windows: np.ndarray, process_output: bool = False,
 
 
 def run_imatrix(cfg: DictConfig) -> Path:
-    ref = open_reference(cfg.model, cfg.data, cfg.run)
-    col = collect(ref.backend, ref.windows.tokens, cfg.process_output, cfg.run.progress)
+    with open_reference(cfg) as ref:
+        col = collect(ref.backend, ref.windows.tokens, cfg.process_output, cfg.run.progress)
     im = Imatrix(col.sums, col.counts, chunk_count=ref.windows.n_windows, chunk_size=ref.windows.n_ctx,
                  datasets=[str(ref.text.source)])
     out = write_gguf(Path(cfg.out), im)
@@ -115,9 +114,7 @@ def run_imatrix(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="imatrix")
-def main(cfg: DictConfig) -> None:
-    exit_on_user_error(run_imatrix, cfg)
+main = hydra_command("imatrix", run_imatrix)
 
 
 if __name__ == "__main__":

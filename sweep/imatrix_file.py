@@ -126,22 +126,20 @@ def write_gguf(path: Path | str, im: Imatrix) -> Path:
     from gguf import GGUFWriter
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    w = GGUFWriter(tmp, "imatrix")  # gguf's writer always adds general.architecture; readers ignore it
-    w.add_type("imatrix")
-    w.add_array(KEY_DATASETS, list(im.datasets))
-    w.add_uint32(KEY_CHUNK_COUNT, im.chunk_count)
-    w.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
-    for name in sorted(im.sums):
-        sums = np.ascontiguousarray(im.sums[name], dtype=np.float32)
-        w.add_tensor(f"{name}.in_sum2", sums.reshape(-1, sums.shape[-1]))
-        w.add_tensor(f"{name}.counts", im.counts[name].astype(np.float32).reshape(-1, 1))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".part") as tmp:
+        w = GGUFWriter(tmp, "imatrix")  # gguf's writer always adds general.architecture; readers ignore it
+        w.add_type("imatrix")
+        w.add_array(KEY_DATASETS, list(im.datasets))
+        w.add_uint32(KEY_CHUNK_COUNT, im.chunk_count)
+        w.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
+        for name in sorted(im.sums):
+            sums = np.ascontiguousarray(im.sums[name], dtype=np.float32)
+            w.add_tensor(f"{name}.in_sum2", sums.reshape(-1, sums.shape[-1]))
+            w.add_tensor(f"{name}.counts", im.counts[name].astype(np.float32).reshape(-1, 1))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return path
 
 

@@ -7,7 +7,6 @@ and the next point runs. Bad configuration is caught before any job starts (see 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from dataclasses import asdict
@@ -19,9 +18,10 @@ from .container import compute_settings, runtime_identity
 from .formats import make_format
 from .gencheck import generation_mode
 from .model_file import sha256
-from .metrics import StopRule
+from .metrics import EarlyStop, StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
-from .reference import load_inputs, open_reference
+from .reference import available_cores, load_inputs, open_reference
+from .session import Sessions
 from .run import describe, record, run_point
 from .targets import parse_layers, resolve
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def cores_for_this_job(launcher_cfg) -> int:
     """Cores this job may use: the cores it can run on, shared among the jobs that run beside it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if launcher_cfg is None:
         return cores
     if launcher_cfg.get("cpus_per_task"):  # submitit: what the scheduler gave each task
@@ -41,11 +41,12 @@ def cores_for_this_job(launcher_cfg) -> int:
     return cores
 
 
-def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> dict:
+def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> dict:
+    """One point: `sessions` holds the loaded model, shared with the jobs before and after this one."""
     store = Store(Path(cfg.run.store))
-    run_cfg = OmegaConf.merge(cfg.run, {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)})
+    cfg = OmegaConf.merge(cfg, {"run": {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)}})
     fmt = make_format(**cfg.fmt)
-    inputs = load_inputs(cfg.model, cfg.data)
+    inputs = load_inputs(cfg)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
     stop = stop_rule(cfg.metrics)
     key = job_key(cfg, inputs.model_sha256, inputs.text.sha256, layers)
@@ -57,7 +58,7 @@ def run_job(cfg: DictConfig, job_dir: Path | None = None, launcher_cfg=None) -> 
     else:
         started = time.time()
         try:
-            ref = open_reference(cfg.model, cfg.data, run_cfg, inputs)
+            ref = open_reference(cfg, inputs, sessions)
             target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
             prompts = tuple(cfg.metrics.prompts) if generate_here else ()
             out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
@@ -94,18 +95,19 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
                      layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                      prompts=list(cfg.metrics.prompts) if generate_here else [],
-                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": asdict(stop)} if stop else {}),
+                     max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": stop.key()} if stop else {}),
                      **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
                      runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:
     """The early-stopping rule of this sweep, if it has one (conf/metrics/default.yaml explains the parameters)."""
-    es = metrics_cfg.early_stop
-    if not es.enabled:
+    if not metrics_cfg.early_stop.enabled:
         return None
-    return StopRule.for_metric(metrics_cfg.rank_by, min_windows=es.min_windows, rtol=es.rtol, atol=es.atol,
-                               alpha=metrics_cfg.alpha)
+    return StopRule(str(metrics_cfg.rank_by), EarlyStop(**metrics_cfg.early_stop), float(metrics_cfg.alpha))
+
+
+TRACEBACK_CHARS = 4000  # the end of a failed point's traceback kept in its record: where it failed, not the whole stack
 
 
 def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict:
@@ -113,7 +115,7 @@ def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict
         "layer": layers[0] if len(layers) == 1 else None, "layers": ",".join(map(str, layers)) or "-",
         "tensor": cfg.tensor, "kind": cfg.kind, "fmt": fmt_label, "status": "failed",
         "reason": f"{type(error).__name__}: {error}".splitlines()[0],
-        "traceback": "".join(traceback.format_exception(error))[-4000:],
+        "traceback": "".join(traceback.format_exception(error))[-TRACEBACK_CHARS:],
         "container": cfg.model.container, "model": inputs.source.name, "model_sha256": inputs.model_sha256,
         "data_source": inputs.text.source, "n_chunks": cfg.data.n_chunks, "n_ctx": cfg.data.n_ctx,
     }

@@ -60,10 +60,6 @@ class ModelInfo:
     n_vocab: int
     tensor_types: dict[str, str]  # tensor name -> ggml type name ("Q4_1", "F32", ...)
 
-    def block_tensors(self, layer: int) -> list[str]:
-        prefix = f"blk.{layer}."
-        return [n[len(prefix):].removesuffix(".weight") for n in self.tensor_types if n.startswith(prefix)]
-
 
 @lru_cache(maxsize=8)
 def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:

@@ -178,6 +178,12 @@ class WindowMath:
                 f.result()
         return out
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._scratch.clear()
+
 
 @cache
 def _block(n: int) -> int:
@@ -311,7 +317,7 @@ class Score:
 
 def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring", keep_logits=None,
           reference: Score | None = None, settled: Callable[[Score], bool] | None = None,
-          unperturbed: Callable[[], AbstractContextManager] | None = None) -> Score:
+          unperturbed: Callable[[], AbstractContextManager] | None = None, math: WindowMath | None = None) -> Score:
     """Score every window on `backend` (whose hooks/weights define the perturbation, if any).
 
     keep_logits: an array of shape (n_windows, n_scored, n_vocab) (a memmap for a baseline) that receives the
@@ -322,7 +328,8 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
     settled: asked after each window with the score so far; True stops scoring there (early stopping).
     """
     mask, targets = windows.output_mask, windows.targets
-    process_window = window_math(backend.n_threads)
+    process_window = math or window_math(backend.n_threads)
+    import math  # noqa: the module again (temporary until the WindowMath redesign lands)
     n, m = windows.n_windows, windows.n_scored
     nll = np.empty((n, m), dtype=np.float64)
     lse = np.empty((n, m), dtype=np.float64)

@@ -33,7 +33,8 @@ from .grid import Plan
 from .job import cores_for_this_job, job_key
 from .model_file import model_info, resolve_model_path, sha256
 from .records import Store
-from .run import baseline_key, matched_targets
+from .run import matched_targets
+from .session import baseline_key
 from .text import load_text
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
@@ -307,22 +308,22 @@ def memory_warnings(c: Costs) -> list[str]:
 
 def time_one_window(group: Group, text_path, threads: int) -> Timing:
     """Score one real window on this machine, as a baseline and as a point, and time the generation check."""
-    from .backend import Backend
     from .generation import complete
     from .perplexity import make_windows, score
+    from .session import Session
 
     on_container = group.container_path is not None and not group.container_missing
     file = group.container_path if on_container else group.source
     t0 = time.perf_counter()
     settings = compute_settings(group.container, group.n_gpu_layers)
-    with Backend(file, group.n_ctx, threads, settings=settings, writable_weights=True) as b:  # as a job loads it
+    with Session(file, group.n_ctx, threads, settings) as session:  # as a job loads it
+        b = session.backend
         load_s = time.perf_counter() - t0
-        tokens = b.tokenize(load_text(text_path).text)
-        w = make_windows(tokens, group.n_ctx, 1, b.bos if b.add_bos else None)
+        w = make_windows(session.tokens(load_text(text_path)), group.n_ctx, 1, b.bos if b.add_bos else None)
         logits = np.empty((1, w.n_scored, b.n_vocab), np.float32) if group.kld else None
-        score(b, w, False)  # warm-up: the first decode after a load is slower than the rest
-        base = score(b, w, False, keep_logits=logits)
-        point = score(b, w, False, reference=base)
+        score(b, w, False, math=session.math)  # warm-up: the first decode after a load is slower than the rest
+        base = score(b, w, False, keep_logits=logits, math=session.math)
+        point = score(b, w, False, reference=base, math=session.math)
         generation_s = 0.0
         if group.gen_prompts:
             # The prompts with no new token, then with a few: the rest is extrapolated to the tokens a point

@@ -19,12 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .records import gather, ranking
-
-# metric column -> (axis label, stderr column)
-CURVE_METRICS = {"delta_ppl": ("ΔPPL vs. baseline", "delta_ppl_stderr"),
-                 "kld_mean": ("KL divergence (baseline ‖ run)", "kld_stderr")}
-
+from .metrics import RANKABLE
+from .records import gather
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 
@@ -55,7 +51,7 @@ def _series(df: pd.DataFrame):
 def sensitivity_curves(df: pd.DataFrame, metric: str = "delta_ppl") -> plt.Figure:
     """Metric vs. layer, one line per (tensor, kind), a panel per format, ±1 stderr bands.
     No-op points are drawn as hollow grey markers (not measured, not zero effect); failed ones as red x."""
-    label, err_col = CURVE_METRICS[metric]
+    label, err_col = RANKABLE[metric].label, RANKABLE[metric].stderr
     fmts = sorted(df["fmt"].unique())
     fig, axes = plt.subplots(1, len(fmts), figsize=(6 * len(fmts), 4), squeeze=False, sharey=metric == "kld_mean")
     panels = dict(zip(fmts, axes[0]))
@@ -146,10 +142,6 @@ def size_tradeoff(df: pd.DataFrame, metric: str = "kld_mean") -> plt.Figure:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
-
-
-def top_table(df: pd.DataFrame, metric: str = "delta_ppl", n: int = 15) -> pd.DataFrame:
-    return ranking(df, metric, n)
 
 
 def write_all(df: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:

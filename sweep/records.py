@@ -9,41 +9,27 @@ rename, which is atomic on POSIX).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .files import atomic_write_bytes, temporary_beside
+
 RECORD_FILE = "record.json"
 DONE = ("ok", "no-op", "diverged")  # a "failed" point is retried when the sweep runs again
 RECORD_SCHEMA = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+KEY_CHARS = 20  # hex digits of a key: 80 bits, no collision among any number of points a store will hold
 
 
 def point_key(**fields) -> str:
     blob = json.dumps({"schema": RECORD_SCHEMA, **fields}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
 
 
 def _json_default(x):
@@ -92,16 +78,10 @@ class Store:
 
     def baseline_logits_file(self, key: str, shape: tuple[int, ...]) -> tuple[np.ndarray, Path]:
         """A writable memmap for a baseline's logits, in a temporary file until `put_baseline` renames it."""
-        directory = self.root / "baselines"
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".logits.tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        os.close(fd)
-        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape), Path(tmp)
+        tmp = temporary_beside(self.root / "baselines" / f"{key}.logits.npy")
+        return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape), tmp
 
     def put_baseline(self, key: str, arrays: dict[str, np.ndarray], logits_tmp: Path | None = None) -> None:
-        import io
-
         if logits_tmp is not None:
             os.replace(logits_tmp, self.root / "baselines" / f"{key}.logits.npy")
         buf = io.BytesIO()
@@ -134,10 +114,6 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
     return add_q_values(df.sort_values([c for c in order if c in df]).reset_index(drop=True))
 
 
-# metric -> its per-point p-value column (metrics.summarize); each gets a q-value column over the whole table
-P_VALUES = {"delta_nll": "delta_nll_p"}
-
-
 def add_q_values(df: pd.DataFrame) -> pd.DataFrame:
     """Benjamini-Hochberg q-values per tested metric (`delta_nll_q`), over every measured (`ok`) point of the table.
 
@@ -148,10 +124,12 @@ def add_q_values(df: pd.DataFrame) -> pd.DataFrame:
     """
     from scipy.stats import false_discovery_control
 
-    for metric, p_col in P_VALUES.items():
+    from .metrics import METRICS
+
+    for test in (m.test for m in METRICS if m.test):
+        p_col, q_col = test.p, test.q
         if p_col not in df:
             continue
-        q_col = metric + "_q"
         df[q_col] = math.nan
         tested = df["status"].eq("ok")
         if tested.any():
@@ -165,8 +143,6 @@ def write_table(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
     """`results.parquet` and `results.csv`, each written atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     parquet, csv = directory / "results.parquet", directory / "results.csv"
-    import io
-
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write_bytes(parquet, buf.getvalue())
@@ -176,16 +152,14 @@ def write_table(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
 
 def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -> pd.DataFrame:
     """Most sensitive points first; no-op and failed points are listed apart, never ranked as insensitive."""
-    from .metrics import RANKABLE
+    from .metrics import RANKABLE, worst_first
 
-    worse_is_lower = metric in RANKABLE and RANKABLE[metric].worse == "lower"
     measured = df[df["status"].isin(["ok", "diverged"])].copy()
-    damage = -measured[metric] if worse_is_lower else measured[metric]
-    measured["_order"] = damage.where(measured["status"] == "ok", math.inf)  # diverged: the worst of all
+    measured["_order"] = worst_first(measured, metric).where(measured["status"] == "ok", math.inf)  # diverged: the worst of all
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
-    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "delta_nll_p", "delta_nll_q",
-            "significant", "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
+    tests = [c for m in RANKABLE.values() if m.test for c in (m.test.p, m.test.q, m.test.flag)]
+    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, *tests, "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
             "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved"]  # the last: GGUF-type points
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1

@@ -18,24 +18,15 @@ from .apply import Proof, Unperturbed, applied
 from .backend import Backend
 from .container import runtime_identity, tensors_to_f32
 from .formats import Format
-from .generation import complete
-from .generation import summarize as summarize_generation
-from .metrics import StopRule, summarize
+from .generation import compare, complete
+from .metrics import StopRule, Tokens, summarize
 from .perplexity import Score, score
-from .records import Store, point_key
+from .records import Store
 from .reference import Reference
+from .session import baseline_key, completions_key
 from .targets import Target
 
 log = logging.getLogger(__name__)
-
-_baselines: dict[str, Score] = {}
-
-
-def baseline_key(model_sha256: str, container: str, matched, data_sha256: str, n_ctx: int, n_windows: int,
-                 runtime: dict) -> str:
-    """The store key of a baseline (the planner asks it too, to count the baselines already stored)."""
-    return point_key(kind="baseline", model_sha256=model_sha256, container=container, matched=sorted(matched),
-                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime)
 
 
 def matched_targets(container: str, info, target: Target) -> tuple[str, ...]:
@@ -59,57 +50,27 @@ def point_backend(ref: Reference, target: Target) -> Iterator[tuple[Backend, tup
         return
     with tempfile.TemporaryDirectory(prefix="sweep-native-") as scratch:
         copy = tensors_to_f32(ref.source, matched, Path(scratch) / "matched.gguf")
-        backend = Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True, settings=ref.backend.settings)
-        try:
+        with Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
+                     settings=ref.backend.settings) as backend:
             yield backend, matched
-        finally:
-            backend.close()
 
 
 def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Store | None = None,
                    matched: tuple[str, ...] = (), keep_logits: bool = True) -> Score:
     """The unperturbed score on the reference windows, with its raw logits (for exact KL) unless told not to:
-    computed once, then reused within the process and, through `store`, by every other process of any sweep
-    (keyed by all that determines it)."""
+    computed once per session and, through `store`, once for every process of any sweep (keyed by all that
+    determines it)."""
     w = ref.windows
     key = baseline_key(ref.model_sha256, ref.container, matched, ref.text.sha256, w.n_ctx, w.n_windows,
                        runtime_identity(backend.settings))
-    cached = _baselines.get(key)
-    if cached is not None and (cached.logits is not None or not keep_logits):
-        return cached
-    saved = store.baseline(key) if store else None
-    if saved is not None and saved["nll"].shape == (w.n_windows, w.n_scored) and \
-            ("logits" in saved or not keep_logits):
-        result = Score(saved["nll"], w.n_ctx, 0.0, argmax=saved["argmax"], lse=saved["lse"],
-                       logits=saved.get("logits"))
-    else:
-        shape = (w.n_windows, w.n_scored, backend.n_vocab)
-        logits, tmp = (None, None)
-        if keep_logits:
-            logits, tmp = store.baseline_logits_file(key, shape) if store else (np.empty(shape, np.float32), None)
-        try:
-            result = score(backend, w, progress, desc="baseline", keep_logits=logits)
-            if store:
-                if tmp is not None:
-                    logits.flush()
-                store.put_baseline(key, {"nll": result.nll, "argmax": result.argmax, "lse": result.lse}, tmp)
-                if tmp is not None:
-                    result = replace(result, logits=store.baseline(key)["logits"])
-        finally:
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
-    _baselines[key] = result
-    return result
+    return ref.session.baseline(key, backend, w, progress, store, keep_logits)
 
 
-_completions: dict[tuple, list] = {}
-
-
-def baseline_completions(backend: Backend, prompts: tuple[str, ...], max_new: int) -> list:
-    key = (str(backend.path), prompts, max_new)
-    if key not in _completions:
-        _completions[key] = complete(backend, prompts, max_new)
-    return _completions[key]
+def baseline_completions(backend: Backend, ref: Reference, matched: tuple[str, ...], prompts: tuple[str, ...],
+                         max_new: int) -> list:
+    key = completions_key(ref.model_sha256, ref.container, matched, backend.n_ctx, prompts, max_new,
+                          runtime_identity(backend.settings))
+    return ref.session.completions(key, lambda: complete(backend, prompts, max_new))
 
 
 @dataclass
@@ -141,7 +102,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         # recompute: the originals are read before the perturbation is applied, to switch it off per window
         originals = {n: backend.read_weight(n) for n in target.names} if recompute and target.kind == "weight" \
             else {}
-        expected = baseline_completions(backend, tuple(prompts), max_new_tokens) if prompts else None
+        expected = baseline_completions(backend, ref, matched, tuple(prompts), max_new_tokens) if prompts else None
         got = None
         with applied(backend, target, fmt, ref.info.tensor_types) as proof:
             if target.kind == "weight" and proof.n_changed == 0:
@@ -153,12 +114,13 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
                     if stop is not None else None
                 result = score(backend, ref.windows, progress, reference=base, settled=settled,
                                desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}",
-                               unperturbed=Unperturbed(backend, target, originals) if recompute else None)
+                               unperturbed=Unperturbed(backend, target, originals) if recompute else None,
+                               math=ref.session.math)
                 base = result.baseline or base
             proof = replace(proof)  # the record's counts are about the scored windows, not the generation
             if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
-        generation = summarize_generation(got, expected) if got is not None else None
+        generation = compare(got, expected) if got is not None else None
         decoding = backend.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
     reason = proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
@@ -191,15 +153,19 @@ def absorbed(run: Score, base: Score) -> str | None:
             "every scored token are exactly the baseline's)") if same else None
 
 
-def per_token(run: Score, base: Score) -> dict[str, np.ndarray]:
-    """The paired per-token quantities that every metric of `metrics.METRICS` aggregates."""
+def per_token(run: Score, base: Score) -> Tokens:
+    """The paired per-token quantities (metrics.PER_TOKEN) that every metric of `metrics.METRICS` aggregates."""
     if run is base:  # a weight no-op: the model is bit-identical to its baseline
         zeros = np.zeros_like(base.nll)
-        return {"dnll": zeros, "kld": zeros, "top1": np.ones_like(zeros)}
-    tokens = {"dnll": run.nll - base.nll, "top1": (run.argmax == base.argmax).astype(np.float64)}
+        return {"dnll": zeros, "kld": zeros, "top1": np.ones_like(zeros), "nll": base.nll, "base_nll": base.nll}
+    tokens = {"dnll": run.nll - base.nll, "top1": (run.argmax == base.argmax).astype(np.float64), "nll": run.nll,
+              "base_nll": base.nll}
     if run.kld is not None:
         tokens["kld"] = run.kld
     return tokens
+
+
+WINDOW_COLUMNS = {"base_nll": "baseline_nll"}  # the records' names of per-window means, where they differ
 
 
 def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: float = 0.05) -> dict:
@@ -208,10 +174,11 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
     tokens = {} if diverged else per_token(out.score, out.baseline)
     metrics = summarize(tokens, alpha, out.score.stopped_early) if tokens else {}
     # Per-window means (window i of every point is the same text): enough to replay any early-stopping rule.
-    windows = {f"window_{name}": values.mean(axis=1).tolist() for name, values in tokens.items()}
-    if tokens:
-        windows["window_baseline_nll"] = out.baseline.nll.mean(axis=1).tolist()
-    dnll, dnll_se = (math.inf, math.nan) if diverged else (metrics["delta_nll"], metrics["delta_nll_stderr"])
+    windows = {f"window_{WINDOW_COLUMNS.get(name, name)}": values.mean(axis=1).tolist()
+               for name, values in tokens.items() if name != "nll"}
+    if diverged:
+        metrics = {"delta_ppl": math.inf, "delta_nll": math.inf, "delta_nll_stderr": math.nan,
+                   "delta_ppl_stderr": math.nan}
     return {
         # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
         "layer": target.layers[0] if len(target.layers) == 1 else None, "layers": target.layer_label,
@@ -219,10 +186,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "status": out.status, "reason": out.reason,
         "ppl": out.score.ppl, "ppl_stderr": out.score.ppl_stderr,
         "baseline_ppl": out.baseline.ppl, "baseline_ppl_stderr": out.baseline.ppl_stderr,
-        "delta_ppl": out.score.ppl - out.baseline.ppl if out.status != "diverged" else math.inf,
-        # ΔPPL = PPL_base * (exp(ΔNLL) - 1): its paired standard error by the delta method.
-        "delta_ppl_stderr": out.score.ppl * dnll_se,
-        **metrics, **(out.generation or {}), "delta_nll": dnll, "delta_nll_stderr": dnll_se, "alpha": alpha,
+        **metrics, **(out.generation or {}), "alpha": alpha,
         "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,

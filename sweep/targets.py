@@ -10,10 +10,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .config import Kind
 from .errors import SweepError
 from .model_file import ModelInfo
 
-KINDS = ("weight", "activation")
 _LAYER_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
 # A weight's short name is its GGUF name without the block prefix and without ".weight"; any other tensor keeps its
 # suffix (qwen2's `blk.N.attn_q.bias` is `attn_q.bias`), so biases can be targeted too and never pass for weights.
@@ -122,8 +122,8 @@ def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, 
     """The concrete tensors/nodes for one point of the grid; raises SweepError naming the valid choices.
 
     `nodes`: the graph's nodes by name, each a list of backend.NodeOccurrence (needed for activations)."""
-    if kind not in KINDS:
-        raise SweepError(f"unknown kind={kind!r}; valid: {', '.join(KINDS)}")
+    if kind not in tuple(Kind):
+        raise SweepError(f"unknown kind={kind!r}; valid: {', '.join(Kind)}")
     layers = parse_layers(layer, info.n_layers)
     if kind == "weight":
         return _resolve_weight(tensor, layers, info)

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from sweep.config import compose
 
 from sweep.model_file import embedded_model_path
 
@@ -47,13 +47,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def make_cfg(model: Path | None, text: Path, n_ctx: int, n_chunks: int, container: str = "f32",
-             cache_dir: Path | None = None):
-    return OmegaConf.create({
-        "model": {"path": str(model) if model else None, "container": container,
-                  "cache_dir": str(cache_dir) if cache_dir else None, "n_gpu_layers": 0},
-        "data": {"path": str(text), "n_ctx": n_ctx, "n_chunks": n_chunks},
-        "run": {"threads": 2, "progress": False},
-    })
+             cache_dir: Path | None = None, *overrides: str):
+    """The configuration `python -m sweep` composes for these settings (the real conf/, through Hydra)."""
+    return compose([f"model.path={model}" if model else "model.path=null", f"model.container={container}",
+                    f"model.cache_dir={cache_dir}" if cache_dir else "model.cache_dir=null", f"data.path={text}",
+                    f"data.n_ctx={n_ctx}", f"data.n_chunks={n_chunks}", "run.threads=2", "run.progress=false",
+                    *overrides])
 
 
 @pytest.fixture

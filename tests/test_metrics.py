@@ -13,7 +13,7 @@ from scipy.special import logsumexp
 from sweep.apply import applied
 from sweep.formats import make_format
 from sweep.generation import Completion, first_departure
-from sweep.metrics import StopRule, blocked_stderr, delta_nll_p, summarize
+from sweep.metrics import EarlyStop, StopRule, blocked_stderr, delta_nll_p, summarize
 from sweep.perplexity import WindowMath
 from sweep import run as run_module
 from sweep.records import Store, add_q_values, format_ranking
@@ -48,9 +48,8 @@ CASES = [("weight", "ffn_down", 1, make_format("int8")), ("activation", "l_out",
 @pytest.mark.parametrize("kind, tensor, layer, fmt", CASES)
 def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer, fmt, tiny_model, wikitext,
                                                              cache_dir, tmp_path, monkeypatch):
-    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir).values())
+    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir))
     target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
-    monkeypatch.setattr(run_module, "_baselines", {})  # not served from another test's baseline in memory
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))  # the baseline goes through disk
     assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in str(out.baseline.logits.filename)
     kld, top1, dnll = exact_metrics(ref, target, fmt)
@@ -70,9 +69,8 @@ def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer
                                                       ("activation", "l_out", 10, make_format("int8"))])
 def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path,
                                                      monkeypatch):
-    ref = open_reference(*make_cfg(None, wikitext, 512, 2, "f32", cache_dir).values())
+    ref = open_reference(make_cfg(None, wikitext, 512, 2, "f32", cache_dir))
     target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
-    monkeypatch.setattr(run_module, "_baselines", {})
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))
     assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in str(out.baseline.logits.filename)
     kld, top1, _ = exact_metrics(ref, target, fmt)
@@ -82,7 +80,7 @@ def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, w
 
 
 def test_identical_model_has_zero_kld_and_full_agreement(tiny_model, wikitext, cache_dir):
-    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 3, "f32", cache_dir).values())
+    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 3, "f32", cache_dir))
     target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     out = run_point(ref, target, make_format("none"), progress=False)
     assert out.status == "no-op"
@@ -133,19 +131,19 @@ def test_significant_keeps_its_level_under_early_stopping():
     means = rng.normal(0.0, 1e-3, (n_points, n))  # per-window mean ΔNLL of points without any effect
     se = math.sqrt(alpha * (1 - alpha) / n_points)
 
-    sign = stopping_windows(StopRule("dnll", min_windows=4, rtol=1.0), means)
+    sign = stopping_windows(StopRule("delta_nll", EarlyStop(min_windows=4, rtol=1.0)), means)
     assert (sign < n).mean() > 0.15  # the rule stops a zero effect often ...
     stopped_at = np.array([delta_nll_p(m[:k]) for m, k in zip(means, sign)])
     assert (stopped_at < alpha).mean() > alpha + 10 * se  # ... with its interval off 0: no test (about 19%)
     assert flagged(means, sign, n, alpha).mean() <= alpha + 3 * se
 
-    negligible = stopping_windows(StopRule("dnll", min_windows=4, rtol=1.0, atol=5e-4), means)
+    negligible = stopping_windows(StopRule("delta_nll", EarlyStop(min_windows=4, rtol=1.0, atol=5e-4)), means)
     assert (negligible < n).mean() > 0.5
     assert flagged(means, negligible, n, alpha).mean() <= alpha + 3 * se
 
     # stopping on an independent quantity (KL) keeps exactly the full points' own level: alpha * P(full)
     kld = rng.gamma(4.0, 2.5e-4, (n_points, n))  # per-window mean KL: positive, mean 1e-3, sd 5e-4
-    by_kld = stopping_windows(StopRule("kld", min_windows=4, rtol=0.25), kld)
+    by_kld = stopping_windows(StopRule("kld_mean", EarlyStop(min_windows=4, rtol=0.25)), kld)
     full = (by_kld == n).mean()
     assert 0.2 < full < 0.8
     rate, expected = flagged(means, by_kld, n, alpha).mean(), alpha * full
@@ -163,7 +161,7 @@ def test_first_departure():
 
 
 def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_dir):
-    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir).values())
+    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir))
     target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.nodes)
     zero = run_point(ref, target, make_format("zero"), progress=False, prompts=("Hello",), max_new_tokens=8)
     same = run_point(ref, target, make_format("none"), progress=False, prompts=("Hello",), max_new_tokens=8)
@@ -201,23 +199,23 @@ def test_early_stop_rule_settles_clear_effects_and_negligible_ones_but_not_noise
     rng = np.random.default_rng(2)
     clear = {"dnll": rng.normal(0.05, 0.01, (16, 255))}
     noise = {"dnll": rng.normal(0, 1e-3, (16, 255))}
-    rule = StopRule("dnll", min_windows=4, rtol=0.5)
+    rule = StopRule("delta_nll", EarlyStop(min_windows=4, rtol=0.5))
     assert not rule.settled({"dnll": clear["dnll"][:3]})  # never before min_windows
     assert rule.settled({"dnll": clear["dnll"][:4]})
     assert not any(rule.settled({"dnll": noise["dnll"][:k]}) for k in range(2, 17))  # a mean near 0 is never known
-    assert StopRule("dnll", atol=1e-3).settled(noise)  # ... to 50% of itself, but it is confidently below 1e-3
+    assert StopRule("delta_nll", EarlyStop(atol=1e-3)).settled(noise)  # ... to 50% of itself, but it is confidently below 1e-3
     disagree = {"top1": (rng.random((16, 255)) > 0.2).astype(float)}  # the rule watches 1 - agreement
-    assert StopRule("top1", rtol=0.5).settled(disagree)
-    assert not StopRule("top1", rtol=0.5).settled({"top1": disagree["top1"][:1]})  # one window has no interval
-    assert StopRule.for_metric("kld_p99").per_token == "kld" and StopRule.for_metric("delta_ppl").per_token == "dnll"
+    assert StopRule("top1_agree", EarlyStop(rtol=0.5)).settled(disagree)
+    assert not StopRule("top1_agree", EarlyStop(rtol=0.5)).settled({"top1": disagree["top1"][:1]})  # one window has no interval
+    assert StopRule("kld_p99").key()["per_token"] == "kld" and StopRule("delta_ppl").key() == StopRule("delta_nll").key()
 
 
 def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_model, wikitext, cache_dir):
-    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 8, "f32", cache_dir).values())
+    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 8, "f32", cache_dir))
     target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     full = run_point(ref, target, make_format("int4"), progress=False)
     stopped = run_point(ref, target, make_format("int4"), progress=False,
-                        stop=StopRule("dnll", min_windows=3, rtol=1.0))
+                        stop=StopRule("delta_nll", EarlyStop(min_windows=3, rtol=1.0)))
     k = stopped.score.n_windows
     assert stopped.score.stopped_early and 3 <= k < 8 and not full.score.stopped_early
     np.testing.assert_array_equal(stopped.score.nll, full.score.nll[:k])

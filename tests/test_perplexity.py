@@ -108,8 +108,8 @@ def test_n_chunks_is_clamped_to_the_text_and_zero_means_all():
     ("f32", 8, 24.3706, 1.65361),
 ])
 def test_real_model_matches_llama_perplexity(container, n_chunks, ppl, stderr, wikitext, cache_dir):
-    ref = open_reference(*make_cfg(None, wikitext, 512, n_chunks, container, cache_dir).values())
-    result = score(ref.backend, ref.windows, progress=False)
+    with open_reference(make_cfg(None, wikitext, 512, n_chunks, container, cache_dir)) as ref:
+        result = score(ref.backend, ref.windows, progress=False, math=ref.session.math)
     assert round(result.ppl, 4) == ppl
     assert round(result.ppl_stderr, 3) == round(stderr, 3)
     assert result.summary() == f"PPL = {ppl:.4f} ± {stderr:.5f} ({n_chunks} windows, {n_chunks * 255} tokens, 512 ctx)"

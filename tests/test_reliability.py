@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -108,7 +109,7 @@ class NaNFormat:
 
 
 def test_non_finite_logits_are_recorded_as_diverged_and_the_model_stays_usable(tiny_model, wikitext, cache_dir):
-    ref = open_reference(*make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir).values())
+    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir))
     target = resolve("activation", "ffn_out", 1, ref.info, ref.backend.nodes)
     before = score(ref.backend, ref.windows, progress=False).nll
     out = run_point(ref, target, NaNFormat(), progress=False)
@@ -155,9 +156,9 @@ def test_two_sweeps_into_the_same_runs_dir_at_once(tiny_model, tmp_path, env):
 
 def test_sweep_dir_carries_the_launching_process_id():
     from hydra import compose, initialize_config_dir
-    from sweep.grid import CONF_DIR
+    from sweep.config import CONF_DIR
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
         assert cfg.hydra.sweep.dir.endswith(f"_{os.getpid()}")
 
@@ -190,6 +191,8 @@ def test_kill_9_of_a_joblib_sweep_then_rerun(tiny_model, tmp_path, env):
     time.sleep(1)  # loky workers notice their parent is gone
     before = len(list(points.glob("*.json")))
     assert 3 <= before < 12
+    for p in points.glob("*.json"):
+        assert json.loads(p.read_text())["status"] == "ok"  # every visible record is complete
     run_sweep(tiny_args(tiny_model, tmp_path, *axes, sweep_dir="rerun"), env)
     df = read_table(tmp_path / "rerun")
     assert len(df) == 12 and df["key"].is_unique and set(df["status"]) == {"ok"}

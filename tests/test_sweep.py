@@ -16,9 +16,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sweep.errors import SweepError
-from sweep.grid import CONF_DIR, plan
+from sweep.config import CONF_DIR
+from sweep.grid import plan
 from sweep.job import cores_for_this_job
-from sweep.metrics import StopRule
+from sweep.metrics import EarlyStop, StopRule
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_COLUMNS = ["layer", "tensor", "kind", "fmt", "status", "ppl", "ppl_stderr", "baseline_ppl", "delta_ppl",
@@ -42,7 +43,7 @@ def run_sweep(args, env, check=True, **kw):
 # ---- configuration --------------------------------------------------------------------------------------------
 
 def test_config_composes_as_a_sweep_by_default():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
         assert cfg.hydra.sweeper.params == {"kind": "weight,activation", "layer": "each"}
@@ -67,8 +68,10 @@ def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):
     (["layer=1", "fmt=bf16,int9"], "Could not find 'fmt/int9'"),
     (["layer=1", "fmt=int8", "fmt.granularity=per_col"], "valid granularities: per_tensor, per_row, per_token"),
     (["layer=1", "fmt.granulrity=x"], "Key 'granulrity' not in 'FormatConfig'"),
-    (["layer=1", "kind=weights"], "unknown kind='weights'; valid: weight, activation"),
-    (["layer=1", "model.container=q8"], "unknown model.container='q8'; valid: f32, native"),
+    (["layer=1", "kind=weights"], "Invalid value 'weights', expected one of [weight, activation]"),
+    (["layer=1", "model.container=q8"], "Invalid value 'q8', expected one of [f32, native]"),
+    (["layer=1", "metrics.rank_by=kld"], "Invalid value 'kld', expected one of [delta_ppl, delta_nll, kld_mean"),
+    (["layer=1", "metrics.baseline_logits=disk"], "Invalid value 'disk', expected one of [store, recompute]"),
     (["layer=1", "kind=activation", "tensor=Qcur"], "2 computed graph nodes are named 'Qcur-1'"),
     (["layer=1", "kind=activation", "tensor=kq", "fmt=int8"], "node 'kq' does not have one row per token"),
 ])
@@ -139,7 +142,7 @@ def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model
     df_full = read_table(tmp_path / "full").set_index("fmt")
     assert not df_full["stopped_early"].any() and (df_full["n_chunks"] == 3).all()
     # the decisions are the rule's on the data: replayed on the full points' first 2 windows, it stops the same ones
-    rule = StopRule("dnll", min_windows=2, atol=2e-3)
+    rule = StopRule("delta_nll", EarlyStop(min_windows=2, atol=2e-3))
     for fmt in ("zero", "bf16"):
         first_two = np.asarray(df_full.loc[fmt, "window_dnll"][:2])
         assert bool(rule.settled_means(first_two)) == df.loc[fmt, "stopped_early"]

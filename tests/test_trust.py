@@ -23,9 +23,14 @@ N_CTX = 64
 
 
 @pytest.fixture
-def f32_ref(tiny_model, wikitext, cache_dir):
-    # per test: opening another reference closes this one (one loaded model per process); reopening is cached
-    return open_reference(*make_cfg(tiny_model, wikitext, N_CTX, 2, "f32", cache_dir).values())
+def f32_cfg(tiny_model, wikitext, cache_dir):
+    return make_cfg(tiny_model, wikitext, N_CTX, 2, "f32", cache_dir)
+
+
+@pytest.fixture
+def f32_ref(f32_cfg):
+    with open_reference(f32_cfg) as ref:
+        yield ref
 
 
 # ---- 1. plain buffers: no repacking, every weight readable ---------------------------------------------------------
@@ -135,7 +140,7 @@ def test_per_token_means_one_row_per_token_on_3d_nodes(f32_ref):
 # ---- 3. changed values, unchanged output: a no-op -------------------------------------------------------------------
 
 def test_vcur_fp16_is_absorbed_by_the_native_f16_cache(tiny_model, wikitext, cache_dir):
-    ref = open_reference(*make_cfg(tiny_model, wikitext, N_CTX, 2, "native", cache_dir).values())
+    ref = open_reference(make_cfg(tiny_model, wikitext, N_CTX, 2, "native", cache_dir))
     assert ref.backend.settings.kv_type == "f16"
     target = resolve("activation", "Vcur", 1, ref.info, ref.backend.nodes)
     out = run_point(ref, target, make_format("fp16"), progress=False)
@@ -156,16 +161,15 @@ def test_kv_perturbations_show_their_effect_in_the_f32_container(f32_ref, node):
 @pytest.mark.parametrize("field, value", [("system_info", "CPU : AMX_INT8 = 1 |"), ("kv_type", "f16"),
                                           ("flash_attn", "on"), ("n_gpu_layers", -1),
                                           ("llama_cpp_python", "9.9.9"), ("sweep_version", "9.9")])
-def test_a_baseline_computed_by_other_kernels_is_never_reused(field, value, f32_ref, tmp_path, monkeypatch):
+def test_a_baseline_computed_by_other_kernels_is_never_reused(field, value, f32_ref, f32_cfg, tmp_path,
+                                                               monkeypatch):
     store = Store(tmp_path)
-    monkeypatch.setattr(run_module, "_baselines", {})
     first = baseline_score(f32_ref.backend, f32_ref, False, store)
     assert len(list((tmp_path / "baselines").glob("*.npz"))) == 1
-    monkeypatch.setattr(run_module, "_baselines", {})
-    assert baseline_score(f32_ref.backend, f32_ref, False, store).logits.filename == first.logits.filename  # reused
+    with open_reference(f32_cfg) as again:  # another session: nothing in memory, the store serves it
+        assert baseline_score(again.backend, again, False, store).logits.filename == first.logits.filename
     identity = runtime_identity(f32_ref.backend.settings)
     assert field in identity and identity[field] != value
     monkeypatch.setattr(run_module, "runtime_identity", lambda settings: {**identity, field: value})
-    monkeypatch.setattr(run_module, "_baselines", {})
     baseline_score(f32_ref.backend, f32_ref, False, store)
     assert len(list((tmp_path / "baselines").glob("*.npz"))) == 2  # a miss: computed and stored apart

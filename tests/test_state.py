@@ -1,0 +1,91 @@
+"""No module-level mutable state in the package: what a run computes belongs to a `session.Session` (or to the
+call), never to a module. Constants and registries may be module-level containers, so the check is twofold:
+statically, nothing at module level is a cache, a pool or a global that code rebinds, except the few listed below
+with the reason; dynamically, running real points in-process leaves every module-level container as it was."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+
+import sweep
+from conftest import make_cfg
+from sweep.formats import make_format
+from sweep.records import Store, gather, write_record
+from sweep.reference import open_reference
+from sweep.run import record, run_point
+from sweep.targets import resolve
+
+# (module, name) -> why it is allowed to live at module level
+ALLOWED = {
+    ("sweep.backend", "_recent_errors"): "llama.cpp's log callback is process-wide: the last errors it reported",
+    ("sweep.backend", "_initialised"): "llama_backend_init runs once per process",
+    ("sweep.model_file", "_read_info"): "a pure memo of the file's header, keyed by (path, size, mtime)",
+    ("sweep.model_file", "_sha256"): "a pure memo of the file's hash, keyed by (path, size, mtime)",
+    ("sweep.imatrix_file", "_load"): "a pure memo of the file's contents, keyed by (path, size, mtime)",
+    ("sweep.perplexity", "_block"): "a pure function of an int (the row-sum block length), memoized",
+}
+
+
+def modules():
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(sweep.__path__, "sweep.")
+            if not m.name.endswith("__main__")]
+
+
+def test_no_module_caches_pools_or_rebound_globals():
+    found = []
+    for mod in modules():
+        source = Path(mod.__file__).read_text()
+        for name, value in vars(mod).items():
+            if getattr(value, "__module__", mod.__name__) != mod.__name__ and not isinstance(value, (dict, list, set)):
+                continue  # imported from elsewhere: checked in its own module
+            cached = hasattr(value, "cache_info")  # functools.cache / lru_cache
+            if cached or isinstance(value, (Executor, np.ndarray)):
+                found.append((mod.__name__, name))
+        for name in re.findall(r"^\s+global\s+(\w+)", source, re.M):
+            found.append((mod.__name__, name))
+        if re.search(r"^\S.*os\.umask\(", source, re.M):  # changing process state at import
+            found.append((mod.__name__, "os.umask at import"))
+    unexplained = sorted(set(found) - set(ALLOWED))
+    assert not unexplained, f"module-level state (give it an owner, or explain it in ALLOWED): {unexplained}"
+
+
+def container_globals() -> dict[tuple[str, str], str]:
+    return {(mod.__name__, name): repr(value) for mod in modules() for name, value in vars(mod).items()
+            if isinstance(value, (dict, list, set)) and (mod.__name__, name) not in ALLOWED}
+
+
+def test_running_points_leaves_every_module_level_container_unchanged(tiny_model, wikitext, cache_dir, tmp_path):
+    before = container_globals()
+    assert before  # the registries are seen
+    store = Store(tmp_path / "store")
+    cfg = make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir)
+    with open_reference(cfg) as ref:
+        for kind, tensor, fmt, logits in (("weight", "ffn_up", "int8", "store"),
+                                          ("activation", "l_out", "bf16", "recompute")):
+            target = resolve(kind, tensor, 1, ref.info, ref.backend.nodes)
+            out = run_point(ref, target, make_format(fmt), progress=False, store=store,
+                            prompts=("Hello",), max_new_tokens=4, baseline_logits=logits)
+            rec = record(ref, target, make_format(fmt), out)
+            write_record(tmp_path / "sweep" / kind / "record.json", {**rec, "key": kind, "finished_at": 0})
+    assert len(gather([tmp_path / "sweep"])) == 2
+    assert container_globals() == before
+
+
+def test_a_closed_reference_keeps_nothing(tiny_model, wikitext, cache_dir, tmp_path):
+    """Closing a reference closes its model; a new one computes (or reads from the store) its baseline afresh."""
+    cfg = make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir)
+    target_args = ("weight", "ffn_up", 1)
+    with open_reference(cfg) as ref:
+        out = run_point(ref, resolve(*target_args, ref.info), make_format("int8"), progress=False)
+        first_baseline = out.baseline
+    assert ref.backend.closed
+    with open_reference(cfg) as again:
+        out = run_point(again, resolve(*target_args, again.info), make_format("int8"), progress=False)
+    assert out.baseline is not first_baseline  # not served from the closed session
+    np.testing.assert_array_equal(out.baseline.nll, first_baseline.nll)
