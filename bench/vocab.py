@@ -2,18 +2,23 @@
 and 262k (a tiny random-weight llama with Gemma 3's vocabulary size).
 
     python bench/vocab.py [--vocab 49152,262144] [--windows 4] [--points 4] [--threads N] [--no-rss] [--recompute]
-                          [--generation]
+                          [--generation] [--against REV] [--repeat 9] [--math-only]
 
 For 262,144 tokens the model is written with gguf's writer (tests/tiny_model.py): SmolLM2's tokenizer padded with
 unique unused tokens, n_embd 640 (Gemma-3-270M's width, so the tied output matmul has the real size), 3 blocks.
 Its decode is much cheaper than a real model's, so the overhead *share* on it is pessimistic; the per-window math
 (what grows with the vocabulary) is the real figure, and the last section scales it to a real model's decode.
 Every figure is measured in this invocation, F32 container, baseline stored before the timed points.
+
+--against REV times the window math of sweep/perplexity.py as it was at git revision REV in the same process,
+alternating old and new on the same logits (a shared machine's load then weighs on both alike), and checks that
+both give the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -29,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_model import write_tiny_model  # noqa: E402
 
+from sweep.apply import applied  # noqa: E402
 from sweep.container import container_path, default_cache_dir  # noqa: E402
 from sweep.formats import make_format  # noqa: E402
 from sweep.model_file import embedded_model_path  # noqa: E402
-from sweep.perplexity import WindowMath  # noqa: E402
+from sweep import perplexity  # noqa: E402
 from sweep.records import Store  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import run_point  # noqa: E402
@@ -44,6 +50,9 @@ POINTS = [("weight", "ffn_down", 1, "int8"), ("activation", "l_out", 2, "int8"),
 # Gemma-3-270M Q4_K_M in its F32 container on 2 cores (issue 16): a 4-window point took 14.2 s, 15.6% of it outside
 # llama_decode, 3.4 s of it in the generation check (all decode): 14.2 * 0.844 - 3.4 = 8.6 s of scoring decode.
 REAL_DECODE_S_PER_WINDOW = (14.2 * (1 - 0.156) - 3.4) / 4
+# FLOPs of one 512-token window: Gemma-3-270M (18 blocks of width 640, FFN 2048, the 262k output matmul for the 255
+# scored rows) against this benchmark's tiny 262k model (3 blocks, same width and output): ~190 vs ~98 GFLOP.
+GEMMA_TO_TINY_DECODE = 190 / 98
 
 
 def model_for(n_vocab: int) -> Path:
@@ -69,23 +78,64 @@ def row(*cells, widths=(46, 14, 14, 14, 14)):
     print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
 
 
-def window_math_ms(ref, store_root: Path, repeat: int = 5) -> dict[str, float]:
-    """Median ms per window of the math alone: unpaired (a baseline's) and paired with a stored baseline."""
+def perplexity_at(rev: str):
+    """sweep/perplexity.py as it was at git revision `rev`, imported beside the current one."""
+    source = subprocess.run(["git", "show", f"{rev}:sweep/perplexity.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    name = f"sweep._perplexity_at_{rev}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    module.__package__ = "sweep"
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:sweep/perplexity.py", "exec"), module.__dict__)
+    return module
+
+
+def paired_call(module, math, logits, targets, baseline) -> dict:
+    """One window through `module`'s WindowMath; before BaselineWindow it took the baseline's arrays in a row."""
+    if baseline is None:
+        return math(logits, targets)
+    if hasattr(module, "BaselineWindow"):
+        return math(logits, targets, None, module.BaselineWindow(*baseline))
+    return math(logits, targets, None, *baseline)
+
+
+def window_math_ms(ref, store_root: Path, versions: dict, repeat: int) -> dict[str, dict[str, float]]:
+    """Min and median ms per window of the math alone, per version of the module (alternating between them):
+    unpaired (a baseline's), paired with a baseline in memory and paired with a stored one (read with pread)."""
     be, w = ref.backend, ref.windows
-    math = WindowMath(be.n_threads)
     base = run_point(ref, resolve("weight", POINTS[0][1], POINTS[0][2], ref.info), make_format("none"),
                      progress=False, store=Store(store_root)).baseline
-    logits = np.array(be.decode_window(w.tokens[0], w.output_mask))  # a copy: the math overwrites its input
+    target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
+    with applied(be, target, make_format("int8")):  # a real perturbation: the logits the paired math meets
+        logits = np.array(be.decode_window(w.tokens[0], w.output_mask))  # a copy: the math overwrites its input
+    in_memory = np.array(base.logits[0])
+    maths = {v: m.WindowMath(be.n_threads) for v, m in versions.items()}
+    cases = {"unpaired": lambda m: None, "paired, in memory": lambda m: (in_memory, base.lse[0], base.nll[0]),
+             "paired, stored": lambda m: (m.StoredLogits(base.logits)[0], base.lse[0], base.nll[0])}
     work = np.empty_like(logits)
-    out = {}
-    for name, extra in (("unpaired", ()), ("paired", (base.logits[0], base.lse[0], base.nll[0]))):
-        times = []
-        for _ in range(repeat):
-            np.copyto(work, logits)
-            t0 = time.perf_counter()
-            math(work, w.targets[0], None, *extra)
-            times.append(time.perf_counter() - t0)
-        out[name] = 1e3 * statistics.median(times)
+    times = {(c, v): [] for c in cases for v in versions}
+    times["decode", None] = []
+    results = {}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        be.decode_window(w.tokens[0], w.output_mask)  # the same window's decode, under the same load
+        times["decode", None].append(time.perf_counter() - t0)
+        for case, baseline in cases.items():
+            for v, module in versions.items():
+                np.copyto(work, logits)
+                t0 = time.perf_counter()
+                results[case, v] = paired_call(module, maths[v], work, w.targets[0], baseline(module))
+                times[case, v].append(time.perf_counter() - t0)
+    for v in versions:
+        if hasattr(maths[v], "close"):
+            maths[v].close()
+    first = next(iter(versions))
+    for (case, v), got in results.items():  # the same numbers from every version
+        for key in got:
+            np.testing.assert_allclose(got[key], results[case, first][key], rtol=1e-6, atol=1e-12,
+                                       err_msg=f"{case}: {key} of {v} vs {first}")
+    out = {v: {c: (1e3 * min(times[c, v]), 1e3 * statistics.median(times[c, v])) for c in cases} for v in versions}
+    out["decode"] = 1e3 * min(times["decode", None]), 1e3 * statistics.median(times["decode", None])
     return out
 
 
@@ -118,6 +168,25 @@ def peak_rss(model: Path, n_chunks: int, tmp: Path, text: str, mode: str = "stor
     return peak_mb, container_path(model, "f32").stat().st_size / 2**20
 
 
+def math_table(ms: dict, n_vocab: int) -> None:
+    versions = [v for v in ms if v != "decode"]
+    row("window math ms (min / median)", *versions, widths=(46, *[20] * len(versions)))
+    for case in ms[versions[0]]:
+        row(f"  {case}", *(f"{ms[v][case][0]:.1f} / {ms[v][case][1]:.1f}" for v in versions),
+            widths=(46, *[20] * len(versions)))
+    decode = ms["decode"][0]
+    print(f"   the same window's decode here: {decode:.0f} ms (min; median {ms['decode'][1]:.0f})")
+    for v in versions:
+        math = ms[v]["paired, stored"][0]
+        line = f"   {v}: paired stored math = {100 * math / (decode + math):.1f}% of a window on this model"
+        if n_vocab > 49152:
+            gemma = decode * GEMMA_TO_TINY_DECODE
+            line += (f"; vs a Gemma-3-270M decode scaled by FLOPs ({gemma:.0f} ms) {100 * math / (gemma + math):.1f}%"
+                     f"; vs the issue's idle {1e3 * REAL_DECODE_S_PER_WINDOW:.0f} ms "
+                     f"{100 * math / (1e3 * REAL_DECODE_S_PER_WINDOW + math):.1f}%")
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", default="49152,262144")
@@ -127,22 +196,31 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--recompute", action="store_true", help="also the peak RSS with metrics.baseline_logits=recompute")
     ap.add_argument("--generation", action="store_true", help="also time points with the generation check")
+    ap.add_argument("--against", help="also time the window math of sweep/perplexity.py at this git revision")
+    ap.add_argument("--repeat", type=int, default=9, help="rounds of the window-math timing")
+    ap.add_argument("--math-only", action="store_true", help="only the window math (no points, no RSS)")
     ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
                     str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
     args = ap.parse_args()
     print(f"# vocabulary benchmark: {os.cpu_count()} cores, {args.threads} threads, {args.windows} windows of 512, "
-          f"F32 container, {args.points} points (weight + activation), baseline stored")
+          f"F32 container, {args.points} points (weight + activation), baseline stored; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    versions = {"now": perplexity}
+    if args.against:
+        versions = {args.against: perplexity_at(args.against), **versions}
     for n_vocab in map(int, args.vocab.split(",")):
         model = model_for(n_vocab)
         ref = open_reference(cfg(model, args.windows, args.threads, args.text))
         print(f"\n## vocab {ref.backend.n_vocab} ({model.name})")
         with tempfile.TemporaryDirectory() as tmp:
-            ms = window_math_ms(ref, Path(tmp) / "store")
+            math_table(window_math_ms(ref, Path(tmp) / "store", versions, args.repeat), n_vocab)
+            print(f"   load average now {os.getloadavg()[0]:.1f}")
+            if args.math_only:
+                ref.backend.close()
+                continue
             o = overhead(ref, Path(tmp) / "store", args.points, ())
             decode_per_window = o["decode"] / (args.points * args.windows)
             outside_per_window = (o["wall"] - o["decode"]) / (args.points * args.windows)
-            row("math ms/window", "unpaired", "paired", "", "")
-            row("", f"{ms['unpaired']:.1f}", f"{ms['paired']:.1f}")
             row("per point", "wall s", "decode s", "outside", "s/window")
             row(f"{args.points} points, generation off", f"{o['wall']:.2f}", f"{o['decode']:.2f}",
                 f"{100 * o['share']:.1f}%", f"{outside_per_window:.3f}")
@@ -158,7 +236,7 @@ def main() -> None:
                 print(f"   scaled to a real Gemma-3-270M decode of {REAL_DECODE_S_PER_WINDOW:.2f} s/window: "
                       f"{100 * real:.1f}% outside decode")
         ref.backend.close()
-        for mode in () if args.no_rss else ("store", "recompute") if args.recompute else ("store",):
+        for mode in () if args.no_rss or args.math_only else ("store", "recompute") if args.recompute else ("store",):
             with tempfile.TemporaryDirectory() as tmp:
                 peak, size = peak_rss(model, args.windows, Path(tmp), args.text, mode)
             row(f"peak RSS MB (python -m sweep, 4 points, {mode})", f"{peak:.0f}", f"model {size:.0f}",

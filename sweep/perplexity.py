@@ -9,14 +9,13 @@ llama-perplexity's: PPL * sqrt(var(NLL) / (count - 1)).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
-from functools import cache
+from math import exp, sqrt
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 class Windows:
     tokens: np.ndarray  # (n_windows, n_ctx) int32, BOS already in place when the vocab asks for it
     n_ctx: int
-    n_available: int  # tokens the whole text gave
 
     @property
     def first(self) -> int:
@@ -73,7 +71,7 @@ def make_windows(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None)
     windows = np.array(tokens[: n * n_ctx], dtype=np.int32).reshape(n, n_ctx)
     if bos is not None:
         windows[:, 0] = bos
-    return Windows(windows, n_ctx, len(tokens))
+    return Windows(windows, n_ctx)
 
 
 def _split(n_rows: int, parts: int) -> list[slice]:
@@ -84,6 +82,17 @@ def _split(n_rows: int, parts: int) -> list[slice]:
 # Rows are processed in chunks of about this many floats per array, so that the chunk's three arrays (the logits,
 # their differences and the baseline's probabilities) stay in cache across the passes over it.
 CHUNK_FLOATS = 1 << 18
+
+# Row sums are taken in float32 over blocks of at most this many elements, then in float64 (see _row_dot).
+SUM_BLOCK = 512
+
+# Where max(d) - sum(p d) stays below this, the tokens whose baseline probability underflows float32 (log-prob
+# below -87) carry at most n_vocab * exp(-87 + 40) ~ 1e-15 of the run's mass: the paired form is then exact.
+_UNDERFLOW_MARGIN = 40.0
+
+# float32 expm1 overflows above ~88.7: rows where a logit grew by this much or more against the baseline take the
+# log-sum-exps instead.
+_EXPM1_LIMIT = 80.0
 
 
 class StoredLogits:
@@ -123,6 +132,30 @@ class _WindowRows:
         return self.source.read(self.window, rows, out)
 
 
+@dataclass(frozen=True)
+class BaselineWindow:
+    """The baseline's side of one window, what a run's window is paired with: its raw logits (an array, or a
+    stored file's window `StoredLogits[i]`, read a chunk of rows at a time) and, per scored position, their
+    log-sum-exp and the NLL."""
+    logits: np.ndarray | _WindowRows
+    lse: np.ndarray
+    nll: np.ndarray
+
+    def rows(self, c: slice, buffer: np.ndarray) -> BaselineWindow:
+        """Rows `c`, with stored logits read into `buffer`."""
+        y = self.logits.read(c, buffer) if isinstance(self.logits, _WindowRows) else self.logits[c]
+        return BaselineWindow(y, self.lse[c], self.nll[c])
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """One thread's working arrays for paired rows, (chunk, n_vocab) float32 each: the logit differences `d` and
+    the baseline's probabilities `p` (stored baseline logits are read into `p`); `block` is _row_dot's block."""
+    d: np.ndarray
+    p: np.ndarray
+    block: int
+
+
 class WindowMath:
     """Everything a window's logits are needed for, computed over row blocks on `threads` threads.
 
@@ -130,79 +163,90 @@ class WindowMath:
     262k vocabulary); numpy releases the GIL on them, so the blocks run in parallel while llama.cpp's threads are
     idle between decodes. Each thread walks its rows in short chunks, all passes on one chunk before the next, so
     the passes after the first read cache instead of memory. Scratch buffers are per thread, a few MB, allocated
-    once (a fresh large array costs more in page faults than the math on it).
+    once (a fresh large array costs more in page faults than the math on it), and so is the window of a
+    recomputed baseline (`window_buffer`).
+
+    It owns its thread pool and buffers: `close()` (or a `with` block) shuts the pool down and drops them.
     """
 
     def __init__(self, threads: int = 1):
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self._scratch: dict[tuple, np.ndarray] = {}
+        self._scratch: dict[int, _Scratch] = {}
+        self._window: np.ndarray | None = None
+        self._closed = False
 
-    def _buffer(self, name: str, part: int, shape: tuple[int, ...]) -> np.ndarray:
-        buf = self._scratch.get((name, part))
-        if buf is None or buf.shape != shape:
-            buf = self._scratch[(name, part)] = np.empty(shape, dtype=np.float32)
-        return buf
+    def window_buffer(self, n_scored: int, n_vocab: int) -> np.ndarray:
+        """One window of logits (a recomputed baseline's), allocated once and reused by every window."""
+        if self._window is None or self._window.shape != (n_scored, n_vocab):
+            self._window = None  # release the old one before allocating the new
+            self._window = np.empty((n_scored, n_vocab), dtype=np.float32)
+        return self._window
 
-    def __call__(self, logits: np.ndarray, targets: np.ndarray, keep=None, ref_logits=None,
-                 ref_lse: np.ndarray | None = None, ref_nll: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """keep: an array (n_scored, n_vocab) that receives the raw logits (a recomputed baseline's window).
-        ref_logits: the baseline's logits of this window, an array or a stored file's window (`StoredLogits[i]`,
-        read a chunk of rows at a time)."""
-        n, n_vocab = logits.shape
-        out = {"argmax": np.empty(n, np.int64), "nll": np.empty(n), "lse": np.empty(n)}
-        if ref_logits is not None:
-            out["kld"] = np.empty(n)
-        blocks = _split(n, self.threads)
-        chunk = max(1, CHUNK_FLOATS // n_vocab)
-
-        def block(part: int, r: slice) -> None:
-            if ref_logits is not None:
-                d = self._buffer("diff", part, (chunk, n_vocab))
-                y = self._buffer("ref", part, (chunk, n_vocab))
-            for lo in range(r.start, r.stop, chunk):
-                c = slice(lo, min(lo + chunk, r.stop))
-                parts = {k: v[c] for k, v in out.items()}
-                if keep is not None:
-                    keep[c] = logits[c]
-                if ref_logits is None:
-                    _window_rows(logits[c], targets[c], parts)
-                else:
-                    ref = ref_logits.read(c, y) if hasattr(ref_logits, "read") else ref_logits[c]
-                    _paired_rows(logits[c], targets[c], parts, ref, ref_lse[c], ref_nll[c], d, y)
-
-        if self._pool is None or len(blocks) == 1:
-            block(0, blocks[0])
-        else:
-            for f in [self._pool.submit(block, k, r) for k, r in enumerate(blocks)]:
-                f.result()
-        return out
+    def _scratch_for(self, part: int, shape: tuple[int, int]) -> _Scratch:
+        s = self._scratch.get(part)
+        if s is None or s.d.shape != shape:
+            s = self._scratch[part] = _Scratch(np.empty(shape, np.float32), np.empty(shape, np.float32),
+                                               _sum_block(shape[1]))
+        return s
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
         self._scratch.clear()
+        self._window = None
+        self._closed = True
+
+    def __enter__(self) -> WindowMath:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, logits: np.ndarray, targets: np.ndarray, keep: np.ndarray | None = None,
+                 baseline: BaselineWindow | None = None) -> dict[str, np.ndarray]:
+        """keep: an array (n_scored, n_vocab) that receives the raw logits (a recomputed baseline's window).
+        baseline: the baseline's side of this window; KL and the paired NLL are then computed."""
+        if self._closed:
+            raise RuntimeError("this WindowMath is closed")
+        n, n_vocab = logits.shape
+        out = {"argmax": np.empty(n, np.int64), "nll": np.empty(n), "lse": np.empty(n)}
+        if baseline is not None:
+            out["kld"] = np.empty(n)
+        blocks = _split(n, self.threads)
+        chunk = max(1, CHUNK_FLOATS // n_vocab)
+
+        def rows(part: int, r: slice) -> None:
+            scratch = self._scratch_for(part, (chunk, n_vocab)) if baseline is not None else None
+            for lo in range(r.start, r.stop, chunk):
+                c = slice(lo, min(lo + chunk, r.stop))
+                parts = {k: v[c] for k, v in out.items()}
+                if keep is not None:
+                    keep[c] = logits[c]
+                if baseline is None:
+                    _window_rows(logits[c], targets[c], parts)
+                else:
+                    _paired_rows(logits[c], targets[c], baseline.rows(c, scratch.p), parts, scratch)
+
+        if self._pool is None or len(blocks) == 1:
+            rows(0, blocks[0])
+        else:
+            for f in [self._pool.submit(rows, k, r) for k, r in enumerate(blocks)]:
+                f.result()
+        return out
 
 
-@cache
-def _block(n: int) -> int:
-    """The largest divisor of n up to 512: row sums are taken in blocks of it (see _row_dot)."""
-    return next(b for b in range(min(n, 512), 0, -1) if n % b == 0)
+def _sum_block(n: int) -> int:
+    """The largest divisor of n up to SUM_BLOCK: row sums are taken in blocks of it (see _row_dot)."""
+    return next(b for b in range(min(n, SUM_BLOCK), 0, -1) if n % b == 0)
 
 
-def _row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _row_dot(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
     """sum(a * b) per row, in float64. Float32 partial sums over short blocks (as fast as one einsum over the row)
     keep rounding ~1e-7 relative where accumulating a whole 49k-long row in float32 drifts to ~1e-5."""
-    bs = _block(a.shape[1])
-    partial = np.einsum("ij,ij->i", a.reshape(-1, bs), b.reshape(-1, bs))
+    partial = np.einsum("ij,ij->i", a.reshape(-1, block), b.reshape(-1, block))
     return partial.reshape(a.shape[0], -1).sum(axis=1, dtype=np.float64)
-
-
-@cache
-def window_math(threads: int) -> WindowMath:
-    """One per thread count and process, so its scratch buffers serve every point."""
-    return WindowMath(threads)
 
 
 def _window_rows(z, targets, out) -> None:
@@ -220,14 +264,9 @@ def _window_rows(z, targets, out) -> None:
     out["nll"][...] = log_sum - picked
 
 
-# Where max(d) - sum(p d) stays below this, the tokens whose baseline probability underflows float32 (log-prob
-# below -87) carry at most n_vocab * exp(-87 + 40) ~ 1e-15 of the run's mass: the paired form is then exact.
-_UNDERFLOW_MARGIN = 40.0
-
-
-def _paired_rows(z, targets, out, y, y_lse, y_nll, d, p) -> None:
-    """Rows of a window paired with its baseline (raw logits y, their log-sum-exps and NLLs); `z` (llama.cpp's
-    output buffer) is overwritten, `d` and `p` are scratch (`y` may be `p` itself: it is read before p is written).
+def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> None:
+    """Rows of a window paired with the same rows of its baseline (raw logits y); `z` (llama.cpp's output buffer)
+    is overwritten (`y` may be `scratch.p` itself: it is read before p is written).
 
     Everything comes from the logit differences d = z - y, which are small where the perturbation is small, so
     tiny changes are not lost to rounding. With p = softmax(y), q = p e^d / Z:
@@ -241,16 +280,18 @@ def _paired_rows(z, targets, out, y, y_lse, y_nll, d, p) -> None:
     """
     n = len(targets)
     rows = np.arange(n)
-    d, p = d[:n], p[:n]
+    y, y_lse, y_nll = base.logits, base.lse, base.nll
+    d, p = scratch.d[:n], scratch.p[:n]
     out["argmax"][...] = z.argmax(axis=1)
     np.subtract(z, y, out=d)
     picked = d[rows, targets].astype(np.float64)
     d_max = d.max(axis=1).astype(np.float64)
     np.subtract(y, y_lse[:, None].astype(np.float32), out=p)
     np.exp(p, out=p)
-    u = _row_dot(p, d)
+    u = _row_dot(p, d, scratch.block)
     with np.errstate(over="ignore", invalid="ignore"):
-        coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < 80)  # NaN compares false: non-finite rows too
+        # NaN compares false: non-finite rows are coarse too
+        coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
         log_z = np.empty(n)
         if coarse.any():
             zc = z[coarse].astype(np.float64)
@@ -259,7 +300,7 @@ def _paired_rows(z, targets, out, y, y_lse, y_nll, d, p) -> None:
         work = z  # z is spent: reuse its memory
         np.expm1(d, out=work)
         work -= d
-        v = _row_dot(p, work)
+        v = _row_dot(p, work, scratch.block)
         fine = np.log1p(u + v)
     log_z[~coarse] = fine[~coarse]
     out["lse"][...] = y_lse + log_z
@@ -297,13 +338,13 @@ class Score:
 
     @property
     def ppl(self) -> float:
-        return math.exp(float(self.nll.mean()))
+        return exp(float(self.nll.mean()))
 
     @property
     def ppl_stderr(self) -> float:
         v = self.nll.ravel()
         var = float(np.mean(v * v) - np.mean(v) ** 2)
-        return self.ppl * math.sqrt(var / (v.size - 1)) if var > 0 else 0.0
+        return self.ppl * sqrt(var / (v.size - 1)) if var > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -317,7 +358,8 @@ class Score:
 
 def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring", keep_logits=None,
           reference: Score | None = None, settled: Callable[[Score], bool] | None = None,
-          unperturbed: Callable[[], AbstractContextManager] | None = None, math: WindowMath | None = None) -> Score:
+          unperturbed: Callable[[], AbstractContextManager] | None = None,
+          math: WindowMath | None = None) -> Score:
     """Score every window on `backend` (whose hooks/weights define the perturbation, if any).
 
     keep_logits: an array of shape (n_windows, n_scored, n_vocab) (a memmap for a baseline) that receives the
@@ -326,10 +368,10 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
     (the perturbation switched off) and its logits kept in memory for the paired math, then decoded perturbed
     (twice the decode, no disk). The baseline's score comes back as the result's `baseline`.
     settled: asked after each window with the score so far; True stops scoring there (early stopping).
+    math: the WindowMath (thread pool and buffers) to compute with, e.g. one kept per loaded model; without it a
+    temporary one on backend.n_threads threads serves this call and is closed before it returns.
     """
     mask, targets = windows.output_mask, windows.targets
-    process_window = math or window_math(backend.n_threads)
-    import math  # noqa: the module again (temporary until the WindowMath redesign lands)
     n, m = windows.n_windows, windows.n_scored
     nll = np.empty((n, m), dtype=np.float64)
     lse = np.empty((n, m), dtype=np.float64)
@@ -337,7 +379,6 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
     recompute = unperturbed is not None and reference is None
     if recompute:
         base = {k: np.empty((n, m), dtype=v.dtype) for k, v in (("nll", nll), ("lse", lse), ("argmax", argmax))}
-        kept = window_buffer(m, backend.n_vocab)
     with_kl = recompute or (reference is not None and reference.logits is not None)
     kld = np.empty((n, m), dtype=np.float64) if with_kl else None
     ref_logits = reference.logits if with_kl and not recompute else None
@@ -353,20 +394,21 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
                      stopped_early=k < n)
 
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
-    with bar:
+    with nullcontext(math) if math is not None else WindowMath(backend.n_threads) as window_math, bar:
+        kept = window_math.window_buffer(m, backend.n_vocab) if recompute else None
         for i, window in enumerate(windows.tokens):
             if recompute:
                 with unperturbed():
-                    b = process_window(backend.decode_window(window, mask), targets[i], kept)
+                    b = window_math(backend.decode_window(window, mask), targets[i], kept)
                 base["nll"][i], base["lse"][i], base["argmax"][i] = b["nll"], b["lse"], b["argmax"]
-                paired = (kept, base["lse"][i], base["nll"][i])
+                paired = BaselineWindow(kept, base["lse"][i], base["nll"][i])
             else:
-                paired = (ref_logits[i], reference.lse[i], reference.nll[i]) if with_kl else ()
+                paired = BaselineWindow(ref_logits[i], reference.lse[i], reference.nll[i]) if with_kl else None
             logits = backend.decode_window(window, mask)
             if writer is not None:
                 writer.write(i, logits)
             keep = keep_logits[i] if keep_logits is not None and writer is None else None
-            w = process_window(logits, targets[i], keep, *paired)
+            w = window_math(logits, targets[i], keep, paired)
             nll[i], lse[i], argmax[i] = w["nll"], w["lse"], w["argmax"]
             if with_kl:
                 kld[i] = w["kld"]
@@ -376,7 +418,7 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
                              diverged=f"non-finite logits in window {i} at position {pos}",
                              baseline=baseline_so_far(i + 1))
             bar.update()
-            bar.set_postfix_str(f"ppl {math.exp(nll[: i + 1].mean()):.4f}")
+            bar.set_postfix_str(f"ppl {exp(nll[: i + 1].mean()):.4f}")
             if settled is not None and i + 1 < n:
                 so_far = Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0, argmax=argmax[: i + 1],
                                lse=lse[: i + 1], kld=kld[: i + 1] if with_kl else None, stopped_early=True,
@@ -388,16 +430,6 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
         writer.close()
     return Score(nll, windows.n_ctx, time.perf_counter() - t0, argmax=argmax, lse=lse, logits=keep_logits, kld=kld,
                  baseline=baseline_so_far(n))
-
-
-_kept: list[np.ndarray] = []
-
-
-def window_buffer(n_scored: int, n_vocab: int) -> np.ndarray:
-    """One window of logits (the recomputed baseline's), allocated once per process and reused."""
-    if not _kept or _kept[0].shape != (n_scored, n_vocab):
-        _kept[:] = [np.empty((n_scored, n_vocab), dtype=np.float32)]
-    return _kept[0]
 
 
 class _LogitsWriter:

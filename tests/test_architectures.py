@@ -69,6 +69,35 @@ def test_weights_and_activations_of_another_architecture(arch, arch_models, tmp_
             assert row["targets"].tolist() == [name]
 
 
+@pytest.mark.parametrize("arch", list(SWEEPS))
+def test_the_native_container_of_another_architecture(arch, arch_models, tmp_path, env):
+    """The model as stored (Q4_1 matmuls, F32 norms), with the native container's flash attention and F16 KV cache:
+    a quantized weight is perturbed on its F32-matched copy (and paired with that copy's baseline), an F32 weight
+    and the activations on the file itself. One small sweep: layer 0, a norm and ffn_up, as weight and node."""
+    model = arch_models[arch]
+    run_sweep(tiny_args(model, tmp_path, "layer=0", "kind=weight,activation", "tensor=attn_norm,ffn_up", "fmt=int8",
+                        "model.container=native", "metrics.generate=false", "run.threads=1"), env)
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet").sort_values(["kind", "tensor"])
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"\n{arch} ({model.name}), native container: {len(df)} points\n"
+              f"{df[[*COLUMNS, 'baseline']].to_string(index=False)}")
+
+    assert len(df) == 4 and (df["status"] == "ok").all(), df[["kind", "tensor", "status", "reason"]]
+    assert (df["container"] == "native").all() and (df["flash_attn"] == "on").all() and (df["kv_type"] == "f16").all()
+    assert (df["frac_changed"] > 0).all() and (df["kld_mean"] > 0).all() and df["ppl"].map(math.isfinite).all()
+    activations = df[df["kind"] == "activation"]
+    assert (activations["hook_calls"] == 3).all()  # once per window (data.n_chunks=3), one node each
+    assert activations["targets"].tolist() == ["attn_norm-0", "ffn_up-0"]
+    weights = df[df["kind"] == "weight"].set_index("tensor")
+    assert (weights["hook_calls"] == 1).all()  # one tensor written
+    assert weights.loc["ffn_up", "baseline"] == "native container, blk.0.ffn_up.weight dequantized to F32"
+    assert weights.loc["attn_norm", "baseline"] == "native container"  # F32 already: the file itself
+    # the same file and settings: the activations and the F32 weight share one baseline, the matched copy has its own
+    shared = df[df["baseline"] == "native container"]["baseline_ppl"]
+    assert len(shared) == 3 and shared.nunique() == 1
+    assert weights.loc["ffn_up", "baseline_ppl"] != shared.iloc[0]
+
+
 @pytest.mark.parametrize("arch, kind, listed, absent", [
     ("gemma3", "weight", ["post_ffw_norm", "post_attention_norm", "attn_q_norm"], ["attn_q.bias"]),
     ("gemma3", "activation", ["attn_post_norm", "ffn_post_norm", "sa_out", "inp_scaled"], ["ffn_swiglu"]),

@@ -14,8 +14,7 @@ from sweep.apply import applied
 from sweep.formats import make_format
 from sweep.generation import Completion, first_departure
 from sweep.metrics import EarlyStop, StopRule, blocked_stderr, delta_nll_p, summarize
-from sweep.perplexity import WindowMath
-from sweep import run as run_module
+from sweep.perplexity import BaselineWindow, WindowMath
 from sweep.records import Store, add_q_values, format_ranking
 from sweep.reference import open_reference
 from sweep.run import record, run_point
@@ -185,13 +184,16 @@ def test_window_math_is_exact_in_float64_terms_on_one_or_two_threads():
     exact_nll = -lp_z[np.arange(37), targets]
     lse_y = logsumexp(y.astype(np.float64), axis=1)
     base_nll = -lp_y[np.arange(37), targets]
-    one, two = (WindowMath(t)(z.copy(), targets, None, y, lse_y, base_nll) for t in (1, 2))
+    baseline = BaselineWindow(y, lse_y, base_nll)
+    with WindowMath(1) as one_thread, WindowMath(2) as two_threads:
+        one, two = (m(z.copy(), targets, None, baseline) for m in (one_thread, two_threads))
+        unpaired = two_threads(z.copy(), targets)
     for key in ("kld", "nll", "lse", "argmax"):
         np.testing.assert_array_equal(one[key], two[key])
     assert exact_kld[:5].min() > 1 and exact_kld[5:].max() < 1e-5  # both regimes are present
     np.testing.assert_allclose(one["kld"], exact_kld, rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(one["nll"], exact_nll, rtol=1e-6)
-    np.testing.assert_allclose(WindowMath(2)(z.copy(), targets)["nll"], exact_nll, rtol=1e-6)  # no reference
+    np.testing.assert_allclose(unpaired["nll"], exact_nll, rtol=1e-6)  # no reference
     assert (one["argmax"][:5] == 7).all()
 
 

@@ -3,7 +3,9 @@ and against the figures llama.cpp's own `llama-perplexity` printed for the real 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from sweep.backend import Backend
 from sweep.container import compute_settings
 from sweep.errors import SweepError
-from sweep.perplexity import make_windows, score
+from sweep.perplexity import WindowMath, make_windows, score
 from sweep.reference import open_reference
 
 from conftest import make_cfg
@@ -72,6 +74,25 @@ def test_windows_are_independent_of_order(tiny_backend, tiny_tokens):
     from dataclasses import replace
     alone = score(tiny_backend, replace(windows, tokens=windows.tokens[3:]), progress=False).nll
     np.testing.assert_array_equal(all_four[3], alone[0])
+
+
+def test_score_uses_the_callers_window_math_or_a_temporary_one_it_closes(tiny_backend, tiny_tokens):
+    """No pool or buffer outlives a call that was not given one; a caller's WindowMath serves many calls (a
+    recomputed baseline's window buffer included) and stays open until the caller closes it."""
+    windows = make_windows(tiny_tokens, N_CTX, 2, None)
+    threads_before = threading.active_count()
+    alone = score(tiny_backend, windows, progress=False)
+    assert threading.active_count() == threads_before  # the temporary pool was shut down
+    with WindowMath(2) as shared:
+        first = score(tiny_backend, windows, progress=False, math=shared)
+        again = score(tiny_backend, windows, progress=False, math=shared, unperturbed=contextlib.nullcontext)
+        buffer = shared.window_buffer(windows.n_scored, tiny_backend.n_vocab)
+        assert buffer is shared.window_buffer(windows.n_scored, tiny_backend.n_vocab)  # allocated once
+    for result in (first, again, again.baseline):
+        np.testing.assert_array_equal(result.nll, alone.nll)
+    assert again.kld is not None and not again.kld.any()  # paired with itself: the same logits
+    with pytest.raises(RuntimeError, match="closed"):
+        shared(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))
 
 
 def test_bos_replaces_the_first_token_when_the_vocab_asks(tmp_path, smollm2, wikitext):
