@@ -49,8 +49,8 @@ RULES = [("delta_ppl", dict(min_windows=4, rtol=1.0, atol=0.0)),
          ("top1_agree", dict(min_windows=4, rtol=0.1, atol=0.0))]
 
 
-def sweep(layers: str, n_chunks: int, store: Path, out: Path, *extra: str) -> pd.DataFrame:
-    args = [sys.executable, "-m", "sweep", f"layer={layers}", *GRID, f"data.n_chunks={n_chunks}",
+def sweep(layers: str, n_windows: int, store: Path, out: Path, *extra: str) -> pd.DataFrame:
+    args = [sys.executable, "-m", "sweep", f"layer={layers}", *GRID, f"data.n_windows={n_windows}",
             f"run.store={store}", f"hydra.sweep.dir={out}", *extra]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -168,24 +168,24 @@ def main() -> None:
     args = ap.parse_args()
     if args.simulate:
         return simulate()
-    layers, n_chunks = ("range(0,10)", 8) if args.quick else ("range(0,30)", 16)
+    layers, n_windows = ("range(0,10)", 8) if args.quick else ("range(0,30)", 16)
     tmp = Path(tempfile.mkdtemp(prefix="sweep-early-"))
-    print(f"# early stopping on `python -m sweep 'layer={layers}' {' '.join(GRID[:3])}`, {n_chunks} windows, "
+    print(f"# early stopping on `python -m sweep 'layer={layers}' {' '.join(GRID[:3])}`, {n_windows} windows, "
           f"store {args.store}")
-    full = sweep(layers, n_chunks, args.store, tmp / "full")
-    assert (full["status"] == "ok").all() and (full["n_chunks"] == n_chunks).all(), full[["layer", "status"]]
+    full = sweep(layers, n_windows, args.store, tmp / "full")
+    assert (full["status"] == "ok").all() and (full["n_windows"] == n_windows).all(), full[["layer", "status"]]
 
     metric, params = VERIFY_RULE
-    real = sweep(layers, n_chunks, args.store, tmp / "early", *overrides(metric, params))
+    real = sweep(layers, n_windows, args.store, tmp / "early", *overrides(metric, params))
     rule = StopRule(metric, EarlyStop(**params), alpha=float(full["alpha"].iloc[0]))
     replays = [replay(r, metric, rule) for _, r in full.iterrows()]
-    same_windows = sum(int(r.windows == n) for r, n in zip(replays, real["n_chunks"]))
+    same_windows = sum(int(r.windows == n) for r, n in zip(replays, real["n_windows"]))
     same_values = sum(math.isclose(r.value, v, rel_tol=1e-6, abs_tol=1e-12) for r, v in zip(replays, real[metric]))
     print(f"\n## Replay vs a real early-stopped sweep ({metric}, {params})")
     print(f"windows equal for {same_windows}/{len(full)} points, {metric} equal (1e-6) for {same_values}/{len(full)}; "
-          f"real sweep scored {int(real['n_chunks'].sum())} of {n_chunks * len(full)} windows")
+          f"real sweep scored {int(real['n_windows'].sum())} of {n_windows * len(full)} windows")
 
-    print(f"\n## Rules replayed on the full sweep ({len(full)} points x {n_chunks} windows)")
+    print(f"\n## Rules replayed on the full sweep ({len(full)} points x {n_windows} windows)")
     print(f"{'rank_by':<12}{'min_windows':>12}{'rtol':>6}{'atol':>8}{'windows':>10}{'tokens saved':>14}"
           f"{'Spearman':>10}{'top-5':>7}")
     for metric, params in RULES:
@@ -195,7 +195,7 @@ def main() -> None:
         early = pd.Series([r.value for r in rs], index=full.index)
         rho = stats.spearmanr(full[metric], early).statistic
         print(f"{metric:<12}{params['min_windows']:>12}{params['rtol']:>6}{params['atol']:>8.0e}"
-              f"{scored:>6}/{n_chunks * len(full):<4}{100 * (1 - scored / (n_chunks * len(full))):>13.1f}%"
+              f"{scored:>6}/{n_windows * len(full):<4}{100 * (1 - scored / (n_windows * len(full))):>13.1f}%"
               f"{rho:>10.3f}{top_overlap(full[metric], early, metric):>5}/5")
 
 

@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"
-    cfg = compose([f"model.container=native", f"data.path={args.text}", f"data.n_chunks={args.chunks}",
+    cfg = compose([f"model.container=native", f"data.path={args.text}", f"data.n_windows={args.chunks}",
                    f"run.threads={args.threads}"])
     ref = open_reference(cfg)
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
     fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")
-    cfg = compose([f"model.container=f32", f"data.path={args.text}", f"data.n_chunks={args.chunks}",
+    cfg = compose([f"model.container=f32", f"data.path={args.text}", f"data.n_windows={args.chunks}",
                    f"run.threads={args.threads}"])
     ref = open_reference(cfg)
     target = resolve("weight", "attn_v", "all", ref.info)

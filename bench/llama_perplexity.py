@@ -58,7 +58,7 @@ def settings_flags(settings) -> list[str]:
     return ["-nr", "-fa", settings.flash_attn, "-ctk", settings.kv_type, "-ctv", settings.kv_type]
 
 
-def run(binary: Path, model: Path, text: Path, n_chunks: int, threads: int, n_ctx: int = 512,
+def run(binary: Path, model: Path, text: Path, n_windows: int, threads: int, n_ctx: int = 512,
         extra: list[str] = (), settings=None) -> dict:
     """Run it with the sweep's compute settings (default: those of the native container); return its final figures
     (PPL, stderr, and the KL block when asked) and its own timings."""
@@ -67,7 +67,7 @@ def run(binary: Path, model: Path, text: Path, n_chunks: int, threads: int, n_ct
 
         settings = compute_settings("native")
     cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
-           "--chunks", str(n_chunks), "-t", str(threads), *settings_flags(settings), *extra]
+           "--chunks", str(n_windows), "-t", str(threads), *settings_flags(settings), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -40,9 +40,9 @@ POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8")
           ("activation", "kqv_out", 15, "bf16")]
 
 
-def cfg(container: str, n_chunks: int, threads: int, text: str):
+def cfg(container: str, n_windows: int, threads: int, text: str):
     """The configuration `python -m sweep` composes (the real conf/)."""
-    return compose([f"model.container={container}", f"data.path={text}", f"data.n_chunks={n_chunks}",
+    return compose([f"model.container={container}", f"data.path={text}", f"data.n_windows={n_windows}",
                     f"run.threads={threads}", "run.progress=false"])
 
 
@@ -50,18 +50,18 @@ def row(*cells, widths=(44, 18, 18, 12)):
     print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
 
 
-def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
-    print(f"\n## Scorer vs llama-perplexity ({n_chunks} windows of 512, {threads} threads; load and tokenization "
+def throughput(binary: Path, text: str, n_windows: int, threads: int) -> float:
+    print(f"\n## Scorer vs llama-perplexity ({n_windows} windows of 512, {threads} threads; load and tokenization "
           f"excluded from both)")
     row("model", "llama-perplexity", "sweep", "ratio")
     ratios = []
     for container in ("native", "f32"):
-        ref = open_reference(cfg(container, n_chunks, threads, text))
+        ref = open_reference(cfg(container, n_windows, threads, text))
         ours = score(ref.backend, ref.windows, progress=False)  # noqa: F841  (warm caches as llama-perplexity does)
         ours = score(ref.backend, ref.windows, progress=False)
-        theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_chunks, threads,
+        theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_windows, threads,
                                       settings=ref.backend.settings)
-        their_tps = n_chunks * 512 / theirs["score_seconds"]
+        their_tps = n_windows * 512 / theirs["score_seconds"]
         ratio = ours.tokens_per_second / their_tps
         ratios.append(ratio)
         same = f"PPL {ours.ppl:.4f} vs {theirs['ppl']:.4f}"
@@ -71,9 +71,9 @@ def throughput(binary: Path, text: str, n_chunks: int, threads: int) -> float:
     return min(ratios)
 
 
-def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
-    print(f"\n## Per-point overhead (F32 container, {n_chunks} windows; baseline already stored)")
-    ref = open_reference(cfg("f32", n_chunks, threads, text))
+def overhead(text: str, n_windows: int, threads: int, n_points: int) -> None:
+    print(f"\n## Per-point overhead (F32 container, {n_windows} windows; baseline already stored)")
+    ref = open_reference(cfg("f32", n_windows, threads, text))
     run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False)  # baseline
     row("point", "wall s", "decode s", "overhead")
     for generate in (False, True):
@@ -89,9 +89,9 @@ def overhead(text: str, n_chunks: int, threads: int, n_points: int) -> None:
             f"{sum(decodes):.2f}", f"{100 * share:.1f}%")
 
 
-def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> None:
-    print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_chunks} windows)")
-    ref = open_reference(cfg("f32", n_chunks, threads, text))
+def reuse_vs_reload(text: str, n_windows: int, threads: int, n_points: int) -> None:
+    print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_windows} windows)")
+    ref = open_reference(cfg("f32", n_windows, threads, text))
     targets = [(resolve(k, t, l, ref.info, ref.backend.nodes), make_format(f)) for k, t, l, f in
                POINTS[:n_points]]
     run_point(ref, targets[0][0], make_format("none"), progress=False)  # the baseline, outside both timings
@@ -109,8 +109,8 @@ def reuse_vs_reload(text: str, n_chunks: int, threads: int, n_points: int) -> No
     row(f"{n_points} points", f"{reuse:.1f}", f"{reload:.1f}", f"{100 * (1 - reuse / reload):.1f}%")
 
 
-def sweep_rss(text: str, n_chunks: int, points: str, tmp: Path) -> None:
-    print(f"\n## Peak memory of a sweep process (`python -m sweep`, {n_chunks} windows, layers {points}, "
+def sweep_rss(text: str, n_windows: int, points: str, tmp: Path) -> None:
+    print(f"\n## Peak memory of a sweep process (`python -m sweep`, {n_windows} windows, layers {points}, "
           f"int8, ffn_norm weight + activation; GNU time's maximum resident set size)")
     row("container", "peak RSS MB", "model MB", "limit MB")
     from sweep.container import container_path
@@ -120,7 +120,7 @@ def sweep_rss(text: str, n_chunks: int, points: str, tmp: Path) -> None:
     for container in ("native", "f32"):
         t0 = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "sweep", f"layer={points}",
-                               "fmt=int8", "kind=weight,activation", "tensor=ffn_norm", f"data.n_chunks={n_chunks}",
+                               "fmt=int8", "kind=weight,activation", "tensor=ffn_norm", f"data.n_windows={n_windows}",
                                f"model.container={container}", f"run.store={tmp / container}",
                                f"hydra.sweep.dir={tmp / ('sweep-' + container)}", "run.progress=false"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
@@ -133,14 +133,14 @@ def sweep_rss(text: str, n_chunks: int, points: str, tmp: Path) -> None:
         print(f"   wall {wall:.1f} s for {len(list((tmp / f'sweep-{container}').glob('*/record.json')))} points")
 
 
-def splits(text: str, n_chunks: int, layers: str, tmp: Path) -> None:
+def splits(text: str, n_windows: int, layers: str, tmp: Path) -> None:
     cores = os.cpu_count() or 1
     configs = sorted({(1, cores), (cores, 1), (1, 1), (cores, cores), (2, max(1, cores // 2))})
     print(f"\n## Parallel jobs x llama.cpp threads on {cores} cores (`python -m sweep`, layers {layers}, l_out int8 "
-          f"activation, {n_chunks} windows, F32, default metrics; baseline already stored; model loads included)")
+          f"activation, {n_windows} windows, F32, default metrics; baseline already stored; model loads included)")
     row("n_jobs x threads", "wall s", "points/min", "vs 1 x all")
     env = {**os.environ, "SWEEP_WIKITEXT": text}
-    base = [sys.executable, "-m", "sweep", "tensor=l_out", "kind=activation", "fmt=int8", f"data.n_chunks={n_chunks}",
+    base = [sys.executable, "-m", "sweep", "tensor=l_out", "kind=activation", "fmt=int8", f"data.n_windows={n_windows}",
             "run.progress=false"]
     warm = tmp / "warm"  # the baseline, computed once and hard-linked into each configuration's store
     subprocess.run([*base, "layer=0", "fmt=none", f"run.store={warm}", f"hydra.sweep.dir={tmp / 'warm-sweep'}"],
@@ -183,11 +183,11 @@ def main() -> None:
                     str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
-    n_chunks, n_points = (4, 3) if args.quick else (16, 10)
+    n_windows, n_points = (4, 3) if args.quick else (16, 10)
     print(f"# sweep benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {'quick' if args.quick else 'full'}")
-    ratio = throughput(binary, args.text, n_chunks, args.threads)
-    overhead(args.text, n_chunks, args.threads, n_points)
+    ratio = throughput(binary, args.text, n_windows, args.threads)
+    overhead(args.text, n_windows, args.threads, n_points)
     if not args.quick:
         reuse_vs_reload(args.text, 4, args.threads, n_points)
         with tempfile.TemporaryDirectory() as tmp:

@@ -67,10 +67,10 @@ def model_for(n_vocab: int) -> Path:
     return path
 
 
-def cfg(model: Path, n_chunks: int, threads: int, text: str):
+def cfg(model: Path, n_windows: int, threads: int, text: str):
     return OmegaConf.create({"model": {"path": str(model), "container": "f32", "cache_dir": None,
                                        "n_gpu_layers": 0},
-                             "data": {"path": text, "n_ctx": 512, "n_chunks": n_chunks},
+                             "data": {"path": text, "n_ctx": 512, "n_windows": n_windows},
                              "run": {"threads": threads, "progress": False}})
 
 
@@ -154,11 +154,11 @@ def overhead(ref, store_root: Path, n_points: int, prompts: tuple[str, ...]) -> 
     return {"wall": sum(walls), "decode": sum(decodes), "share": 1 - sum(decodes) / sum(walls)}
 
 
-def peak_rss(model: Path, n_chunks: int, tmp: Path, text: str, mode: str = "store") -> tuple[float, float]:
+def peak_rss(model: Path, n_windows: int, tmp: Path, text: str, mode: str = "store") -> tuple[float, float]:
     env = {**os.environ, "SWEEP_WIKITEXT": text}
     proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", sys.executable, "-m", "sweep", f"model.path={model}",
                            "layer=0,1", "fmt=int8", "kind=weight,activation", "tensor=ffn_norm",
-                           f"data.n_chunks={n_chunks}", "metrics.generate=false", f"run.store={tmp / 'store'}",
+                           f"data.n_windows={n_windows}", "metrics.generate=false", f"run.store={tmp / 'store'}",
                            f"metrics.baseline_logits={mode}",
                            f"hydra.sweep.dir={tmp / 'sweep'}", "run.progress=false"],
                           cwd=ROOT, env=env, capture_output=True, text=True)

@@ -17,7 +17,7 @@ cells = [
          "has_kld = 'kld_mean' in df and df['kld_mean'].notna().any()\n"
          "print(f\"{len(df)} points: {df['status'].value_counts().to_dict()}\")\n"
          "print('model', df['model'].iloc[0], '| container', df['container'].iloc[0], "
-         "'| windows', df['n_chunks'].iloc[0], '| n_ctx', df['n_ctx'].iloc[0])"),
+         "'| windows', df['n_windows'].iloc[0], '| n_ctx', df['n_ctx'].iloc[0])"),
     md("## Sensitivity curves\n\n"
        "ΔPPL against the matching baseline, per layer: one line per (tensor, kind), one panel per format. "
        "The band is ±1 paired standard error (per-window ΔNLL); a line inside its band around zero is not "

@@ -65,7 +65,7 @@ class DataConfig:
     n_ctx: int = 512  # tokens per window (llama-perplexity -c); the second half of every window is scored
     # Windows scored (llama-perplexity --chunks); <= 0: all the text gives (587 at n_ctx 512 on SmolLM2). 16 windows
     # (4080 scored tokens) is the measured trade-off: README "Choosing the slice".
-    n_chunks: int = 16
+    n_windows: int = 16
 
 
 @dataclass
@@ -82,7 +82,7 @@ class MetricsConfig:
     """Metrics against the matching baseline (sweep/metrics.py defines them)."""
 
     # Keep the baseline's raw logits (full vocabulary, float32) for exact KL divergence and top-1 agreement; costs
-    # n_chunks * (n_ctx/2 - 1) * n_vocab * 4 bytes of disk under run.store (802 MB for 16 windows of SmolLM2).
+    # n_windows * (n_ctx/2 - 1) * n_vocab * 4 bytes of disk under run.store (802 MB for 16 windows of SmolLM2).
     kld: bool = True
     baseline_logits: BaselineLogits = BaselineLogits.store  # same numbers either way
     # Level of the per-point ΔNLL test (`significant`: paired two-sided t-test over windows; early-stopped points
@@ -97,7 +97,7 @@ class MetricsConfig:
         "What is the capital of France?",
         "What is 17 * 23? Reply with digits only, then list the first ten prime numbers."])
     max_new_tokens: int = 32
-    # Off: every point scores all data.n_chunks windows. On: a point stops once the confidence interval (level
+    # Off: every point scores all data.n_windows windows. On: a point stops once the confidence interval (level
     # 1 - alpha) of the mean damage behind rank_by is narrower than max(rtol * |estimate|, atol), after at least
     # min_windows (metrics.StopRule; README "Early stopping").
     early_stop: EarlyStop = field(default_factory=EarlyStop)

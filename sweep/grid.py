@@ -38,7 +38,7 @@ class Plan:
     jobs: list[list[str]]  # the override list of every job, in launch order
     extra_argv: list[str] = field(default_factory=list)  # what to append to argv (the expanded layer=each)
     # What the checks learned, for `planning.py` (what the sweep will cost): each job's composed config and
-    # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_chunks).
+    # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_windows).
     points: list[tuple[DictConfig, Target]] = field(default_factory=list)
     launcher: DictConfig | None = None
     n_windows: dict[tuple, int] = field(default_factory=dict)
@@ -52,7 +52,7 @@ class _Checker:
         self.nodes: dict[tuple, dict] = {}  # (path, compute settings) -> the graph's nodes
         self.probed: set = set()
         self.tokens: dict[tuple, object] = {}
-        self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_chunks) -> windows scored
+        self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_windows) -> windows scored
 
     def info(self, path) -> ModelInfo:
         key = str(path)
@@ -64,7 +64,7 @@ class _Checker:
         self.probe(path, None, 0, 0, settings)
         return self.nodes[(str(path), settings)]
 
-    def probe(self, path, text_path, n_ctx: int, n_chunks: int, settings) -> None:
+    def probe(self, path, text_path, n_ctx: int, n_windows: int, settings) -> None:
         """Load the model as llama.cpp will (an architecture it cannot load fails here), learn its graph's nodes as
         the job's settings build them (flash attention and the cache type change the graph), and check that the
         text gives at least two windows."""
@@ -80,9 +80,9 @@ class _Checker:
                 if text is not None:
                     self.tokens[key] = b.tokenize(text.text)
             self.probed.add(key)
-        if n_ctx and (str(path), text_path, n_ctx, n_chunks) not in self.n_windows:
-            self.n_windows[(str(path), text_path, n_ctx, n_chunks)] = make_windows(
-                self.tokens[key], n_ctx, n_chunks, None).n_windows
+        if n_ctx and (str(path), text_path, n_ctx, n_windows) not in self.n_windows:
+            self.n_windows[(str(path), text_path, n_ctx, n_windows)] = make_windows(
+                self.tokens[key], n_ctx, n_windows, None).n_windows
 
     def check(self, cfg) -> Target:
         """What composition cannot check (choices and types it does: sweep/config.py)."""
@@ -102,7 +102,7 @@ class _Checker:
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
         info = self.info(cfg.model.path)
         settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
-        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_chunks), settings)
+        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
                          OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)

@@ -7,7 +7,7 @@ number of tokens, per weight tensor. The rules are tools/imatrix/imatrix.cpp's o
     `output.weight` too with process_output=true); MUL_MAT_ID nodes always, per routed expert;
   * sums accumulate in float32, row after row (the same rounding as llama-imatrix's loop);
   * the text is cut into windows of n_ctx tokens (BOS first when the vocab asks for it), every position's logits
-    are requested (so the last block computes every row), and data.n_chunks windows are used.
+    are requested (so the last block computes every row), and data.n_windows windows are used.
 The file is written in the GGUF form llama-imatrix writes (sweep/imatrix_file.py); `fmt.imatrix=PATH` reads it.
 bench/imatrix_crosscheck.py compares it with llama-imatrix's own output.
 """

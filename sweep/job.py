@@ -92,7 +92,7 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
     # metrics.generate: true checks every point in its job; top:N only the worst, after the sweep (gencheck.py)
     generate_here = generation_mode(cfg.metrics.generate) is None
     return point_key(model_sha256=model_sha256, container=cfg.model.container, data_sha256=data_sha256,
-                     n_ctx=cfg.data.n_ctx, n_chunks=cfg.data.n_chunks, kind=cfg.kind, tensor=cfg.tensor,
+                     n_ctx=cfg.data.n_ctx, n_windows=cfg.data.n_windows, kind=cfg.kind, tensor=cfg.tensor,
                      layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                      prompts=list(cfg.metrics.prompts) if generate_here else [],
                      max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": stop.key()} if stop else {}),
@@ -117,5 +117,5 @@ def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict
         "reason": f"{type(error).__name__}: {error}".splitlines()[0],
         "traceback": "".join(traceback.format_exception(error))[-TRACEBACK_CHARS:],
         "container": cfg.model.container, "model": inputs.source.name, "model_sha256": inputs.model_sha256,
-        "data_source": inputs.text.source, "n_chunks": cfg.data.n_chunks, "n_ctx": cfg.data.n_ctx,
+        "data_source": inputs.text.source, "n_windows": cfg.data.n_windows, "n_ctx": cfg.data.n_ctx,
     }

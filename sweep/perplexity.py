@@ -56,18 +56,18 @@ class Windows:
         return self.tokens[:, self.first + 1:]
 
 
-def make_windows(tokens: np.ndarray, n_ctx: int, n_chunks: int, bos: int | None) -> Windows:
-    """`n_chunks` windows of `n_ctx` tokens (all the text gives when n_chunks <= 0)."""
+def make_windows(tokens: np.ndarray, n_ctx: int, n_windows: int, bos: int | None) -> Windows:
+    """`n_windows` windows of `n_ctx` tokens (all the text gives when n_windows <= 0)."""
     if n_ctx < 4 or n_ctx % 2:
         raise SweepError(f"data.n_ctx={n_ctx} must be an even number of at least 4 (llama.cpp's default is 512)")
     n_max = len(tokens) // n_ctx
     if n_max < 2:
         raise SweepError(f"the text gives {len(tokens)} tokens but 2 windows of data.n_ctx={n_ctx} need "
                          f"{2 * n_ctx}: use a longer text or a smaller data.n_ctx")
-    n = n_max if n_chunks <= 0 else min(n_chunks, n_max)
-    if 0 < n_max < n_chunks:
-        log.warning("data.n_chunks=%d but the text has only %d windows of %d tokens; scoring %d",
-                    n_chunks, n_max, n_ctx, n)
+    n = n_max if n_windows <= 0 else min(n_windows, n_max)
+    if 0 < n_max < n_windows:
+        log.warning("data.n_windows=%d but the text has only %d windows of %d tokens; scoring %d",
+                    n_windows, n_max, n_ctx, n)
     windows = np.array(tokens[: n * n_ctx], dtype=np.int32).reshape(n, n_ctx)
     if bos is not None:
         windows[:, 0] = bos

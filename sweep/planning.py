@@ -225,7 +225,7 @@ def costs(plan: Plan) -> Costs:
         if data_key not in texts:
             texts[data_key] = load_text(cfg.data.path).sha256
         n_ctx = int(cfg.data.n_ctx)
-        n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_chunks))]
+        n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_windows))]
         recompute = OmegaConf.select(cfg, "metrics.baseline_logits", default="store") == "recompute"
         settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
         gkey = (source, cfg.model.container, n_ctx, n_windows)
@@ -281,7 +281,7 @@ def check_resources(c: Costs) -> None:
         raise SweepError(
             f"the sweep needs {gb(c.needed_bytes)} on {c.free_dir} ({len([b for b in c.baselines if b.logits_bytes])}"
             f" baseline(s) of raw logits {gb(c.logits_bytes)} + records {gb(c.records_bytes)}{container}) but only "
-            f"{gb(c.free_bytes)} is free: score fewer windows (data.n_chunks=N), drop the logits with "
+            f"{gb(c.free_bytes)} is free: score fewer windows (data.n_windows=N), drop the logits with "
             f"metrics.kld=false (no KL columns), put the store elsewhere with run.store=/path/with/space, or "
             f"recompute each baseline window beside its point with metrics.baseline_logits=recompute (no disk, "
             f"twice the decode)")
@@ -422,7 +422,7 @@ def render(c: Costs, text_path) -> str:
     lines += _launcher_lines(c)
     if c.logits_bytes:
         lines.append(f"  smaller     metrics.kld=false: no logits on disk (no KL columns); "
-                     f"data.n_chunks=N: logits scale with windows; metrics.baseline_logits=recompute: no logits on "
+                     f"data.n_windows=N: logits scale with windows; metrics.baseline_logits=recompute: no logits on "
                      f"disk, twice the decode")
     lines += [f"  warning     {w}" for w in memory_warnings(c)]
     return "\n".join(lines)
@@ -445,7 +445,7 @@ def _launcher_lines(c: Costs) -> list[str]:
     for g in c.groups:
         if g.container_missing:  # every job that starts before it exists would build its own copy
             lines.append(f"              the F32 container is not built yet: jobs starting at once would each "
-                         f"write {gb(g.model_bytes)}; build it first (python -m sweep.score data.n_chunks=2 "
+                         f"write {gb(g.model_bytes)}; build it first (python -m sweep.score data.n_windows=2 "
                          f"model.path=...)")
     if c.timings and c.launcher != "joblib":
         t, g = c.timings[0], c.groups[0]

@@ -23,7 +23,7 @@ from .files import atomic_write_bytes, temporary_beside
 
 RECORD_FILE = "record.json"
 DONE = ("ok", "no-op", "diverged")  # a "failed" point is retried when the sweep runs again
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2  # 2: `n_chunks` became `n_windows` (config and records); older records are not reused
 KEY_CHARS = 20  # hex digits of a key: 80 bits, no collision among any number of points a store will hold
 
 

@@ -82,7 +82,7 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
     session = sessions.get(file, n_ctx, threads, settings) if sessions else Session(file, n_ctx, threads, settings)
     try:
         b = session.backend
-        windows = make_windows(session.tokens(inputs.text), n_ctx, int(cfg.data.n_chunks),
+        windows = make_windows(session.tokens(inputs.text), n_ctx, int(cfg.data.n_windows),
                                b.bos if b.add_bos else None)
     except BaseException:
         if sessions is None:

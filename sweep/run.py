@@ -195,7 +195,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "container": ref.container, **runtime_identity(ref.backend.settings),
         "model": ref.source.name, "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
-        "n_chunks": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
+        "n_windows": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
         "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
         "baseline_logits": out.baseline_logits, **windows,
@@ -244,6 +244,6 @@ def describe(rec: dict) -> str:
 def _p_value(rec: dict) -> str:
     """The point's own ΔNLL test, printed as a p-value (per comparison: a sweep's table adds q-values)."""
     if rec.get("stopped_early"):
-        return f", stopped early after {rec['n_chunks']} windows, untested"
+        return f", stopped early after {rec['n_windows']} windows, untested"
     p = rec.get("delta_nll_p")
     return f", p {p:.2g}" if p is not None and math.isfinite(p) else ""

@@ -46,12 +46,12 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def make_cfg(model: Path | None, text: Path, n_ctx: int, n_chunks: int, container: str = "f32",
+def make_cfg(model: Path | None, text: Path, n_ctx: int, n_windows: int, container: str = "f32",
              cache_dir: Path | None = None, *overrides: str):
     """The configuration `python -m sweep` composes for these settings (the real conf/, through Hydra)."""
     return compose([f"model.path={model}" if model else "model.path=null", f"model.container={container}",
                     f"model.cache_dir={cache_dir}" if cache_dir else "model.cache_dir=null", f"data.path={text}",
-                    f"data.n_ctx={n_ctx}", f"data.n_chunks={n_chunks}", "run.threads=2", "run.progress=false",
+                    f"data.n_ctx={n_ctx}", f"data.n_windows={n_windows}", "run.threads=2", "run.progress=false",
                     *overrides])
 
 

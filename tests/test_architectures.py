@@ -86,7 +86,7 @@ def test_the_native_container_of_another_architecture(arch, arch_models, tmp_pat
     assert (df["container"] == "native").all() and (df["flash_attn"] == "on").all() and (df["kv_type"] == "f16").all()
     assert (df["frac_changed"] > 0).all() and (df["kld_mean"] > 0).all() and df["ppl"].map(math.isfinite).all()
     activations = df[df["kind"] == "activation"]
-    assert (activations["hook_calls"] == 3).all()  # once per window (data.n_chunks=3), one node each
+    assert (activations["hook_calls"] == 3).all()  # once per window (data.n_windows=3), one node each
     assert activations["targets"].tolist() == ["attn_norm-0", "ffn_up-0"]
     weights = df[df["kind"] == "weight"].set_index("tensor")
     assert (weights["hook_calls"] == 1).all()  # one tensor written

@@ -96,7 +96,7 @@ def test_cli_writes_an_imatrix_the_sweep_reads(tiny_model, tmp_path, env):
 
     out = tmp_path / "tiny.imatrix.gguf"
     proc = subprocess.run([sys.executable, "-m", "sweep.imatrix", f"model.path={tiny_model}", "data.n_ctx=64",
-                           "data.n_chunks=2", "run.progress=false", f"out={out}",
+                           "data.n_windows=2", "run.progress=false", f"out={out}",
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -224,7 +224,7 @@ def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_mode
     np.testing.assert_array_equal(stopped.score.kld, full.score.kld[:k])
     np.testing.assert_array_equal(stopped.baseline.nll, full.baseline.nll[:k])  # paired with the same windows
     rec = record(ref, target, make_format("int4"), stopped)
-    assert rec["n_chunks"] == k and rec["stopped_early"]
+    assert rec["n_windows"] == k and rec["stopped_early"]
     assert rec["significant"] is False and math.isnan(rec["delta_nll_p"])  # stopped by a rule: untested
 
 

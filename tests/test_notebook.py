@@ -11,7 +11,7 @@ from sweep import plots
 
 from test_sweep import ROOT, run_sweep
 
-AXES = ["layer=0,15,29", "fmt=bf16,int8", "kind=weight,activation", "tensor=ffn_norm", "data.n_chunks=2",
+AXES = ["layer=0,15,29", "fmt=bf16,int8", "kind=weight,activation", "tensor=ffn_norm", "data.n_windows=2",
         "metrics.max_new_tokens=8", "run.progress=false"]
 
 

@@ -22,10 +22,10 @@ from tiny_model import write_tiny_model
 N_CTX = 64
 
 
-def independent_ppl(backend: Backend, tokens: np.ndarray, n_ctx: int, n_chunks: int) -> tuple[float, float]:
+def independent_ppl(backend: Backend, tokens: np.ndarray, n_ctx: int, n_windows: int) -> tuple[float, float]:
     """PPL ± stderr written from the protocol's description, with every position's logits requested."""
     nll = []
-    for c in range(n_chunks):
+    for c in range(n_windows):
         window = tokens[c * n_ctx:(c + 1) * n_ctx].copy()
         if backend.add_bos:
             window[0] = backend.bos
@@ -113,7 +113,7 @@ def test_fewer_than_two_windows_is_a_clear_error():
         make_windows(np.arange(178), 512, 8, None)
 
 
-def test_n_chunks_is_clamped_to_the_text_and_zero_means_all():
+def test_n_windows_is_clamped_to_the_text_and_zero_means_all():
     tokens = np.arange(1000)
     assert make_windows(tokens, 64, 100, None).n_windows == 15
     assert make_windows(tokens, 64, 0, None).n_windows == 15
@@ -121,16 +121,16 @@ def test_n_chunks_is_clamped_to_the_text_and_zero_means_all():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("container, n_chunks, ppl, stderr", [
+@pytest.mark.parametrize("container, n_windows, ppl, stderr", [
     # `llama-perplexity -c 512 -b 512 --chunks N -t 2 -nr` plus each container's settings (native: -fa on -ctk f16
     # -ctv f16; f32: -fa off -ctk f32 -ctv f32) on the same file and text, built from the llama-cpp-python 0.3.36
     # source package; the f32 row ran it on this project's F32 container of the file.
     ("native", 8, 24.4742, 1.66354),
     ("f32", 8, 24.3706, 1.65361),
 ])
-def test_real_model_matches_llama_perplexity(container, n_chunks, ppl, stderr, wikitext, cache_dir):
-    with open_reference(make_cfg(None, wikitext, 512, n_chunks, container, cache_dir)) as ref:
+def test_real_model_matches_llama_perplexity(container, n_windows, ppl, stderr, wikitext, cache_dir):
+    with open_reference(make_cfg(None, wikitext, 512, n_windows, container, cache_dir)) as ref:
         result = score(ref.backend, ref.windows, progress=False, math=ref.session.math)
     assert round(result.ppl, 4) == ppl
     assert round(result.ppl_stderr, 3) == round(stderr, 3)
-    assert result.summary() == f"PPL = {ppl:.4f} ± {stderr:.5f} ({n_chunks} windows, {n_chunks * 255} tokens, 512 ctx)"
+    assert result.summary() == f"PPL = {ppl:.4f} ± {stderr:.5f} ({n_windows} windows, {n_windows * 255} tokens, 512 ctx)"

@@ -98,7 +98,7 @@ def test_a_store_that_does_not_fit_stops_the_sweep_with_one_line(tiny_model, tmp
     err = capsys.readouterr().err.strip().splitlines()
     print(err[-1])
     assert len(err) == 1 and err[0].startswith("error: the sweep needs ")
-    for way_out in ("data.n_chunks=N", "metrics.kld=false", "run.store=", "metrics.baseline_logits=recompute"):
+    for way_out in ("data.n_windows=N", "metrics.kld=false", "run.store=", "metrics.baseline_logits=recompute"):
         assert way_out in err[0]
     assert f"{planning.gb(free)} is free" in err[0]
     assert not (tmp_path / "store").exists() and not (tmp_path / "sweep").exists()

@@ -132,7 +132,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tiny_model, tmp_path,
 
 
 def test_two_sweeps_into_the_same_runs_dir_at_once(tiny_model, tmp_path, env):
-    common = ["data.n_chunks=6", "kind=activation", "tensor=l_out", f"run.store={tmp_path / 'store'}"]
+    common = ["data.n_windows=6", "kind=activation", "tensor=l_out", f"run.store={tmp_path / 'store'}"]
     grids = [["layer=0,1,2", "fmt=bf16,int8"], ["layer=1,2", "fmt=int8,fp16"]]  # they share two points
     results = {}
 
@@ -178,7 +178,7 @@ def test_kill_9_of_a_joblib_sweep_then_rerun(tiny_model, tmp_path, env):
     import signal
     import time
 
-    axes = ["layer=0,1,2", "fmt=bf16,int8,fp16,int4", "kind=activation", "tensor=l_out", "data.n_chunks=40",
+    axes = ["layer=0,1,2", "fmt=bf16,int8,fp16,int4", "kind=activation", "tensor=l_out", "data.n_windows=40",
             "hydra/launcher=parallel"]
     points = tmp_path / "store" / "points"
     proc = subprocess.Popen([sys.executable, "-m", "sweep", *tiny_args(tiny_model, tmp_path, *axes)], cwd=ROOT,

@@ -23,12 +23,12 @@ from sweep.metrics import EarlyStop, StopRule
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_COLUMNS = ["layer", "tensor", "kind", "fmt", "status", "ppl", "ppl_stderr", "baseline_ppl", "delta_ppl",
-                    "delta_ppl_stderr", "frac_changed", "n_elements", "container", "model_sha256", "n_chunks",
+                    "delta_ppl_stderr", "frac_changed", "n_elements", "container", "model_sha256", "n_windows",
                     "n_ctx"]
 
 
 def tiny_args(tiny_model, tmp_path, *axes, store="store", sweep_dir="sweep"):
-    return [f"model.path={tiny_model}", "data.n_ctx=64", "data.n_chunks=3", "run.progress=false",
+    return [f"model.path={tiny_model}", "data.n_ctx=64", "data.n_windows=3", "run.progress=false",
             f"run.store={tmp_path / store}", f"hydra.sweep.dir={tmp_path / sweep_dir}", *axes]
 
 
@@ -132,15 +132,15 @@ def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model
     early = ["metrics.early_stop.enabled=true", "metrics.early_stop.min_windows=2", "metrics.early_stop.atol=2e-3"]
     run_sweep(tiny_args(tiny_model, tmp_path, *axes, *early, sweep_dir="early"), env)
     df = read_table(tmp_path / "early").set_index("fmt")
-    assert df.loc["bf16", "stopped_early"] and df.loc["bf16", "n_chunks"] == 2
-    assert not df.loc["zero", "stopped_early"] and df.loc["zero", "n_chunks"] == 3
+    assert df.loc["bf16", "stopped_early"] and df.loc["bf16", "n_windows"] == 2
+    assert not df.loc["zero", "stopped_early"] and df.loc["zero", "n_windows"] == 3
     assert len(df.loc["bf16", "window_dnll"]) == 2 and len(df.loc["bf16", "window_baseline_nll"]) == 2
     assert not df.loc["bf16", "significant"] and pd.isna(df.loc["bf16", "delta_nll_p"])  # stopped: untested
     assert pd.notna(df.loc["zero", "delta_nll_p"]) and pd.notna(df.loc["zero", "delta_nll_q"])
     full = run_sweep(tiny_args(tiny_model, tmp_path, *axes, sweep_dir="full"), env)
     assert "already done" not in full.stderr  # an early-stopped record never stands in for a full one
     df_full = read_table(tmp_path / "full").set_index("fmt")
-    assert not df_full["stopped_early"].any() and (df_full["n_chunks"] == 3).all()
+    assert not df_full["stopped_early"].any() and (df_full["n_windows"] == 3).all()
     # the decisions are the rule's on the data: replayed on the full points' first 2 windows, it stops the same ones
     rule = StopRule("delta_nll", EarlyStop(min_windows=2, atol=2e-3))
     for fmt in ("zero", "bf16"):
@@ -162,7 +162,7 @@ def test_launchers_give_the_sequential_table(launcher, tiny_model, tmp_path, env
 
 def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_model, tmp_path, env):
     axes = ["layer=0,1,2", "fmt=bf16,int8,fp16,int4", "kind=activation", "tensor=l_out,ffn_out",
-            "data.n_chunks=40"]
+            "data.n_windows=40"]
     args = tiny_args(tiny_model, tmp_path, *axes)
     points = tmp_path / "store" / "points"
     proc = subprocess.Popen([sys.executable, "-m", "sweep", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -78,7 +78,7 @@ def test_bad_generation_or_baseline_mode_is_one_line_before_any_job(override, me
 
 
 def test_generation_check_of_the_worst_points_only_after_the_sweep(tiny_model, wikitext, env, tmp_path):
-    args = [f"model.path={tiny_model}", "data.n_ctx=64", "data.n_chunks=2", "run.progress=false",
+    args = [f"model.path={tiny_model}", "data.n_ctx=64", "data.n_windows=2", "run.progress=false",
             f"run.store={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "layer=0,1,2",
             "kind=activation", "tensor=l_out", "fmt=int4,bf16", "metrics.generate=top:2", "metrics.max_new_tokens=4",
             "metrics.baseline_logits=recompute", "metrics.rank_by=kld_mean"]
