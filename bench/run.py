@@ -23,12 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
 
-from sweep.backend import Backend  # noqa: E402
 from sweep.config import compose  # noqa: E402
 from sweep.formats import make_format  # noqa: E402
 from sweep.perplexity import score  # noqa: E402
+from sweep.records import Store  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import run_point  # noqa: E402
+from sweep.session import Session  # noqa: E402
 from sweep.targets import resolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +57,9 @@ def throughput(binary: Path, text: str, n_windows: int, threads: int) -> float:
     row("model", "llama-perplexity", "sweep", "ratio")
     ratios = []
     for container in ("native", "f32"):
-        ref = open_reference(cfg(container, n_windows, threads, text))
-        ours = score(ref.backend, ref.windows, progress=False)  # noqa: F841  (warm caches as llama-perplexity does)
-        ours = score(ref.backend, ref.windows, progress=False)
+        with open_reference(cfg(container, n_windows, threads, text)) as ref:
+            # the first run warms caches, as llama-perplexity's warm-up decode does
+            ours = [score(ref.backend, ref.windows, progress=False, math=ref.session.math) for _ in range(2)][-1]
         theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_windows, threads,
                                       settings=ref.backend.settings)
         their_tps = n_windows * 512 / theirs["score_seconds"]
@@ -73,7 +74,7 @@ def throughput(binary: Path, text: str, n_windows: int, threads: int) -> float:
 
 def overhead(text: str, n_windows: int, threads: int, n_points: int) -> None:
     print(f"\n## Per-point overhead (F32 container, {n_windows} windows; baseline already stored)")
-    ref = open_reference(cfg("f32", n_windows, threads, text))
+    ref = open_reference(cfg("f32", n_windows, threads, text))  # its session keeps the baseline in memory
     run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False)  # baseline
     row("point", "wall s", "decode s", "overhead")
     for generate in (False, True):
@@ -91,20 +92,21 @@ def overhead(text: str, n_windows: int, threads: int, n_points: int) -> None:
 
 def reuse_vs_reload(text: str, n_windows: int, threads: int, n_points: int) -> None:
     print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_windows} windows)")
-    ref = open_reference(cfg("f32", n_windows, threads, text))
-    targets = [(resolve(k, t, l, ref.info, ref.backend.nodes), make_format(f)) for k, t, l, f in
-               POINTS[:n_points]]
-    run_point(ref, targets[0][0], make_format("none"), progress=False)  # the baseline, outside both timings
-    t0 = time.perf_counter()
-    for target, fmt in targets:
-        run_point(ref, target, fmt, progress=False)
-    reuse = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for target, fmt in targets:
-        ref.backend.close()
-        ref.backend = Backend(ref.backend.path, 512, threads, writable_weights=True, settings=ref.backend.settings)
-        run_point(ref, target, fmt, progress=False)
-    reload = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp, open_reference(cfg("f32", n_windows, threads, text)) as ref:
+        store = Store(Path(tmp))  # both variants read the baseline from the store, as a sweep's jobs do
+        targets = [(resolve(k, t, l, ref.info, ref.backend.nodes), make_format(f)) for k, t, l, f in
+                   POINTS[:n_points]]
+        run_point(ref, targets[0][0], make_format("none"), progress=False, store=store)  # the baseline, outside
+        t0 = time.perf_counter()
+        for target, fmt in targets:
+            run_point(ref, target, fmt, progress=False, store=store)
+        reuse = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for target, fmt in targets:
+            ref.session.close()
+            ref.session = Session(*ref.session.identity)  # a fresh load: nothing in memory but the text's windows
+            run_point(ref, target, fmt, progress=False, store=store)
+        reload = time.perf_counter() - t0
     row("", "reuse s", "reload s", "saved")
     row(f"{n_points} points", f"{reuse:.1f}", f"{reload:.1f}", f"{100 * (1 - reuse / reload):.1f}%")
 

@@ -121,7 +121,10 @@ class Sessions:
     def get(self, path: Path, n_ctx: int, threads: int, settings: ComputeSettings) -> Session:
         wanted = (str(path), n_ctx, threads, settings)
         if self._open is None or self._open.identity != wanted or self._open.backend.closed:
-            self.close()  # one model in memory at a time, and said so: the old one is closed here, not silently
+            if self._open is not None:  # one model in memory at a time: the old one is closed here, and said so
+                log.info("closing %s (n_ctx %d, %d threads) for the next job's model", Path(self._open.identity[0]).name,
+                         *self._open.identity[1:3])
+            self.close()
             self._open = Session(path, n_ctx, threads, settings)
         return self._open
 
