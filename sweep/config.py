@@ -9,6 +9,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .formats import FORMATS, Granularity
+
 
 @dataclass
 class ModelConfig:
@@ -27,9 +29,13 @@ class DataConfig:
 
 @dataclass
 class FormatConfig:
+    """One option of the group `fmt=` per format of sweep.formats.FORMATS (stored by register(), no yaml files);
+    what each computes: `python -m sweep.formats` or the README's table. A parameter a format does not take is
+    validated, then ignored."""
+
     name: str = MISSING
-    granularity: str = "per_row"
-    group_size: int = 32
+    granularity: Granularity = Granularity.per_row  # per_tensor | per_row | per_token (int8, scaled fp8)
+    group_size: int = 32  # int4, mxfp4
     scaled: bool = True  # fp8 only: scaled (amax scale, the default) or a plain cast
     imatrix: Optional[str] = None  # GGUF quant types: a llama.cpp imatrix file (GGUF or legacy .dat)
 
@@ -90,6 +96,8 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="score_schema", node=ScoreConfig)
     cs.store(name="sweep_schema", node=SweepConfig)
+    for spec in FORMATS.values():  # the group `fmt=`, generated from the registry: one option per format
+        cs.store(group="fmt", name=spec.name, node=FormatConfig(name=spec.name, granularity=spec.granularity))
 
 
 register()
