@@ -320,6 +320,8 @@ _SPECS = [
     FormatSpec("int8", "symmetric integers in [−127, 127], scale amax/127 per block (per_row: a weight's output "
                "channel; per_token: an activation's token)", _integer_grid, ("granularity",), bits=8, scale_bits=32,
                element=np.int8, qmax=127, integer=True),
+    FormatSpec("int6", "symmetric integers in [−31, 31], scale amax/31 per block (granularities as int8)",
+               _integer_grid, ("granularity",), bits=6, scale_bits=32, element=np.int8, qmax=31, integer=True),
     _fp8_spec("fp8_e4m3", ml_dtypes.float8_e4m3fn, "float8 e4m3fn (4 significant bits, max 448), scaled as "
               "deployed: amax/448 per block, then cast, clipped to ±448; scaled=false: a plain saturating cast"),
     _fp8_spec("fp8_e5m2", ml_dtypes.float8_e5m2, "float8 e5m2 (3 significant bits, max 57344), scaled as "
