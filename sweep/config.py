@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import SweepError
+from .formats import FORMATS, Granularity
 from .metrics import RANKABLE, EarlyStop
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -70,9 +71,13 @@ class DataConfig:
 
 @dataclass
 class FormatConfig:
+    """One option of the group `fmt=` per format of sweep.formats.FORMATS (stored by register(), no yaml files);
+    what each computes: `python -m sweep.formats` or the README's table. A parameter a format does not take is
+    validated, then ignored."""
+
     name: str = MISSING
-    granularity: str = "per_row"
-    group_size: int = 32
+    granularity: Granularity = Granularity.per_row  # per_tensor | per_row | per_token (int8, scaled fp8)
+    group_size: int = 32  # int4, mxfp4
     scaled: bool = True  # fp8 only: scaled (amax scale, the default) or a plain cast
     imatrix: Optional[str] = None  # GGUF quant types: a llama.cpp imatrix file (GGUF or legacy .dat)
 
@@ -137,6 +142,8 @@ def register() -> None:
     cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(group="metrics", name="default", node=MetricsConfig)
     cs.store(group="run", name="default", node=RunConfig)
+    for spec in FORMATS.values():  # the group `fmt=`, generated from the registry: one option per format
+        cs.store(group="fmt", name=spec.name, node=FormatConfig(name=spec.name, granularity=spec.granularity))
 
 
 register()

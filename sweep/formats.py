@@ -1,24 +1,15 @@
-"""Which format: fake quantizers built on ml_dtypes (quantize, then dequantize back to float32).
+"""Which format: one spec per format in one registry (`FORMATS`); a format is a fake quantizer (quantize, then
+dequantize back to float32).
 
 A format maps a float32 array to a new float32 array of the same shape whose values are representable in the
 format; the input is never modified. Make one with `make_format(name, **params)`.
 
-  name      values                                                        params
-  --------  ------------------------------------------------------------  ---------------------------------
-  none      identity (a copy)                                             -
-  zero      all zeros (debug: proves a hook is live)                      -
-  bf16      cast to ml_dtypes.bfloat16 and back                           -
-  fp16      cast to numpy float16 and back                                -
-  int8      symmetric: scale = amax/127, q = rint(x/scale) in [-127, 127] granularity (default per_row)
-  fp8_e4m3  ml_dtypes.float8_e4m3fn (max 448): scale = amax/448, then      scaled (default true), granularity
-            cast; scaled=false: a plain saturating cast                   (default per_tensor; if scaled)
-  fp8_e5m2  ml_dtypes.float8_e5m2 (max 57344): scale = amax/57344, then   scaled (default true), granularity
-            cast; scaled=false: a plain saturating cast                   (default per_tensor; if scaled)
-  int4      symmetric per group: scale = amax/7, q in [-7, 7]             group_size
-  mxfp4     OCP MX: e2m1 elements (max 6), per group one power-of-two     group_size (the MX spec uses 32)
-            scale X = 2**(floor(log2(amax)) - 2)
-  q8_0 ... GGUF quant types, weights only: ggml's own quantizer and       imatrix (a llama.cpp imatrix file)
-            dequantizer (see sweep/ggml_formats.py for the list)
+Adding a format is one `FormatSpec` in `_SPECS` below: its name, what it computes (`doc`), the parameters it takes,
+whether it applies to weights and/or activations, its bits per element and its quantize function. Everything else
+iterates over `FORMATS`: the Hydra group `fmt=` (sweep/config.py), labels, store keys, the table in the README
+(`python -m sweep.formats` prints it; a test keeps the README equal to it) and the property tests. The GGUF quant
+types (q8_0 ... q1_0) are registry entries generated from ggml's type list (sweep/ggml_formats.py): weights only,
+parameter `imatrix`, bits per weight from ggml.
 
 Policies
 - Rounding is round-half-to-even everywhere (np.rint, and ml_dtypes'/numpy's casts).
@@ -27,7 +18,8 @@ Policies
   role. A 1-D array (a norm weight) is one row. `per_tensor` uses one scale for the whole array.
 - Groups (int4, mxfp4) are `group_size` consecutive elements along the last axis. The last axis must be divisible
   by group_size, else SweepError: no padding, so a group always means the same thing.
-- int4 uses [-7, 7]: with scale = amax/7 the code -8 is never needed, and a symmetric grid keeps f(-x) = -f(x).
+- Integer grids are symmetric, [-qmax, qmax]: int4 uses [-7, 7], so with scale = amax/7 the code -8 is never
+  needed, and a symmetric grid keeps f(-x) = -f(x).
 - fp8 is scaled by default, as fp8 is deployed (one amax scale per tensor): an unscaled cast puts typical weights
   (|w| ~ 0.01-0.05) into e4m3's subnormal range (below 2**-6 = 0.0156), whose steps are 2**-9 = 0.002 wide.
   `scaled=false` keeps the plain cast for studying exactly that, and its label says so (`fp8_e4m3/unscaled`).
@@ -35,7 +27,7 @@ Policies
   fp16, (2 - 2**-8) * 2**127 for bf16) becomes +-inf, +-inf stays +-inf.
   Unscaled fp8 is a saturating cast: values beyond +-max (+-inf included) become +-max before the cast
   (e4m3fn has no inf, and ml_dtypes would give NaN).
-- Scaled formats (int8, int4, mxfp4, fp8 with scaled=True) take the scale from the finite values only;
+- Scaled formats (the integer grids, mxfp4, fp8 with scaled=True) take the scale from the finite values only;
   +-inf saturate to +-(max representable * scale). A row/group whose finite amax is 0 gives zeros (its +-inf
   too: the scale is 0). An amax below float32's smallest normal (1.2e-38) is flushed to 0 as well, so that the
   scale never underflows and f(f(x)) == f(x) holds for every input.
@@ -46,8 +38,11 @@ Policies
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from enum import Enum
+from typing import Any, ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -55,86 +50,208 @@ import numpy as np
 from . import ggml_formats
 from .errors import SweepError
 
-GRANULARITIES = ("per_tensor", "per_row", "per_token")
-# int8 is deployed per output channel; fp8 with one scale per tensor (the common fp8 recipe for weights and
-# activations alike). Every other format ignores granularity.
-_DEFAULT_GRANULARITY = {"fp8_e4m3": "per_tensor", "fp8_e5m2": "per_tensor"}
+WEIGHT, ACTIVATION = "weight", "activation"  # the sweep's `kind`s a format can apply to
 _TINY = float(np.finfo(np.float32).tiny)  # flush-to-zero threshold for a block's amax (see module docstring)
+
+
+class Granularity(str, Enum):
+    """The `granularity` parameter's values (an Enum, so that the Hydra config rejects others at composition)."""
+
+    per_tensor = "per_tensor"
+    per_row = "per_row"
+    per_token = "per_token"
+
+
+GRANULARITIES = tuple(g.value for g in Granularity)
+
+
+# --- granularity as small frozen types (torchao's PerTensor / PerRow / PerToken / PerGroup) ----------------------
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole array."""
+
+    rowwise: ClassVar[bool] = False
+
+    def block_len(self, shape: tuple[int, ...]) -> int:
+        return math.prod(shape)
+
+
+@dataclass(frozen=True)
+class PerRow:
+    """One scale per row (the last axis): a weight's output channel."""
+
+    rowwise: ClassVar[bool] = True
+
+    def block_len(self, shape: tuple[int, ...]) -> int:
+        return shape[-1] if shape else 1
+
+
+@dataclass(frozen=True)
+class PerToken(PerRow):
+    """One scale per row: an activation's token (the same computation as PerRow, named for the role)."""
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale per `size` consecutive elements along the last axis (which `size` must divide)."""
+
+    size: int
+    rowwise: ClassVar[bool] = False  # a group never spans two rows, whatever the rows mean
+
+    def block_len(self, shape: tuple[int, ...]) -> int:
+        return self.size
+
+
+_BLOCKS = {Granularity.per_tensor: PerTensor(), Granularity.per_row: PerRow(), Granularity.per_token: PerToken()}
+
+
+# --- the parameters a format can take: each validated, labelled and documented once ------------------------------
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+@dataclass(frozen=True)
+class Param:
+    valid: Callable[[Any], bool]
+    expected: str  # the error's "valid: ..."
+    label: Callable[[Any], str | None]  # its part of the label (None: no part)
+
+
+PARAMS: dict[str, Param] = {
+    "granularity": Param(lambda v: v in GRANULARITIES, ", ".join(GRANULARITIES), str),
+    "group_size": Param(_positive_int, "a positive integer that divides the last axis, e.g. 32", lambda v: f"g{v}"),
+    "scaled": Param(lambda v: isinstance(v, (bool, np.bool_)), "true or false",
+                    lambda v: "scaled" if v else "unscaled"),
+    "imatrix": Param(lambda v: v is None or (isinstance(v, str) and bool(v)), "the path of a llama.cpp imatrix file",
+                     lambda v: "imatrix" if v else None),
+}
+
+
+# --- the spec: one per format -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str  # what `fmt=` takes
+    doc: str  # what it computes, one line (the README table, `python -m sweep.formats`)
+    quantize: Callable[..., np.ndarray]  # (x: a float32 copy, fmt, tensor=, threads=) -> float32, x's shape
+    params: tuple[str, ...] = ()  # the parameters it takes (of PARAMS), in label order
+    granularity: Granularity = Granularity.per_row  # the default, if it takes `granularity`
+    applies_to: tuple[str, ...] = (WEIGHT, ACTIVATION)
+    bits: float | None = None  # nominal bits per element, scales not counted (GGUF: ggml's bpw); None: unchanged
+    scale_bits: int = 0  # bits of one scale per block: 32 (a float32 amax scale), 8 (E8M0), 0 (no scale)
+    element: Any = None  # the dtype the elements are stored in
+    qmax: float | None = None  # the largest element magnitude, in units of the scale
+    integer: bool = False  # the elements are the integers in [-qmax, qmax]
+    overflow_to_inf: bool = False  # IEEE overflow (bf16, fp16); the others saturate
+    ggml: ggml_formats.GGMLType | None = None  # GGUF quant types: the ggml type
+
+    def uses(self, fmt: Format) -> tuple[str, ...]:
+        """The parameters that change what `fmt` computes: a `scaled=false` format has no blocks to size."""
+        unscaled = "scaled" in self.params and not fmt.scaled
+        return tuple(p for p in self.params if not (unscaled and p == "granularity"))
+
+    def codes(self) -> np.ndarray:
+        """Every finite value an element can take, in units of the scale (float64, ascending)."""
+        if self.integer:
+            return np.arange(-self.qmax, self.qmax + 1, dtype=np.float64)
+        storage = np.dtype(f"uint{8 * np.dtype(self.element).itemsize}")  # e2m1's 4 bits take a byte
+        v = np.arange(2 ** ml_dtypes.finfo(self.element).bits, dtype=storage).view(self.element).astype(np.float64)
+        return np.unique(v[np.isfinite(v)])
 
 
 @dataclass(frozen=True)
 class Format:
     name: str  # registry key, e.g. "int8"
-    granularity: str | None = None  # int8 and scaled fp8; None: the format's default (_DEFAULT_GRANULARITY)
+    granularity: str | None = None  # None: the format's default (FormatSpec.granularity)
     group_size: int = 32  # int4 / mxfp4
     scaled: bool = True  # fp8: scaled (amax -> format max, the default) or a plain saturating cast
     imatrix: str | None = None  # GGUF quant types: llama.cpp importance-matrix file
 
     def __post_init__(self):
-        if self.granularity is None:
-            object.__setattr__(self, "granularity", _DEFAULT_GRANULARITY.get(self.name, "per_row"))
-        if not isinstance(self.name, str) or (self.name not in FORMATS and not ggml_formats.is_ggml(self.name)):
-            raise SweepError(f"unknown format {self.name!r}; valid formats: {', '.join(FORMATS)}, "
+        if not isinstance(self.name, str) or self.name not in FORMATS:
+            ours = [n for n, s in FORMATS.items() if s.ggml is None]
+            raise SweepError(f"unknown format {self.name!r}; valid formats: {', '.join(ours)}, "
                              f"and the GGUF quant types {', '.join(ggml_formats.TYPES)}")
-        if self.granularity not in GRANULARITIES:
-            raise SweepError(
-                f"unknown granularity {self.granularity!r} for format {self.name}; "
-                f"valid granularities: {', '.join(GRANULARITIES)}"
-            )
-        g = self.group_size
-        if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g <= 0:
-            raise SweepError(
-                f"bad group_size {self.group_size!r} for format {self.name}; valid: a positive integer that divides "
-                f"the last axis, e.g. 32"
-            )
-        if not isinstance(self.scaled, (bool, np.bool_)):
-            raise SweepError(f"bad scaled {self.scaled!r} for format {self.name}; valid: true or false")
-        if self.imatrix is not None and (not isinstance(self.imatrix, str) or not self.imatrix):
-            raise SweepError(f"bad imatrix {self.imatrix!r} for format {self.name}; valid: the path of a llama.cpp "
-                             f"imatrix file")
+        g = self.granularity
+        if g is None:
+            g = self.spec.granularity
+        object.__setattr__(self, "granularity", g.value if isinstance(g, Granularity) else g)  # a plain str
+        for p, param in PARAMS.items():
+            if not param.valid(getattr(self, p)):
+                raise SweepError(f"bad {p} {getattr(self, p)!r} for format {self.name}; valid: {param.expected}")
 
     def __call__(self, x: np.ndarray, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
         """`tensor` (the GGUF name) and `threads` matter only to the GGUF quant types (importance matrix, speed)."""
         x = np.array(x, dtype=np.float32)  # always a copy: the caller's array is never modified
         if x.size == 0:
             return x
-        if ggml_formats.is_ggml(self.name):
-            return ggml_formats.fake_quant(x, self, tensor, threads)
-        return FORMATS[self.name](x, self)
+        return self.spec.quantize(x, self, tensor=tensor, threads=threads)
+
+    @property
+    def spec(self) -> FormatSpec:
+        return FORMATS[self.name]
 
     @property
     def label(self) -> str:
-        if self.name == "int8":
-            return f"int8/{self.granularity}"
-        if self.name.startswith("fp8"):
-            return f"{self.name}/scaled/{self.granularity}" if self.scaled else f"{self.name}/unscaled"
-        if self.name in ("int4", "mxfp4"):
-            return f"{self.name}/g{self.group_size}"
-        if self.imatrix:
-            return f"{self.name}/imatrix"
-        return self.name
+        parts = (PARAMS[p].label(getattr(self, p)) for p in self.spec.uses(self))
+        return "/".join([self.name, *(p for p in parts if p is not None)])
+
+    @property
+    def block(self) -> PerTensor | PerRow | PerToken | PerGroup | None:
+        """The elements that share one scale; None: no scale (casts, GGUF types: ggml's blocks are its own)."""
+        uses = self.spec.uses(self)
+        if "group_size" in uses:
+            return PerGroup(self.group_size)
+        return _BLOCKS[Granularity(self.granularity)] if "granularity" in uses else None
+
+    @property
+    def rowwise(self) -> bool:
+        """Rounds per row (token): needs a node with one row per token."""
+        return self.block is not None and self.block.rowwise
+
+    @property
+    def applies_to(self) -> tuple[str, ...]:
+        return self.spec.applies_to
+
+    @property
+    def bits(self) -> float | None:
+        return self.spec.bits
+
+    def scale_bits(self, shape: tuple[int, ...]) -> float:
+        """Bits per element its scales take, for an array of `shape` (0.0 without scales)."""
+        if self.block is None or not self.spec.scale_bits:
+            return 0.0
+        return self.spec.scale_bits / self.block.block_len(tuple(shape))
+
+    def key_fields(self) -> dict:
+        """The format's part of a point's store key: every field, `imatrix` only when set (keys of the other
+        formats stay as they were before it existed)."""
+        return {k: v for k, v in asdict(self).items() if k != "imatrix" or v is not None}
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------------
 
 
-def _block_len(x: np.ndarray, fmt: Format, grouped: bool) -> int:
+def _block_len(x: np.ndarray, fmt: Format) -> int:
     """Length of the blocks that share one scale; x.reshape(-1, block_len) puts one block per row."""
-    last = x.shape[-1] if x.ndim else 1
-    if grouped:
-        if last % fmt.group_size:
-            raise SweepError(
-                f"{fmt.label}: last axis of length {last} (shape {x.shape}) is not divisible by group_size "
-                f"{fmt.group_size}; choose a group_size that divides it"
-            )
-        return fmt.group_size  # groups are consecutive along the last axis, so a flat reshape finds them
-    return x.size if fmt.granularity == "per_tensor" else last
+    n = fmt.block.block_len(x.shape)
+    if isinstance(fmt.block, PerGroup) and (x.shape[-1] if x.ndim else 1) % n:
+        raise SweepError(
+            f"{fmt.label}: last axis of length {x.shape[-1] if x.ndim else 1} (shape {x.shape}) is not divisible by "
+            f"group_size {fmt.group_size}; choose a group_size that divides it"
+        )
+    return n
 
 
-def _blocks_amax(x: np.ndarray, block_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _blocks_amax(x: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     """(blocks, amax): x as float64 blocks of one scale each, and each block's amax over finite values."""
     # float64 so that scale = amax/qmax cannot underflow and x/scale is correctly rounded before the final cast
-    b = x.reshape(-1, block_len).astype(np.float64)
+    b = x.reshape(-1, _block_len(x, fmt)).astype(np.float64)
     amax = np.where(np.isfinite(b), np.abs(b), 0.0).max(axis=1, keepdims=True)
     return b, np.where(amax < _TINY, 0.0, amax)  # flush (see module docstring)
 
@@ -149,78 +266,84 @@ def _dequantize(x: np.ndarray, b: np.ndarray, scale: np.ndarray, qmax: float, gr
     return out.astype(np.float32).reshape(x.shape)
 
 
-# --- one function per format family ------------------------------------------------------------------------------
+# --- one quantize function per family: the constants come from the spec -------------------------------------------
 
 
-def _none(x, fmt):
+def _identity(x, fmt, **_):
     return x
 
 
-def _zero(x, fmt):
+def _zeros(x, fmt, **_):
     return np.zeros_like(x)
 
 
-def _cast(dtype) -> Callable:
-    def cast(x, fmt):
-        with np.errstate(over="ignore"):  # IEEE overflow to +-inf is the documented behaviour, not an accident
-            return x.astype(dtype).astype(np.float32)
-
-    return cast
+def _cast(x, fmt, **_):
+    with np.errstate(over="ignore"):  # IEEE overflow to +-inf is the documented behaviour, not an accident
+        return x.astype(fmt.spec.element).astype(np.float32)
 
 
-def _int(qmax: int, dtype, grouped: bool) -> Callable:
-    def quantize(x, fmt):
-        b, amax = _blocks_amax(x, _block_len(x, fmt, grouped))
-        return _dequantize(x, b, amax / qmax, qmax, lambda v: np.rint(v).astype(dtype))
-
-    return quantize
+def _integer_grid(x, fmt, **_):
+    s = fmt.spec
+    b, amax = _blocks_amax(x, fmt)
+    return _dequantize(x, b, amax / s.qmax, s.qmax, lambda v: np.rint(v).astype(s.element))
 
 
-def _fp8(dtype) -> Callable:
-    fmax = float(ml_dtypes.finfo(dtype).max)
-
-    def quantize(x, fmt):
-        if not fmt.scaled:
-            return np.clip(x, -fmax, fmax).astype(dtype).astype(np.float32)  # saturating cast; NaN passes clip
-        b, amax = _blocks_amax(x, _block_len(x, fmt, grouped=False))
-        return _dequantize(x, b, amax / fmax, fmax, lambda v: v.astype(dtype))
-
-    return quantize
+def _fp8(x, fmt, **_):
+    s = fmt.spec
+    if fmt.block is None:  # scaled=false: a saturating cast; NaN passes clip
+        return np.clip(x, -s.qmax, s.qmax).astype(s.element).astype(np.float32)
+    b, amax = _blocks_amax(x, fmt)
+    return _dequantize(x, b, amax / s.qmax, s.qmax, lambda v: v.astype(s.element))
 
 
-def _mxfp4(x, fmt):
-    b, amax = _blocks_amax(x, _block_len(x, fmt, grouped=True))
+def _mx(x, fmt, **_):
+    s = fmt.spec
+    b, amax = _blocks_amax(x, fmt)
     # floor(log2(amax)) exactly: frexp gives amax = m * 2**e with m in [0.5, 1). 2 = emax of e2m1 (max 6 = 1.5 * 2**2).
     # The lower clamp keeps X inside E8M0's range (2**-127); only amax in [2**-126, 2**-125) needs it.
     scale = np.where(amax > 0, np.maximum(np.ldexp(1.0, np.frexp(amax)[1] - 1 - 2), 2.0**-127), 0.0)
-    return _dequantize(x, b, scale, 6.0, lambda v: v.astype(ml_dtypes.float4_e2m1fn))
+    return _dequantize(x, b, scale, s.qmax, lambda v: v.astype(s.element))
 
 
-FORMATS: dict[str, Callable[[np.ndarray, Format], np.ndarray]] = {
-    "none": _none,
-    "zero": _zero,
-    "bf16": _cast(ml_dtypes.bfloat16),
-    "fp16": _cast(np.float16),
-    "int8": _int(127, np.int8, grouped=False),
-    "fp8_e4m3": _fp8(ml_dtypes.float8_e4m3fn),
-    "fp8_e5m2": _fp8(ml_dtypes.float8_e5m2),
-    "int4": _int(7, ml_dtypes.int4, grouped=True),
-    "mxfp4": _mxfp4,
-}
-_PARAMS = tuple(f.name for f in fields(Format) if f.name != "name")
+def _fp8_spec(name: str, dtype, doc: str) -> FormatSpec:
+    return FormatSpec(name, doc, _fp8, ("scaled", "granularity"), Granularity.per_tensor, bits=8, scale_bits=32,
+                      element=dtype, qmax=float(ml_dtypes.finfo(dtype).max))
 
 
-def _uses(fmt: Format) -> set[str]:
-    """The parameters that change what `fmt` computes."""
-    if fmt.name == "int8":
-        return {"granularity"}
-    if fmt.name.startswith("fp8"):
-        return {"scaled", "granularity"} if fmt.scaled else {"scaled"}
-    if fmt.name in ("int4", "mxfp4"):
-        return {"group_size"}
-    if ggml_formats.is_ggml(fmt.name):
-        return {"imatrix"}
-    return set()
+_SPECS = [
+    FormatSpec("none", "identity: a baseline point that perturbs nothing (always a no-op)", _identity),
+    FormatSpec("zero", "all zeros (debug: proves a hook is live)", _zeros, bits=0),
+    FormatSpec("bf16", "bfloat16 cast and back: 8 significant bits, float32's exponent range; IEEE overflow to "
+               "±inf", _cast, bits=16, element=ml_dtypes.bfloat16, overflow_to_inf=True),
+    FormatSpec("fp16", "IEEE half cast and back: 11 significant bits, max 65504, subnormal below 2⁻¹⁴; ±inf from "
+               "65520", _cast, bits=16, element=np.float16, overflow_to_inf=True),
+    FormatSpec("int8", "symmetric integers in [−127, 127], scale amax/127 per block (per_row: a weight's output "
+               "channel; per_token: an activation's token)", _integer_grid, ("granularity",), bits=8, scale_bits=32,
+               element=np.int8, qmax=127, integer=True),
+    FormatSpec("int6", "symmetric integers in [−31, 31], scale amax/31 per block (granularities as int8)",
+               _integer_grid, ("granularity",), bits=6, scale_bits=32, element=np.int8, qmax=31, integer=True),
+    _fp8_spec("fp8_e4m3", ml_dtypes.float8_e4m3fn, "float8 e4m3fn (4 significant bits, max 448), scaled as "
+              "deployed: amax/448 per block, then cast, clipped to ±448; scaled=false: a plain saturating cast"),
+    _fp8_spec("fp8_e5m2", ml_dtypes.float8_e5m2, "float8 e5m2 (3 significant bits, max 57344), scaled as "
+              "deployed: amax/57344 per block, then cast, clipped to ±57344; scaled=false: a plain saturating cast"),
+    FormatSpec("int4", "symmetric integers in [−7, 7], float scale amax/7 per group of consecutive elements of a "
+               "row", _integer_grid, ("group_size",), bits=4, scale_bits=32, element=ml_dtypes.int4, qmax=7,
+               integer=True),
+    FormatSpec("mxfp4", "OCP MX: e2m1 elements (±0, 0.5, 1, 1.5, 2, 3, 4, 6), per group one power-of-two scale "
+               "2^(⌊log₂ amax⌋ − 2) (E8M0; the MX spec's group is 32), clipped to ±6", _mx, ("group_size",),
+               bits=4, scale_bits=8, element=ml_dtypes.float4_e2m1fn, qmax=6.0),
+]
+
+
+def _ggml_spec(t: ggml_formats.GGMLType) -> FormatSpec:
+    needs = "; needs an importance matrix (fmt.imatrix=PATH)" if t.needs_imatrix else ""
+    return FormatSpec(t.name, f"GGUF {t.name} (ggml type {t.type_id}): blocks of {t.block_size}, {t.bpw:g} bits per "
+                      f"weight, ggml's own quantizer and dequantizer{needs}", ggml_formats.fake_quant, ("imatrix",),
+                      applies_to=(WEIGHT,), bits=t.bpw, ggml=t)
+
+
+FORMATS: dict[str, FormatSpec] = {s.name: s for s in [*_SPECS, *map(_ggml_spec, ggml_formats.TYPES.values())]}
+_PARAMS = tuple(f.name for f in fields(Format) if f.name != "name")  # == PARAMS' keys (tests/test_formats.py)
 
 
 def make_format(name: str, **params) -> Format:
@@ -232,4 +355,47 @@ def make_format(name: str, **params) -> Format:
         )
     fmt = Format(name, **params)  # validates the values
     defaults = Format(name)
-    return replace(fmt, **{p: getattr(defaults, p) for p in _PARAMS if p not in _uses(fmt)})
+    uses = fmt.spec.uses(fmt)
+    return replace(fmt, **{p: getattr(defaults, p) for p in _PARAMS if p not in uses})
+
+
+# --- the documentation table, from the registry ------------------------------------------------------------------
+
+
+def _defaults(spec: FormatSpec) -> str:
+    d = Format(spec.name)
+
+    def one(p: str) -> str:
+        v = getattr(d, p)
+        return f"`{p}`" if v is None else f"`{p}={str(v).lower() if isinstance(v, bool) else v}`"
+
+    return ", ".join(map(one, spec.params)) or "–"
+
+
+def markdown_table() -> str:
+    """The README's table of the formats (`python -m sweep.formats` prints it)."""
+    rows = ["| `fmt` | what it computes | parameters (defaults) | label | applies to | bits |",
+            "|---|---|---|---|---|---|"]
+    for s in FORMATS.values():
+        if s.ggml is None:
+            bits = "unchanged" if s.bits is None else f"{s.bits:g}" + (" + scales" if s.scale_bits else "")
+            rows.append(f"| `{s.name}` | {s.doc} | {_defaults(s)} | `{Format(s.name).label}` | "
+                        f"{', '.join(s.applies_to)} | {bits} |")
+    return "\n".join(rows)
+
+
+def markdown_ggml_table() -> str:
+    """The README's table of the GGUF quant types, two to a row (¹: needs an importance matrix; ²: ggml names it
+    otherwise)."""
+    def mark(s: FormatSpec) -> str:
+        return (" ¹" if s.ggml.needs_imatrix else "") + (" ²" if ggml_formats.GGML_NAME[s.name] != s.name else "")
+
+    cells = [f"| `{s.name}`{mark(s)} | {s.bits:g} | {s.ggml.block_size} |" for s in FORMATS.values() if s.ggml]
+    half = (len(cells) + 1) // 2
+    right = cells[half:] + ["| | | |"] * (2 * half - len(cells))
+    head = ["| `fmt` | bits/weight | block | | `fmt` | bits/weight | block |", "|---|---|---|---|---|---|---|"]
+    return "\n".join(head + [f"{a} {b}" for a, b in zip(cells[:half], right)])
+
+
+if __name__ == "__main__":
+    print(markdown_table(), markdown_ggml_table(), sep="\n\n")

@@ -65,9 +65,6 @@ FALLBACK = {
     "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0",
 }
 
-# Nominal storage of the ml_dtypes formats (bits per element; scales counted as float32, MX scales as E8M0).
-_NOMINAL_BITS = {"bf16": 16, "fp16": 16, "fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8, "int4": 4, "mxfp4": 4, "zero": 0}
-
 
 def is_ggml(name: str) -> bool:
     return name in TYPES
@@ -148,18 +145,11 @@ def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> 
             from .imatrix_file import load
 
             info["imatrix_used"] = tensor in load(fmt.imatrix)
-    else:
-        bits = _NOMINAL_BITS.get(fmt.name)
-        if fmt.name == "none" or bits is None:
+    else:  # the format's nominal bits per element (unchanged: the file's) and its scales (sweep/formats.py)
+        bits = fmt.bits
+        if bits is None:
             bits = ggml_type_by_name(orig_type).bpw if orig_type else math.nan
-        scale_bits = 0.0
-        if fmt.name in ("int4",):
-            scale_bits = 32 / fmt.group_size
-        elif fmt.name == "mxfp4":
-            scale_bits = 8 / fmt.group_size
-        elif fmt.name == "int8" or (fmt.name.startswith("fp8") and fmt.scaled):
-            scale_bits = 32 / n if fmt.granularity == "per_tensor" else 32 / n_per_row
-        info["bytes"] = n * (bits + scale_bits) / 8
+        info["bytes"] = n * (bits + fmt.scale_bits(shape)) / 8
     if orig_type:
         t = ggml_type_by_name(orig_type)
         info["bytes_orig"] = n // t.block_size * t.type_size
@@ -167,13 +157,16 @@ def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> 
 
 
 def preflight(fmt, kind: str, names: tuple[str, ...]) -> None:
-    """Before any job: a GGUF type on activations, or one that needs an importance matrix without one, fails here."""
-    if not is_ggml(fmt.name):
-        return
-    if kind != "weight":
+    """Before any job: a format on a kind it does not apply to (a GGUF type on activations), or a GGUF type that
+    needs an importance matrix without one, fails here."""
+    if kind not in fmt.applies_to and is_ggml(fmt.name):
         raise SweepError(f"fmt={fmt.name} is a GGUF weight type and cannot round activations (llama.cpp quantizes "
                          f"activations only inside its matmul kernels); use kind=weight, or a float format for "
                          f"activations")
+    if kind not in fmt.applies_to:
+        raise SweepError(f"fmt={fmt.name} applies to {' and '.join(fmt.applies_to)}s only, not to kind={kind}")
+    if not is_ggml(fmt.name):
+        return
     if fmt.imatrix:
         from .imatrix_file import load
 

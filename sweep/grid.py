@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import initialize_config_dir
@@ -106,7 +106,7 @@ class _Checker:
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
                          OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
-        if not target.token_rows and make_format(**{**asdict(fmt), "granularity": "per_tensor"}) != fmt:
+        if not target.token_rows and fmt.rowwise:
             raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
         ggml_formats.preflight(fmt, cfg.kind, target.names)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -76,11 +75,6 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
     return rec
 
 
-def fmt_key(fmt) -> dict:
-    """The format's part of a point's key; `imatrix` only when set, so that keys of other formats stay as before."""
-    return {k: v for k, v in asdict(fmt).items() if k != "imatrix" or v is not None}
-
-
 def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[int, ...]) -> str:
     """The store key of this job's point: everything that determines its result (the planner asks it too, to
     count the points a sweep will not recompute).
@@ -93,7 +87,7 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
     generate_here = generation_mode(cfg.metrics.generate) is None
     return point_key(model_sha256=model_sha256, container=cfg.model.container, data_sha256=data_sha256,
                      n_ctx=cfg.data.n_ctx, n_windows=cfg.data.n_windows, kind=cfg.kind, tensor=cfg.tensor,
-                     layers=layers, fmt=fmt_key(fmt), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
+                     layers=layers, fmt=fmt.key_fields(), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
                      prompts=list(cfg.metrics.prompts) if generate_here else [],
                      max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": stop.key()} if stop else {}),
                      **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
+from itertools import product
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -9,30 +14,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from sweep import ggml_formats
 from sweep.errors import SweepError
-from sweep.formats import FORMATS, GRANULARITIES, Format, make_format
+from sweep.formats import FORMATS, GRANULARITIES, PARAMS, Format, PerGroup, PerTensor, make_format
 
 # Any warning (division by zero, invalid cast, overflow) is a bug in the policy handling.
 pytestmark = pytest.mark.filterwarnings("error")
-FEW = settings(max_examples=60, deadline=None)  # parametrized over ~17 formats: keep each one short
+FEW = settings(max_examples=60, deadline=None)  # parametrized over ~20 formats: keep each one short
 MORE = settings(max_examples=200, deadline=None)
+ROOT = Path(__file__).resolve().parents[1]
 
-SCALED_FORMATS = (
-    [make_format("int8", granularity=g) for g in GRANULARITIES]
-    + [make_format(n, scaled=True, granularity=g) for n in ("fp8_e4m3", "fp8_e5m2") for g in GRANULARITIES]
-    + [make_format("int4"), make_format("int4", group_size=8), make_format("mxfp4")]
-)
-CAST_FORMATS = [make_format(n) for n in ("bf16", "fp16")] + [make_format(n, scaled=False)
-                                                            for n in ("fp8_e4m3", "fp8_e5m2")]
-ALL_FORMATS = [make_format("none"), make_format("zero")] + CAST_FORMATS + SCALED_FORMATS
+# Every format of the registry is tested with every combination of these values of the parameters it takes
+# (make_format normalizes, duplicates dropped). GGUF types are ggml's code: tests/test_ggml_formats.py checks them.
+TRIES = {"granularity": GRANULARITIES, "group_size": (32, 8), "scaled": (True, False)}
+
+
+def variants(name: str) -> list[Format]:
+    tried = [p for p in FORMATS[name].params if p in TRIES]
+    formats = [make_format(name, **dict(zip(tried, values))) for values in product(*(TRIES[p] for p in tried))]
+    return list(dict.fromkeys(formats))
+
+
+ALL_FORMATS = [f for name, spec in FORMATS.items() if spec.ggml is None for f in variants(name)]
+SCALED_FORMATS = [f for f in ALL_FORMATS if f.block is not None]  # one scale per block (tensor, row or group)
+CAST_FORMATS = [f for f in ALL_FORMATS if f.block is None and f.spec.element is not None]  # a plain cast
+INTEGER_FORMATS = [f for f in SCALED_FORMATS if f.spec.integer]
 NOT_ZERO = [f for f in ALL_FORMATS if f.name != "zero"]
-DTYPES = {
-    "bf16": ml_dtypes.bfloat16,
-    "fp16": np.float16,
-    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-    "fp8_e5m2": ml_dtypes.float8_e5m2,
-    "mxfp4": ml_dtypes.float4_e2m1fn,
-}
 
 
 def fid(fmt: Format) -> str:
@@ -52,9 +59,9 @@ FINITE_ARRAYS = hnp.arrays(np.float32, SHAPES, elements=MODEST)
 
 def block_len(fmt: Format, shape: tuple) -> int:
     """Elements sharing one scale, consecutive in row-major order (the docstring's rows / groups)."""
-    if fmt.name in ("int4", "mxfp4"):
+    if isinstance(fmt.block, PerGroup):
         return fmt.group_size
-    return int(np.prod(shape)) if fmt.granularity == "per_tensor" else shape[-1]
+    return int(np.prod(shape)) if isinstance(fmt.block, PerTensor) else shape[-1]
 
 
 def finite_amax(x: np.ndarray, n: int) -> np.ndarray:
@@ -64,11 +71,13 @@ def finite_amax(x: np.ndarray, n: int) -> np.ndarray:
 
 def saturation(fmt: Format, amax: np.ndarray) -> np.ndarray:
     """+-inf maps to +-(max representable * scale), per block, as the module docstring says."""
-    if fmt.name == "mxfp4":
+    qmax = fmt.spec.qmax
+    if fmt.spec.scale_bits == 8:  # an E8M0 scale (MX): the power of two 2**(floor(log2 amax) - emax)
         # the scale is clamped to E8M0's smallest value, 2**-127 (only amax in [2**-126, 2**-125) reaches it)
-        scale = np.maximum(2.0 ** (np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2), 2.0 ** -127)
-        return np.where(amax > 0, 6.0 * scale, 0.0)
-    return amax  # int8: 127 * amax/127; int4: 7 * amax/7; scaled fp8: fmax * amax/fmax
+        emax = np.floor(np.log2(qmax))
+        scale = np.maximum(2.0 ** (np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - emax), 2.0 ** -127)
+        return np.where(amax > 0, qmax * scale, 0.0)
+    return amax  # amax/qmax scales: qmax * amax/qmax (int8: 127 * amax/127; scaled fp8: fmax * amax/fmax)
 
 
 # --- general contract --------------------------------------------------------------------------------------------
@@ -115,8 +124,8 @@ def test_empty_and_other_dtypes(fmt):
 @FEW
 @given(x=ANY_ARRAYS)
 def test_equals_ml_dtypes_cast(fmt, x):
-    dtype = DTYPES[fmt.name]
-    if fmt.name.startswith("fp8"):  # the plain cast only within range; beyond it the format saturates
+    dtype = fmt.spec.element
+    if not fmt.spec.overflow_to_inf:  # the plain cast only within range; beyond it the format saturates
         fmax = float(ml_dtypes.finfo(dtype).max)
         x = np.where(np.abs(x) <= fmax, x, np.float32(np.nan))
     with np.errstate(over="ignore"):
@@ -128,7 +137,7 @@ def test_equals_ml_dtypes_cast(fmt, x):
 @FEW
 @given(x=ANY_ARRAYS)
 def test_exact_on_cast_values(fmt, x):
-    dtype = DTYPES[fmt.name]
+    dtype = fmt.spec.element
     fmax = float(ml_dtypes.finfo(dtype).max)
     with np.errstate(over="ignore"):
         x = np.clip(x, -fmax, fmax).astype(dtype).astype(np.float32)  # already in the format
@@ -137,15 +146,9 @@ def test_exact_on_cast_values(fmt, x):
 
 def grid_values(fmt: Format) -> tuple[np.ndarray, float]:
     """(the format's finite code values, its max) in units of the scale."""
-    if fmt.name == "int8":
-        return np.arange(-127, 128, dtype=np.float64), 127.0
-    if fmt.name == "int4":
-        return np.arange(-7, 8, dtype=np.float64), 7.0
-    dtype = DTYPES[fmt.name]
-    bits = np.arange(16 if fmt.name == "mxfp4" else 256, dtype=np.uint8)
-    v = bits.view(dtype).astype(np.float64)
-    v = v[np.isfinite(v)]
-    return v, float(v.max())
+    values = fmt.spec.codes()
+    assert values.max() == fmt.spec.qmax and np.array_equal(values, -values[::-1])  # symmetric, up to qmax
+    return values, float(values.max())
 
 
 @st.composite
@@ -172,17 +175,13 @@ def test_exact_on_grid_values(fmt, data):
 # --- error bounds and grids ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [make_format("int8", granularity=g) for g in GRANULARITIES] + [make_format("int4"), make_format("int4", group_size=8)],
-    ids=fid,
-)
+@pytest.mark.parametrize("fmt", INTEGER_FORMATS, ids=fid)
 @FEW
 @given(x=FINITE_ARRAYS)
 def test_error_within_half_step(fmt, x):
     n = block_len(fmt, x.shape)
     amax = finite_amax(x, n)
-    step = amax / (127 if fmt.name == "int8" else 7)
+    step = amax / fmt.spec.qmax
     err = np.abs(fmt(x).reshape(-1, n).astype(np.float64) - x.reshape(-1, n))
     assert np.all(err <= step / 2 + amax * 2.0**-22)  # + float32 rounding of the result
 
@@ -223,7 +222,7 @@ def test_nan_stays_nan_and_does_not_affect_the_rest(fmt, x):
     y = fmt(x)
     assert np.all(np.isnan(y[nan]))
     np.testing.assert_array_equal(y[~nan], fmt(np.where(nan, np.float32(0), x))[~nan])
-    assert not np.any(np.isnan(y[~nan])) or fmt.name in ("bf16", "fp16")  # no new NaN
+    assert not np.any(np.isnan(y[~nan])) or fmt.spec.overflow_to_inf  # no new NaN
 
 
 @pytest.mark.parametrize("fmt", SCALED_FORMATS, ids=fid)
@@ -250,7 +249,7 @@ def test_zero_block_with_inf_and_nan(fmt):
     x[1, :2] = 1e-40  # subnormal amax: flushed, the block is zero
     x[1, 40] = 1.0
     y = fmt(x)
-    if fmt.granularity == "per_tensor" and fmt.name not in ("int4", "mxfp4"):
+    if isinstance(fmt.block, PerTensor):
         assert y[0, 0] == fmt(np.float32([[1.0]]))[0, 0] and y[0, 1] == -y[0, 0]  # the tensor's scale
     else:
         np.testing.assert_array_equal(y[0, :2], [0.0, 0.0])
@@ -425,7 +424,77 @@ def test_unused_params_are_normalized():
 
 
 def test_registry():
-    assert set(FORMATS) == {"none", "zero", "bf16", "fp16", "int8", "fp8_e4m3", "fp8_e5m2", "int4", "mxfp4"}
+    """Every spec is complete and consistent: parameters known, bits those of its elements, GGUF types from ggml."""
+    assert set(PARAMS) == {f for f in Format.__dataclass_fields__ if f != "name"}
+    assert [s.name for s in FORMATS.values() if s.ggml is not None] == list(ggml_formats.TYPES)
+    for name, spec in FORMATS.items():
+        assert spec.name == name and spec.doc and set(spec.params) <= set(PARAMS)
+        assert spec.applies_to and set(spec.applies_to) <= {"weight", "activation"}
+        if spec.ggml is not None:  # weights only, an importance matrix their one parameter, ggml's bits per weight
+            assert (spec.applies_to, spec.params, spec.bits) == (("weight",), ("imatrix",), spec.ggml.bpw)
+        elif spec.integer:  # the integers in [-qmax, qmax] need `bits` bits
+            assert spec.bits == math.ceil(math.log2(2 * spec.qmax + 1)) and spec.scale_bits == 32
+        elif spec.element is not None:
+            assert spec.bits == ml_dtypes.finfo(spec.element).bits
+        assert ("group_size" in spec.params or "granularity" in spec.params) == (spec.scale_bits > 0)
+
+
+# Today's store keys (Format.key_fields, in job.job_key) of a few formats: stored points stay valid only while these stay the same.
+STORED_KEYS = [
+    (make_format("bf16"), {"name": "bf16", "granularity": "per_row", "group_size": 32, "scaled": True}),
+    (make_format("int8", granularity="per_token"),
+     {"name": "int8", "granularity": "per_token", "group_size": 32, "scaled": True}),
+    (make_format("fp8_e4m3"), {"name": "fp8_e4m3", "granularity": "per_tensor", "group_size": 32, "scaled": True}),
+    (make_format("fp8_e5m2", scaled=False, granularity="per_row"),
+     {"name": "fp8_e5m2", "granularity": "per_tensor", "group_size": 32, "scaled": False}),
+    (make_format("int4", group_size=64), {"name": "int4", "granularity": "per_row", "group_size": 64, "scaled": True}),
+    (make_format("q4_K"), {"name": "q4_K", "granularity": "per_row", "group_size": 32, "scaled": True}),
+    (make_format("q4_K", imatrix="im.gguf"),
+     {"name": "q4_K", "granularity": "per_row", "group_size": 32, "scaled": True, "imatrix": "im.gguf"}),
+]
+
+
+@pytest.mark.parametrize("fmt, key", STORED_KEYS, ids=[f.label for f, _ in STORED_KEYS])
+def test_key_fields_are_todays_store_keys(fmt, key):
+    assert fmt.key_fields() == key and list(fmt.key_fields()) == list(key)
+    assert all(type(v) is type(key[k]) for k, v in fmt.key_fields().items())  # plain str, never the Enum
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS + [make_format(n) for n in ggml_formats.TYPES], ids=fid)
+def test_key_fields_rowwise_and_bits(fmt):
+    assert fmt.key_fields() == {k: v for k, v in asdict(fmt).items() if k != "imatrix" or v is not None}
+    # rowwise: the format computes something else once its granularity is per_tensor, and it takes one
+    assert fmt.rowwise == (make_format(**{**asdict(fmt), "granularity": "per_tensor"}) != fmt)
+    assert fmt.bits == fmt.spec.bits and fmt.applies_to == fmt.spec.applies_to
+    n = {PerTensor: 4 * 64, PerGroup: fmt.group_size}.get(type(fmt.block), 64)  # PerRow, PerToken: a row
+    assert fmt.scale_bits((4, 64)) == (fmt.spec.scale_bits / n if fmt.block is not None else 0.0)
+
+
+def test_config_group_is_the_registry():
+    """`fmt=NAME` for every registered format, with the format's own defaults; a bad granularity fails at
+    composition."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import ConfigCompositionException
+
+    import sweep.config  # noqa: F401  (registers the group)
+
+    assert sorted(ConfigStore.instance().list("fmt")) == sorted(f"{n}.yaml" for n in FORMATS)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name in FORMATS:
+            assert make_format(**compose("config", overrides=[f"fmt={name}"]).fmt) == make_format(name)
+        cfg = compose("config", overrides=["fmt=fp8_e4m3", "fmt.granularity=per_row"])
+        assert make_format(**cfg.fmt).label == "fp8_e4m3/scaled/per_row"
+        with pytest.raises(ConfigCompositionException):
+            compose("config", overrides=["fmt=int8", "fmt.granularity=per_banana"])
+
+
+def test_readme_tables_are_the_registry():
+    """The README shows the tables `python -m sweep.formats` prints: paste its output there after adding a format."""
+    from sweep.formats import markdown_ggml_table, markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme and markdown_ggml_table() in readme
 
 
 def one_line(err) -> str:
@@ -465,6 +534,13 @@ def test_unknown_param():
         make_format("int8", granulartiy="per_row")
     msg = one_line(err)
     assert "granulartiy" in msg and all(p in msg for p in ("granularity", "group_size", "scaled"))
+
+
+def test_granularity_enum_is_accepted_as_its_value():
+    from sweep.formats import Granularity
+
+    fmt = make_format("int8", granularity=Granularity.per_token)
+    assert fmt == make_format("int8", granularity="per_token") and type(fmt.granularity) is str
 
 
 def test_format_validates_on_direct_construction():

@@ -18,7 +18,7 @@ from sweep.apply import applied
 from sweep.backend import Backend
 from sweep.container import compute_settings
 from sweep.errors import SweepError
-from sweep.formats import make_format
+from sweep.formats import FORMATS, make_format
 from sweep.imatrix_file import Imatrix, load, write_gguf
 from sweep.targets import Target
 
@@ -87,7 +87,7 @@ def test_type_table_matches_libggml():
 def test_bit_exact_to_llama_quantize_for_every_type(f32_model, loaded, importance, tmp_path, capsys):
     imatrix_path, imatrix_values = importance
     rows, problems = [], []
-    for name, t in ggml_formats.TYPES.items():
+    for name, t in ((s.name, s.ggml) for s in FORMATS.values() if s.ggml is not None):  # every registered type
         for with_imatrix in (False, True):
             fmt = make_format(name, imatrix=str(imatrix_path) if with_imatrix else None)
             if t.needs_imatrix and not with_imatrix:
@@ -157,6 +157,10 @@ def test_storage_and_labels(importance):
     assert (s["ggml_type"], s["fallback_from"]) == ("q8_0", "q6_K")
     assert s["bytes"] == 192 * 576 // 32 * 34 and s["bytes_orig"] == 192 * 576 // 32 * 20
     assert make_format("q4_K", imatrix="x.gguf").label == "q4_K/imatrix"
+    assert make_format("q4_K").label == "q4_K" and make_format("q4_K").applies_to == ("weight",)
+    assert ggml_formats.storage(make_format("int8"), "t", (4, 64), None)["bytes"] == 4 * 64 * (8 + 32 / 64) / 8
+    assert ggml_formats.storage(make_format("mxfp4"), "t", (4, 64), None)["bytes"] == 4 * 64 * (4 + 8 / 32) / 8
+    assert ggml_formats.storage(make_format("none"), "t", (4, 64), "Q8_0")["bytes"] == 4 * 64 * 8.5 / 8
     assert make_format("bf16", imatrix="x.gguf").imatrix is None  # unused parameters reset
 
 

@@ -66,7 +66,7 @@ def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):
     (["layer=1", "tensor=ffn_nrom", "kind=activation"], "the graph has no node 'ffn_nrom-1'; per-layer nodes:"),
     (["layer=1", "fmt=bf17"], "Could not find 'fmt/bf17' Available options in 'fmt': bf16 fp16"),
     (["layer=1", "fmt=bf16,int9"], "Could not find 'fmt/int9'"),
-    (["layer=1", "fmt=int8", "fmt.granularity=per_col"], "valid granularities: per_tensor, per_row, per_token"),
+    (["layer=1", "fmt=int8", "fmt.granularity=per_col"], "'per_col', expected one of [per_tensor, per_row, per_token]"),
     (["layer=1", "fmt.granulrity=x"], "Key 'granulrity' not in 'FormatConfig'"),
     (["layer=1", "kind=weights"], "Invalid value 'weights', expected one of [weight, activation]"),
     (["layer=1", "model.container=q8"], "Invalid value 'q8', expected one of [f32, native]"),
