@@ -23,8 +23,8 @@ class GatherResults(Callback):
             return
         n_check = generation_mode(config.metrics.generate)
         if n_check:  # metrics.generate=top:N: the generation check of the N worst points, now that they are known
-            df = check_worst(df, sweep_dir, config.metrics.rank_by, n_check)
+            df = check_worst(df, sweep_dir, str(config.metrics.rank_by), n_check)
         parquet, csv = write_table(df, sweep_dir)
-        print(format_ranking(df, config.metrics.rank_by))
+        print(format_ranking(df, str(config.metrics.rank_by)))
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
         print(f"{len(df)} points ({counts}) -> {parquet} and {csv.name}")
