@@ -33,8 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metric", default="kld_mean", help="damage to minimize (a ranked metric; default kld_mean)")
     p.add_argument("--group", action="append", default=[], metavar="REGEX",
                    help="tensors matching REGEX share one type within each block (repeatable), e.g. 'attn_[qkv]'")
-    p.add_argument("--default-type", default="q8_0",
-                   help="type of quantizable tensors the tables do not cover (e.g. token_embd); 'keep' = source's")
+    p.add_argument("--default-type", action="append", default=[], metavar="[REGEX=]TYPE",
+                   help="type of quantizable tensors the tables do not cover (repeatable: 'token_embd=q8_0' for the "
+                        "tensors REGEX finds, a plain TYPE for the rest; default q8_0; 'keep' = the source's type)")
     p.add_argument("--source", type=Path, help="the F32/F16 GGUF to build from (default: the F32 container of the "
                                                "model the tables were measured on)")
     p.add_argument("--imatrix", type=Path, help="llama.cpp importance matrix for the build (the tables must have "
@@ -92,8 +93,18 @@ def run(args: argparse.Namespace) -> dict:
     types = [check_type(t.strip()) for t in args.types.split(",") if t.strip()]
     if not types:
         raise SweepError("--types is empty: give candidate GGUF types, e.g. q4_K,q6_K,q8_0")
-    if args.default_type != "keep":
-        check_type(args.default_type)
+    args.default_type = args.default_type or ["q8_0"]
+    for entry in args.default_type:
+        rx, _, ty = entry.rpartition("=")
+        if ty != "keep":
+            check_type(ty)
+        if rx:
+            import re
+
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise SweepError(f"--default-type {entry!r}: {e}") from None
     if args.validate and not args.build:
         raise SweepError("--validate scores the built file: add --build OUT.gguf")
     table = read_table(args.runs, args.metric, imatrix=args.imatrix is not None)

@@ -92,6 +92,20 @@ def solve_groups(costs: np.ndarray, weights: np.ndarray, capacity: float, time_l
                   "objective": float(res.fun * c_scale)}
 
 
+def default_for(name: str, default_type: str | list[str]) -> str:
+    """The default type of a tensor the tables do not cover: the first 'REGEX=TYPE' whose regex is found in its
+    name, else the plain TYPE entry (e.g. ['token_embd=q8_0', 'q4_K']); 'keep' = the source's type."""
+    entries = [default_type] if isinstance(default_type, str) else list(default_type)
+    plain = "keep"
+    for e in entries:
+        rx, sep, ty = e.rpartition("=")
+        if not sep:
+            plain = e
+        elif re.search(rx, name):
+            return ty
+    return plain
+
+
 def group_key(name: str, patterns: list[str]) -> str:
     """The group a tensor belongs to: the first --group pattern it matches, per block; else itself."""
     for p in patterns:
@@ -120,7 +134,7 @@ def missing_measurements(table: Table, source: SourceModel, types: list[str]) ->
 
 
 def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int, budget_kind: str,
-                default_type: str = "q8_0", groups: list[str] | None = None) -> Recipe:
+                default_type: str | list[str] = "q8_0", groups: list[str] | None = None) -> Recipe:
     groups = groups or []
     check_complete(table, missing_measurements(table, source, types))
     for p in groups:
@@ -142,9 +156,9 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
     for t in source.tensors:
         if t.name in table.tensors:
             continue
-        if t.quantizable and default_type != "keep":
-            fixed.append(Choice(t.name, None, t.stored_as(default_type).name, t.bytes_as(default_type), math.nan,
-                                math.nan))
+        default = default_for(t.name, default_type)
+        if t.quantizable and default != "keep":
+            fixed.append(Choice(t.name, None, t.stored_as(default).name, t.bytes_as(default), math.nan, math.nan))
         else:
             fixed.append(Choice(t.name, None, t.type_name, t.nbytes, math.nan, math.nan))
         if t.quantizable and any(re.search(p, t.name) for p in groups):

@@ -45,6 +45,8 @@ class Table:
     n_ctx: int = 512
     n_chunks: int = 0  # windows of the slice measured (the largest when runs differ)
     imatrix: bool = False
+    data_source: str | None = None  # the text the tables were measured on, and its hash
+    data_sha256: str | None = None
 
     @property
     def tensors(self) -> set[str]:
@@ -83,10 +85,10 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
         what = "measured with an importance matrix" if imatrix else "of GGUF types on weights"
         raise SweepError(f"the tables hold no single-tensor weight points {what} (fmt=q4_K, ...): run the grid "
                          f"of README 'Mixed-precision recipe'")
-    for col in ("model_sha256",):
+    for col in ("model_sha256", "data_sha256"):
         if df[col].nunique() > 1:
-            raise SweepError(f"the tables mix {df[col].nunique()} models ({', '.join(df['model'].unique())}): "
-                             f"give the runs of one model")
+            raise SweepError(f"the tables mix {df[col].nunique()} {'models' if col == 'model_sha256' else 'texts'}"
+                             f": give the runs of one model measured on one text")
     stderr_col = RANKABLE[metric].stderr
     win_col, sign = _WINDOWS.get(metric, (None, 1.0))
     # the same point measured twice (another slice, a rerun): the one with more windows wins, then the newest
@@ -94,7 +96,8 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     table = Table(metric, {}, model=str(df["model"].iloc[0]), model_sha256=str(df["model_sha256"].iloc[0]),
                   container=str(df["container"].iloc[0]), n_ctx=int(df["n_ctx"].max()),
                   n_chunks=int((df["n_chunks"].astype(int) * df["n_ctx"].astype(int)).max() // int(df["n_ctx"].max())),
-                  imatrix=imatrix)
+                  imatrix=imatrix, data_source=str(df["data_source"].iloc[0]),
+                  data_sha256=str(df["data_sha256"].iloc[0]))
     for r in df.itertuples(index=False):
         key = (r.targets, r.ggml_type)
         if r.status == "diverged":
