@@ -706,3 +706,28 @@ def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
         return out, int(libggml.gguf_get_data_offset(ctx)), int(libggml.gguf_get_alignment(ctx))
     finally:
         libggml.gguf_free(ctx)
+
+
+for _fn, _args, _res in [
+    ("gguf_set_val_u32", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32], None),
+    ("gguf_remove_key", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
+    ("gguf_get_meta_size", [ctypes.c_void_p], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+def quantized_header_bytes(path: Path, ftype: int) -> int:
+    """Bytes before the tensor data in the file llama_model_quantize writes from `path`: the source's metadata with
+    the keys src/llama-quant.cpp sets (general.quantization_version, general.file_type) and removes (split.*),
+    measured by ggml's own gguf writer (tensor infos do not change size with the type)."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        libggml.gguf_set_val_u32(ctx, b"general.quantization_version", 2)  # GGML_QNT_VERSION
+        libggml.gguf_set_val_u32(ctx, b"general.file_type", ftype)
+        for key in (b"split.no", b"split.count", b"split.tensors.count"):
+            libggml.gguf_remove_key(ctx, key)
+        return int(libggml.gguf_get_meta_size(ctx))
+    finally:
+        libggml.gguf_free(ctx)

@@ -7,7 +7,8 @@ llama.cpp's `llama_model_quantize` (src/llama-quant.cpp of the vendored llama.cp
   * `tensor_type_fallback`: rows whose length the type's block does not divide take another type
     (sweep/ggml_formats.type_for_rows makes the same decision);
   * a tensor stores ne[1]*ne[2] rows of `ggml_row_size(type, ne[0])` bytes, padded to the file's alignment.
-The file is its header (metadata and tensor infos, up to the data offset) plus the padded tensor data.
+The file is its header (metadata and tensor infos, up to the data offset; llama.cpp adds
+general.quantization_version and general.file_type to the source's) plus the padded tensor data.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class SourceModel:
         from . import backend
 
         self.path = Path(path)
-        infos, self.header_bytes, self.alignment = backend.gguf_tensor_table(self.path)
+        infos, self.source_header_bytes, self.alignment = backend.gguf_tensor_table(self.path)
+        # the written file's header: the source's metadata with the keys llama.cpp's quantizer sets and removes
+        self.header_bytes = backend.quantized_header_bytes(self.path, 7)
         self.tensors = [SourceTensor(i.name, i.ne, backend.ggml_type_facts(i.type_id)["name"], i.nbytes)
                         for i in infos]
         self.by_name = {t.name: t for t in self.tensors}
@@ -83,8 +86,8 @@ class SourceModel:
         return self.by_name[name]
 
     def file_bytes(self, tensor_bytes: dict[str, int]) -> int:
-        """Predicted size of the file whose tensors take these bytes (missing names: their source bytes), with the
-        source's header (llama.cpp's writer adds or changes a few metadata keys: a few dozen bytes either way)."""
+        """Size of the file llama.cpp's quantizer writes with these tensor bytes (missing names: their source
+        bytes): its header plus every tensor padded to the alignment."""
         return self.header_bytes + sum(padded(tensor_bytes.get(t.name, t.nbytes), self.alignment)
                                        for t in self.tensors)
 

@@ -94,9 +94,9 @@ def solve_groups(costs: np.ndarray, weights: np.ndarray, capacity: float, time_l
 
 def default_for(name: str, default_type: str | list[str]) -> str:
     """The default type of a tensor the tables do not cover: the first 'REGEX=TYPE' whose regex is found in its
-    name, else the plain TYPE entry (e.g. ['token_embd=q8_0', 'q4_K']); 'keep' = the source's type."""
+    name, else the plain TYPE entry (e.g. ['token_embd=q8_0', 'q4_K']; q8_0 when none); 'keep' = the source's type."""
     entries = [default_type] if isinstance(default_type, str) else list(default_type)
-    plain = "keep"
+    plain = "q8_0"
     for e in entries:
         rx, sep, ty = e.rpartition("=")
         if not sep:
@@ -185,9 +185,9 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
         smallest = int(lightest + fixed_cost + overhead)
         what = (f"{smallest} bytes ({smallest / 1e6:.2f} MB) of file" if budget_kind == "file" else
                 f"{8 * smallest / source.n_elements:.4f} bits per weight")
-        raise SweepError(f"infeasible budget: the smallest recipe with these candidate types and default type "
-                         f"'{default_type}' takes {what}; raise the budget, add smaller --types or a smaller "
-                         f"--default-type")
+        defaults = " ".join([default_type] if isinstance(default_type, str) else default_type)
+        raise SweepError(f"infeasible budget: the smallest recipe with these candidate types and default type(s) "
+                         f"{defaults} takes {what}; raise the budget, add smaller --types or a smaller --default-type")
     pick, info = solve_groups(costs, weights, capacity) if len(keys) else (np.zeros(0, int), {"optimal": True})
     chosen: list[Choice] = []
     per_window: list[np.ndarray | None] = []
