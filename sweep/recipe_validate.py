@@ -46,7 +46,7 @@ class FileScore:
     sweep_window_damage: np.ndarray | None  # on the sweep's windows
     predicted: float | None
     predicted_windows: np.ndarray | None
-    uncovered: list[str]  # quantized tensors the tables do not cover (not in the prediction)
+    uncovered: list[str]  # quantized tensors the tables do not cover (not in the prediction), as name=type
 
 
 def _t_ci(mean: float, se: float, n: int) -> tuple[float, float]:
@@ -76,7 +76,7 @@ def predicted_for(types: dict[str, str], table) -> tuple[float | None, np.ndarra
             if name in table.tensors:
                 return None, None, [name]
             if ty not in ("f32", "f16", "bf16"):
-                uncovered.append(name)
+                uncovered.append(f"{name}={ty}")
             continue
         total += m.damage
         if m.windows is not None:
@@ -161,6 +161,9 @@ def _report(results: list[FileScore], metric: str, heldout: Windows, sweep_windo
             d = r.window_damage - q4km.window_damage
             se = float(d.std(ddof=1) / math.sqrt(n))
             row[f"vs_{q4km.label}"] = {"diff": float(d.mean()), "stderr": se, "ci95": _t_ci(float(d.mean()), se, n)}
+            if r.predicted is not None and q4km.predicted is not None and set(r.uncovered) == set(q4km.uncovered):
+                # both files leave the same tensors outside the tables: the difference is all predicted
+                row[f"vs_{q4km.label}"]["predicted_diff"] = r.predicted - q4km.predicted
         if r.predicted is not None and r.window_damage is not None:
             row["predicted"] = r.predicted
             row["uncovered_in_prediction"] = r.uncovered
