@@ -238,7 +238,7 @@ def _write_plot(path: Path, report: dict) -> None:
     ax2.plot(lim, lim, "k--", lw=0.8)
     ax2.set_xscale("log")
     ax2.set_yscale("log")
-    ax2.set_xlabel(f"predicted {report['metric']} (sum of single-tensor damages)")
+    ax2.set_xlabel(f"predicted {report['metric']} (sum of single-tensor damages; tables' tensors only)")
     ax2.set_ylabel("measured on the sweep's windows")
     ax2.set_title("additivity: predicted vs measured")
     fig.tight_layout()

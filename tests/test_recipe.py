@@ -153,3 +153,24 @@ def test_missing_measurement_infeasible_budget_and_source_are_one_line_errors(sw
     proc = recipe_cli([runs, "--source", model, "--out", tmp_path / "o", "--types", "q4_K,q6_K,q8_0", "--size",
                        "90MB"], env, check=False)
     assert "python -m sweep 'layer=range(0,3)' tensor=attn_k,attn_q,ffn_down kind=weight fmt=q6_K" in proc.stderr
+
+
+def test_validate_scores_recipe_and_presets_on_windows_after_the_tables(swept, tmp_path):
+    model, runs, env = swept
+    out = tmp_path / "v"
+    proc = recipe_cli([runs, "--types", ",".join(TYPES), "--size", "Q4_K_M", "--default-type", "q4_K", "--source", model, "--out", out,
+                       "--build", out / "built.gguf", "--validate", "--presets", "Q4_K_M,Q8_0", "--heldout-chunks",
+                       "3", "--threads", "2"], env)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["heldout"]["first_token"] == 3 * 64 and report["heldout"]["windows"] == 3  # after the tables' slice
+    rows = {r["file"]: r for r in report["files"]}
+    assert set(rows) == {"recipe", "Q4_K_M", "Q8_0"}
+    assert rows["recipe"]["file_bytes"] <= rows["Q4_K_M"]["file_bytes"]  # --size Q4_K_M: the preset's real size
+    for r in rows.values():
+        lo, hi = r["kld_ci95"]
+        assert 0 < lo <= r["kld_mean"] <= hi and r["ppl"] > 0
+    for name in ("recipe", "Q8_0"):  # Q4_K_M uses q6_K/q5_K on some measured tensors: not predictable here
+        assert rows[name]["predicted"] > 0 and "residual_sweep_windows" in rows[name]
+    assert "predicted" not in rows["Q4_K_M"]
+    assert rows["recipe"]["vs_Q4_K_M"]["ci95"][0] <= rows["recipe"]["vs_Q4_K_M"]["diff"]
+    assert (out / "validation_pareto.png").stat().st_size > 0 and "held-out validation" in proc.stdout
