@@ -85,7 +85,7 @@ def threads(args) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from .recipe_build import build_recipe, check_source_quantizable, stored_types
-    from .recipe_export import overrides, write_recipe
+    from .recipe_export import write_recipe
     from .recipe_sizes import SourceModel, check_type
     from .recipe_solve import budget_bytes, make_recipe
     from .recipe_table import read_table

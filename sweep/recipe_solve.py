@@ -53,7 +53,8 @@ class Recipe:
         return {c.tensor: c.type_stored for c in self.choices}
 
 
-def solve_groups(costs: np.ndarray, weights: np.ndarray, capacity: float, time_limit: float = 120.0) -> tuple[np.ndarray, dict]:
+def solve_groups(costs: np.ndarray, weights: np.ndarray, capacity: float,
+                 time_limit: float = 120.0) -> tuple[np.ndarray, dict]:
     """Multiple-choice knapsack, exactly: costs/weights (G, T) with +inf cost = not allowed; returns the chosen
     column of each row. Raises SweepError when even the lightest allowed choices exceed `capacity`."""
     from scipy.optimize import Bounds, LinearConstraint, milp

@@ -112,7 +112,8 @@ def test_build_writes_the_recipes_types_and_recipe_txt_round_trips(swept, tmp_pa
     model, runs, env = swept
     out = tmp_path / "r"
     proc = recipe_cli([runs, "--types", ",".join(TYPES), "--bpw", "5.3", "--default-type", "token_embd=q4_K",
-                       "--source", model, "--group", "attn_[qk]", "--out", out, "--build", out / "built.gguf", "--threads", "2"], env)
+                       "--source", model, "--group", "attn_[qk]", "--out", out, "--build", out / "built.gguf",
+                       "--threads", "2"], env)
     assert "every tensor's type and bytes as the recipe says" in proc.stdout
     spec = json.loads((out / "recipe.json").read_text())
     want = {t["name"]: t for t in spec["tensors"]}
@@ -158,8 +159,8 @@ def test_missing_measurement_infeasible_budget_and_source_are_one_line_errors(sw
 def test_validate_scores_recipe_and_presets_on_windows_after_the_tables(swept, tmp_path):
     model, runs, env = swept
     out = tmp_path / "v"
-    proc = recipe_cli([runs, "--types", ",".join(TYPES), "--size", "Q4_K_M", "--default-type", "q4_K", "--source", model, "--out", out,
-                       "--build", out / "built.gguf", "--validate", "--presets", "Q4_K_M,Q8_0", "--heldout-chunks",
+    proc = recipe_cli([runs, "--types", ",".join(TYPES), "--size", "Q4_K_M", "--default-type", "q4_K",
+                       "--source", model, "--out", out, "--build", out / "built.gguf", "--validate", "--presets", "Q4_K_M,Q8_0", "--heldout-chunks",
                        "3", "--threads", "2"], env)
     report = json.loads((out / "validation.json").read_text())
     assert report["heldout"]["first_token"] == 3 * 64 and report["heldout"]["windows"] == 3  # after the tables' slice
