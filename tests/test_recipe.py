@@ -160,8 +160,8 @@ def test_validate_scores_recipe_and_presets_on_windows_after_the_tables(swept, t
     model, runs, env = swept
     out = tmp_path / "v"
     proc = recipe_cli([runs, "--types", ",".join(TYPES), "--size", "Q4_K_M", "--default-type", "q4_K",
-                       "--source", model, "--out", out, "--build", out / "built.gguf", "--validate", "--presets", "Q4_K_M,Q8_0", "--heldout-chunks",
-                       "3", "--threads", "2"], env)
+                       "--source", model, "--out", out, "--build", out / "built.gguf", "--validate",
+                       "--presets", "Q4_K_M,Q8_0", "--heldout-chunks", "3", "--threads", "2"], env)
     report = json.loads((out / "validation.json").read_text())
     assert report["heldout"]["first_token"] == 3 * 64 and report["heldout"]["windows"] == 3  # after the tables' slice
     rows = {r["file"]: r for r in report["files"]}
