@@ -671,3 +671,65 @@ def read_gguf_tensor(path: Path, name: str) -> tuple[int, tuple[int, ...], np.nd
     while len(shape) > 1 and shape[-1] == 1:
         shape = shape[:-1]
     return type_id, tuple(reversed(shape)), np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
+
+
+for _fn, _args, _res in [
+    ("gguf_get_n_tensors", [ctypes.c_void_p], ctypes.c_int64),
+    ("gguf_get_tensor_name", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+    ("gguf_get_alignment", [ctypes.c_void_p], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    type_id: int  # enum ggml_type as stored
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length; trailing 1s dropped
+    nbytes: int  # stored bytes (without alignment padding)
+
+
+def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
+    """Every tensor of a GGUF file as ggml's gguf reader lists it (fast: no metadata values are parsed in Python),
+    with the file's data offset (header bytes) and alignment."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        out = []
+        for i in range(libggml.gguf_get_n_tensors(ctx)):
+            ne_ptr = libggml.gguf_get_tensor_ne(ctx, i)
+            ne = [int(ne_ptr[k]) for k in range(GGML_MAX_DIMS)]
+            while len(ne) > 1 and ne[-1] == 1:
+                ne.pop()
+            out.append(GGUFTensorInfo(libggml.gguf_get_tensor_name(ctx, i).decode(),
+                                      int(libggml.gguf_get_tensor_type(ctx, i)), tuple(ne),
+                                      int(libggml.gguf_get_tensor_size(ctx, i))))
+        return out, int(libggml.gguf_get_data_offset(ctx)), int(libggml.gguf_get_alignment(ctx))
+    finally:
+        libggml.gguf_free(ctx)
+
+
+for _fn, _args, _res in [
+    ("gguf_set_val_u32", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32], None),
+    ("gguf_remove_key", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
+    ("gguf_get_meta_size", [ctypes.c_void_p], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+def quantized_header_bytes(path: Path, ftype: int) -> int:
+    """Bytes before the tensor data in the file llama_model_quantize writes from `path`: the source's metadata with
+    the keys src/llama-quant.cpp sets (general.quantization_version, general.file_type) and removes (split.*),
+    measured by ggml's own gguf writer (tensor infos do not change size with the type)."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        libggml.gguf_set_val_u32(ctx, b"general.quantization_version", 2)  # GGML_QNT_VERSION
+        libggml.gguf_set_val_u32(ctx, b"general.file_type", ftype)
+        for key in (b"split.no", b"split.count", b"split.tensors.count"):
+            libggml.gguf_remove_key(ctx, key)
+        return int(libggml.gguf_get_meta_size(ctx))
+    finally:
+        libggml.gguf_free(ctx)

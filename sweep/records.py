@@ -108,6 +108,9 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
+    if "n_chunks" in df:  # records of schema 1 named the windows scored `n_chunks`
+        df["n_windows"] = df["n_windows"].fillna(df["n_chunks"]) if "n_windows" in df else df["n_chunks"]
+        df = df.drop(columns="n_chunks")
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
     df["layer"] = df["layer"].astype("Int64")  # NA for points over several blocks or none
     order = ["kind", "tensor", "fmt", "layer"]

@@ -1,0 +1,177 @@
+"""Mixed-precision recipes (sweep.recipe): the exact solver, the budget over every tensor, groups, the one-line
+errors, recipe.txt as llama-quantize reads it, and the file llama.cpp's quantizer builds from it.
+
+A tiny all-F32 model (rows of 256 and 512: the K-quants' blocks divide them, so q6_K is not q8_0 here) is swept at
+two types on three tensors of every block, once per module."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader
+
+from sweep.recipe_export import read_recipe_txt, types_from_patterns, write_recipe_txt
+from sweep.recipe_sizes import SourceModel
+from sweep.recipe_solve import make_recipe, solve_groups
+from sweep.recipe_table import read_table
+
+from test_sweep import ROOT, run_sweep, tiny_args
+from tiny_model import write_tiny_model
+
+TENSORS = ("attn_q", "attn_k", "ffn_down")
+TYPES = ("q4_K", "q8_0")
+
+
+def brute_force(costs: np.ndarray, weights: np.ndarray, capacity: float):
+    best, best_pick = np.inf, None
+    for pick in itertools.product(range(costs.shape[1]), repeat=costs.shape[0]):
+        idx = (np.arange(costs.shape[0]), np.array(pick))
+        if weights[idx].sum() <= capacity and costs[idx].sum() < best:
+            best, best_pick = costs[idx].sum(), pick
+    return best, best_pick
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solver_is_exact_on_small_instances(seed):
+    rng = np.random.default_rng(seed)
+    g, t = 6, 3
+    weights = rng.integers(100, 1000, size=(g, t)).astype(float)
+    costs = rng.exponential(1e-4, size=(g, t))  # damages as small as real KLDs
+    costs[rng.random((g, t)) < 0.1] = np.inf  # diverged candidates are never chosen
+    costs[:, 0] = np.where(np.isinf(costs).all(axis=1), 1e-4, costs[:, 0])
+    capacity = np.where(np.isfinite(costs), weights, np.inf).min(axis=1).sum() + rng.uniform(0, 1500)
+    pick, info = solve_groups(costs, weights, capacity)
+    best, _ = brute_force(costs, weights, capacity)
+    chosen = (np.arange(g), pick)
+    assert info["optimal"] and weights[chosen].sum() <= capacity
+    assert costs[chosen].sum() == pytest.approx(best, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, smollm2, wikitext, cache_dir):
+    import os
+
+    tmp = tmp_path_factory.mktemp("recipe")
+    model = write_tiny_model(tmp / "tiny-f32.gguf", smollm2, n_embd=256, n_ff=512,
+                             matmul_type=GGMLQuantizationType.F32, embd_type=GGMLQuantizationType.F32)
+    env = {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}
+    run_sweep(tiny_args(model, tmp, "layer=0,1,2", f"tensor={','.join(TENSORS)}", "kind=weight",
+                        f"fmt={','.join(TYPES)}", "metrics.generate=false", "metrics.rank_by=kld_mean"), env)
+    return model, tmp / "sweep", env
+
+
+def recipe_cli(args, env, check=True):
+    proc = subprocess.run([sys.executable, "-m", "sweep.recipe", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_budget_counts_every_tensor_and_groups_share_a_type(swept):
+    model, runs, _ = swept
+    table = read_table([runs])
+    source = SourceModel(model)
+    assert len(table.rows) == 3 * len(TENSORS) * len(TYPES)
+    lo = make_recipe(table, source, list(TYPES), 10**12, "file", "q8_0").predicted_file_bytes  # all q8_0 at most
+    groups = [r"attn_[qk]"]
+    all_small = make_recipe(table, source, ["q4_K"], 10**12, "file", "q8_0")
+    budget = (all_small.predicted_file_bytes + lo) // 2
+    recipe = make_recipe(table, source, list(TYPES), budget, "file", "q8_0", groups)
+    assert recipe.predicted_file_bytes <= budget
+    # every tensor of the file is in the recipe and in the size: norms in F32, token_embd at the default type
+    assert {c.tensor for c in recipe.choices} == set(source.by_name)
+    assert recipe.predicted_file_bytes == source.file_bytes({c.tensor: c.bytes for c in recipe.choices})
+    types = recipe.types()
+    assert types["token_embd.weight"] == "q8_0" and types["blk.0.attn_norm.weight"] == "f32"
+    for layer in range(3):
+        assert types[f"blk.{layer}.attn_q.weight"] == types[f"blk.{layer}.attn_k.weight"]
+    # the same optimum as enumerating every assignment of the groups (2 types ^ 6 groups)
+    keys = [("attn", i) for i in range(3)] + [("ffn_down", i) for i in range(3)]
+    members = {k: ([f"blk.{k[1]}.attn_q.weight", f"blk.{k[1]}.attn_k.weight"] if k[0] == "attn"
+                   else [f"blk.{k[1]}.ffn_down.weight"]) for k in keys}
+    fixed = sum(-(-c.bytes // source.alignment) * source.alignment for c in recipe.choices if c.type_asked is None)
+    best = np.inf
+    for pick in itertools.product(TYPES, repeat=len(keys)):
+        a = source.alignment
+        size = source.header_bytes + fixed + sum(-(-source.tensor(n).bytes_as(ty) // a) * a
+                                                 for k, ty in zip(keys, pick) for n in members[k])
+        if size <= budget:
+            best = min(best, sum(table.rows[(n, ty)].damage for k, ty in zip(keys, pick) for n in members[k]))
+    assert recipe.damage == pytest.approx(best, rel=1e-9)
+    # a mix, not a uniform file: the budget binds
+    assert {types[n] for k in keys for n in members[k]} == set(TYPES)
+
+
+def test_build_writes_the_recipes_types_and_recipe_txt_round_trips(swept, tmp_path):
+    model, runs, env = swept
+    out = tmp_path / "r"
+    proc = recipe_cli([runs, "--types", ",".join(TYPES), "--bpw", "5.3", "--default-type", "token_embd=q4_K",
+                       "--source", model, "--group", "attn_[qk]", "--out", out, "--build", out / "built.gguf",
+                       "--threads", "2"], env)
+    assert "every tensor's type and bytes as the recipe says" in proc.stdout
+    spec = json.loads((out / "recipe.json").read_text())
+    want = {t["name"]: t for t in spec["tensors"]}
+    reader = GGUFReader(out / "built.gguf")
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(want)
+    for name, t in got.items():
+        assert t.tensor_type.name.lower() == want[name]["type"].lower(), name
+        assert int(t.n_bytes) == want[name]["bytes"], name
+    assert spec["built"]["file_bytes"] == (out / "built.gguf").stat().st_size == spec["predicted_file_bytes"]
+    assert 8 * spec["tensor_bytes"] / sum(int(t.n_elements) for t in reader.tensors) <= 5.3
+    # llama.cpp loads it and it computes
+    from sweep.backend import Backend
+    from sweep.container import compute_settings
+
+    with Backend(out / "built.gguf", 32, 2, settings=compute_settings("f32")) as b:
+        assert np.isfinite(b.decode_window(np.arange(32, dtype=np.int32), np.ones(32, dtype=np.int8))).all()
+    # recipe.txt as llama-quantize parses it, and as its regex_search applies it: the same type for every tensor
+    lines = read_recipe_txt(out / "recipe.txt")
+    assert types_from_patterns(lines, list(want)) == {n: t["type"] for n, t in want.items()
+                                                       if not n.endswith("_norm.weight")}
+    write_recipe_txt(tmp_path / "again.txt", lines)
+    assert (tmp_path / "again.txt").read_text() == (out / "recipe.txt").read_text()
+
+
+def test_missing_measurement_infeasible_budget_and_source_are_one_line_errors(swept, tmp_path):
+    model, runs, env = swept
+    cases = [(["--types", "q4_K,q6_K,q8_0", "--size", "90MB"], "9 candidate measurement(s) missing: "
+              "blk.0.attn_k.weight q6_K"),
+             (["--types", ",".join(TYPES), "--size", "1KB"], "infeasible budget: the smallest recipe"),
+             (["--types", ",".join(TYPES), "--size", "90MB", "--build", model], "is the source")]
+    for extra, message in cases:
+        out = tmp_path / "o"
+        proc = recipe_cli([runs, "--source", model, "--out", out, *extra], env, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert not out.exists()  # nothing written
+    proc = recipe_cli([runs, "--source", model, "--out", tmp_path / "o", "--types", "q4_K,q6_K,q8_0", "--size",
+                       "90MB"], env, check=False)
+    assert "python -m sweep 'layer=range(0,3)' tensor=attn_k,attn_q,ffn_down kind=weight fmt=q6_K" in proc.stderr
+
+
+def test_validate_scores_recipe_and_presets_on_windows_after_the_tables(swept, tmp_path):
+    model, runs, env = swept
+    out = tmp_path / "v"
+    proc = recipe_cli([runs, "--types", ",".join(TYPES), "--size", "Q4_K_M", "--default-type", "q4_K",
+                       "--source", model, "--out", out, "--build", out / "built.gguf", "--validate",
+                       "--presets", "Q4_K_M,Q8_0", "--heldout-windows", "3", "--threads", "2"], env)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["heldout"]["first_token"] == 3 * 64 and report["heldout"]["windows"] == 3  # after the tables' slice
+    rows = {r["file"]: r for r in report["files"]}
+    assert set(rows) == {"recipe", "Q4_K_M", "Q8_0"}
+    assert rows["recipe"]["file_bytes"] <= rows["Q4_K_M"]["file_bytes"]  # --size Q4_K_M: the preset's real size
+    for r in rows.values():
+        lo, hi = r["kld_ci95"]
+        assert 0 < lo <= r["kld_mean"] <= hi and r["ppl"] > 0
+    for name in ("recipe", "Q8_0"):  # Q4_K_M uses q6_K/q5_K on some measured tensors: not predictable here
+        assert rows[name]["predicted"] > 0 and "residual_sweep_windows" in rows[name]
+    assert "predicted" not in rows["Q4_K_M"]
+    assert rows["recipe"]["vs_Q4_K_M"]["ci95"][0] <= rows["recipe"]["vs_Q4_K_M"]["diff"]
+    assert (out / "validation_pareto.png").stat().st_size > 0 and "held-out validation" in proc.stdout
