@@ -57,6 +57,12 @@ class Metric:
     # the per-token damage whose mean early stopping watches (larger = worse): the quantity itself, or 1 - top-1
     damage: Callable[[np.ndarray], np.ndarray] = lambda v: v
     also_reads: tuple[str, ...] = ()  # quantities besides per_token that `value` needs
+    token_mean: bool = False  # the value is the mean of per_token: per-window means of it add up to it
+
+    @property
+    def window_column(self) -> str | None:
+        """The record's per-window means of this metric's quantity (run.record), when they make up the value."""
+        return f"window_{self.per_token}" if self.token_mean else None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -92,14 +98,14 @@ METRICS = (
     Metric("delta_ppl", "dnll", _delta_ppl, "higher", "ΔPPL vs. baseline", "delta_ppl_stderr", _delta_ppl_stderr,
            also_reads=("nll", "base_nll")),
     Metric("delta_nll", "dnll", _of("dnll", np.mean), "higher", "ΔNLL vs. baseline (nats)", "delta_nll_stderr",
-           _blocked("dnll"), Test("delta_nll_p", "delta_nll_q", "significant")),
+           _blocked("dnll"), Test("delta_nll_p", "delta_nll_q", "significant"), token_mean=True),
     Metric("kld_mean", "kld", _of("kld", np.mean), "higher", "KL divergence (baseline ‖ run)", "kld_stderr",
-           _blocked("kld")),
+           _blocked("kld"), token_mean=True),
     Metric("kld_median", "kld", _of("kld", np.median), "higher", "median KL divergence"),
     Metric("kld_p99", "kld", _of("kld", lambda v: np.percentile(v, 99)), "higher", "99th percentile KL divergence"),
     Metric("kld_max", "kld", _of("kld", np.max), "higher", "largest KL divergence"),
     Metric("top1_agree", "top1", _of("top1", np.mean), "lower", "top-1 agreement with the baseline",
-           "top1_agree_stderr", _blocked("top1"), damage=lambda v: 1.0 - v),
+           "top1_agree_stderr", _blocked("top1"), damage=lambda v: 1.0 - v, token_mean=True),
 )
 RANKABLE = {m.column: m for m in METRICS}  # what the ranking, plots and early stopping can order by
 

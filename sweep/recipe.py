@@ -178,7 +178,7 @@ def _counts(recipe) -> dict[str, int]:
 
 
 def _update_json(path: Path, extra: dict) -> None:
-    from .records import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     data = json.loads(path.read_text())
     data.update(extra)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import SweepError
 from .ggml_formats import TYPES, ggml_type_by_name
-from .records import atomic_write_bytes
+from .files import atomic_write_bytes
 from .recipe_solve import Recipe
 from .recipe_sizes import SourceModel
 

@@ -18,10 +18,6 @@ from .errors import SweepError
 from .metrics import RANKABLE
 from .records import gather
 
-# metric -> the record's per-window column and how a window's mean turns into damage (higher = worse)
-_WINDOWS = {"kld_mean": ("window_kld", 1.0), "delta_nll": ("window_dnll", 1.0), "top1_agree": ("window_top1", -1.0)}
-
-
 @dataclass
 class Measurement:
     tensor: str  # full name, e.g. blk.3.attn_q.weight
@@ -58,9 +54,9 @@ class Table:
         return self.n_windows * self.n_ctx
 
 
-def damage_of(metric: str, value: float) -> float:
-    m = RANKABLE.get(metric)
-    return 1.0 - value if m is not None and m.worse == "lower" else value
+def damage_of(metric: str, value):
+    """The metric as damage, higher = worse (1 - top-1 agreement for top1_agree): metrics.Metric.damage."""
+    return RANKABLE[metric].damage(value)
 
 
 def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False) -> Table:
@@ -90,7 +86,7 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
             raise SweepError(f"the tables mix {df[col].nunique()} {'models' if col == 'model_sha256' else 'texts'}"
                              f": give the runs of one model measured on one text")
     stderr_col = RANKABLE[metric].stderr
-    win_col, sign = _WINDOWS.get(metric, (None, 1.0))
+    win_col = RANKABLE[metric].window_column
     # the same point measured twice (another slice, a rerun): the one with more windows wins, then the newest
     df = df.assign(_n=df["n_windows"].astype(int)).sort_values(["_n", "finished_at"])
     table = Table(metric, {}, model=str(df["model"].iloc[0]), model_sha256=str(df["model_sha256"].iloc[0]),
@@ -111,9 +107,9 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
         windows = None
         w = getattr(r, win_col, None) if win_col else None
         if isinstance(w, (list, np.ndarray)) and len(w):
-            windows = (1.0 - np.asarray(w, float)) if sign < 0 else np.asarray(w, float)
+            windows = damage_of(metric, np.asarray(w, float))
         se = getattr(r, stderr_col) if stderr_col else math.nan
-        table.rows[key] = Measurement(r.targets, r.fmt, r.ggml_type, damage_of(metric, float(value)),
+        table.rows[key] = Measurement(r.targets, r.fmt, r.ggml_type, float(damage_of(metric, float(value))),
                                       float(se) if se is not None and pd.notna(se) else math.nan, windows)
         table.diverged.discard(key)
     return table

@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .backend import Backend
 from .container import compute_settings, runtime_identity
-from .metrics import summarize
+from .metrics import RANKABLE, summarize
 from .perplexity import Score, Windows, make_windows, score
-from .records import atomic_write_bytes
+from .session import Session
+from .files import atomic_write_bytes
+from .run import per_token
 
 log = logging.getLogger("sweep.recipe")
 
 SETTINGS = compute_settings("f32")  # F32 K/V cache, flash attention off, no repacking: only the weights differ
-_PER_TOKEN = {"kld_mean": "kld", "delta_nll": "dnll", "top1_agree": "miss"}
 
 
 @dataclass
@@ -56,14 +56,15 @@ def _t_ci(mean: float, se: float, n: int) -> tuple[float, float]:
     return mean - h, mean + h
 
 
-def _per_token(run: Score, ref: Score) -> dict[str, np.ndarray]:
-    top1 = (run.argmax == ref.argmax).astype(np.float64)
-    return {"dnll": run.nll - ref.nll, "kld": run.kld, "top1": top1, "miss": 1.0 - top1}
+def _window_damage(run: Score, ref: Score, metric: str) -> np.ndarray | None:
+    """Per-window means of the metric's damage (metrics.Metric.damage), where the metric is a token mean."""
+    m = RANKABLE[metric]
+    return m.damage(per_token(run, ref)[m.per_token]).mean(axis=1) if m.token_mean else None
 
 
 def _score_file(path: Path, windows: Windows, ref: Score, n_ctx: int, threads: int, desc: str) -> Score:
-    with Backend(path, n_ctx, threads, settings=SETTINGS) as b:
-        return score(b, windows, progress=False, desc=desc, reference=ref)
+    with Session(path, n_ctx, threads, SETTINGS) as s:
+        return score(s.backend, windows, progress=False, desc=desc, reference=ref, math=s.math)
 
 
 def predicted_for(types: dict[str, str], table) -> tuple[float | None, np.ndarray | None, list[str]]:
@@ -98,8 +99,9 @@ def validate(args, table, source_path: Path, recipe, built: Path, imatrix) -> di
 
         raise SweepError(f"{text_path} is not the text the tables were measured on (hash differs)")
     n_ctx = table.n_ctx
-    with Backend(source_path, n_ctx, threads, settings=SETTINGS) as ref_backend:
-        tokens = ref_backend.tokenize(text.text)
+    with Session(source_path, n_ctx, threads, SETTINGS) as ref_session:
+        ref_backend = ref_session.backend
+        tokens = ref_session.tokens(text)
         bos = ref_backend.bos if ref_backend.add_bos else None
         skip = table.measured_tokens
         heldout = make_windows(tokens[skip:], n_ctx, args.heldout_windows, bos)
@@ -111,28 +113,26 @@ def validate(args, table, source_path: Path, recipe, built: Path, imatrix) -> di
         ref_file = out_dir / "validate-reference-logits.npy"
         logits = np.lib.format.open_memmap(ref_file, mode="w+", dtype=np.float32,
                                            shape=(heldout.n_windows, heldout.n_scored, n_vocab))
-        ref = score(ref_backend, heldout, progress=False, desc="reference", keep_logits=logits)
+        ref = score(ref_backend, heldout, progress=False, desc="reference", keep_logits=logits, math=ref_session.math)
         ref_sweep = score(ref_backend, sweep_windows, progress=False, desc="reference (sweep windows)",
+                          math=ref_session.math,
                           keep_logits=np.empty((sweep_windows.n_windows, sweep_windows.n_scored, n_vocab),
                                                dtype=np.float32))
     files = [("recipe", built)]
     for name in [p.strip() for p in args.presets.split(",") if p.strip()]:
         files.append((name, preset_file(out_dir, source_path, name, imatrix, threads)))
     metric = table.metric
-    key = _PER_TOKEN.get(metric)
     results: list[FileScore] = []
     for label, path in files:
         log.info("scoring %s (%s)", label, path)
         run = _score_file(path, heldout, ref, n_ctx, threads, label)
-        per_token = _per_token(run, ref)
-        summary = summarize({k: per_token[k] for k in ("dnll", "kld", "top1")}, alpha=0.05)
+        summary = summarize(per_token(run, ref), alpha=0.05)
         summary.update(ppl=run.ppl, ppl_stderr=run.ppl_stderr, ref_ppl=ref.ppl, ref_ppl_stderr=ref.ppl_stderr)
         sweep_run = _score_file(path, sweep_windows, ref_sweep, n_ctx, threads, label + " (sweep windows)")
         types = {n: t for n, (t, _) in stored_types(path).items()}
         pred, pred_w, uncovered = predicted_for(types, table)
         results.append(FileScore(label, path, path.stat().st_size, recipe.n_elements, summary,
-                                 per_token[key].mean(axis=1) if key else None,
-                                 _per_token(sweep_run, ref_sweep)[key].mean(axis=1) if key else None,
+                                 _window_damage(run, ref, metric), _window_damage(sweep_run, ref_sweep, metric),
                                  pred, pred_w, uncovered))
     Path(ref_file).unlink(missing_ok=True)
     report = _report(results, metric, heldout, sweep_windows, skip)
