@@ -83,7 +83,7 @@ def _split(n_rows: int, parts: int) -> list[slice]:
 # differences, the baseline's probabilities and a work array) stay in cache across the passes over it.
 CHUNK_FLOATS = 1 << 18
 
-# Row sums are taken in float32 over blocks of at most this many elements, then in float64 (see _row_dot).
+# Row sums are taken in float32 over blocks of at most this many elements, then in float64 (_row_dot, _row_sum).
 SUM_BLOCK = 512
 
 # Where max(d) - sum(p d) stays below this, the tokens whose baseline probability underflows float32 (log-prob
@@ -223,8 +223,9 @@ class WindowMath:
 
     def __call__(self, logits: np.ndarray, targets: np.ndarray, keep: np.ndarray | None = None,
                  baseline: BaselineWindow | None = None) -> dict[str, np.ndarray]:
-        """keep: an array (n_scored, n_vocab) that receives the raw logits (a recomputed baseline's window).
-        baseline: the baseline's side of this window; KL and the paired NLL are then computed."""
+        """logits: one window's (n_scored, n_vocab), only read. keep: an array of that shape that receives them (a
+        recomputed baseline's window). baseline: the baseline's side of this window; KL and the paired NLL are
+        then computed."""
         if self._closed:
             raise RuntimeError("this WindowMath is closed")
         n, n_vocab = logits.shape
