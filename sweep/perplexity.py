@@ -79,11 +79,11 @@ def _split(n_rows: int, parts: int) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-# Rows are processed in chunks of about this many floats per array, so that the chunk's three arrays (the logits,
-# their differences and the baseline's probabilities) stay in cache across the passes over it.
+# Rows are processed in chunks of about this many floats per array, so that the chunk's arrays (the logits, their
+# differences, the baseline's probabilities and a work array) stay in cache across the passes over it.
 CHUNK_FLOATS = 1 << 18
 
-# Row sums are taken in float32 over blocks of at most this many elements, then in float64 (see _row_dot).
+# Row sums are taken in float32 over blocks of at most this many elements, then in float64 (_row_dot, _row_sum).
 SUM_BLOCK = 512
 
 # Where max(d) - sum(p d) stays below this, the tokens whose baseline probability underflows float32 (log-prob
@@ -93,6 +93,13 @@ _UNDERFLOW_MARGIN = 40.0
 # float32 expm1 overflows above ~88.7: rows where a logit grew by this much or more against the baseline take the
 # log-sum-exps instead.
 _EXPM1_LIMIT = 80.0
+
+# Exponentials without the max- or lse-shift (a pass fewer, see _window_rows and _paired_rows) where the row's
+# shift lies in [0, this]: e^x <= e^shift never overflows float32; with max d below this too, a product
+# e^y (e^d - 1 - d) stays below e^(2 * this) and a float32 block sum of 512 of them below float32's max (e^88.7);
+# the tokens whose e^x underflows (x < -87) are more than 87 below the shift: what they miss is ~1e-38 per token,
+# as with the shift.
+_UNSHIFTED_LIMIT = 40.0
 
 
 class StoredLogits:
@@ -108,6 +115,13 @@ class StoredLogits:
 
     def __getitem__(self, i: int) -> _WindowRows:
         return _WindowRows(self, i)
+
+    def will_need(self, i: int) -> None:
+        """Ask the kernel to start reading window i into the page cache now (asynchronously): called before the
+        window's decode, a baseline that is not cached (a large one, or the first point after a reboot) is read
+        from disk while llama.cpp computes, not while the math waits for it."""
+        window = 4 * self.shape[1] * self.shape[2]
+        os.posix_fadvise(self._fd, self.offset + i * window, window, os.POSIX_FADV_WILLNEED)
 
     def read(self, i: int, rows: slice, out: np.ndarray) -> np.ndarray:
         n_vocab = self.shape[2]
@@ -149,10 +163,13 @@ class BaselineWindow:
 
 @dataclass(frozen=True)
 class _Scratch:
-    """One thread's working arrays for paired rows, (chunk, n_vocab) float32 each: the logit differences `d` and
-    the baseline's probabilities `p` (stored baseline logits are read into `p`); `block` is _row_dot's block."""
+    """One thread's working arrays, (chunk, n_vocab) float32 each: the logit differences `d`, the baseline's
+    probabilities `p` (stored baseline logits are read into `p`) and `w` for the exponentials; `block` is the row
+    sums' block (_sum_block). llama.cpp's logits are only read: written, each of their cache lines would go back
+    to memory, a third of a paired window's memory traffic."""
     d: np.ndarray
     p: np.ndarray
+    w: np.ndarray
     block: int
 
 
@@ -187,7 +204,7 @@ class WindowMath:
         s = self._scratch.get(part)
         if s is None or s.d.shape != shape:
             s = self._scratch[part] = _Scratch(np.empty(shape, np.float32), np.empty(shape, np.float32),
-                                               _sum_block(shape[1]))
+                                               np.empty(shape, np.float32), _sum_block(shape[1]))
         return s
 
     def close(self) -> None:
@@ -206,8 +223,9 @@ class WindowMath:
 
     def __call__(self, logits: np.ndarray, targets: np.ndarray, keep: np.ndarray | None = None,
                  baseline: BaselineWindow | None = None) -> dict[str, np.ndarray]:
-        """keep: an array (n_scored, n_vocab) that receives the raw logits (a recomputed baseline's window).
-        baseline: the baseline's side of this window; KL and the paired NLL are then computed."""
+        """logits: one window's (n_scored, n_vocab), only read. keep: an array of that shape that receives them (a
+        recomputed baseline's window). baseline: the baseline's side of this window; KL and the paired NLL are
+        then computed."""
         if self._closed:
             raise RuntimeError("this WindowMath is closed")
         n, n_vocab = logits.shape
@@ -218,14 +236,14 @@ class WindowMath:
         chunk = max(1, CHUNK_FLOATS // n_vocab)
 
         def rows(part: int, r: slice) -> None:
-            scratch = self._scratch_for(part, (chunk, n_vocab)) if baseline is not None else None
+            scratch = self._scratch_for(part, (chunk, n_vocab))
             for lo in range(r.start, r.stop, chunk):
                 c = slice(lo, min(lo + chunk, r.stop))
                 parts = {k: v[c] for k, v in out.items()}
                 if keep is not None:
                     keep[c] = logits[c]
                 if baseline is None:
-                    _window_rows(logits[c], targets[c], parts)
+                    _window_rows(logits[c], targets[c], parts, scratch)
                 else:
                     _paired_rows(logits[c], targets[c], baseline.rows(c, scratch.p), parts, scratch)
 
@@ -243,30 +261,59 @@ def _sum_block(n: int) -> int:
 
 
 def _row_dot(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
-    """sum(a * b) per row, in float64. Float32 partial sums over short blocks (as fast as one einsum over the row)
-    keep rounding ~1e-7 relative where accumulating a whole 49k-long row in float32 drifts to ~1e-5."""
-    partial = np.einsum("ij,ij->i", a.reshape(-1, block), b.reshape(-1, block))
+    """sum(a * b) per row, in float64. Float32 dot products over short blocks (a stack of 1 x block times block x 1
+    matmuls: faster than einsum, ~1e-9 relative) where accumulating a whole 49k-long row in float32 drifts to
+    ~1e-5."""
+    partial = np.matmul(a.reshape(-1, 1, block), b.reshape(-1, block, 1))
     return partial.reshape(a.shape[0], -1).sum(axis=1, dtype=np.float64)
 
 
-def _window_rows(z, targets, out) -> None:
-    """Rows of an unpaired window (llama-perplexity's NLL: max-shifted float32 exponentials summed in float64);
-    `z` (llama.cpp's output buffer) is overwritten."""
+def _row_sum(a: np.ndarray, block: int) -> np.ndarray:
+    """sum(a) per row, in float64 from float32 (pairwise) sums over short blocks: no float64 conversion pass."""
+    return a.reshape(a.shape[0], -1, block).sum(axis=2).sum(axis=1, dtype=np.float64)
+
+
+def _exp_rows(x: np.ndarray, shift: np.ndarray, out: np.ndarray, d_max: np.ndarray | None = None) -> np.ndarray:
+    """out = e^(x - shift) per row, up to the float64 factor returned per row: e^-shift where the row's
+    exponentials are taken without the shift (_UNSHIFTED_LIMIT), 1 where not. Decided row by row, so that a row's
+    numbers do not depend on the rows it shares a chunk (or a thread) with."""
+    with np.errstate(invalid="ignore"):  # NaN shifts: shifted, as before
+        plain = (shift >= 0) & (shift <= _UNSHIFTED_LIMIT)
+        if d_max is not None:
+            plain &= d_max < _UNSHIFTED_LIMIT
+    if plain.all():
+        np.exp(x, out=out)
+    else:  # x - 0 is x exactly: the plain rows get the same numbers as above
+        np.subtract(x, np.where(plain, 0.0, shift).astype(np.float32)[:, None], out=out)
+        np.exp(out, out=out)
+    return np.where(plain, np.exp(-shift.astype(np.float64)), 1.0)
+
+
+def _window_rows(z, targets, out, scratch: _Scratch) -> None:
+    """Rows of an unpaired window (`z` is only read): llama-perplexity's NLL, lse = top + log(sum e^(z - top)),
+    from float32 exponentials summed in float64.
+
+    The top token's term (exactly 1) is left out of the sum and added as log1p(rest), so the rest can be summed in
+    float32 blocks (no float64 conversion pass): summed with the 1, the many tokens below its half-ulp would be
+    lost (~3e-7 of a confident row's sum); without it, ~3e-8, as the float32 exponentials themselves. Where
+    0 <= top <= _UNSHIFTED_LIMIT the exponentials are e^z, scaled by e^-top in float64 after the sum (a pass
+    fewer, and z's exact value instead of the rounded z - top)."""
     rows = np.arange(len(targets))
     argmax = z.argmax(axis=1)
     top = z[rows, argmax]
     picked = z[rows, targets].astype(np.float64) - top
-    z -= top[:, None]
-    np.exp(z, out=z)
-    log_sum = np.log(z.sum(axis=1, dtype=np.float64))
+    e = scratch.w[: len(targets)]
+    scale = _exp_rows(z, top, e)
+    e[rows, argmax] = 0.0
+    log_sum = np.log1p(_row_sum(e, scratch.block) * scale)
     out["argmax"][...] = argmax
     out["lse"][...] = top + log_sum
     out["nll"][...] = log_sum - picked
 
 
 def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> None:
-    """Rows of a window paired with the same rows of its baseline (raw logits y); `z` (llama.cpp's output buffer)
-    is overwritten (`y` may be `scratch.p` itself: it is read before p is written).
+    """Rows of a window paired with the same rows of its baseline (raw logits y); `y` may be `scratch.p` itself
+    (it is read before p is written).
 
     Everything comes from the logit differences d = z - y, which are small where the perturbation is small, so
     tiny changes are not lost to rounding. With p = softmax(y), q = p e^d / Z:
@@ -277,6 +324,8 @@ def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> No
     Where p underflows for tokens that the run makes likely, log1p(u + v) would miss their mass; rows where that
     could happen (max d - u >= _UNDERFLOW_MARGIN, or non-finite logits) take log Z = lse(z) - lse(y) instead
     (only large divergences, where the cancellation is harmless).
+    p is taken as e^y, scaled by e^-lse(y) after the sums (in float64), where the exponentials and products cannot
+    overflow or lose mass (_UNSHIFTED_LIMIT): a pass fewer (y - lse), and y's exact value.
     """
     n = len(targets)
     rows = np.arange(n)
@@ -286,9 +335,8 @@ def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> No
     np.subtract(z, y, out=d)
     picked = d[rows, targets].astype(np.float64)
     d_max = d.max(axis=1).astype(np.float64)
-    np.subtract(y, y_lse[:, None].astype(np.float32), out=p)
-    np.exp(p, out=p)
-    u = _row_dot(p, d, scratch.block)
+    scale = _exp_rows(y, y_lse, p, d_max)
+    u = _row_dot(p, d, scratch.block) * scale
     with np.errstate(over="ignore", invalid="ignore"):
         # NaN compares false: non-finite rows are coarse too
         coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
@@ -297,10 +345,10 @@ def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> No
             zc = z[coarse].astype(np.float64)
             top = zc.max(axis=1)
             log_z[coarse] = top + np.log(np.exp(zc - top[:, None]).sum(axis=1)) - y_lse[coarse]
-        work = z  # z is spent: reuse its memory
+        work = scratch.w[:n]
         np.expm1(d, out=work)
         work -= d
-        v = _row_dot(p, work, scratch.block)
+        v = _row_dot(p, work, scratch.block) * scale
         fine = np.log1p(u + v)
     log_z[~coarse] = fine[~coarse]
     out["lse"][...] = y_lse + log_z
@@ -404,6 +452,8 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
                 paired = BaselineWindow(kept, base["lse"][i], base["nll"][i])
             else:
                 paired = BaselineWindow(ref_logits[i], reference.lse[i], reference.nll[i]) if with_kl else None
+                if isinstance(ref_logits, StoredLogits):
+                    ref_logits.will_need(i)
             logits = backend.decode_window(window, mask)
             if writer is not None:
                 writer.write(i, logits)

@@ -169,14 +169,16 @@ def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_di
     assert math.isfinite(record(ref, target, make_format("zero"), zero)["kld_mean"])
 
 
-def test_window_math_is_exact_in_float64_terms_on_one_or_two_threads():
+@pytest.mark.parametrize("offset", [0.0, 100.0, -60.0])
+def test_window_math_is_exact_in_float64_terms_on_one_or_two_threads(offset):
     """KL from logit differences, for tiny divergences and for a token the baseline gives no probability at all
-    (p underflows to 0 in float32, so the run's mass there must come from the log-sum-exps)."""
+    (p underflows to 0 in float32, so the run's mass there must come from the log-sum-exps). Logits around 0 take
+    the exponentials unshifted, logits far above or below 0 (offset) shifted by the row's max or lse."""
     rng = np.random.default_rng(1)
-    y = (rng.normal(size=(37, 1000)) * 4).astype(np.float32)
-    y[:, 7] = -300.0
+    y = (rng.normal(size=(37, 1000)) * 4 + offset).astype(np.float32)
+    y[:, 7] = -300.0 + offset
     z = y + (rng.normal(size=y.shape) * 1e-3).astype(np.float32)
-    z[:5, 7] = 50.0  # the run makes token 7 by far the most likely in five rows
+    z[:5, 7] = 50.0 + offset  # the run makes token 7 by far the most likely in five rows
     targets = rng.integers(0, 1000, 37)
     lp_y = y - logsumexp(y.astype(np.float64), axis=1, keepdims=True)
     lp_z = z - logsumexp(z.astype(np.float64), axis=1, keepdims=True)
