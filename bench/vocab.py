@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from scipy.special import logsumexp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny_model import write_tiny_model  # noqa: E402
 
 from sweep.apply import applied  # noqa: E402
+from sweep.config import compose  # noqa: E402
 from sweep.container import container_path, default_cache_dir  # noqa: E402
 from sweep.formats import make_format  # noqa: E402
 from sweep.model_file import embedded_model_path  # noqa: E402
@@ -69,10 +69,9 @@ def model_for(n_vocab: int) -> Path:
 
 
 def cfg(model: Path, n_windows: int, threads: int, text: str):
-    return OmegaConf.create({"model": {"path": str(model), "container": "f32", "cache_dir": None,
-                                       "n_gpu_layers": 0},
-                             "data": {"path": text, "n_ctx": 512, "n_windows": n_windows},
-                             "run": {"threads": threads, "progress": False}})
+    """The configuration `python -m sweep` composes (the real conf/)."""
+    return compose([f"model.path={model}", "model.container=f32", f"data.path={text}", f"data.n_windows={n_windows}",
+                    f"run.threads={threads}", "run.progress=false"])
 
 
 def row(*cells, widths=(46, 14, 14, 14, 14)):
