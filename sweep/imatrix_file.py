@@ -11,7 +11,6 @@ is 0), legacy values / ncall.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
