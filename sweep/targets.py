@@ -132,9 +132,20 @@ def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, 
     return _resolve_activation(tensor, layers, nodes)
 
 
+# `tensor=all`: every weight tensor of the chosen blocks, or of the whole file with layer=null -- a joint point
+# (a recipe's types at once: fmt=recipe) or a whole block at one format.
+ALL = "all"
+
+
 def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Target:
     block, outside = block_weight_names(info), global_weight_names(info)
-    valid = f"block tensors: {', '.join(block)}; outside the blocks (layer=null): {', '.join(outside)}"
+    valid = (f"block tensors: {', '.join(block)}; outside the blocks (layer=null): {', '.join(outside)}; "
+             f"{ALL}: every tensor of the blocks given, or of the file with layer=null")
+    if tensor == ALL:
+        in_blocks = {f"blk.{i}." for i in layers}
+        names = tuple(n for n in info.tensor_types
+                      if not layers or (m := _BLOCK_WEIGHT.match(n)) and f"blk.{m['layer']}." in in_blocks)
+        return Target("weight", ALL, layers, names)
     if tensor in outside and tensor not in block:
         if layers:
             raise SweepError(f"weight {tensor!r} is not in a block: set layer=null for it ({valid})")
