@@ -70,7 +70,9 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     if df.empty:
         raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (README: Mixed-precision "
                          f"recipe)")
-    df = df[(df["kind"] == "weight") & df["status"].isin(["ok", "diverged"]) & df["ggml_type"].notna()]
+    # a weight no-op is a measurement too: the type holds the tensor exactly, the model is bit-identical, the damage
+    # is 0 (the embedded model is Q4_1: with an imatrix, llama.cpp's q5_1 recovers its 4-bit grid exactly)
+    df = df[(df["kind"] == "weight") & df["status"].isin(["ok", "no-op", "diverged"]) & df["ggml_type"].notna()]
     df = df[~df["targets"].astype(str).str.contains(",")]  # one tensor per point
     if "imatrix_used" in df:
         with_im = df["imatrix_used"].fillna(False).astype(bool)
