@@ -66,6 +66,7 @@ class Group:
     container_missing: bool
     kv_bytes: int
     copy_bytes: int = 0  # largest native copy with weight targets dequantized (loaded beside the model)
+    originals_bytes: int = 0  # the largest weight point's targets in F32: kept to restore them (sweep/apply.py)
     gen_prompts: tuple[str, ...] = ()
     max_new_tokens: int = 0
     kld: bool = True
@@ -86,7 +87,8 @@ class Group:
     def job_memory(self) -> int:
         # llama.cpp holds the scored rows' logits twice (the graph's output and the context's logits buffer);
         # the sweep three times (the window's logits, and the two scratch buffers of the per-window math).
-        return self.model_bytes + self.copy_bytes + self.kv_bytes + 5 * self.window_bytes + RUNTIME_BYTES
+        return (self.model_bytes + self.copy_bytes + self.originals_bytes + self.kv_bytes + 5 * self.window_bytes
+                + RUNTIME_BYTES)
 
 
 @dataclass
@@ -242,6 +244,9 @@ def costs(plan: Plan) -> Costs:
                 gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
                 max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
                 n_gpu_layers=int(cfg.model.n_gpu_layers), recompute=recompute)
+        if target.kind == "weight":
+            group.originals_bytes = max(group.originals_bytes,
+                                        sum(4 * tensors[n][1] for n in target.names if n in tensors))
         matched = matched_targets(cfg.model.container, info, target)
         if matched:
             group.copy_bytes = max(group.copy_bytes, _as_f32(file_bytes, tensors, set(matched)))
@@ -390,7 +395,8 @@ def render(c: Costs, text_path) -> str:
             lines.append(f"              native weight points: each runs on a temporary copy of up to "
                          f"{gb(g.copy_bytes)} in {tempfile.gettempdir()} (deleted after the point)")
     g = max(c.groups, key=lambda g: g.job_memory)
-    parts = [f"model {gb(g.model_bytes)}"] + ([f"its F32-target copy {gb(g.copy_bytes)}"] if g.copy_bytes else []) + [
+    parts = [f"model {gb(g.model_bytes)}"] + ([f"its F32-target copy {gb(g.copy_bytes)}"] if g.copy_bytes else []) + (
+        [f"the targets' originals {gb(g.originals_bytes)}"] if g.originals_bytes else []) + [
         f"KV cache {gb(g.kv_bytes)}", f"5 x {gb(g.window_bytes)} window logits (2 in llama.cpp, 3 in the "
         f"per-window math)", f"runtime ~{gb(RUNTIME_BYTES)}"]
     avail = f"; {gb(c.available_memory)} available now" if c.available_memory is not None else ""
