@@ -92,9 +92,10 @@ def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str,
         for name in target.names:
             original = backend.read_weight(name)
             originals[name] = original
-            rounded = fmt(original, tensor=name, threads=backend.n_threads)
+            own = fmt.for_tensor(name)  # a recipe gives each tensor its own format
+            rounded = own(original, tensor=name, threads=backend.n_threads)
             proof.add(original, rounded)
-            proof.storage.append(storage(fmt, name, original.shape, orig_types.get(name)))
+            proof.storage.append(storage(own, name, original.shape, orig_types.get(name)))
             backend.write_weight(name, rounded)
         yield proof
     finally:  # restore exactly, so the loaded model serves the next point unchanged

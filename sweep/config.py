@@ -80,6 +80,7 @@ class FormatConfig:
     group_size: int = 32  # int4, mxfp4
     scaled: bool = True  # fp8 only: scaled (amax scale, the default) or a plain cast
     imatrix: Optional[str] = None  # GGUF quant types: a llama.cpp imatrix file (GGUF or legacy .dat)
+    recipe: Optional[str] = None  # fmt=recipe: a recipe.json (python -m sweep.recipe), its types applied at once
 
 
 @dataclass

@@ -42,6 +42,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any, ClassVar
 
 import ml_dtypes
@@ -121,6 +122,18 @@ class Param:
     label: Callable[[Any], str | None]  # its part of the label (None: no part)
 
 
+def _recipe_label(path: str | None) -> str | None:
+    """A recipe is named by its content (8 hex digits of its hash): two recipe.json files never share a label."""
+    if not path:
+        return None
+    from .recipe_file import read
+
+    try:
+        return read(path).sha256[:8]
+    except SweepError:
+        return Path(path).name  # unreadable: the point fails with the reason; its label still says which file
+
+
 PARAMS: dict[str, Param] = {
     "granularity": Param(lambda v: v in GRANULARITIES, ", ".join(GRANULARITIES), str),
     "group_size": Param(_positive_int, "a positive integer that divides the last axis, e.g. 32", lambda v: f"g{v}"),
@@ -128,6 +141,8 @@ PARAMS: dict[str, Param] = {
                     lambda v: "scaled" if v else "unscaled"),
     "imatrix": Param(lambda v: v is None or (isinstance(v, str) and bool(v)), "the path of a llama.cpp imatrix file",
                      lambda v: "imatrix" if v else None),
+    "recipe": Param(lambda v: v is None or (isinstance(v, str) and bool(v)),
+                    "the path of a recipe.json written by `python -m sweep.recipe`", _recipe_label),
 }
 
 
@@ -149,6 +164,7 @@ class FormatSpec:
     integer: bool = False  # the elements are the integers in [-qmax, qmax]
     overflow_to_inf: bool = False  # IEEE overflow (bf16, fp16); the others saturate
     ggml: ggml_formats.GGMLType | None = None  # GGUF quant types: the ggml type
+    requires: tuple[str, ...] = ()  # parameters that must be given (no default makes sense)
 
     def uses(self, fmt: Format) -> tuple[str, ...]:
         """The parameters that change what `fmt` computes: a `scaled=false` format has no blocks to size."""
@@ -171,6 +187,7 @@ class Format:
     group_size: int = 32  # int4 / mxfp4
     scaled: bool = True  # fp8: scaled (amax -> format max, the default) or a plain saturating cast
     imatrix: str | None = None  # GGUF quant types: llama.cpp importance-matrix file
+    recipe: str | None = None  # fmt=recipe: a recipe.json, whose type for each tensor is applied to it
 
     def __post_init__(self):
         if not isinstance(self.name, str) or self.name not in FORMATS:
@@ -184,6 +201,9 @@ class Format:
         for p, param in PARAMS.items():
             if not param.valid(getattr(self, p)):
                 raise SweepError(f"bad {p} {getattr(self, p)!r} for format {self.name}; valid: {param.expected}")
+        for p in self.spec.requires:
+            if getattr(self, p) is None:
+                raise SweepError(f"fmt={self.name} needs fmt.{p}=...: {PARAMS[p].expected}")
 
     def __call__(self, x: np.ndarray, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
         """`tensor` (the GGUF name) and `threads` matter only to the GGUF quant types (importance matrix, speed)."""
@@ -228,10 +248,19 @@ class Format:
             return 0.0
         return self.spec.scale_bits / self.block.block_len(tuple(shape))
 
+    def for_tensor(self, tensor: str) -> Format:
+        """The format that rounds `tensor`: this one, except for a recipe, which names one per tensor."""
+        if self.recipe is None:
+            return self
+        from .recipe_file import read
+
+        name = read(self.recipe).format_name(tensor)
+        return make_format(name, **({"imatrix": self.imatrix} if "imatrix" in FORMATS[name].params else {}))
+
     def key_fields(self) -> dict:
-        """The format's part of a point's store key: every field, `imatrix` only when set (keys of the other
-        formats stay as they were before it existed)."""
-        return {k: v for k, v in asdict(self).items() if k != "imatrix" or v is not None}
+        """The format's part of a point's store key: every field, `imatrix` and `recipe` only when set (keys of
+        the other formats stay as they were before they existed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("imatrix", "recipe") or v is not None}
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------------
@@ -305,6 +334,12 @@ def _mx(x, fmt, **_):
     return _dequantize(x, b, scale, s.qmax, lambda v: v.astype(s.element))
 
 
+def _recipe(x, fmt, tensor=None, threads=None):
+    if tensor is None:
+        raise SweepError(f"{fmt.label} gives each tensor its own type: name the tensor")
+    return fmt.for_tensor(tensor)(x, tensor=tensor, threads=threads)
+
+
 def _fp8_spec(name: str, dtype, doc: str) -> FormatSpec:
     return FormatSpec(name, doc, _fp8, ("scaled", "granularity"), Granularity.per_tensor, bits=8, scale_bits=32,
                       element=dtype, qmax=float(ml_dtypes.finfo(dtype).max))
@@ -335,6 +370,14 @@ _SPECS = [
 ]
 
 
+# A whole recipe at once (a joint point): every targeted weight in the type the recipe gives it, each rounded by
+# that type's own format below. With tensor=all, layer=null it is the built file's weights, without building it.
+_RECIPE = FormatSpec("recipe", "each weight in the type a recipe.json (`python -m sweep.recipe`) gives it, as that "
+                     "type's own format rounds it: the recipe's joint damage, without building a file (use "
+                     "`tensor=all layer=null`: every tensor)", _recipe, ("recipe", "imatrix"), applies_to=(WEIGHT,),
+                     requires=("recipe",))
+
+
 def _ggml_spec(t: ggml_formats.GGMLType) -> FormatSpec:
     needs = "; needs an importance matrix (fmt.imatrix=PATH)" if t.needs_imatrix else ""
     return FormatSpec(t.name, f"GGUF {t.name} (ggml type {t.type_id}): blocks of {t.block_size}, {t.bpw:g} bits per "
@@ -342,7 +385,7 @@ def _ggml_spec(t: ggml_formats.GGMLType) -> FormatSpec:
                       applies_to=(WEIGHT,), bits=t.bpw, ggml=t)
 
 
-FORMATS: dict[str, FormatSpec] = {s.name: s for s in [*_SPECS, *map(_ggml_spec, ggml_formats.TYPES.values())]}
+FORMATS: dict[str, FormatSpec] = {s.name: s for s in [*_SPECS, _RECIPE, *map(_ggml_spec, ggml_formats.TYPES.values())]}
 _PARAMS = tuple(f.name for f in fields(Format) if f.name != "name")  # == PARAMS' keys (tests/test_formats.py)
 
 
@@ -354,7 +397,7 @@ def make_format(name: str, **params) -> Format:
             f"unknown parameter(s) {', '.join(unknown)} for format {name!r}; valid parameters: {', '.join(_PARAMS)}"
         )
     fmt = Format(name, **params)  # validates the values
-    defaults = Format(name)
+    defaults = Format(name, **{p: getattr(fmt, p) for p in fmt.spec.requires})
     uses = fmt.spec.uses(fmt)
     return replace(fmt, **{p: getattr(defaults, p) for p in _PARAMS if p not in uses})
 
@@ -363,10 +406,12 @@ def make_format(name: str, **params) -> Format:
 
 
 def _defaults(spec: FormatSpec) -> str:
-    d = Format(spec.name)
+    d = Format(spec.name, **{p: "required" for p in spec.requires})
 
     def one(p: str) -> str:
         v = getattr(d, p)
+        if p in spec.requires:
+            return f"`{p}` (required)"
         return f"`{p}`" if v is None else f"`{p}={str(v).lower() if isinstance(v, bool) else v}`"
 
     return ", ".join(map(one, spec.params)) or "–"
@@ -379,7 +424,10 @@ def markdown_table() -> str:
     for s in FORMATS.values():
         if s.ggml is None:
             bits = "unchanged" if s.bits is None else f"{s.bits:g}" + (" + scales" if s.scale_bits else "")
-            rows.append(f"| `{s.name}` | {s.doc} | {_defaults(s)} | `{Format(s.name).label}` | "
+            if "recipe" in s.requires:
+                bits = "each tensor's type's"
+            label = f"{s.name}/<8 hex digits of its hash>" if "recipe" in s.requires else Format(s.name).label
+            rows.append(f"| `{s.name}` | {s.doc} | {_defaults(s)} | `{label}` | "
                         f"{', '.join(s.applies_to)} | {bits} |")
     return "\n".join(rows)
 

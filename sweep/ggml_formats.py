@@ -156,15 +156,33 @@ def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> 
     return info
 
 
-def preflight(fmt, kind: str, names: tuple[str, ...]) -> None:
-    """Before any job: a format on a kind it does not apply to (a GGUF type on activations), or a GGUF type that
-    needs an importance matrix without one, fails here."""
+def check_kind(fmt, kind: str) -> None:
+    """A format on a kind it does not apply to (a GGUF type or a recipe on activations) fails before its target is
+    looked for."""
     if kind not in fmt.applies_to and is_ggml(fmt.name):
         raise SweepError(f"fmt={fmt.name} is a GGUF weight type and cannot round activations (llama.cpp quantizes "
                          f"activations only inside its matmul kernels); use kind=weight, or a float format for "
                          f"activations")
     if kind not in fmt.applies_to:
-        raise SweepError(f"fmt={fmt.name} applies to {' and '.join(fmt.applies_to)}s only, not to kind={kind}")
+        raise SweepError(f"fmt={fmt.name} applies to {' and '.join(fmt.applies_to)}s only, not to kind={kind}: "
+                         f"add kind={fmt.applies_to[0]}")
+
+
+def preflight(fmt, kind: str, names: tuple[str, ...]) -> None:
+    """Before any job: a format on a kind it does not apply to (a GGUF type on activations), or a GGUF type that
+    needs an importance matrix without one, fails here; a recipe, for the format of each of its tensors."""
+    check_kind(fmt, kind)
+    if fmt.recipe is not None:
+        from .recipe_file import read
+
+        recipe = read(fmt.recipe)
+        if bool(recipe.imatrix) != bool(fmt.imatrix):
+            raise SweepError(f"the recipe {fmt.recipe} was made " + (
+                f"with the importance matrix {recipe.imatrix}: add fmt.imatrix={recipe.imatrix}" if recipe.imatrix
+                else "without an importance matrix: drop fmt.imatrix"))
+        for name in names:
+            preflight(fmt.for_tensor(name), kind, (name,))
+        return
     if not is_ggml(fmt.name):
         return
     if fmt.imatrix:

@@ -100,6 +100,7 @@ class _Checker:
                                  f"metrics.kld=true")
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
+        ggml_formats.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
         settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)

@@ -91,6 +91,7 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      prompts=list(cfg.metrics.prompts) if generate_here else [],
                      max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": stop.key()} if stop else {}),
                      **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
+                     **({"recipe_sha256": sha256(Path(fmt.recipe))} if fmt.recipe else {}),
                      runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
 
 

@@ -64,6 +64,11 @@ class Metric:
         """The record's per-window means of this metric's quantity (run.record), when they make up the value."""
         return f"window_{self.per_token}" if self.token_mean else None
 
+    def window_damage(self, tokens: Tokens) -> np.ndarray | None:
+        """Per-window means of the damage (what a recipe adds up over tensors); None unless a token mean."""
+        return self.damage(tokens[self.per_token]).mean(axis=1) if self.token_mean and self.per_token in tokens \
+            else None
+
     @property
     def inputs(self) -> tuple[str, ...]:
         return (self.per_token, *self.also_reads)

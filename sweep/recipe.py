@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
             "types": types, "groups": args.group, "default_type": args.default_type, "budget_from": size_from or
             f"{args.bpw} bits per weight", "model": table.model, "model_sha256": table.model_sha256,
             "measured_on": {"container": table.container, "n_ctx": table.n_ctx, "n_windows": table.n_windows,
-                            "imatrix": table.imatrix},
+                            "imatrix": table.imatrix, "data_source": table.data_source,
+                            "data_sha256": table.data_sha256},
             "imatrix": str(args.imatrix) if args.imatrix else None}
     txt, js = write_recipe(args.out, recipe, source, meta)
     summary = (f"recipe: {len([c for c in recipe.choices if c.type_asked])} measured tensors, predicted "

@@ -97,6 +97,8 @@ def recipe_json(recipe: Recipe, source: SourceModel, meta: dict) -> dict:
         "tensors": [{"name": c.tensor, "type": c.type_stored, "type_asked": c.type_asked, "bytes": c.bytes,
                      "predicted_damage": None if c.type_asked is None else c.damage,
                      "predicted_damage_stderr": None if c.type_asked is None else c.stderr,
+                     "predicted_damage_windows": None if c.type_asked is None or c.windows is None
+                     else [float(x) for x in c.windows],
                      "covered": c.type_asked is not None, "group": c.group} for c in recipe.choices],
     }
 

@@ -30,6 +30,7 @@ class Choice:
     damage: float  # predicted (measured alone); NaN for tensors the tables do not cover
     stderr: float
     group: str | None = None
+    windows: np.ndarray | None = None  # the damage's per-window means (a joint point pairs its residual with them)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
         for n in members[k]:
             m, t = table.rows[measured_key(source, n, ty)], source.tensor(n)
             chosen.append(Choice(n, ty, t.stored_as(ty).name, t.bytes_as(ty), m.damage, m.stderr,
-                                 k if len(members[k]) > 1 or k != n else None))
+                                 k if len(members[k]) > 1 or k != n else None, m.windows))
             per_window.append(m.windows)
     every = chosen + fixed
     order = {t.name: i for i, t in enumerate(source.tensors)}

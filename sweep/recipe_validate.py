@@ -58,8 +58,7 @@ def _t_ci(mean: float, se: float, n: int) -> tuple[float, float]:
 
 def _window_damage(run: Score, ref: Score, metric: str) -> np.ndarray | None:
     """Per-window means of the metric's damage (metrics.Metric.damage), where the metric is a token mean."""
-    m = RANKABLE[metric]
-    return m.damage(per_token(run, ref)[m.per_token]).mean(axis=1) if m.token_mean else None
+    return RANKABLE[metric].window_damage(per_token(run, ref))
 
 
 def _score_file(path: Path, windows: Windows, ref: Score, n_ctx: int, threads: int, desc: str) -> Score:
@@ -212,35 +211,8 @@ def format_report(report: dict) -> str:
 
 
 def _write_plot(path: Path, report: dict) -> None:
-    from .plots import plt  # headless backend chosen there
+    from .plots import plt, recipe_pareto  # headless backend chosen there
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in report["files"]:
-        mb = r["file_bytes"] / 1e6
-        lo, hi = r["kld_ci95"]
-        is_recipe = r["file"] == "recipe"
-        ax.errorbar([mb], [r["kld_mean"]], yerr=[[r["kld_mean"] - lo], [hi - r["kld_mean"]]], fmt="o",
-                    color="C3" if is_recipe else "C0", ms=8 if is_recipe else 6, capsize=3)
-        ax.annotate(r["file"], (mb, r["kld_mean"]), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("file size (MB)")
-    ax.set_ylabel("held-out KL divergence (F32 ‖ file)")
-    ax.set_yscale("log")
-    ax.set_title("size vs damage: recipe (red) and llama.cpp presets (95% CI)")
-    for r in report["files"]:
-        if r.get("predicted") is None:
-            continue
-        rs = r.get("residual_sweep_windows")
-        measured = rs["measured"] if rs else r["kld_mean"]
-        ax2.scatter([r["predicted"]], [measured], color="C3" if r["file"] == "recipe" else "C0")
-        ax2.annotate(r["file"], (r["predicted"], measured), textcoords="offset points", xytext=(6, 4))
-    lim = [min([r["predicted"] for r in report["files"] if r.get("predicted")] or [1e-6]) / 2,
-           max([r["kld_mean"] for r in report["files"]]) * 2]
-    ax2.plot(lim, lim, "k--", lw=0.8)
-    ax2.set_xscale("log")
-    ax2.set_yscale("log")
-    ax2.set_xlabel(f"predicted {report['metric']} (sum of single-tensor damages; tables' tensors only)")
-    ax2.set_ylabel("measured on the sweep's windows")
-    ax2.set_title("additivity: predicted vs measured")
-    fig.tight_layout()
+    fig = recipe_pareto(report)
     fig.savefig(path, dpi=120)
     plt.close(fig)

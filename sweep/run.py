@@ -19,8 +19,9 @@ from .backend import Backend
 from .container import runtime_identity, tensors_to_f32
 from .formats import Format
 from .generation import compare, complete
-from .metrics import StopRule, Tokens, summarize
+from .metrics import RANKABLE, StopRule, Tokens, summarize
 from .perplexity import Score, score
+from .recipe_file import prediction_columns, read as read_recipe
 from .records import Store
 from .reference import Reference
 from .session import baseline_key, completions_key
@@ -199,7 +200,17 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
         "baseline_logits": out.baseline_logits, **windows,
+        **(joint_columns(ref, target, fmt, out, tokens) if fmt.recipe and tokens else {}),
     }
+
+
+def joint_columns(ref: Reference, target: Target, fmt: Format, out: Outcome, tokens) -> dict:
+    """A recipe's joint point: what the tables predicted for its tensors (the sum of their single damages) and the
+    additivity residual, paired over windows when the point ran on the tables' windows (sweep/recipe_file.py)."""
+    recipe = read_recipe(fmt.recipe)
+    context = {"model_sha256": ref.model_sha256, "container": ref.container, "n_ctx": out.score.n_ctx,
+               "data_sha256": ref.text.sha256, "stopped_early": out.score.stopped_early}
+    return prediction_columns(recipe, target.names, RANKABLE[recipe.metric].window_damage(tokens), context)
 
 
 def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
@@ -238,7 +249,21 @@ def describe(rec: dict) -> str:
             f"(ΔPPL {rec['delta_ppl']:+.4f} ± {rec['delta_ppl_stderr']:.4f}{_p_value(rec)}), "
             f"KLD {rec.get('kld_mean', math.nan):.2e}, top-1 {100 * rec.get('top1_agree', math.nan):.2f}%, "
             f"changed {100 * rec['frac_changed']:.2f}% of {rec['n_elements']} elements, "
-            f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}")
+            f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}{_joint(rec)}")
+
+
+def _joint(rec: dict) -> str:
+    """A recipe's joint point: predicted (sum of singles) vs measured, and the residual."""
+    if rec.get("predicted") is None or rec["predicted"] != rec["predicted"]:
+        return ""
+    metric = rec["additivity_metric"]
+    text = (f"; {metric} predicted {rec['predicted']:.4g} (sum of {rec['predicted_tensors']} single-tensor "
+            f"damages{', not counting ' + rec['not_predicted'] if rec.get('not_predicted') else ''})")
+    if rec.get("additivity_residual") is not None and rec["additivity_residual"] == rec["additivity_residual"]:
+        return text + (f", additivity residual (measured - predicted, paired over windows) "
+                       f"{rec['additivity_residual']:+.3g} [{rec['additivity_residual_lo']:+.3g}, "
+                       f"{rec['additivity_residual_hi']:+.3g}]")
+    return text + f" ({rec.get('additivity_note')})"
 
 
 def _p_value(rec: dict) -> str:

@@ -35,7 +35,8 @@ def variants(name: str) -> list[Format]:
     return list(dict.fromkeys(formats))
 
 
-ALL_FORMATS = [f for name, spec in FORMATS.items() if spec.ggml is None for f in variants(name)]
+# The element formats (a recipe is each tensor in its own format: tests/test_recipe.py)
+ALL_FORMATS = [f for name, spec in FORMATS.items() if spec.ggml is None and not spec.requires for f in variants(name)]
 SCALED_FORMATS = [f for f in ALL_FORMATS if f.block is not None]  # one scale per block (tensor, row or group)
 CAST_FORMATS = [f for f in ALL_FORMATS if f.block is None and f.spec.element is not None]  # a plain cast
 INTEGER_FORMATS = [f for f in SCALED_FORMATS if f.spec.integer]
@@ -462,7 +463,7 @@ def test_key_fields_are_todays_store_keys(fmt, key):
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS + [make_format(n) for n in ggml_formats.TYPES], ids=fid)
 def test_key_fields_rowwise_and_bits(fmt):
-    assert fmt.key_fields() == {k: v for k, v in asdict(fmt).items() if k != "imatrix" or v is not None}
+    assert fmt.key_fields() == {k: v for k, v in asdict(fmt).items() if k not in ("imatrix", "recipe") or v is not None}
     # rowwise: the format computes something else once its granularity is per_tensor, and it takes one
     assert fmt.rowwise == (make_format(**{**asdict(fmt), "granularity": "per_tensor"}) != fmt)
     assert fmt.bits == fmt.spec.bits and fmt.applies_to == fmt.spec.applies_to
@@ -482,6 +483,10 @@ def test_config_group_is_the_registry():
     assert sorted(ConfigStore.instance().list("fmt")) == sorted(f"{n}.yaml" for n in FORMATS)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name in FORMATS:
+            if FORMATS[name].requires:  # fmt=recipe without fmt.recipe=PATH: composes, then fails in one line
+                with pytest.raises(SweepError, match=r"^fmt=recipe needs fmt.recipe=\.\.\.: the path of a recipe"):
+                    make_format(**compose("config", overrides=[f"fmt={name}"]).fmt)
+                continue
             assert make_format(**compose("config", overrides=[f"fmt={name}"]).fmt) == make_format(name)
         cfg = compose("config", overrides=["fmt=fp8_e4m3", "fmt.granularity=per_row"])
         assert make_format(**cfg.fmt).label == "fp8_e4m3/scaled/per_row"
