@@ -43,6 +43,34 @@ cells = [
        "orders points correctly and the sweep could be pruned with it; a weak one says the position of a "
        "tensor in the network matters more than its own error."),
     code("fig, rho = proxy_scatter(df, 'kld_mean' if has_kld else 'delta_ppl')\nprint(f'Spearman rho = {rho:.3f}')"),
+    md("## Do the damages add up? Joint points\n\n"
+       "A joint point (`fmt=recipe fmt.recipe=DIR/recipe.json`, README \"Mixed-precision recipe\") perturbs many "
+       "tensors at once, each at the type a recipe gives it, and its record carries the recipe's prediction: the "
+       "sum of those tensors' single-tensor damages. On the dashed line the damages add up; the error bar is the "
+       "paired 95% interval of the residual (measured − predicted, window by window on the tables' windows)."),
+    code("from sweep.plots import additivity\n\n"
+         "fig = additivity(df)\n"
+         "if fig is None:\n"
+         "    print('no joint points in this table: python -m sweep tensor=all layer=null fmt=recipe "
+         "fmt.recipe=DIR/recipe.json')\n"
+         "else:\n"
+         "    cols = ['tensor', 'layers', 'kld_mean', 'predicted', 'additivity_residual', 'additivity_residual_lo',\n"
+         "            'additivity_residual_hi', 'not_predicted']\n"
+         "    display(df[df['predicted'].notna()][[c for c in cols if c in df]])"),
+    md("## The recipe against llama.cpp's mixes\n\n"
+       "`python -m sweep.recipe ... --build OUT.gguf --validate` scores the built recipe and llama.cpp's presets on "
+       "held-out windows (text after the tables' slice) and writes `validation.json`. Set `SWEEP_RECIPE` to it (or "
+       "its directory); else the newest under `runs/` is shown. Left: file size against held-out KL divergence "
+       "(95% intervals), the Pareto view; right: each file's predicted damage against the damage measured on the "
+       "sweep's windows."),
+    code("from sweep.plots import load_validation, recipe_pareto\n"
+         "from sweep.recipe_validate import format_report\n\n"
+         "report = load_validation(os.environ.get('SWEEP_RECIPE'))\n"
+         "if report is None:\n"
+         "    print('no validation.json: run python -m sweep.recipe RUNS --size Q4_K_M --build OUT.gguf --validate')\n"
+         "else:\n"
+         "    print(format_report(report))\n"
+         "    fig = recipe_pareto(report)"),
 ]
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                "language": "python"}})

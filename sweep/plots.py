@@ -144,6 +144,91 @@ def size_tradeoff(df: pd.DataFrame, metric: str = "kld_mean") -> plt.Figure:
     return fig
 
 
+def load_validation(path: str | os.PathLike | None = None, runs_dir: str | os.PathLike = RUNS_DIR) -> dict | None:
+    """The validation.json of `python -m sweep.recipe --validate`: a file, its directory, or (None) the newest under
+    `runs_dir`; None when there is none."""
+    import json
+
+    if path in (None, ""):
+        found = sorted(Path(runs_dir).glob("**/validation.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            return None
+        path = found[-1]
+    path = Path(path)
+    return json.loads((path / "validation.json" if path.is_dir() else path).read_text())
+
+
+def recipe_pareto(report: dict) -> plt.Figure:
+    """A validation (sweep/recipe_validate.py) in two panels: file size against held-out KL divergence for the
+    recipe (red) and llama.cpp's presets (95% intervals), and each file's predicted damage (sum of single-tensor
+    damages) against the damage measured on the sweep's own windows (the additivity check)."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    files = report["files"]
+    for r in files:
+        mb = r["file_bytes"] / 1e6
+        lo, hi = r["kld_ci95"]
+        is_recipe = r["file"] == "recipe"
+        ax.errorbar([mb], [r["kld_mean"]], yerr=[[r["kld_mean"] - lo], [hi - r["kld_mean"]]], fmt="o",
+                    color="C3" if is_recipe else "C0", ms=8 if is_recipe else 6, capsize=3, label=r["file"])
+        ax.annotate(r["file"], (mb, r["kld_mean"]), textcoords="offset points", xytext=(6, 4))
+    presets = sorted((r for r in files if r["file"] != "recipe"), key=lambda r: r["file_bytes"])
+    ax.plot([r["file_bytes"] / 1e6 for r in presets], [r["kld_mean"] for r in presets], color="C0", lw=0.8, ls=":")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("held-out KL divergence (F32 ‖ file)")
+    ax.set_yscale("log")
+    ax.set_title(f"size vs damage on {report['heldout']['windows']} held-out windows: recipe (red), llama.cpp "
+                 f"presets (95% CI)", fontsize=9)
+    predicted = [r for r in files if r.get("predicted") is not None]
+    for r in predicted:
+        rs = r.get("residual_sweep_windows")
+        measured = rs["measured"] if rs else r["kld_mean"]
+        ax2.scatter([r["predicted"]], [measured], color="C3" if r["file"] == "recipe" else "C0")
+        ax2.annotate(r["file"], (r["predicted"], measured), textcoords="offset points", xytext=(6, 4))
+    if predicted:
+        values = [r["predicted"] for r in predicted] + [r["kld_mean"] for r in predicted]
+        lim = [min(v for v in values if v > 0) / 2, max(values) * 2]
+        ax2.plot(lim, lim, "k--", lw=0.8)
+        ax2.set_xscale("log")
+        ax2.set_yscale("log")
+    ax2.set_xlabel(f"predicted {report['metric']} (sum of single-tensor damages; tables' tensors only)")
+    ax2.set_ylabel("measured on the sweep's windows")
+    ax2.set_title("additivity: predicted vs measured (dashed: equal)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def additivity(df: pd.DataFrame) -> plt.Figure | None:
+    """Joint points (`fmt=recipe`): the damage measured with the recipe's tensors perturbed at once against the sum
+    of their single-tensor damages, with the paired 95% interval of the residual; None without joint points."""
+    joint = df[df.get("predicted", pd.Series(np.nan, df.index)).notna() & (df["status"] == "ok")]
+    if joint.empty:
+        return None
+    metric = str(joint["additivity_metric"].iloc[0])
+    fig, ax = plt.subplots(figsize=(6, 5))
+    measured = joint[metric].to_numpy(float)
+    predicted = joint["predicted"].to_numpy(float)
+    lo = joint.get("additivity_residual_lo", pd.Series(np.nan, joint.index)).to_numpy(float)
+    hi = joint.get("additivity_residual_hi", pd.Series(np.nan, joint.index)).to_numpy(float)
+    res = measured - predicted
+    yerr = np.nan_to_num(np.vstack([res - lo, hi - res]), nan=0.0).clip(min=0)
+    ax.errorbar(predicted, measured, yerr=yerr, fmt="o", ms=4, capsize=2, color="C3")
+    for _, r in joint.iterrows():
+        ax.annotate(f"{r['tensor']} L{r['layers']}", (r["predicted"], r[metric]), textcoords="offset points",
+                    xytext=(4, 3), fontsize=7)
+    values = np.concatenate([measured, predicted])
+    values = values[values > 0]
+    if len(values):
+        lim = [values.min() / 2, values.max() * 2]
+        ax.plot(lim, lim, "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"predicted {metric} (sum of the tensors' single damages)")
+    ax.set_ylabel(f"measured {metric}, tensors perturbed jointly (95% CI of the residual)")
+    ax.set_title("additivity inside the sweep: joint points (dashed: equal)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def write_all(df: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
     """Every figure as a PNG in `directory`."""
     directory = Path(directory)
@@ -157,6 +242,8 @@ def write_all(df: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
     figures["proxy_sqnr_vs_delta_ppl.png"] = proxy_scatter(df, "delta_ppl")[0]
     if "bpw" in df and df["bpw"].notna().any():
         figures["size_vs_damage.png"] = size_tradeoff(df, "kld_mean" if "kld_mean" in df else "delta_ppl")
+    if (fig := additivity(df)) is not None:
+        figures["additivity.png"] = fig
     written = []
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)
