@@ -199,32 +199,49 @@ def recipe_pareto(report: dict) -> plt.Figure:
 
 def additivity(df: pd.DataFrame) -> plt.Figure | None:
     """Joint points (`fmt=recipe`): the damage measured with the recipe's tensors perturbed at once against the sum
-    of their single-tensor damages, with the paired 95% interval of the residual; None without joint points."""
+    of their single-tensor damages, with the paired 95% interval of the residual; None without joint points.
+    A colour per kind of joint point: one block's weights, one tensor over several blocks, the whole file."""
     joint = df[df.get("predicted", pd.Series(np.nan, df.index)).notna() & (df["status"] == "ok")]
     if joint.empty:
         return None
     metric = str(joint["additivity_metric"].iloc[0])
-    fig, ax = plt.subplots(figsize=(6, 5))
-    measured = joint[metric].to_numpy(float)
-    predicted = joint["predicted"].to_numpy(float)
-    lo = joint.get("additivity_residual_lo", pd.Series(np.nan, joint.index)).to_numpy(float)
-    hi = joint.get("additivity_residual_hi", pd.Series(np.nan, joint.index)).to_numpy(float)
-    res = measured - predicted
-    yerr = np.nan_to_num(np.vstack([res - lo, hi - res]), nan=0.0).clip(min=0)
-    ax.errorbar(predicted, measured, yerr=yerr, fmt="o", ms=4, capsize=2, color="C3")
-    for _, r in joint.iterrows():
-        ax.annotate(f"{r['tensor']} L{r['layers']}", (r["predicted"], r[metric]), textcoords="offset points",
-                    xytext=(4, 3), fontsize=7)
-    values = np.concatenate([measured, predicted])
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+
+    def kind(r) -> str:
+        if r["layers"] == "-":
+            return "the whole file"
+        if "," not in str(r["layers"]):
+            return "one block" if r["tensor"] == "all" else "one tensor"
+        return "one tensor, many blocks" if r["tensor"] != "all" else "many blocks"
+
+    groups = joint.assign(_kind=joint.apply(kind, axis=1))
+    for i, (name, rows) in enumerate(groups.groupby("_kind", sort=True)):
+        measured, predicted = rows[metric].to_numpy(float), rows["predicted"].to_numpy(float)
+        lo = rows.get("additivity_residual_lo", pd.Series(np.nan, rows.index)).to_numpy(float)
+        hi = rows.get("additivity_residual_hi", pd.Series(np.nan, rows.index)).to_numpy(float)
+        res = measured - predicted
+        # the interval of the residual, drawn around the measurement; clipped above 0 on the log axis
+        down = np.nan_to_num(np.minimum(res - lo, 0.9 * measured), nan=0.0).clip(min=0)
+        up = np.nan_to_num(hi - res, nan=0.0).clip(min=0)
+        ax.errorbar(predicted, measured, yerr=[down, up], fmt="o", ms=4, capsize=2, color=f"C{i}",
+                    label=f"{name} ({len(rows)})")
+        if len(rows) <= 8:
+            for _, r in rows.iterrows():
+                text = "all" if name in ("the whole file", "many blocks") else r["tensor"]
+                ax.annotate(text, (r["predicted"], r[metric]), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7)
+    values = np.concatenate([joint[metric].to_numpy(float), joint["predicted"].to_numpy(float)])
     values = values[values > 0]
     if len(values):
         lim = [values.min() / 2, values.max() * 2]
         ax.plot(lim, lim, "k--", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.set_xlabel(f"predicted {metric} (sum of the tensors' single damages)")
-    ax.set_ylabel(f"measured {metric}, tensors perturbed jointly (95% CI of the residual)")
-    ax.set_title("additivity inside the sweep: joint points (dashed: equal)", fontsize=9)
+    ax.set_xlabel(f"predicted {metric}: sum of the tensors' single damages")
+    ax.set_ylabel(f"measured {metric}, tensors perturbed jointly")
+    ax.set_title("additivity inside the sweep: joint points (dashed: equal; bars: 95% CI of the residual)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
