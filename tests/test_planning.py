@@ -78,6 +78,21 @@ def test_native_container_needs_one_baseline_per_set_of_quantized_weight_targets
     assert planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "metrics.kld=false")).logits_bytes == 0
 
 
+def test_a_weight_point_holds_its_targets_originals_in_f32(tiny_model, tmp_path, wikitext):
+    """apply.py keeps every target's original values to restore them: a whole-file point (tensor=all layer=null)
+    holds the model's weights twice, and the plan says so."""
+    from gguf import GGUFReader
+
+    elements = {t.name: int(t.n_elements) for t in GGUFReader(tiny_model).tensors}
+    one = planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "tensor=ffn_down", "kind=weight"))
+    every = planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=null", "tensor=all", "kind=weight"))
+    activation = planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "kind=activation"))
+    assert one.groups[0].originals_bytes == 4 * elements["blk.0.ffn_down.weight"]
+    assert every.groups[0].originals_bytes == 4 * sum(elements.values())
+    assert activation.groups[0].originals_bytes == 0
+    assert every.job_memory - activation.job_memory == every.groups[0].originals_bytes
+
+
 def fake_disk(free: int):
     usage = namedtuple("usage", "total used free")
     return lambda path: usage(free * 4, free * 3, free)
