@@ -224,8 +224,11 @@ def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
     out = {"ggml_type": ",".join(used) or None, "fallback_from": ",".join(fallback) or None,
            "bytes": sum(s["bytes"] for s in storage)}
     out["bpw"] = 8 * out["bytes"] / n
-    if any("imatrix_used" in s for s in storage):
-        out["imatrix_used"] = all(s.get("imatrix_used", False) for s in storage)
+    quantized = [s for s in storage if "imatrix_used" in s]  # GGUF types given an imatrix
+    if quantized:
+        out["imatrix_used"] = all(s["imatrix_used"] for s in quantized)
+        if not out["imatrix_used"]:  # which: a joint point's token_embd, never in an imatrix, is not the rest
+            out["imatrix_missing"] = ",".join(s["tensor"] for s in quantized if not s["imatrix_used"])
     if all("bytes_orig" in s for s in storage):
         out["bytes_orig"] = sum(s["bytes_orig"] for s in storage)
         out["bpw_orig"] = 8 * out["bytes_orig"] / n
@@ -240,7 +243,8 @@ def describe(rec: dict) -> str:
     if rec.get("fallback_from"):  # llama.cpp's fallback for rows its block does not divide: never silent
         head += f" (stored as {rec['ggml_type']}: {rec['fallback_from']}'s block does not divide the rows)"
     if rec.get("imatrix_used") is False:
-        head += " (the imatrix has no entry for it: quantized without)"
+        which = rec["imatrix_missing"] if "," in rec.get("targets", "") else "it"
+        head += f" (the imatrix has no entry for {which}: quantized without)"
     if rec.get("bpw") is not None and not math.isnan(rec["bpw"]):
         head += f" [{rec['bpw']:.3g} bpw" + (f" vs {rec['bpw_orig']:.3g}]" if rec.get("bpw_orig") else "]")
     if rec["status"] in ("no-op", "failed", "diverged"):

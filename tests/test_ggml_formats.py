@@ -152,6 +152,12 @@ def test_storage_and_labels(importance):
     with_imatrix = make_format("q4_K", imatrix=str(importance[0]))
     assert ggml_formats.storage(with_imatrix, TENSORS[0], (384, 256), "F32")["imatrix_used"] is True
     assert ggml_formats.storage(with_imatrix, "token_embd.weight", (10, 256), "F32")["imatrix_used"] is False
+    # a point over several tensors (a joint point) names the ones the imatrix lacks
+    from sweep.run import storage_columns
+
+    both = [ggml_formats.storage(with_imatrix, n, (384, 256), "F32") for n in (TENSORS[0], "token_embd.weight")]
+    assert storage_columns(both, 0.0)["imatrix_missing"] == "token_embd.weight"
+    assert "imatrix_missing" not in storage_columns(both[:1], 0.0)
     fmt = make_format("q6_K")
     s = ggml_formats.storage(fmt, "blk.0.attn_v.weight", (192, 576), "Q4_1")
     assert (s["ggml_type"], s["fallback_from"]) == ("q8_0", "q6_K")
