@@ -3,7 +3,8 @@
 `python -m sweep.recipe ... --build OUT.gguf` writes the file through llama-cpp-python's `llama_model_quantize`
 with the recipe's per-tensor overrides. This gives the exported recipe.txt to the `llama-quantize` binary built
 from the same llama.cpp sources (bench/llama_perplexity.py builds it on demand) with the same source and base
-ftype, and compares every tensor: type, stored bytes, and the bytes themselves.
+ftype (and the recipe's importance matrix, when it was built with one), and compares every tensor: type, stored
+bytes, and the bytes themselves.
 
     python bench/recipe_crosscheck.py RECIPE_DIR [--built OUT.gguf] [--llama-quantize PATH]
 """
@@ -45,8 +46,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="recipe-crosscheck-", dir=built.parent) as tmp:
         theirs = Path(tmp) / "llama-quantize.gguf"
         t0 = time.perf_counter()
-        proc = subprocess.run([str(binary), "--tensor-type-file", str(args.recipe_dir / "recipe.txt"), str(source),
-                               str(theirs), "Q8_0", str(args.threads)], capture_output=True, text=True)
+        # the recipe's importance matrix, if it was built with one (the same file, as llama-quantize reads it)
+        imatrix = ["--imatrix", spec["imatrix"]] if spec.get("imatrix") else []
+        proc = subprocess.run([str(binary), *imatrix, "--tensor-type-file", str(args.recipe_dir / "recipe.txt"),
+                               str(source), str(theirs), "Q8_0", str(args.threads)], capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"llama-quantize failed ({proc.returncode}): {proc.stderr[-2000:]}")
         secs = time.perf_counter() - t0
@@ -59,7 +62,7 @@ def main() -> None:
             ra = backend.read_gguf_tensor(built, ta.name)[2]
             rb = backend.read_gguf_tensor(theirs, tb.name)[2]
             same_bytes += ra.size == rb.size and bool(np.array_equal(ra, rb))
-        print(f"llama-quantize --tensor-type-file {args.recipe_dir / 'recipe.txt'} {source.name} Q8_0 "
+        print(f"llama-quantize {' '.join(imatrix)} --tensor-type-file {args.recipe_dir / 'recipe.txt'} {source.name} Q8_0 "
               f"({secs:.1f} s): {len(a)} tensors; same type {same_type}/{len(a)}, identical bytes "
               f"{same_bytes}/{len(a)}; file sizes {built.stat().st_size} (sweep.recipe --build) vs "
               f"{theirs.stat().st_size} (llama-quantize)")
