@@ -76,10 +76,10 @@ def read(path: str | Path) -> RecipeFile:
 def prediction_columns(recipe: RecipeFile, names: tuple[str, ...], measured: np.ndarray | None,
                        context: dict) -> dict:
     """The joint point's prediction (sum of the tables' single damages of its tensors) and, when the point ran on
-    the tables' windows (`context`: model_sha256, container, n_ctx, n_windows, data_sha256, stopped_early), the
+    the tables' windows (`context`: model_sha256, container, n_ctx, data_sha256, stopped_early), the
     additivity residual measured - predicted, paired over windows: its mean, standard error and 95% t-interval.
 
-    `measured`: the point's per-window damage in the recipe's metric (metrics.window_damage)."""
+    `measured`: the point's per-window damage in the recipe's metric (metrics.Metric.window_damage)."""
     planned = {n: recipe.planned(n) for n in names}
     covered = {n: p for n, p in planned.items() if p.damage is not None}
     # quantized tensors the tables never measured (token_embd at a default type): in the point, not in the prediction
