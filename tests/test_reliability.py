@@ -101,6 +101,7 @@ class NaNFormat:
     """A perturbation that plants one NaN: llama.cpp's logits turn non-finite downstream."""
 
     label = "nan-debug"
+    recipe = None  # not a recipe (sweep.formats.Format's field)
 
     def __call__(self, x):
         y = np.array(x, dtype=np.float32)
