@@ -565,16 +565,35 @@ def ggml_dequantize(data: np.ndarray, type_id: int, shape: tuple[int, ...], n_th
     return out.reshape(shape)
 
 
+_KV_STR_BYTES = 127  # llama_model_kv_override.val_str is char[128]; llama-quantize strncpy's 127 bytes
+
+
+def _kv_value(value: str | int) -> str | int:
+    return value.encode()[:_KV_STR_BYTES].decode(errors="ignore") if isinstance(value, str) else int(value)
+
+
 def llama_quantize_file(src: Path, dst: Path, overrides: list[tuple[str, int]], ftype: int = 7, pure: bool = True,
-                        imatrix: dict[str, np.ndarray] | None = None, n_threads: int = 1) -> None:
+                        imatrix: dict[str, np.ndarray] | None = None, n_threads: int = 1,
+                        metadata: list[tuple[str, str | int]] = ()) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`, what llama-quantize runs) from `src` to `dst`, with
     per-tensor type overrides (regex pattern -> ggml type, first match wins) and importance data per tensor name
     (the values llama-quantize passes: sums / counts). The overrides apply only when `ftype` is a quantized type
-    (default 7 = LLAMA_FTYPE_MOSTLY_Q8_0); with `pure`, a final (".*", F32) keeps every other tensor F32."""
+    (default 7 = LLAMA_FTYPE_MOSTLY_Q8_0); with `pure`, a final (".*", F32) keeps every other tensor F32.
+    `metadata`: header keys to write (str, or int as llama.cpp writes them: u32), as llama-quantize's kv overrides."""
     _init_once()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread, params.ftype, params.pure = n_threads, ftype, pure
     keep = []  # the C side reads these during the call: keep them referenced
+    if metadata:
+        kv = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # zero-filled: the last key is empty
+        for i, (key, value) in enumerate(metadata):
+            kv[i].key = key.encode()
+            if isinstance(value, str):
+                kv[i].tag, kv[i].value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, _kv_value(value).encode()
+            else:
+                kv[i].tag, kv[i].value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
+        keep.append(kv)
+        params.kv_overrides = kv
     tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
     for i, (pattern, type_id) in enumerate(overrides):
         keep.append(pattern.encode())
@@ -712,16 +731,18 @@ def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
 
 for _fn, _args, _res in [
     ("gguf_set_val_u32", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32], None),
+    ("gguf_set_val_str", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p], None),
     ("gguf_remove_key", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
     ("gguf_get_meta_size", [ctypes.c_void_p], ctypes.c_size_t),
 ]:
     getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
 
 
-def quantized_header_bytes(path: Path, ftype: int) -> int:
+def quantized_header_bytes(path: Path, ftype: int, metadata: list[tuple[str, str | int]] = ()) -> int:
     """Bytes before the tensor data in the file llama_model_quantize writes from `path`: the source's metadata with
-    the keys src/llama-quant.cpp sets (general.quantization_version, general.file_type) and removes (split.*),
-    measured by ggml's own gguf writer (tensor infos do not change size with the type)."""
+    the keys src/llama-quant.cpp sets (general.quantization_version, general.file_type, the kv overrides:
+    `metadata`) and removes (split.*), measured by ggml's own gguf writer (tensor infos do not change size with the
+    type)."""
     ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
     if not ctx:
         raise SweepError(f"ggml cannot read {path} as GGUF")
@@ -730,6 +751,11 @@ def quantized_header_bytes(path: Path, ftype: int) -> int:
         libggml.gguf_set_val_u32(ctx, b"general.file_type", ftype)
         for key in (b"split.no", b"split.count", b"split.tensors.count"):
             libggml.gguf_remove_key(ctx, key)
+        for key, value in metadata:
+            if isinstance(value, str):
+                libggml.gguf_set_val_str(ctx, key.encode(), _kv_value(value).encode())
+            else:
+                libggml.gguf_set_val_u32(ctx, key.encode(), abs(int(value)))
         return int(libggml.gguf_get_meta_size(ctx))
     finally:
         libggml.gguf_free(ctx)

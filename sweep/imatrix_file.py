@@ -153,3 +153,16 @@ def load(path: Path | str) -> dict[str, np.ndarray]:
 @lru_cache(maxsize=4)
 def _load(path: str, size: int, mtime: float) -> dict[str, np.ndarray]:
     return read(path).importance()
+
+
+def provenance(path: Path | str) -> list[tuple[str, str | int]]:
+    """The keys llama-quantize writes into a file it quantizes with this imatrix, in its order and with its values
+    (tools/quantize/quantize.cpp): the path as given, the first dataset, the number of entries, the chunk count."""
+    im = read(path)
+    keys: list[tuple[str, str | int]] = [("quantize.imatrix.file", str(path))]
+    if im.datasets:
+        keys.append(("quantize.imatrix.dataset", im.datasets[0]))
+    keys.append(("quantize.imatrix.entries_count", len(im.sums)))
+    if im.chunk_count > 0:
+        keys.append(("quantize.imatrix.chunks_count", im.chunk_count))
+    return keys

@@ -84,6 +84,7 @@ def threads(args) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from .imatrix_file import provenance
     from .recipe_build import build_recipe, check_source_quantizable, stored_types
     from .recipe_export import write_recipe
     from .recipe_sizes import SourceModel, check_type
@@ -109,16 +110,12 @@ def run(args: argparse.Namespace) -> dict:
         raise SweepError("--validate scores the built file: add --build OUT.gguf")
     table = read_table(args.runs, args.metric, imatrix=args.imatrix is not None)
     source_path = args.source or default_source(table)
-    source = SourceModel(source_path)
+    imatrix = args.imatrix  # its values go to the quantizer, its provenance into the header (recipe_build.py)
+    source = SourceModel(source_path, provenance(imatrix) if imatrix else ())
     from .recipe_solve import missing_measurements
     from .recipe_table import check_complete
 
     check_complete(table, missing_measurements(table, source, types))  # before anything is built or written
-    imatrix = None
-    if args.imatrix:
-        from .imatrix_file import load
-
-        imatrix = load(args.imatrix)
     if args.build:
         check_source_quantizable(source)
         from .model_file import embedded_model_path

@@ -57,21 +57,31 @@ def check_source_quantizable(source_model) -> None:
                          f"the F32 container (the default --source) or another F32/F16 file")
 
 
-def build_recipe(source: Path, dst: Path, lines: list[tuple[str, str]], imatrix: dict | None = None,
+def _with_imatrix(imatrix: Path | None) -> dict:
+    """What llama-quantize does with an imatrix file: its values per tensor for the quantizer, and its provenance
+    keys in the header (so that the file, and its size, are llama-quantize's)."""
+    if imatrix is None:
+        return {"imatrix": None, "metadata": ()}
+    from .imatrix_file import load, provenance
+
+    return {"imatrix": load(imatrix), "metadata": provenance(imatrix)}
+
+
+def build_recipe(source: Path, dst: Path, lines: list[tuple[str, str]], imatrix: Path | None = None,
                  threads: int = 1) -> Path:
-    """`lines`: (regex pattern, ggml type name), as recipe.txt holds them."""
+    """`lines`: (regex pattern, ggml type name), as recipe.txt holds them; `imatrix`: an imatrix file."""
     return _quantize_atomically(source, dst, overrides=[(p, type_id(t)) for p, t in lines], ftype=_BASE_FTYPE,
-                                pure=False, imatrix=imatrix, n_threads=threads)
+                                pure=False, n_threads=threads, **_with_imatrix(imatrix))
 
 
-def build_preset(source: Path, dst: Path, preset: str, imatrix: dict | None = None, threads: int = 1) -> Path:
+def build_preset(source: Path, dst: Path, preset: str, imatrix: Path | None = None, threads: int = 1) -> Path:
     if preset not in PRESETS:
         raise SweepError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-    return _quantize_atomically(source, dst, overrides=[], ftype=PRESETS[preset], pure=False, imatrix=imatrix,
-                                n_threads=threads)
+    return _quantize_atomically(source, dst, overrides=[], ftype=PRESETS[preset], pure=False, n_threads=threads,
+                                **_with_imatrix(imatrix))
 
 
-def preset_file(out_dir: Path, source: Path, preset: str, imatrix: dict | None = None, threads: int = 1) -> Path:
+def preset_file(out_dir: Path, source: Path, preset: str, imatrix: Path | None = None, threads: int = 1) -> Path:
     """llama.cpp's preset built from `source` into out_dir/presets/, once (rebuilt when the source is newer)."""
     d = out_dir / "presets"
     d.mkdir(parents=True, exist_ok=True)

@@ -64,13 +64,14 @@ class SourceTensor:
 class SourceModel:
     """The tensors of the GGUF a recipe is built from (read with ggml's own gguf reader)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, metadata: list[tuple[str, str | int]] = ()):
         from . import backend
 
         self.path = Path(path)
         infos, self.source_header_bytes, self.alignment = backend.gguf_tensor_table(self.path)
-        # the written file's header: the source's metadata with the keys llama.cpp's quantizer sets and removes
-        self.header_bytes = backend.quantized_header_bytes(self.path, 7)
+        # the written file's header: the source's metadata with the keys llama.cpp's quantizer sets and removes, and
+        # `metadata` it is given (an imatrix's provenance: imatrix_file.provenance)
+        self.header_bytes = backend.quantized_header_bytes(self.path, 7, metadata)
         self.tensors = [SourceTensor(i.name, i.ne, backend.ggml_type_facts(i.type_id)["name"], i.nbytes)
                         for i in infos]
         self.by_name = {t.name: t for t in self.tensors}

@@ -282,3 +282,31 @@ def test_joint_point_mistakes_are_one_line_errors(swept, tmp_path):
         proc = run_sweep(tiny_args(model, tmp_path, *extra, sweep_dir="bad"), env, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_a_build_with_an_imatrix_writes_its_provenance_as_llama_quantize_does(swept, tmp_path):
+    """llama-quantize records the imatrix in the header (quantize.imatrix.*, tools/quantize/quantize.cpp); the build
+    writes the same keys, and the predicted size counts them: still exact to the byte."""
+    from sweep.backend import gguf_tensor_table
+    from sweep.imatrix_file import Imatrix, provenance, write_gguf
+    from sweep.recipe_build import build_recipe, stored_types
+    from sweep.recipe_export import pattern_for
+
+    model, _, _ = swept
+    source = SourceModel(model)
+    matrices = [t for t in source.tensors if t.quantizable and len(t.ne) == 2 and t.name.startswith("blk.")]
+    rng = np.random.default_rng(0)
+    im = Imatrix({t.name: rng.uniform(0.5, 2, (1, t.ne[0])).astype(np.float32) for t in matrices},
+                 {t.name: np.array([64]) for t in matrices}, chunk_count=3, chunk_size=64, datasets=["wiki.test.raw"])
+    path = write_gguf(tmp_path / "tiny.imatrix.gguf", im)
+    keys = provenance(path)
+    assert keys == [("quantize.imatrix.file", str(path)), ("quantize.imatrix.dataset", "wiki.test.raw"),
+                    ("quantize.imatrix.entries_count", len(matrices)), ("quantize.imatrix.chunks_count", 3)]
+    lines = [(pattern_for(t.name), "q4_K") for t in source.tensors if t.quantizable]
+    built = build_recipe(model, tmp_path / "built.gguf", lines, path, threads=2)
+    header = dict(GGUFReader(built).fields)
+    assert str(bytes(header["quantize.imatrix.file"].parts[-1]), "utf-8") == str(path)
+    assert int(header["quantize.imatrix.entries_count"].parts[-1][0]) == len(matrices)
+    predicted = SourceModel(model, keys)
+    assert predicted.header_bytes == gguf_tensor_table(built)[1] > source.header_bytes
+    assert predicted.file_bytes({n: b for n, (_, b) in stored_types(built).items()}) == built.stat().st_size
