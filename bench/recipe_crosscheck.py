@@ -12,6 +12,7 @@ bytes, and the bytes themselves.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import subprocess
@@ -62,10 +63,11 @@ def main() -> None:
             ra = backend.read_gguf_tensor(built, ta.name)[2]
             rb = backend.read_gguf_tensor(theirs, tb.name)[2]
             same_bytes += ra.size == rb.size and bool(np.array_equal(ra, rb))
-        print(f"llama-quantize {' '.join(imatrix)} --tensor-type-file {args.recipe_dir / 'recipe.txt'} {source.name} Q8_0 "
+        print(f"{' '.join(['llama-quantize', *imatrix])} --tensor-type-file {args.recipe_dir / 'recipe.txt'} {source.name} Q8_0 "
               f"({secs:.1f} s): {len(a)} tensors; same type {same_type}/{len(a)}, identical bytes "
               f"{same_bytes}/{len(a)}; file sizes {built.stat().st_size} (sweep.recipe --build) vs "
-              f"{theirs.stat().st_size} (llama-quantize)")
+              f"{theirs.stat().st_size} (llama-quantize); the files are "
+              f"{'identical' if filecmp.cmp(built, theirs, shallow=False) else 'not identical'} byte for byte")
         if same_type != len(a) or same_bytes != len(a):
             raise SystemExit(1)
 
