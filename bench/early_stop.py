@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sweep.metrics import RANKABLE, EarlyStop, StopRule, delta_nll_p
+from sweep.scoring.metrics import RANKABLE, EarlyStop, StopRule, delta_nll_p
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["tensor=l_out", "kind=activation", "fmt=int8", "metrics.generate=false", "run.progress=false"]
@@ -132,10 +132,10 @@ def obrien_fleming_bounds(looks: np.ndarray, alpha: float, n_grid: int = 401) ->
         weights = density * np.r_[0.5, np.ones(n_grid - 2), 0.5] * (u[1] - u[0])  # trapezoid rule
 
         def crossing(z: float) -> float:
-            b = z * math.sqrt(looks[j])
-            return float(weights @ (stats.norm.sf((b - u) / sd) + stats.norm.cdf((-b - u) / sd)))
+            b = z * math.sqrt(looks[j])  # noqa: B023 (called within this iteration only)
+            return float(weights @ (stats.norm.sf((b - u) / sd) + stats.norm.cdf((-b - u) / sd)))  # noqa: B023
 
-        bounds.append(optimize.brentq(lambda z: crossing(z) - spent[j], 0.0, 40.0, xtol=1e-10))
+        bounds.append(optimize.brentq(lambda z: crossing(z) - spent[j], 0.0, 40.0, xtol=1e-10))  # noqa: B023
         b = bounds[-1] * math.sqrt(looks[j])
         s = np.linspace(-b, b, n_grid)
         density = (stats.norm.pdf((s[:, None] - u[None, :]) / sd) / sd) @ weights

@@ -18,9 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweep.container import dequantized  # noqa: E402
-from sweep.formats import make_format  # noqa: E402
-from sweep.model_file import embedded_model_path  # noqa: E402
+from sweep.llama.container import dequantized  # noqa: E402
+from sweep.llama.model_file import embedded_model_path  # noqa: E402
+from sweep.quant.formats import make_format  # noqa: E402
 
 TENSORS = ("blk.12.ffn_down.weight", "blk.12.attn_v.weight", "token_embd.weight")
 
@@ -33,8 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     from gguf import GGUFReader
 
-    from sweep import backend as be
-    from sweep import ggml_formats
+    from sweep.llama import quantize as be
+    from sweep.quant import ggml_types
 
     tensors = {t.name: t for t in GGUFReader(embedded_model_path()).tensors if t.name in TENSORS}
     cores = len(os.sched_getaffinity(0))
@@ -45,8 +45,8 @@ def main() -> None:
     for name in args.types.split(","):
         for tname in TENSORS:
             x = dequantized(tensors[tname])
-            got, _ = ggml_formats.type_for_rows(name, x.shape[-1])
-            imat = np.ones(x.shape[-1], np.float32) if ggml_formats.TYPES[name].needs_imatrix else None
+            got, _ = ggml_types.type_for_rows(name, x.shape[-1])
+            imat = np.ones(x.shape[-1], np.float32) if ggml_types.TYPES[name].needs_imatrix else None
             fmt = make_format(name)
             secs = []
             for n in threads:

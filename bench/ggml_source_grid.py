@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweep.container import dequantized  # noqa: E402
-from sweep.formats import make_format  # noqa: E402
-from sweep.model_file import embedded_model_path  # noqa: E402
+from sweep.llama.container import dequantized  # noqa: E402
+from sweep.llama.model_file import embedded_model_path  # noqa: E402
+from sweep.quant.formats import make_format  # noqa: E402
 
 
 def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:

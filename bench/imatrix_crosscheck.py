@@ -3,7 +3,7 @@
 Both run on the embedded model file itself (model.container=native), the same text, the same windows (-c 512,
 -b 512 so that llama-imatrix decodes one window per batch, as the sweep does; -nr: no weight repacking). Compared:
 the tensors covered, the counts (exactly), the sums of squared activations (relative difference per value), both
-of llama-imatrix's file forms (GGUF and the legacy .dat, read by sweep/imatrix_file.py) and, per tensor, the bytes
+of llama-imatrix's file forms (GGUF and the legacy .dat, read by sweep/quant/imatrix_file.py) and, per tensor, the bytes
 that ggml's quantizer writes with either imatrix for a few types (identical or not).
 
     python bench/imatrix_crosscheck.py [--llama-imatrix PATH] [--chunks 8] [--types q4_K,iq3_xxs,iq2_xxs]
@@ -24,12 +24,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
 
-from sweep import backend as be  # noqa: E402
-from sweep import ggml_formats  # noqa: E402
-from sweep.container import dequantized  # noqa: E402
-from sweep.imatrix import collect  # noqa: E402
-from sweep.imatrix_file import Imatrix, read  # noqa: E402
 from sweep.config import compose  # noqa: E402
+from sweep.imatrix.compute import collect  # noqa: E402
+from sweep.llama import quantize as be  # noqa: E402
+from sweep.llama.container import dequantized  # noqa: E402
+from sweep.quant import ggml_types  # noqa: E402
+from sweep.quant.imatrix_file import Imatrix, read  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"
-    cfg = compose([f"model.container=native", f"data.path={args.text}", f"data.n_windows={args.chunks}",
+    cfg = compose(["model.container=native", f"data.path={args.text}", f"data.n_windows={args.chunks}",
                    f"run.threads={args.threads}"])
     ref = open_reference(cfg)
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def main() -> None:
         same = total = 0
         for n in sorted(mine):
             x = dequantized(tensors[n])
-            got, _ = ggml_formats.type_for_rows(name, x.shape[-1])
+            got, _ = ggml_types.type_for_rows(name, x.shape[-1])
             a = be.ggml_quantize(x, got.type_id, mine[n], args.threads)
             b = be.ggml_quantize(x, got.type_id, theirs[n], args.threads)
             same += bool(np.array_equal(a, b))

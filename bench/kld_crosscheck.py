@@ -17,16 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
 
-from sweep.container import write_gguf_copy  # noqa: E402
-from sweep.formats import make_format  # noqa: E402
 from sweep.config import compose  # noqa: E402
+from sweep.llama.container import write_gguf_copy  # noqa: E402
+from sweep.quant.formats import make_format  # noqa: E402
+from sweep.quant.targets import resolve  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import record, run_point  # noqa: E402
-from sweep.targets import resolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
     fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")
-    cfg = compose([f"model.container=f32", f"data.path={args.text}", f"data.n_windows={args.chunks}",
+    cfg = compose(["model.container=f32", f"data.path={args.text}", f"data.n_windows={args.chunks}",
                    f"run.threads={args.threads}"])
     ref = open_reference(cfg)
     target = resolve("weight", "attn_v", "all", ref.info)

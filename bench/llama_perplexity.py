@@ -63,7 +63,7 @@ def run(binary: Path, model: Path, text: Path, n_windows: int, threads: int, n_c
     """Run it with the sweep's compute settings (default: those of the native container); return its final figures
     (PPL, stderr, and the KL block when asked) and its own timings."""
     if settings is None:
-        from sweep.container import compute_settings
+        from sweep.llama.container import compute_settings
 
         settings = compute_settings("native")
     cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),

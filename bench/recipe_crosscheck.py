@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import llama_perplexity  # noqa: E402
 
-from sweep import backend  # noqa: E402
+from sweep.llama import gguf_reader  # noqa: E402
 
 
 def main() -> None:
@@ -54,16 +54,17 @@ def main() -> None:
         if proc.returncode:
             raise SystemExit(f"llama-quantize failed ({proc.returncode}): {proc.stderr[-2000:]}")
         secs = time.perf_counter() - t0
-        a, _, _ = backend.gguf_tensor_table(built)
-        b, _, _ = backend.gguf_tensor_table(theirs)
+        a, _, _ = gguf_reader.gguf_tensor_table(built)
+        b, _, _ = gguf_reader.gguf_tensor_table(theirs)
         assert [t.name for t in a] == [t.name for t in b], "different tensor lists"
         same_type = same_bytes = 0
         for ta, tb in zip(a, b):
             same_type += ta.type_id == tb.type_id
-            ra = backend.read_gguf_tensor(built, ta.name)[2]
-            rb = backend.read_gguf_tensor(theirs, tb.name)[2]
+            ra = gguf_reader.read_gguf_tensor(built, ta.name)[2]
+            rb = gguf_reader.read_gguf_tensor(theirs, tb.name)[2]
             same_bytes += ra.size == rb.size and bool(np.array_equal(ra, rb))
-        print(f"{' '.join(['llama-quantize', *imatrix])} --tensor-type-file {args.recipe_dir / 'recipe.txt'} {source.name} Q8_0 "
+        print(f"{' '.join(['llama-quantize', *imatrix])} --tensor-type-file {args.recipe_dir / 'recipe.txt'} "
+              f"{source.name} Q8_0 "
               f"({secs:.1f} s): {len(a)} tensors; same type {same_type}/{len(a)}, identical bytes "
               f"{same_bytes}/{len(a)}; file sizes {built.stat().st_size} (sweep.recipe --build) vs "
               f"{theirs.stat().st_size} (llama-quantize); the files are "

@@ -19,18 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_perplexity  # noqa: E402
 
 from sweep.config import compose  # noqa: E402
-from sweep.formats import make_format  # noqa: E402
-from sweep.perplexity import score  # noqa: E402
-from sweep.records import Store  # noqa: E402
+from sweep.quant.formats import make_format  # noqa: E402
+from sweep.quant.targets import resolve  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import run_point  # noqa: E402
+from sweep.scoring.perplexity import score  # noqa: E402
 from sweep.session import Session  # noqa: E402
-from sweep.targets import resolve  # noqa: E402
+from sweep.store.records import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8"), ("weight", "attn_q", 3, "bf16"),
@@ -94,7 +93,7 @@ def reuse_vs_reload(text: str, n_windows: int, threads: int, n_points: int) -> N
     print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_windows} windows)")
     with tempfile.TemporaryDirectory() as tmp, open_reference(cfg("f32", n_windows, threads, text)) as ref:
         store = Store(Path(tmp))  # both variants read the baseline from the store, as a sweep's jobs do
-        targets = [(resolve(k, t, l, ref.info, ref.backend.nodes), make_format(f)) for k, t, l, f in
+        targets = [(resolve(k, t, layer, ref.info, ref.backend.nodes), make_format(f)) for k, t, layer, f in
                    POINTS[:n_points]]
         run_point(ref, targets[0][0], make_format("none"), progress=False, store=store)  # the baseline, outside
         t0 = time.perf_counter()
@@ -115,8 +114,8 @@ def sweep_rss(text: str, n_windows: int, points: str, tmp: Path) -> None:
     print(f"\n## Peak memory of a sweep process (`python -m sweep`, {n_windows} windows, layers {points}, "
           f"int8, ffn_norm weight + activation; GNU time's maximum resident set size)")
     row("container", "peak RSS MB", "model MB", "limit MB")
-    from sweep.container import container_path
-    from sweep.model_file import embedded_model_path
+    from sweep.llama.container import container_path
+    from sweep.llama.model_file import embedded_model_path
 
     env = {**os.environ, "SWEEP_WIKITEXT": text}
     for container in ("native", "f32"):

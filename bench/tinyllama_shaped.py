@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
-from sweep.model_file import embedded_model_path
+from sweep.llama.model_file import embedded_model_path
 
 N_VOCAB, N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYERS, N_CTX_TRAIN = 32000, 2048, 5632, 32, 4, 22, 2048
 

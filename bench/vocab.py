@@ -10,7 +10,7 @@ Its decode is much cheaper than a real model's, so the overhead *share* on it is
 (what grows with the vocabulary) is the real figure, and the last section scales it to a real model's decode.
 Every figure is measured in this invocation, F32 container, baseline stored before the timed points.
 
---against REV times the window math of sweep/perplexity.py as it was at git revision REV in the same process,
+--against REV times the window math (sweep/scoring/window_math.py) as it was at git revision REV in the same process,
 alternating old and new on the same logits (a shared machine's load then weighs on both alike); every version's
 numbers are compared with a float64 computation from the same float32 logits.
 """
@@ -34,16 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_model import write_tiny_model  # noqa: E402
 
-from sweep.apply import applied  # noqa: E402
-from sweep.config import compose  # noqa: E402
-from sweep.container import container_path, default_cache_dir  # noqa: E402
-from sweep.formats import make_format  # noqa: E402
-from sweep.model_file import embedded_model_path  # noqa: E402
 from sweep import perplexity  # noqa: E402
-from sweep.records import Store  # noqa: E402
+from sweep.config import compose  # noqa: E402
+from sweep.llama.container import container_path, default_cache_dir  # noqa: E402
+from sweep.llama.model_file import embedded_model_path  # noqa: E402
+from sweep.quant.apply import applied  # noqa: E402
+from sweep.quant.formats import make_format  # noqa: E402
+from sweep.quant.targets import resolve  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import run_point  # noqa: E402
-from sweep.targets import resolve  # noqa: E402
+from sweep.store.records import Store  # noqa: E402
 
 POINTS = [("weight", "ffn_down", 1, "int8"), ("activation", "l_out", 2, "int8"), ("weight", "attn_q", 0, "bf16"),
           ("activation", "ffn_norm", 1, "fp8_e4m3"), ("weight", "ffn_up", 2, "int4"), ("activation", "kqv_out", 0,
@@ -79,14 +79,19 @@ def row(*cells, widths=(46, 14, 14, 14, 14)):
 
 
 def perplexity_at(rev: str):
-    """sweep/perplexity.py as it was at git revision `rev`, imported beside the current one."""
-    source = subprocess.run(["git", "show", f"{rev}:sweep/perplexity.py"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
-    name = f"sweep._perplexity_at_{rev}"
+    """The window math (sweep/scoring/window_math.py; sweep/perplexity.py before the subpackages) as it was at git
+    revision `rev`, imported beside the current one."""
+    for path, package in (("sweep/scoring/window_math.py", "sweep.scoring"), ("sweep/perplexity.py", "sweep")):  # noqa: B007
+        got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if got.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no window math at git revision {rev}")
+    name = f"{package}._window_math_at_{rev}"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
-    module.__package__ = "sweep"
+    module.__package__ = package
     sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:sweep/perplexity.py", "exec"), module.__dict__)
+    exec(compile(got.stdout, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 
 
@@ -139,7 +144,8 @@ def window_math_ms(ref, store_root: Path, versions: dict, repeat: int) -> dict:
     for (case, v), got in results.items():  # every version against float64
         np.testing.assert_array_equal(got["argmax"], exact["argmax"], err_msg=f"{case}: argmax of {v}")
         errors[case, v] = {"nll": np.abs(got["nll"] - exact["nll"]).max(),
-                           **({"kld": (np.abs(got["kld"] - exact["kld"]) / exact["kld"]).max()} if "kld" in got else {})}
+                           **({"kld": (np.abs(got["kld"] - exact["kld"]) / exact["kld"]).max()}
+                              if "kld" in got else {})}
     out = {v: {(c, clock): (1e3 * min(times[c, v, clock]), 1e3 * statistics.median(times[c, v, clock]))
                for c in cases for clock in clocks} for v in versions}
     out["decode"] = 1e3 * min(decodes), 1e3 * statistics.median(decodes)
@@ -160,7 +166,7 @@ def exact_window(z: np.ndarray, y: np.ndarray, targets: np.ndarray) -> dict[str,
 
 
 def overhead(ref, store_root: Path, n_points: int, prompts: tuple[str, ...]) -> dict[str, float]:
-    walls, decodes, gen = [], [], 0.0
+    walls, decodes = [], []
     store = Store(store_root)
     run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False, store=store)
     if prompts:  # the baseline's completions, once per sweep, outside the timing
@@ -225,7 +231,7 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--recompute", action="store_true", help="also the peak RSS with metrics.baseline_logits=recompute")
     ap.add_argument("--generation", action="store_true", help="also time points with the generation check")
-    ap.add_argument("--against", help="also time the window math of sweep/perplexity.py at this git revision")
+    ap.add_argument("--against", help="also time the window math at this git revision")
     ap.add_argument("--repeat", type=int, default=9, help="rounds of the window-math timing")
     ap.add_argument("--math-only", action="store_true", help="only the window math (no points, no RSS)")
     ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or

@@ -1,4 +1,4 @@
-"""Writes sensitivity.ipynb (no outputs). The notebook's logic lives in sweep/plots.py; edit that, not cells."""
+"""Writes sensitivity.ipynb (no outputs). The notebook's logic lives in sweep/report/plots.py; edit that, not cells."""
 
 from pathlib import Path
 
@@ -9,10 +9,10 @@ cells = [
     md("# Precision sensitivity of a GGUF model\n\n"
        "Reads the results table of a sweep: the path in `SWEEP_RESULTS` (a sweep directory or a "
        "`results.parquet`/`.csv`), or else the newest sweep under `runs/`. Every figure comes from "
-       "`sweep.plots`, the same module behind `python -m sweep.report DIR --plots OUT`."),
+       "`sweep.report.plots`, the same module behind `python -m sweep.report DIR --plots OUT`."),
     code("import os\n\nfrom IPython.display import display\n\n"
-         "from sweep.plots import heatmaps, load_results, proxy_scatter, sensitivity_curves\n"
-         "from sweep.records import ranking\n\n"
+         "from sweep.report.plots import heatmaps, load_results, proxy_scatter, sensitivity_curves\n"
+         "from sweep.report.ranking import ranking\n\n"
          "df = load_results(os.environ.get('SWEEP_RESULTS'))\n"
          "has_kld = 'kld_mean' in df and df['kld_mean'].notna().any()\n"
          "print(f\"{len(df)} points: {df['status'].value_counts().to_dict()}\")\n"
@@ -48,7 +48,7 @@ cells = [
        "tensors at once, each at the type a recipe gives it, and its record carries the recipe's prediction: the "
        "sum of those tensors' single-tensor damages. On the dashed line the damages add up; the error bar is the "
        "paired 95% interval of the residual (measured − predicted, window by window on the tables' windows)."),
-    code("from sweep.plots import additivity\n\n"
+    code("from sweep.report.plots import additivity\n\n"
          "fig = additivity(df)\n"
          "if fig is None:\n"
          "    print('no joint points in this table: python -m sweep tensor=all layer=null fmt=recipe "
@@ -63,8 +63,8 @@ cells = [
        "its directory); else the newest under `runs/` is shown. Left: file size against held-out KL divergence "
        "(95% intervals), the Pareto view; right: each file's predicted damage against the damage measured on the "
        "sweep's windows."),
-    code("from sweep.plots import load_validation, recipe_pareto\n"
-         "from sweep.recipe_validate import format_report\n\n"
+    code("from sweep.report.plots import load_validation, recipe_pareto\n"
+         "from sweep.recipe.validate import format_report\n\n"
          "report = load_validation(os.environ.get('SWEEP_RECIPE'))\n"
          "if report is None:\n"
          "    print('no validation.json: run python -m sweep.recipe RUNS --size Q4_K_M --build OUT.gguf --validate')\n"

@@ -10,38 +10,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .choices import Choice, Container, Kind
 from .errors import SweepError
-from .formats import FORMATS, Granularity
-from .metrics import RANKABLE, EarlyStop
+from .quant.formats import FORMATS, Granularity
+from .scoring.metrics import RANKABLE, EarlyStop
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class Choice(str, Enum):
-    """A value from a fixed set: equal to, printed and hashed as its plain string."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class Container(Choice):
-    f32 = "f32"  # every tensor dequantized to F32 once (cached): the reference for sensitivity
-    native = "native"  # the file as it is: quantized kernels (requantized activations: a noise floor)
-
-
-class Kind(Choice):
-    weight = "weight"
-    activation = "activation"
 
 
 class BaselineLogits(Choice):
@@ -85,7 +65,7 @@ class FormatConfig:
 
 @dataclass
 class MetricsConfig:
-    """Metrics against the matching baseline (sweep/metrics.py defines them)."""
+    """Metrics against the matching baseline (sweep/scoring/metrics.py defines them)."""
 
     # Keep the baseline's raw logits (full vocabulary, float32) for exact KL divergence and top-1 agreement; costs
     # n_windows * (n_ctx/2 - 1) * n_vocab * 4 bytes of disk under run.store (802 MB for 16 windows of SmolLM2).

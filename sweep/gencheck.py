@@ -17,9 +17,16 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from .errors import SweepError
-from .metrics import worst_first
-from .records import RECORD_FILE, find_records, point_key, read_record, write_record
+from .quant.apply import applied
+from .quant.formats import make_format
+from .quant.targets import resolve
+from .reference import open_reference
+from .run import baseline_completions, point_backend
+from .scoring.generation import compare, complete
+from .scoring.metrics import worst_first
 from .session import Sessions
+from .store.records import RECORD_FILE, point_key, read_record, write_record
+from .store.table import find_records
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +93,6 @@ def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessi
 
 def check_point(cfg, key: str, sessions: Sessions) -> dict:
     """The generation check of one point (its job's composed config), cached in the store."""
-    from .formats import make_format
-    from .generation import compare, complete
-    from .reference import open_reference
-    from .run import baseline_completions, point_backend
-    from .targets import resolve
-
     prompts, max_new = tuple(cfg.metrics.prompts), int(cfg.metrics.max_new_tokens)
     gen_key = point_key(point=key, prompts=list(prompts), max_new_tokens=max_new)
     store_file = Path(cfg.run.store) / "generations" / f"{gen_key}.json"
@@ -102,8 +103,6 @@ def check_point(cfg, key: str, sessions: Sessions) -> dict:
     target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
     fmt = make_format(**cfg.fmt)
     with point_backend(ref, target) as (backend, matched):
-        from .apply import applied
-
         expected = baseline_completions(backend, ref, matched, prompts, max_new)
         with applied(backend, target, fmt):
             got = complete(backend, prompts, max_new)

@@ -18,15 +18,18 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from . import ggml_formats
 from .config import CONF_DIR, compose, hydra_error_line
-from .container import compute_settings
 from .errors import SweepError
-from .formats import make_format
 from .gencheck import generation_mode
-from .metrics import RANKABLE
-from .model_file import ModelInfo, model_info, resolve_model_path
-from .targets import Target, resolve
+from .llama.backend import Backend
+from .llama.container import compute_settings
+from .llama.model_file import ModelInfo, model_info, resolve_model_path
+from .quant import ggml_types
+from .quant.formats import make_format
+from .quant.targets import Target, resolve
+from .scoring.metrics import RANKABLE
+from .scoring.text import load_text
+from .scoring.windows import make_windows
 
 # Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
@@ -68,10 +71,6 @@ class _Checker:
         """Load the model as llama.cpp will (an architecture it cannot load fails here), learn its graph's nodes as
         the job's settings build them (flash attention and the cache type change the graph), and check that the
         text gives at least two windows."""
-        from .backend import Backend
-        from .perplexity import make_windows
-        from .text import load_text
-
         key = (str(path), text_path, n_ctx, settings)
         if key not in self.probed:
             text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
@@ -100,7 +99,7 @@ class _Checker:
                                  f"metrics.kld=true")
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
-        ggml_formats.check_kind(fmt, cfg.kind)
+        ggml_types.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
         settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
@@ -110,7 +109,7 @@ class _Checker:
         if not target.token_rows and fmt.rowwise:
             raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
-        ggml_formats.preflight(fmt, cfg.kind, target.names)
+        ggml_types.preflight(fmt, cfg.kind, target.names)
         return target
 
 

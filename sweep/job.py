@@ -13,16 +13,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .container import compute_settings, runtime_identity
-from .formats import make_format
+from .cores import available_cores
 from .gencheck import generation_mode
-from .model_file import sha256
-from .metrics import EarlyStop, StopRule
-from .records import RECORD_FILE, Store, point_key, write_record
-from .reference import available_cores, load_inputs, open_reference
-from .session import Sessions
+from .llama.container import compute_settings, runtime_identity
+from .llama.model_file import sha256
+from .quant.formats import make_format
+from .quant.targets import parse_layers, resolve
+from .reference import load_inputs, open_reference
 from .run import describe, record, run_point
-from .targets import parse_layers, resolve
+from .scoring.metrics import EarlyStop, StopRule
+from .session import Sessions
+from .store.records import RECORD_FILE, Store, point_key, write_record
 
 log = logging.getLogger(__name__)
 

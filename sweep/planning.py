@@ -27,15 +27,20 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .container import compute_settings, default_cache_dir, runtime_identity
+from .cores import available_cores
 from .errors import SweepError
 from .grid import Plan
+from .grid import plan as grid_plan
 from .job import cores_for_this_job, job_key
-from .model_file import model_info, resolve_model_path, sha256
-from .records import Store
+from .llama.container import compute_settings, default_cache_dir, runtime_identity
+from .llama.model_file import model_info, resolve_model_path, sha256
 from .run import matched_targets
-from .session import baseline_key
-from .text import load_text
+from .scoring.generation import complete
+from .scoring.perplexity import score
+from .scoring.text import load_text
+from .scoring.windows import make_windows
+from .session import Session, baseline_key
+from .store.records import Store
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 RECORD_BYTES = 6_000  # one point's record.json (written twice: the store and the job's directory)
@@ -66,7 +71,7 @@ class Group:
     container_missing: bool
     kv_bytes: int
     copy_bytes: int = 0  # largest native copy with weight targets dequantized (loaded beside the model)
-    originals_bytes: int = 0  # the largest weight point's targets in F32: kept to restore them (sweep/apply.py)
+    originals_bytes: int = 0  # the largest weight point's targets in F32: kept to restore them (sweep/quant/apply.py)
     gen_prompts: tuple[str, ...] = ()
     max_new_tokens: int = 0
     kld: bool = True
@@ -205,7 +210,7 @@ def costs(plan: Plan) -> Costs:
     first = plan.points[0][0]
     store = Store(Path(first.run.store))
     kind = launcher_kind(plan.launcher)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     threads = int(first.run.threads or cores_for_this_job(plan.launcher if kind != "sequential" else None))
     concurrent = 1
     if kind == "joblib":
@@ -313,10 +318,6 @@ def memory_warnings(c: Costs) -> list[str]:
 
 def time_one_window(group: Group, text_path, threads: int) -> Timing:
     """Score one real window on this machine, as a baseline and as a point, and time the generation check."""
-    from .generation import complete
-    from .perplexity import make_windows, score
-    from .session import Session
-
     on_container = group.container_path is not None and not group.container_missing
     file = group.container_path if on_container else group.source
     t0 = time.perf_counter()
@@ -427,9 +428,9 @@ def render(c: Costs, text_path) -> str:
                      + "; early stopping and no-op weights only shorten it)")
     lines += _launcher_lines(c)
     if c.logits_bytes:
-        lines.append(f"  smaller     metrics.kld=false: no logits on disk (no KL columns); "
-                     f"data.n_windows=N: logits scale with windows; metrics.baseline_logits=recompute: no logits on "
-                     f"disk, twice the decode")
+        lines.append("  smaller     metrics.kld=false: no logits on disk (no KL columns); "
+                     "data.n_windows=N: logits scale with windows; metrics.baseline_logits=recompute: no logits on "
+                     "disk, twice the decode")
     lines += [f"  warning     {w}" for w in memory_warnings(c)]
     return "\n".join(lines)
 
@@ -465,11 +466,9 @@ def _launcher_lines(c: Costs) -> list[str]:
 
 def print_plan(overrides: list[str]) -> None:
     """`python -m sweep ... --plan`: validate the grid, measure one window, print the plan; write nothing."""
-    from .grid import plan as grid_plan
-
     p = grid_plan(overrides)
     c = costs(p)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     text_path = p.points[0][0].data.path
     for g in c.groups:
         c.timings.append(time_one_window(g, text_path, min(c.threads, cores)))

@@ -7,21 +7,16 @@ that the jobs share.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend import Backend
-from .container import compute_settings, container_path
-from .model_file import ModelInfo, model_info, resolve_model_path, sha256
-from .perplexity import Windows, make_windows
+from .cores import available_cores
+from .llama.backend import Backend
+from .llama.container import compute_settings, container_path
+from .llama.model_file import ModelInfo, model_info, resolve_model_path, sha256
+from .scoring.text import Text, load_text
+from .scoring.windows import Windows, make_windows
 from .session import Session, Sessions
-from .text import Text, load_text
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask: a cgroup or taskset limit is respected)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -75,7 +70,8 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
     """The reference of the composed config `cfg`; its model from `sessions` when given (shared, closed by its
     owner), else loaded for this reference alone (closed with it)."""
     inputs = inputs or load_inputs(cfg)  # the text first: a missing text fails fast
-    file = container_path(inputs.source, cfg.model.container, Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
+    cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else None
+    file = container_path(inputs.source, cfg.model.container, cache_dir)
     threads = int(cfg.run.threads or available_cores())
     settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
     n_ctx = int(cfg.data.n_ctx)

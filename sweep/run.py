@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-
-from .apply import Proof, Unperturbed, applied
-from .backend import Backend
-from .container import runtime_identity, tensors_to_f32
-from .formats import Format
-from .generation import compare, complete
-from .metrics import RANKABLE, StopRule, Tokens, summarize
-from .perplexity import Score, score
-from .recipe_file import prediction_columns, read as read_recipe
-from .records import Store
+from .llama.backend import Backend
+from .llama.container import runtime_identity, tensors_to_f32
+from .quant.apply import Proof, Unperturbed, applied
+from .quant.formats import Format
+from .quant.recipe_types import read as read_recipe
+from .quant.targets import Target
 from .reference import Reference
+from .scoring.additivity import prediction_columns
+from .scoring.generation import compare, complete
+from .scoring.metrics import RANKABLE, StopRule, Tokens, summarize
+from .scoring.perplexity import Score, score
 from .session import baseline_key, completions_key
-from .targets import Target
+from .store.records import Store
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
 
 def joint_columns(ref: Reference, target: Target, fmt: Format, out: Outcome, tokens) -> dict:
     """A recipe's joint point: what the tables predicted for its tensors (the sum of their single damages) and the
-    additivity residual, paired over windows when the point ran on the tables' windows (sweep/recipe_file.py)."""
+    additivity residual, paired over windows when the point ran on the tables' windows (sweep/quant/recipe_types.py)."""
     recipe = read_recipe(fmt.recipe)
     context = {"model_sha256": ref.model_sha256, "container": ref.container, "n_ctx": out.score.n_ctx,
                "data_sha256": ref.text.sha256, "stopped_early": out.score.stopped_early}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .cli import hydra_command
-from .perplexity import score
 from .reference import open_reference
+from .scoring.perplexity import score
 
 
 def run_score(cfg: DictConfig) -> str:

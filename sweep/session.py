@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import Backend, ComputeSettings
-from .perplexity import Score, WindowMath, Windows, score
-from .records import Store, point_key
+from .llama.backend import Backend, ComputeSettings
+from .scoring.perplexity import Score, score
+from .scoring.window_math import WindowMath
+from .scoring.windows import Windows
+from .store.records import Store, point_key
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ class Sessions:
         wanted = (str(path), n_ctx, threads, settings)
         if self._open is None or self._open.identity != wanted or self._open.backend.closed:
             if self._open is not None:  # one model in memory at a time: the old one is closed here, and said so
-                log.info("closing %s (n_ctx %d, %d threads) for the next job's model", Path(self._open.identity[0]).name,
+                log.info("closing %s (n_ctx %d, %d threads) for the next job's model",
+                         Path(self._open.identity[0]).name,
                          *self._open.identity[1:3])
             self.close()
             self._open = Session(path, n_ctx, threads, settings)

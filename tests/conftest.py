@@ -5,11 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
-from sweep.config import compose
-
-from sweep.model_file import embedded_model_path
-
 from tiny_model import write_tiny_model
+
+from sweep.config import compose
+from sweep.llama.model_file import embedded_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

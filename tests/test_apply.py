@@ -6,18 +6,17 @@ import hashlib
 
 import numpy as np
 import pytest
+from conftest import make_cfg
 
-from sweep.backend import Backend
-from sweep.container import compute_settings, f32_container, write_gguf_copy
 from sweep.errors import SweepError
-from sweep.formats import make_format
-from sweep.model_file import model_info, sha256
-from sweep.perplexity import score
+from sweep.llama.backend import Backend
+from sweep.llama.container import compute_settings, f32_container, write_gguf_copy
+from sweep.llama.model_file import model_info, sha256
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import record, run_point
-from sweep.targets import resolve
-
-from conftest import make_cfg
+from sweep.scoring.perplexity import score
 
 N_CTX = 64
 
@@ -77,7 +76,7 @@ def test_activation_is_read_back_equal_to_the_format_of_what_llama_computed(tiny
     assert out.status == "ok"
     assert len(seen) == out.proof.hook_calls == tiny_ref.windows.n_windows * len(target.names)
     assert {name for name, *_ in seen} == set(target.names)
-    for name, computed, written, read_back in seen:
+    for _name, computed, written, read_back in seen:
         np.testing.assert_array_equal(read_back, fmt(computed))
         np.testing.assert_array_equal(read_back, written)
     assert {c.shape[0] for name, c, *_ in seen if name.endswith("-2")} == {last_rows}

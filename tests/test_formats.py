@@ -1,4 +1,4 @@
-"""Property tests of sweep.formats: every fake quantizer against its documented contract."""
+"""Property tests of sweep.quant.formats: every fake quantizer against its documented contract."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sweep import ggml_formats
 from sweep.errors import SweepError
-from sweep.formats import FORMATS, GRANULARITIES, PARAMS, Format, PerGroup, PerTensor, make_format
+from sweep.quant import ggml_types
+from sweep.quant.formats import FORMATS, GRANULARITIES, PARAMS, Format, PerGroup, PerTensor, make_format
 
 # Any warning (division by zero, invalid cast, overflow) is a bug in the policy handling.
 pytestmark = pytest.mark.filterwarnings("error")
@@ -25,7 +25,7 @@ MORE = settings(max_examples=200, deadline=None)
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every format of the registry is tested with every combination of these values of the parameters it takes
-# (make_format normalizes, duplicates dropped). GGUF types are ggml's code: tests/test_ggml_formats.py checks them.
+# (make_format normalizes, duplicates dropped). GGUF types are ggml's code: tests/test_ggml_types.py checks them.
 TRIES = {"granularity": GRANULARITIES, "group_size": (32, 8), "scaled": (True, False)}
 
 
@@ -427,7 +427,7 @@ def test_unused_params_are_normalized():
 def test_registry():
     """Every spec is complete and consistent: parameters known, bits those of its elements, GGUF types from ggml."""
     assert set(PARAMS) == {f for f in Format.__dataclass_fields__ if f != "name"}
-    assert [s.name for s in FORMATS.values() if s.ggml is not None] == list(ggml_formats.TYPES)
+    assert [s.name for s in FORMATS.values() if s.ggml is not None] == list(ggml_types.TYPES)
     for name, spec in FORMATS.items():
         assert spec.name == name and spec.doc and set(spec.params) <= set(PARAMS)
         assert spec.applies_to and set(spec.applies_to) <= {"weight", "activation"}
@@ -440,7 +440,8 @@ def test_registry():
         assert ("group_size" in spec.params or "granularity" in spec.params) == (spec.scale_bits > 0)
 
 
-# Today's store keys (Format.key_fields, in job.job_key) of a few formats: stored points stay valid only while these stay the same.
+# Today's store keys (Format.key_fields, in job.job_key) of a few formats: stored points stay valid only while these
+# stay the same.
 STORED_KEYS = [
     (make_format("bf16"), {"name": "bf16", "granularity": "per_row", "group_size": 32, "scaled": True}),
     (make_format("int8", granularity="per_token"),
@@ -461,7 +462,7 @@ def test_key_fields_are_todays_store_keys(fmt, key):
     assert all(type(v) is type(key[k]) for k, v in fmt.key_fields().items())  # plain str, never the Enum
 
 
-@pytest.mark.parametrize("fmt", ALL_FORMATS + [make_format(n) for n in ggml_formats.TYPES], ids=fid)
+@pytest.mark.parametrize("fmt", ALL_FORMATS + [make_format(n) for n in ggml_types.TYPES], ids=fid)
 def test_key_fields_rowwise_and_bits(fmt):
     assert fmt.key_fields() == {k: v for k, v in asdict(fmt).items() if k not in ("imatrix", "recipe") or v is not None}
     # rowwise: the format computes something else once its granularity is per_tensor, and it takes one
@@ -496,7 +497,7 @@ def test_config_group_is_the_registry():
 
 def test_readme_tables_are_the_registry():
     """The README shows the tables `python -m sweep.formats` prints: paste its output there after adding a format."""
-    from sweep.formats import markdown_ggml_table, markdown_table
+    from sweep.quant.formats import markdown_ggml_table, markdown_table
 
     readme = (ROOT / "README.md").read_text()
     assert markdown_table() in readme and markdown_ggml_table() in readme
@@ -542,7 +543,7 @@ def test_unknown_param():
 
 
 def test_granularity_enum_is_accepted_as_its_value():
-    from sweep.formats import Granularity
+    from sweep.quant.formats import Granularity
 
     fmt = make_format("int8", granularity=Granularity.per_token)
     assert fmt == make_format("int8", granularity="per_token") and type(fmt.granularity) is str

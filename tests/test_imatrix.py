@@ -13,11 +13,11 @@ import struct
 import numpy as np
 import pytest
 
-from sweep.backend import Backend
-from sweep.container import compute_settings
 from sweep.errors import SweepError
-from sweep.imatrix import collect
-from sweep.imatrix_file import Imatrix, load, read, write_gguf
+from sweep.imatrix.compute import collect
+from sweep.llama.backend import Backend
+from sweep.llama.container import compute_settings
+from sweep.quant.imatrix_file import Imatrix, load, read, write_gguf
 
 N_CTX = 64
 

@@ -7,20 +7,21 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_cfg
 from scipy import stats
 from scipy.special import logsumexp
 
-from sweep.apply import applied
-from sweep.formats import make_format
-from sweep.generation import Completion, first_departure
-from sweep.metrics import EarlyStop, StopRule, blocked_stderr, delta_nll_p, summarize
-from sweep.perplexity import BaselineWindow, WindowMath
-from sweep.records import Store, add_q_values, format_ranking
+from sweep.quant.apply import applied
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
 from sweep.reference import open_reference
+from sweep.report.ranking import format_ranking
 from sweep.run import record, run_point
-from sweep.targets import resolve
-
-from conftest import make_cfg
+from sweep.scoring.generation import Completion, first_departure
+from sweep.scoring.metrics import EarlyStop, StopRule, blocked_stderr, delta_nll_p, summarize
+from sweep.scoring.window_math import BaselineWindow, WindowMath
+from sweep.store.records import Store
+from sweep.store.table import add_q_values
 
 
 def full_logprobs(backend, windows) -> np.ndarray:
@@ -207,11 +208,14 @@ def test_early_stop_rule_settles_clear_effects_and_negligible_ones_but_not_noise
     assert not rule.settled({"dnll": clear["dnll"][:3]})  # never before min_windows
     assert rule.settled({"dnll": clear["dnll"][:4]})
     assert not any(rule.settled({"dnll": noise["dnll"][:k]}) for k in range(2, 17))  # a mean near 0 is never known
-    assert StopRule("delta_nll", EarlyStop(atol=1e-3)).settled(noise)  # ... to 50% of itself, but it is confidently below 1e-3
+    # ... to 50% of itself, but it is confidently below 1e-3
+    assert StopRule("delta_nll", EarlyStop(atol=1e-3)).settled(noise)
     disagree = {"top1": (rng.random((16, 255)) > 0.2).astype(float)}  # the rule watches 1 - agreement
     assert StopRule("top1_agree", EarlyStop(rtol=0.5)).settled(disagree)
-    assert not StopRule("top1_agree", EarlyStop(rtol=0.5)).settled({"top1": disagree["top1"][:1]})  # one window has no interval
-    assert StopRule("kld_p99").key()["per_token"] == "kld" and StopRule("delta_ppl").key() == StopRule("delta_nll").key()
+    # one window has no interval
+    assert not StopRule("top1_agree", EarlyStop(rtol=0.5)).settled({"top1": disagree["top1"][:1]})
+    assert StopRule("kld_p99").key()["per_token"] == "kld"
+    assert StopRule("delta_ppl").key() == StopRule("delta_nll").key()
 
 
 def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_model, wikitext, cache_dir):

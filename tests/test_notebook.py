@@ -6,10 +6,9 @@ from __future__ import annotations
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from sweep import plots
-
 from test_sweep import ROOT, run_sweep
+
+from sweep.report import plots
 
 AXES = ["layer=0,15,29", "fmt=bf16,int8", "kind=weight,activation", "tensor=ffn_norm", "data.n_windows=2",
         "metrics.max_new_tokens=8", "run.progress=false"]

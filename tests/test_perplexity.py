@@ -9,15 +9,16 @@ import threading
 
 import numpy as np
 import pytest
-
-from sweep.backend import Backend
-from sweep.container import compute_settings
-from sweep.errors import SweepError
-from sweep.perplexity import WindowMath, make_windows, score
-from sweep.reference import open_reference
-
 from conftest import make_cfg
 from tiny_model import write_tiny_model
+
+from sweep.errors import SweepError
+from sweep.llama.backend import Backend
+from sweep.llama.container import compute_settings
+from sweep.reference import open_reference
+from sweep.scoring.perplexity import score
+from sweep.scoring.window_math import WindowMath
+from sweep.scoring.windows import make_windows
 
 N_CTX = 64
 
@@ -133,4 +134,5 @@ def test_real_model_matches_llama_perplexity(container, n_windows, ppl, stderr, 
         result = score(ref.backend, ref.windows, progress=False, math=ref.session.math)
     assert round(result.ppl, 4) == ppl
     assert round(result.ppl_stderr, 3) == round(stderr, 3)
-    assert result.summary() == f"PPL = {ppl:.4f} ± {stderr:.5f} ({n_windows} windows, {n_windows * 255} tokens, 512 ctx)"
+    tokens = n_windows * 255
+    assert result.summary() == f"PPL = {ppl:.4f} ± {stderr:.5f} ({n_windows} windows, {tokens} tokens, 512 ctx)"

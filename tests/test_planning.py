@@ -8,13 +8,12 @@ import sys
 from collections import namedtuple
 
 import pytest
+from test_sweep import run_sweep, tiny_args
 
 from sweep import __main__ as cli
 from sweep import planning
 from sweep.grid import plan
-from sweep.model_file import model_info
-
-from test_sweep import run_sweep, tiny_args
+from sweep.llama.model_file import model_info
 
 N_CTX, N_CHUNKS = 64, 3  # tiny_args' slice
 SCORED = N_CTX // 2 - 1

@@ -14,14 +14,13 @@ import sys
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
-
-from sweep.recipe_export import read_recipe_txt, types_from_patterns, write_recipe_txt
-from sweep.recipe_sizes import SourceModel
-from sweep.recipe_solve import make_recipe, solve_groups
-from sweep.recipe_table import read_table
-
 from test_sweep import ROOT, run_sweep, tiny_args
 from tiny_model import write_tiny_model
+
+from sweep.recipe.export import read_recipe_txt, types_from_patterns, write_recipe_txt
+from sweep.recipe.sizes import SourceModel
+from sweep.recipe.solve import make_recipe, solve_groups
+from sweep.recipe.table import read_table
 
 TENSORS = ("attn_q", "attn_k", "ffn_down")
 TYPES = ("q4_K", "q8_0")
@@ -126,8 +125,8 @@ def test_build_writes_the_recipes_types_and_recipe_txt_round_trips(swept, tmp_pa
     assert spec["built"]["file_bytes"] == (out / "built.gguf").stat().st_size == spec["predicted_file_bytes"]
     assert 8 * spec["tensor_bytes"] / sum(int(t.n_elements) for t in reader.tensors) <= 5.3
     # llama.cpp loads it and it computes
-    from sweep.backend import Backend
-    from sweep.container import compute_settings
+    from sweep.llama.backend import Backend
+    from sweep.llama.container import compute_settings
 
     with Backend(out / "built.gguf", 32, 2, settings=compute_settings("f32")) as b:
         assert np.isfinite(b.decode_window(np.arange(32, dtype=np.int32), np.ones(32, dtype=np.int8))).all()
@@ -175,8 +174,8 @@ def test_validate_scores_recipe_and_presets_on_windows_after_the_tables(swept, t
     assert "predicted" not in rows["Q4_K_M"]
     assert rows["recipe"]["vs_Q4_K_M"]["ci95"][0] <= rows["recipe"]["vs_Q4_K_M"]["diff"]
     assert (out / "validation_pareto.png").stat().st_size > 0 and "held-out validation" in proc.stdout
-    # the notebook shows the same figure (sweep.plots.recipe_pareto draws validation_pareto.png)
-    from sweep import plots
+    # the notebook shows the same figure (sweep.report.plots.recipe_pareto draws validation_pareto.png)
+    from sweep.report import plots
 
     fig = plots.recipe_pareto(plots.load_validation(out))
     assert {t.get_text() for t in fig.axes[0].texts} == set(rows)
@@ -200,7 +199,8 @@ def execute_notebook(results, recipe, tmp_path):
     os.environ.update(env)
     try:
         nb = nbformat.read(ROOT / "notebooks" / "sensitivity.ipynb", as_version=4)
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -254,7 +254,7 @@ def test_joint_points_measure_a_recipe_inside_a_sweep(swept, tmp_path):
     assert whole["bytes"] == spec["tensor_bytes"]  # each tensor stored as the recipe says
     assert whole["predicted"] == pytest.approx(spec["predicted_damage"])
     assert whole["additivity_residual"] == pytest.approx(whole["kld_mean"] - whole["predicted"])
-    from sweep import plots
+    from sweep.report import plots
 
     fig = plots.additivity(df)
     assert len(fig.axes[0].texts) == 3 and "joint points" in fig.axes[0].get_title()
@@ -287,10 +287,10 @@ def test_joint_point_mistakes_are_one_line_errors(swept, tmp_path):
 def test_a_build_with_an_imatrix_writes_its_provenance_as_llama_quantize_does(swept, tmp_path):
     """llama-quantize records the imatrix in the header (quantize.imatrix.*, tools/quantize/quantize.cpp); the build
     writes the same keys, and the predicted size counts them: still exact to the byte."""
-    from sweep.backend import gguf_tensor_table
-    from sweep.imatrix_file import Imatrix, provenance, write_gguf
-    from sweep.recipe_build import build_recipe, stored_types
-    from sweep.recipe_export import pattern_for
+    from sweep.llama.backend import gguf_tensor_table
+    from sweep.quant.imatrix_file import Imatrix, provenance, write_gguf
+    from sweep.recipe.build import build_recipe, stored_types
+    from sweep.recipe.export import pattern_for
 
     model, _, _ = swept
     source = SourceModel(model)

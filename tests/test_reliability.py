@@ -12,16 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_cfg
 from gguf import GGUFWriter
+from test_sweep import ROOT, read_table, run_sweep, tiny_args
 
-from sweep.model_file import resolve_model_path
-from sweep.perplexity import score
+from sweep.llama.model_file import resolve_model_path
+from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import describe, record, run_point
-from sweep.targets import resolve
-
-from conftest import make_cfg
-from test_sweep import ROOT, read_table, run_sweep, tiny_args
+from sweep.scoring.perplexity import score
 
 
 def unwritable_dir(tmp_path: Path) -> Path:
@@ -101,7 +100,7 @@ class NaNFormat:
     """A perturbation that plants one NaN: llama.cpp's logits turn non-finite downstream."""
 
     label = "nan-debug"
-    recipe = None  # not a recipe (sweep.formats.Format's field)
+    recipe = None  # not a recipe (sweep.quant.formats.Format's field)
 
     def __call__(self, x):
         y = np.array(x, dtype=np.float32)
@@ -157,6 +156,7 @@ def test_two_sweeps_into_the_same_runs_dir_at_once(tiny_model, tmp_path, env):
 
 def test_sweep_dir_carries_the_launching_process_id():
     from hydra import compose, initialize_config_dir
+
     from sweep.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

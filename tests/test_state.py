@@ -12,22 +12,25 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
+from conftest import make_cfg
 
 import sweep
-from conftest import make_cfg
-from sweep.formats import make_format
-from sweep.records import Store, gather, write_record
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import record, run_point
-from sweep.targets import resolve
+from sweep.store.records import Store, write_record
+from sweep.store.table import gather
 
 # (module, name) -> why it is allowed to live at module level
 ALLOWED = {
-    ("sweep.backend", "_recent_errors"): "llama.cpp's log callback is process-wide: the last errors it reported",
-    ("sweep.backend", "_initialised"): "llama_backend_init runs once per process",
-    ("sweep.model_file", "_read_info"): "a pure memo of the file's header, keyed by (path, size, mtime)",
-    ("sweep.model_file", "_sha256"): "a pure memo of the file's hash, keyed by (path, size, mtime)",
-    ("sweep.imatrix_file", "_load"): "a pure memo of the file's contents, keyed by (path, size, mtime)",
+    ("sweep.llama.backend", "_recent_errors"): "llama.cpp's log callback is process-wide: the last errors it reported",
+    ("sweep.llama.backend", "_initialised"): "llama_backend_init runs once per process",
+    ("sweep.llama.model_file", "_read_info"): "a pure memo of the file's header, keyed by (path, size, mtime)",
+    ("sweep.llama.model_file", "_sha256"): "a pure memo of the file's hash, keyed by (path, size, mtime)",
+    ("sweep.quant.imatrix_file", "_load"): "a pure memo of the file's contents, keyed by (path, size, mtime)",
+    ("sweep.quant.recipe_types", "_read"): "a pure memo of a recipe.json's per-tensor map, keyed by (path, size, "
+                                           "mtime)",
 }
 
 
@@ -52,7 +55,7 @@ def test_no_module_caches_pools_or_rebound_globals():
             found.append((mod.__name__, "os.umask at import"))
     unexplained = sorted(set(found) - set(ALLOWED))
     assert not unexplained, f"module-level state (give it an owner, or explain it in ALLOWED): {unexplained}"
-    gone = sorted(set(ALLOWED) - set(found) - {("sweep.backend", "_recent_errors")})  # a deque: seen dynamically
+    gone = sorted(set(ALLOWED) - set(found) - {("sweep.llama.backend", "_recent_errors")})  # a deque: seen dynamically
     assert not gone, f"ALLOWED lists state that no longer exists: {gone}"
 
 

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sweep.errors import SweepError
 from sweep.config import CONF_DIR
+from sweep.errors import SweepError
 from sweep.grid import plan
 from sweep.job import cores_for_this_job
-from sweep.metrics import EarlyStop, StopRule
+from sweep.scoring.metrics import EarlyStop, StopRule
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_COLUMNS = ["layer", "tensor", "kind", "fmt", "status", "ppl", "ppl_stderr", "baseline_ppl", "delta_ppl",

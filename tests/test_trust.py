@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_cfg
 from gguf import GGUFReader
 
 from sweep import run as run_module
-from sweep.backend import PROBE_TOKENS, Backend
-from sweep.container import compute_settings, runtime_identity
 from sweep.errors import SweepError
-from sweep.formats import make_format
-from sweep.records import Store
+from sweep.llama.backend import PROBE_TOKENS, Backend
+from sweep.llama.container import compute_settings, runtime_identity
+from sweep.quant.formats import make_format
+from sweep.quant.targets import Target, advertised_nodes, resolve
 from sweep.reference import open_reference
 from sweep.run import baseline_score, run_point
-from sweep.targets import Target, advertised_nodes, resolve
-
-from conftest import make_cfg
+from sweep.store.records import Store
 
 N_CTX = 64
 
@@ -49,8 +48,8 @@ def test_native_model_uses_plain_buffers_and_every_weight_reads_back_as_in_the_f
 READ_BACK = """
 import sys
 from gguf import GGUFReader
-from sweep.backend import Backend
-from sweep.container import compute_settings
+from sweep.llama.backend import Backend
+from sweep.llama.container import compute_settings
 with Backend(sys.argv[1], 32, 2, settings=compute_settings("native")) as b:
     assert b.model_params.use_extra_bufts is False
     for t in GGUFReader(sys.argv[1]).tensors:
@@ -101,7 +100,7 @@ def test_a_name_shared_by_computed_nodes_must_be_picked(f32_ref):
 def test_every_advertised_node_is_rounded_once_per_window(f32_ref):
     """One point per per-layer node of the graph: hook calls = windows x nodes, and never a failed point."""
     seen = []
-    for spec, occurrence in advertised_nodes(f32_ref.backend.nodes):
+    for spec, _occurrence in advertised_nodes(f32_ref.backend.nodes):
         target = resolve("activation", spec, [0, 2], f32_ref.info, f32_ref.backend.nodes)
         fmt = make_format("int8", granularity="per_token" if target.token_rows else "per_tensor")
         out = run_point(f32_ref, target, fmt, progress=False)
@@ -128,7 +127,7 @@ def test_per_token_means_one_row_per_token_on_3d_nodes(f32_ref):
         seen = f32_ref.backend.read_back
     finally:
         f32_ref.backend.read_back = None
-    for _, computed, written, read_back in seen:
+    for _, computed, _written, read_back in seen:
         assert computed.ndim == 3
         rows = computed.reshape(computed.shape[0], -1)
         np.testing.assert_array_equal(read_back, fmt(rows).reshape(computed.shape))
@@ -156,7 +155,7 @@ def test_kv_perturbations_show_their_effect_in_the_f32_container(f32_ref, node):
     assert out.status == "ok" and out.score.kld.mean() > 0
 
 
-# ---- 4. store keys carry the kernels ----------------------------------------------------------------------------------
+# ---- 4. store keys carry the kernels ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [("system_info", "CPU : AMX_INT8 = 1 |"), ("kv_type", "f16"),
                                           ("flash_attn", "on"), ("n_gpu_layers", -1),

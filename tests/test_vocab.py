@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_cfg
 
 from sweep.errors import SweepError
-from sweep.formats import make_format
 from sweep.gencheck import generation_mode
 from sweep.grid import plan
-from sweep.perplexity import StoredLogits
-from sweep.records import Store
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import record, run_point
-from sweep.targets import resolve
-
-from conftest import make_cfg
+from sweep.scoring.window_math import StoredLogits
+from sweep.store.records import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRED = ("kld_mean", "kld_p99", "top1_agree", "delta_nll", "delta_nll_stderr", "ppl", "baseline_ppl")

@@ -1,0 +1,26 @@
+"""The fixed sets of values that the configuration (sweep/config.py) and the layers below it share: an Enum each,
+so that the Hydra config rejects other values at composition."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A value from a fixed set: equal to, printed and hashed as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Container(Choice):
+    f32 = "f32"  # every tensor dequantized to F32 once (cached): the reference for sensitivity
+    native = "native"  # the file as it is: quantized kernels (requantized activations: a noise floor)
+
+
+class Kind(Choice):
+    weight = "weight"
+    activation = "activation"

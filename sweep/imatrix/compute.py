@@ -1,0 +1,118 @@
+"""`python -m sweep.imatrix [overrides] out=PATH`: an importance matrix computed on the text, as llama-imatrix does.
+
+For every matrix multiplication of the model (the backend's matmul observer: the context's eval callback sees each
+MUL_MAT / MUL_MAT_ID node once computed), the sum over tokens of the squared input activations per column, and the
+number of tokens, per weight tensor. The rules are tools/imatrix/imatrix.cpp's of the vendored llama.cpp:
+  * MUL_MAT nodes count only when their input has >= 16 rows, is F32, and the weight is a block tensor (`blk.*`;
+    `output.weight` too with process_output=true); MUL_MAT_ID nodes always, per routed expert;
+  * sums accumulate in float32, row after row (the same rounding as llama-imatrix's loop);
+  * the text is cut into windows of n_ctx tokens (BOS first when the vocab asks for it), every position's logits
+    are requested (so the last block computes every row), and data.n_windows windows are used.
+The file is written in the GGUF form llama-imatrix writes (sweep/quant/imatrix_file.py); `fmt.imatrix=PATH` reads it.
+bench/imatrix_crosscheck.py compares it with llama-imatrix's own output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+from tqdm import tqdm
+
+from .. import config
+from ..cli import hydra_command
+from ..errors import SweepError
+from ..llama.backend import Backend
+from ..llama.observer import GGML_OP_MUL_MAT_ID, MatMul
+from ..quant.imatrix_file import Imatrix, write_gguf
+from ..reference import open_reference
+
+
+@dataclass
+class ImatrixConfig(config.ScoreConfig):
+    out: str = MISSING  # where to write the imatrix (GGUF form)
+    process_output: bool = False  # llama-imatrix --process-output: also collect output.weight
+
+
+ConfigStore.instance().store(name="imatrix_schema", node=ImatrixConfig)
+
+
+class Collector:
+    """llama-imatrix's IMatrixCollector::collect_imatrix, as a backend matmul observer."""
+
+    def __init__(self, process_output: bool = False):
+        self.process_output = process_output
+        self.sums: dict[str, np.ndarray] = {}  # float32 (n_mat, n_cols)
+        self.counts: dict[str, np.ndarray] = {}  # int64 (n_mat,)
+
+    def wants(self, m: MatMul) -> bool:
+        if m.op == GGML_OP_MUL_MAT_ID:
+            return True
+        if not m.x_is_f32 or m.x_ne[1] < 16:  # llama-imatrix ignores small batches and non-F32 inputs
+            return False
+        return m.weight.startswith("blk.") or (self.process_output and m.weight == "output.weight")
+
+    def __call__(self, m: MatMul) -> None:
+        if m.x is None:
+            raise SweepError(f"{m.weight}: input activations are not F32")
+        ne0 = m.x_ne[0]
+        if m.op == GGML_OP_MUL_MAT_ID:
+            n_as = m.weight_ne[2]
+            sums, counts = self._entry(m.weight, n_as, ne0, per_expert=True)
+            n_tokens, n_ids = m.ids.shape
+            for idx in range(n_ids):  # llama-imatrix's order: expert slot, then token
+                for row in range(n_tokens):
+                    ex = int(m.ids[row, idx])
+                    x = m.x[0, row, idx % m.x_ne[1]]
+                    sums[ex] += x * x
+                    counts[ex] += 1
+        else:
+            n_mat = m.weight_ne[2] * m.weight_ne[3]
+            sums, counts = self._entry(m.weight, n_mat, ne0, per_expert=False)
+            for i3 in range(m.x_ne[3]):
+                for i2 in range(m.x_ne[2]):
+                    mat = (i3 % m.weight_ne[3]) * m.weight_ne[2] + (i2 % m.weight_ne[2])
+                    x = m.x[i3, i2]
+                    # add.accumulate is strictly sequential: acc, acc + x0², (acc + x0²) + x1², ... in float32
+                    sums[mat] = np.add.accumulate(np.vstack([sums[mat][None], x * x]), axis=0)[-1]
+            counts += m.x.size // ne0 // n_mat
+        if not np.isfinite(sums).all():
+            raise SweepError(f"non-finite activations in {m.weight}")
+
+    def _entry(self, name: str, n_mat: int, ne0: int, per_expert: bool):
+        if name not in self.sums:
+            self.sums[name] = np.zeros((n_mat, ne0), dtype=np.float32)
+            self.counts[name] = np.zeros(n_mat if per_expert else 1, dtype=np.int64)
+        if self.sums[name].shape != (n_mat, ne0):
+            raise SweepError(f"inconsistent sizes for {name}: {self.sums[name].shape} vs {(n_mat, ne0)}")
+        return self.sums[name], self.counts[name]
+
+
+def collect(backend: Backend, windows: np.ndarray, process_output: bool = False, progress: bool = True) -> Collector:
+    """Decode every window with all logits requested, collecting llama-imatrix's statistic."""
+    col = Collector(process_output)
+    backend.matmul_observer = col
+    try:
+        everything = np.ones(windows.shape[1], dtype=np.int8)
+        for w in tqdm(windows, desc="imatrix", unit="window", disable=not progress):
+            backend.decode_window(w, everything)
+    finally:
+        backend.matmul_observer = None
+    return col
+
+
+def run_imatrix(cfg: DictConfig) -> Path:
+    with open_reference(cfg) as ref:
+        col = collect(ref.backend, ref.windows.tokens, cfg.process_output, cfg.run.progress)
+    im = Imatrix(col.sums, col.counts, chunk_count=ref.windows.n_windows, chunk_size=ref.windows.n_ctx,
+                 datasets=[str(ref.text.source)])
+    out = write_gguf(Path(cfg.out), im)
+    print(f"imatrix of {len(im.sums)} tensors over {ref.windows.n_windows} windows of {ref.windows.n_ctx} tokens "
+          f"({ref.source.name}, {ref.container} container) written to {out}")
+    return out
+
+
+main = hydra_command("imatrix", run_imatrix)

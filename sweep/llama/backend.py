@@ -1,0 +1,402 @@
+"""A llama.cpp context and its decode (through llama-cpp-python's low-level API); sweep/llama/ is the only package
+that talks to llama.cpp.
+
+It offers three mechanisms and no policy:
+  * `decode_window`: one window of tokens in, the logits of the requested positions out;
+  * an activation hook: a function called with the data of chosen graph nodes right after llama.cpp computed
+    them, whose return value is written back before anything downstream reads it (the context's eval callback);
+  * weight access: read/write of the model's weight tensors in place (model loaded without mmap).
+Reads and writes go through ggml_backend_tensor_get/set, never through `tensor->data`, so GPU backends work too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp._ggml import libggml
+
+from ..errors import SweepError
+from .ggml_tensor import GGML_TYPE_F32, GGMLTensor, _TensorPtr
+from .observer import MATMUL_OPS, matmul
+
+log = logging.getLogger(__name__)
+
+# A weight tensor's name in the graph is its GGUF name, e.g. "blk.3.ffn_down.weight".
+_WEIGHT_NAME = re.compile(r"^[\w.]+\.(weight|bias)$")
+# Tokens of the probe decode: all of them produce logits, so every block (the last included) computes all rows and
+# the token axis of a node is the one of this length (a prime, unlikely to equal a head count or a head size).
+PROBE_TOKENS = 11
+GGML_TYPES = {"f32": 0, "f16": 1}
+FLASH_ATTN = {"off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """The code paths of llama.cpp that change the numbers, set explicitly instead of left to the build's defaults.
+
+    Weight repacking into "extra buffer types" (AMX, AArch64 repacks) is always off: this llama.cpp's AMX matmul
+    segfaults (ggml-org/llama.cpp #20824) and repacked buffers cannot be read back (#11115). Sweeps then run the
+    same kernels on every CPU, as `llama-perplexity -nr` does.
+    """
+
+    kv_type: str = "f16"  # K and V cache element type: f32 | f16
+    flash_attn: str = "on"  # off | on
+    n_gpu_layers: int = 0
+
+    def as_dict(self) -> dict:
+        return {"kv_type": self.kv_type, "flash_attn": self.flash_attn, "n_gpu_layers": self.n_gpu_layers,
+                "extra_bufts": False}
+
+
+@dataclass(frozen=True)
+class NodeOccurrence:
+    """One node of the graph: llama.cpp gives several nodes the same name (a matmul output, its reshape view, the
+    RoPE output are all `Qcur-N`), and the eval callback sees each of them."""
+
+    name: str  # full node name, e.g. "Qcur-3"
+    index: int  # position among the nodes of that name, in graph order (views included)
+    op: str  # ggml's op description, lower case: "mul_mat", "rope", "reshape", "rms_norm", ...
+    shape: tuple[int, ...]  # numpy shape in the probe decode (PROBE_TOKENS tokens)
+    view_of: str  # the node whose memory a view shares ("" for a computed node): rounding a view rounds it again
+
+    @property
+    def view(self) -> bool:
+        return bool(self.view_of)
+
+    @property
+    def describe(self) -> str:
+        return f"{self.op}{f' (view of {self.view_of})' if self.view else ''} {'x'.join(map(str, self.shape))}"
+
+
+def system_info() -> str:
+    """llama.cpp's own description of the CPU features and backends it was built for and runs with."""
+    _init_once()
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def llama_cpp_version() -> str:
+    return getattr(llama_cpp, "__version__", "unknown")
+
+# llama.cpp's log lines are dropped unless they are errors; the last few explain a failed load. Its log callback
+# is process-wide in llama.cpp itself, and so are this buffer and `_initialised` below.
+GGML_LOG_LEVEL_ERROR = 4
+_recent_errors: deque[str] = deque(maxlen=5)
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level, text, user_data):
+    msg = text.decode("utf-8", "replace").rstrip()
+    if level >= GGML_LOG_LEVEL_ERROR and msg:
+        _recent_errors.append(msg)
+
+
+_initialised = False
+
+
+def _init_once() -> None:
+    global _initialised
+    if not _initialised:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _initialised = True
+
+
+ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
+
+
+class Backend:
+    """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
+
+    # When set: `wants(MatMul without data)` is asked for every MUL_MAT / MUL_MAT_ID node before it is scheduled,
+    # and the observer is called with the `MatMul` (end of this module) of each wanted node once computed.
+    matmul_observer = None
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int, *, settings: ComputeSettings,
+                 writable_weights: bool = False):
+        _init_once()
+        self.path, self.n_ctx, self.n_threads, self.settings = Path(path), n_ctx, n_threads, settings
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = settings.n_gpu_layers
+        mparams.use_extra_bufts = False  # no repacking: AMX crashes, repacked weights are unreadable (see above)
+        if writable_weights:  # with mmap, the weights are read-only pages of the file: writing would crash
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        self.model_params = mparams
+        _recent_errors.clear()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            why = _recent_errors[-1] if _recent_errors else "unknown reason"
+            raise SweepError(f"llama.cpp cannot load {self.path}: {why} "
+                             f"(unsupported architecture or damaged file?)")
+
+        # The eval callback must stay referenced as long as the context lives.
+        self._eval_cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        # An F16 cache (llama.cpp's default) silently absorbs any K/V perturbation at or below fp16 precision,
+        # and CPU flash attention converts Q to F16: both are chosen, never left to the build.
+        cparams.type_k = cparams.type_v = GGML_TYPES[settings.kv_type]
+        cparams.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+        cparams.cb_eval = self._eval_cb
+        cparams.cb_eval_user_data = None
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise SweepError(f"llama.cpp cannot create a context of {n_ctx} tokens for {self.path}")
+
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.n_layers = llama_cpp.llama_model_n_layer(self.model)
+
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        b = self._batch
+        self._b_token = np.ctypeslib.as_array(b.token, shape=(n_ctx,))
+        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n_ctx,))
+        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n_ctx,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(n_ctx,))[:] = 1
+        for k in range(n_ctx):
+            b.seq_id[k][0] = 0
+        self._b_pos[:] = np.arange(n_ctx, dtype=np.int32)
+
+        # Hook state: which node occurrences (name, index) to hand to `activation_hook`.
+        self.hooked_nodes: frozenset[tuple[str, int]] = frozenset()
+        self._seen: dict[str, int] = {}  # occurrences of each name so far in the current decode
+        self.activation_hook: ActivationHook | None = None
+        self.hook_error: BaseException | None = None
+        # When a list, every hooked node is read back after the write: (name, computed, written, read back).
+        self.read_back: list | None = None
+        self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
+        # Filled by the probe decode: every node of the graph and every weight tensor reachable from it.
+        self._collect = False
+        self.nodes: dict[str, list[NodeOccurrence]] = {}
+        self._weights: dict[str, int] = {}
+        self._probe()
+
+    # ---- tokens and decoding -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
+        if n < 0:
+            raise SweepError(f"tokenizer needed {-n} slots for {len(data)} bytes of text")
+        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+
+    def detokenize(self, tokens) -> str:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = llama_cpp.llama_token_to_piece(self.vocab, int(t), buf, len(buf), 0, False)
+            out += buf.raw[:max(n, 0)]
+        return out.decode("utf-8", "replace")
+
+    def decode_window(self, tokens: np.ndarray, output_mask: np.ndarray) -> np.ndarray:
+        """Decode `tokens` as one fresh sequence; return the logits of positions where `output_mask` is set.
+
+        The KV cache is cleared first, so windows are independent, as in llama-perplexity.
+        """
+        self._check_open()
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ValueError(f"window of {n} tokens exceeds the context ({self.n_ctx})")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        self._b_token[:n] = tokens
+        self._b_logits[:n] = output_mask
+        self._batch.n_tokens = n
+        self._decode()
+        n_out = int(np.count_nonzero(output_mask))
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def chat_prompt(self, user_text: str) -> str:
+        """`user_text` as one user turn in the model's own chat template (plain text if it has none)."""
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        if not template:
+            return user_text
+        msg = (llama_cpp.llama_chat_message * 1)(llama_cpp.llama_chat_message(b"user", user_text.encode()))
+        buf = ctypes.create_string_buffer(4 * len(user_text) + 1024)
+        n = llama_cpp.llama_chat_apply_template(template, msg, 1, True, buf, len(buf))
+        return buf.raw[:n].decode("utf-8", "replace") if 0 < n <= len(buf) else user_text
+
+    def generate_greedy(self, prompt: np.ndarray, max_new: int) -> list[int]:
+        """Greedy continuation of `prompt` (a fresh sequence), stopping at end-of-generation or `max_new` tokens.
+        Hooks and weight changes apply as in scoring."""
+        self._check_open()
+        n = len(prompt)
+        if n + max_new > self.n_ctx:
+            raise SweepError(f"prompt of {n} tokens + {max_new} new exceeds the context of {self.n_ctx}")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        out: list[int] = []
+        try:
+            self._b_token[:n], self._b_logits[:n] = prompt, 0
+            self._b_logits[n - 1] = 1
+            for step in range(max_new + 1):
+                self._batch.n_tokens = n if step == 0 else 1
+                self._decode()
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+                token = int(logits.argmax())
+                if step == max_new or llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                    break
+                out.append(token)
+                self._b_token[0], self._b_pos[0], self._b_logits[0] = token, n + step, 1
+        finally:
+            self._b_pos[:] = np.arange(self.n_ctx, dtype=np.int32)  # decode_window relies on positions 0..n-1
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "ctx", None)
+
+    def _check_open(self) -> None:
+        if self.closed:  # llama.cpp would dereference freed memory
+            raise RuntimeError(f"the model {self.path.name} was closed; load it again")
+
+    def _decode(self) -> None:
+        """llama_decode of the prepared batch; time spent inside it is added to `decode_seconds`."""
+        self.hook_error = None
+        self._seen = {}
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        self.decode_seconds += time.perf_counter() - t0
+        if self.hook_error is not None:
+            raise self.hook_error
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    # ---- graph introspection and the activation hook -------------------------------------------------------
+
+    @property
+    def node_names(self) -> set[str]:
+        return set(self.nodes)
+
+    def _probe(self) -> None:
+        """Decode a few tokens once to learn the graph's nodes (every occurrence, with its op and shape) and to reach
+        the weight tensors."""
+        n = min(PROBE_TOKENS, self.n_ctx)
+        self._collect = True
+        try:
+            tok = np.full(n, self.bos if self.bos >= 0 else 0, dtype=np.int32)
+            self.decode_window(tok, np.ones(n, dtype=np.int8))
+        finally:
+            self._collect = False
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def _on_eval(self, t_ptr, ask, user_data):
+        t = ctypes.cast(t_ptr, _TensorPtr).contents
+        name = t.name.decode("utf-8", "replace")
+        if ask:
+            index = self._seen.get(name, 0)
+            self._seen[name] = index + 1
+            if self._collect:
+                op = (libggml.ggml_op_desc(t_ptr) or b"?").decode().lower()
+                self.nodes.setdefault(name, []).append(
+                    NodeOccurrence(name, index, op, self._shape(t),
+                                   t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else ""))
+                for src in t.src:
+                    if src:
+                        sname = src.contents.name.decode("utf-8", "replace")
+                        if _WEIGHT_NAME.match(sname):
+                            self._weights[sname] = ctypes.addressof(src.contents)
+            observe = self.matmul_observer is not None and t.op in MATMUL_OPS \
+                and self.matmul_observer.wants(matmul(t, with_data=False))
+            return (name, index) in self.hooked_nodes or observe
+        try:
+            if self.matmul_observer is not None and t.op in MATMUL_OPS:
+                m = matmul(t, with_data=False)
+                if self.matmul_observer.wants(m):
+                    self.matmul_observer(matmul(t))
+            if (name, self._seen[name] - 1) in self.hooked_nodes:  # the node just asked for is this one
+                self._run_hook(t_ptr, t, name)
+        except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later
+            self.hook_error = e
+            return False
+        return True
+
+    def _run_hook(self, t_ptr, t: GGMLTensor, name: str) -> None:
+        if self.activation_hook is None:
+            return
+        x = self._get(t_ptr, t, name)
+        y = self.activation_hook(name, x)
+        if y is not None:
+            self._set(t_ptr, t, name, y)
+            if self.read_back is not None:
+                self.read_back.append((name, x, y, self._get(t_ptr, t, name)))
+
+    @staticmethod
+    def _shape(t: GGMLTensor) -> tuple[int, ...]:
+        ne = [int(n) for n in t.ne]
+        while len(ne) > 1 and ne[-1] == 1:
+            ne.pop()
+        return tuple(reversed(ne))  # ggml ne (fastest first) -> numpy row-major shape
+
+    def _get(self, t_ptr, t: GGMLTensor, name: str) -> np.ndarray:
+        if t.type != GGML_TYPE_F32 or not libggml.ggml_is_contiguous(t_ptr):
+            raise SweepError(f"tensor {name!r} is not a contiguous F32 tensor (ggml type {t.type}); "
+                             f"only F32 tensors can be fake-quantized in place")
+        x = np.empty(self._shape(t), dtype=np.float32)
+        libggml.ggml_backend_tensor_get(t_ptr, x.ctypes.data, 0, x.nbytes)
+        return x
+
+    def _set(self, t_ptr, t: GGMLTensor, name: str, y: np.ndarray) -> None:
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        if y.shape != self._shape(t):
+            raise ValueError(f"shape {y.shape} written to {name!r} of shape {self._shape(t)}")
+        libggml.ggml_backend_tensor_set(t_ptr, y.ctypes.data, 0, y.nbytes)
+
+    # ---- weights --------------------------------------------------------------------------------------------
+
+    def _weight(self, name: str):
+        self._check_open()
+        if name not in self._weights:
+            raise SweepError(f"weight tensor {name!r} is not used by the graph of {self.path.name}")
+        addr = self._weights[name]
+        return ctypes.c_void_p(addr), GGMLTensor.from_address(addr)
+
+    def read_weight_bytes(self, name: str) -> bytes:
+        """A weight tensor's bytes as the backend holds them (any type; a repacked buffer could not give them)."""
+        ptr, t = self._weight(name)
+        buf = ctypes.create_string_buffer(libggml.ggml_nbytes(ptr))
+        libggml.ggml_backend_tensor_get(ptr, buf, 0, len(buf))
+        return buf.raw
+
+    def read_weight(self, name: str) -> np.ndarray:
+        ptr, t = self._weight(name)
+        return self._get(ptr, t, name)
+
+    def write_weight(self, name: str, data: np.ndarray) -> None:
+        ptr, t = self._weight(name)
+        self._set(ptr, t, name, data)
+
+    # ---- lifetime -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,125 @@
+"""GGUF files read through ggml's own gguf reader (the C API; it knows every type this llama.cpp writes, the Python
+`gguf` package may lag behind): one tensor's bytes, the tensor table, the header llama_model_quantize would write."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from llama_cpp._ggml import libggml
+
+from ..errors import SweepError
+from .ggml_tensor import GGML_MAX_DIMS
+from .quantize import _kv_value
+
+
+class _GGUFInitParams(ctypes.Structure):
+    """`struct gguf_init_params` (ggml/include/gguf.h)."""
+
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+for _fn, _args, _res in [
+    ("gguf_init_from_file", [ctypes.c_char_p, _GGUFInitParams], ctypes.c_void_p),
+    ("gguf_free", [ctypes.c_void_p], None),
+    ("gguf_find_tensor", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
+    ("gguf_get_data_offset", [ctypes.c_void_p], ctypes.c_size_t),
+    ("gguf_get_tensor_offset", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+    ("gguf_get_tensor_ne", [ctypes.c_void_p, ctypes.c_int64], ctypes.POINTER(ctypes.c_int64)),
+    ("gguf_get_tensor_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+    ("gguf_get_tensor_size", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+def read_gguf_tensor(path: Path, name: str) -> tuple[int, tuple[int, ...], np.ndarray]:
+    """(ggml type, numpy shape, stored bytes) of one tensor of a GGUF file, through ggml's own gguf reader (it
+    knows every type this llama.cpp writes; the Python `gguf` package may lag behind)."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        tid = libggml.gguf_find_tensor(ctx, name.encode())
+        if tid < 0:
+            raise SweepError(f"{path} has no tensor {name!r}")
+        offset = libggml.gguf_get_data_offset(ctx) + libggml.gguf_get_tensor_offset(ctx, tid)
+        size = libggml.gguf_get_tensor_size(ctx, tid)
+        ne = libggml.gguf_get_tensor_ne(ctx, tid)
+        shape = tuple(int(ne[i]) for i in range(GGML_MAX_DIMS))
+        type_id = int(libggml.gguf_get_tensor_type(ctx, tid))
+    finally:
+        libggml.gguf_free(ctx)
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return type_id, tuple(reversed(shape)), np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
+
+
+for _fn, _args, _res in [
+    ("gguf_get_n_tensors", [ctypes.c_void_p], ctypes.c_int64),
+    ("gguf_get_tensor_name", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+    ("gguf_get_alignment", [ctypes.c_void_p], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    type_id: int  # enum ggml_type as stored
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length; trailing 1s dropped
+    nbytes: int  # stored bytes (without alignment padding)
+
+
+def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
+    """Every tensor of a GGUF file as ggml's gguf reader lists it (fast: no metadata values are parsed in Python),
+    with the file's data offset (header bytes) and alignment."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        out = []
+        for i in range(libggml.gguf_get_n_tensors(ctx)):
+            ne_ptr = libggml.gguf_get_tensor_ne(ctx, i)
+            ne = [int(ne_ptr[k]) for k in range(GGML_MAX_DIMS)]
+            while len(ne) > 1 and ne[-1] == 1:
+                ne.pop()
+            out.append(GGUFTensorInfo(libggml.gguf_get_tensor_name(ctx, i).decode(),
+                                      int(libggml.gguf_get_tensor_type(ctx, i)), tuple(ne),
+                                      int(libggml.gguf_get_tensor_size(ctx, i))))
+        return out, int(libggml.gguf_get_data_offset(ctx)), int(libggml.gguf_get_alignment(ctx))
+    finally:
+        libggml.gguf_free(ctx)
+
+
+for _fn, _args, _res in [
+    ("gguf_set_val_u32", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32], None),
+    ("gguf_set_val_str", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p], None),
+    ("gguf_remove_key", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
+    ("gguf_get_meta_size", [ctypes.c_void_p], ctypes.c_size_t),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+
+def quantized_header_bytes(path: Path, ftype: int, metadata: list[tuple[str, str | int]] = ()) -> int:
+    """Bytes before the tensor data in the file llama_model_quantize writes from `path`: the source's metadata with
+    the keys src/llama-quant.cpp sets (general.quantization_version, general.file_type, the kv overrides:
+    `metadata`) and removes (split.*), measured by ggml's own gguf writer (tensor infos do not change size with the
+    type)."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"ggml cannot read {path} as GGUF")
+    try:
+        libggml.gguf_set_val_u32(ctx, b"general.quantization_version", 2)  # GGML_QNT_VERSION
+        libggml.gguf_set_val_u32(ctx, b"general.file_type", ftype)
+        for key in (b"split.no", b"split.count", b"split.tensors.count"):
+            libggml.gguf_remove_key(ctx, key)
+        for key, value in metadata:
+            if isinstance(value, str):
+                libggml.gguf_set_val_str(ctx, key.encode(), _kv_value(value).encode())
+            else:
+                libggml.gguf_set_val_u32(ctx, key.encode(), abs(int(value)))
+        return int(libggml.gguf_get_meta_size(ctx))
+    finally:
+        libggml.gguf_free(ctx)

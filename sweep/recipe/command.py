@@ -1,0 +1,177 @@
+"""`python -m sweep.recipe RUNS... --types q4_K,q6_K,q8_0 --size 90MB|Q4_K_M|FILE.gguf | --bpw 5.0`
+
+From the gathered tables of finished sweeps (every weight tensor measured at every candidate type) to a
+mixed-precision recipe: one type per tensor, minimizing the sum of the tensors' measured damages under a byte
+budget (sweep/recipe/solve.py), exported for llama-quantize (recipe.txt) and with its figures (recipe.json);
+`--build FILE` writes the GGUF with llama.cpp's own quantizer; `--validate` scores it and llama.cpp's presets on
+held-out text (sweep/recipe/validate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from ..cli import exit_on_user_error
+from ..cores import available_cores
+from ..errors import SweepError
+from ..llama.container import container_path
+from ..llama.model_file import embedded_model_path, sha256
+from ..quant.imatrix_file import provenance
+from ..store.files import atomic_write_bytes
+from .build import PRESETS, build_recipe, check_source_quantizable, preset_file, stored_types
+from .export import read_recipe_txt, write_recipe
+from .sizes import SourceModel, check_type, parse_size
+from .solve import budget_bytes, make_recipe, missing_measurements
+from .table import check_complete, read_table
+from .validate import validate
+
+log = logging.getLogger("sweep.recipe")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sweep.recipe", description=__doc__.split("\n\n")[1])
+    p.add_argument("runs", nargs="+", type=Path, help="sweep directories (hydra.sweep.dir) or record files")
+    p.add_argument("--types", default="q4_K,q5_K,q6_K,q8_0", help="candidate GGUF types (comma-separated)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--size", help="file size budget: 90MB, 85.5MiB, a GGUF file's size, or a llama.cpp preset "
+                                       "built from the source (Q4_K_M, ...)")
+    budget.add_argument("--bpw", type=float, help="bits per weight over every tensor's elements")
+    p.add_argument("--metric", default="kld_mean", help="damage to minimize (a ranked metric; default kld_mean)")
+    p.add_argument("--group", action="append", default=[], metavar="REGEX",
+                   help="tensors matching REGEX share one type within each block (repeatable), e.g. 'attn_[qkv]'")
+    p.add_argument("--default-type", action="append", default=[], metavar="[REGEX=]TYPE",
+                   help="type of quantizable tensors the tables do not cover (repeatable: 'token_embd=q8_0' for the "
+                        "tensors REGEX finds, a plain TYPE for the rest; default q8_0; 'keep' = the source's type)")
+    p.add_argument("--source", type=Path, help="the F32/F16 GGUF to build from (default: the F32 container of the "
+                                               "model the tables were measured on)")
+    p.add_argument("--imatrix", type=Path, help="llama.cpp importance matrix for the build (the tables must have "
+                                                "been measured with it: fmt.imatrix=...)")
+    p.add_argument("--out", type=Path, default=Path("recipe"), help="directory for recipe.txt, recipe.json, ...")
+    p.add_argument("--build", type=Path, metavar="OUT.gguf", help="write the recipe's GGUF with llama.cpp's quantizer")
+    p.add_argument("--validate", action="store_true", help="score the built file and llama.cpp's presets on "
+                                                            "held-out windows (needs --build)")
+    p.add_argument("--presets", default="Q4_K_S,Q4_K_M,Q5_K_S,Q5_K_M,Q6_K,Q8_0", help="presets to validate against")
+    p.add_argument("--heldout-windows", type=int, default=16, help="held-out windows scored by --validate")
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def default_source(table) -> Path:
+    model = embedded_model_path()
+    if model.name != table.model or sha256(model) != table.model_sha256:
+        raise SweepError(f"the tables were measured on {table.model}: give its F32 container or an F32/F16 export "
+                         f"with --source")
+    return container_path(model, "f32")
+
+
+def resolve_size(text: str, args, source: Path, imatrix) -> tuple[int, str]:
+    """Bytes of the --size budget, and where they came from."""
+    if text in PRESETS:
+        f = preset_file(args.out, source, text, imatrix, threads(args))
+        return f.stat().st_size, f"the size of llama.cpp's {text} built from the same source ({f})"
+    if text.lower().endswith(".gguf"):
+        f = Path(text)
+        if not f.is_file():
+            raise SweepError(f"--size {text}: no such file")
+        return f.stat().st_size, f"the size of {f}"
+    return parse_size(text), text
+
+
+def threads(args) -> int:
+    return args.threads or available_cores()
+
+
+def run(args: argparse.Namespace) -> dict:
+    types = [check_type(t.strip()) for t in args.types.split(",") if t.strip()]
+    if not types:
+        raise SweepError("--types is empty: give candidate GGUF types, e.g. q4_K,q6_K,q8_0")
+    args.default_type = args.default_type or ["q8_0"]
+    for entry in args.default_type:
+        rx, _, ty = entry.rpartition("=")
+        if ty != "keep":
+            check_type(ty)
+        if rx:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise SweepError(f"--default-type {entry!r}: {e}") from None
+    if args.validate and not args.build:
+        raise SweepError("--validate scores the built file: add --build OUT.gguf")
+    table = read_table(args.runs, args.metric, imatrix=args.imatrix is not None)
+    source_path = args.source or default_source(table)
+    imatrix = args.imatrix  # its values go to the quantizer, its provenance into the header (recipe_build.py)
+    source = SourceModel(source_path, provenance(imatrix) if imatrix else ())
+
+    check_complete(table, missing_measurements(table, source, types))  # before anything is built or written
+    if args.build:
+        check_source_quantizable(source)
+
+        if args.build.exists() and args.build.resolve() in (source_path.resolve(), embedded_model_path().resolve()):
+            raise SweepError(f"--build {args.build} is the source model: choose another path")
+    if args.size is not None:
+        size, size_from = resolve_size(args.size, args, source_path, imatrix)
+    else:
+        size, size_from = None, None
+    budget, kind = budget_bytes(size, args.bpw, source)
+    recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
+    meta = {"command": "python -m sweep.recipe " + shlex.join(sys.argv[1:]), "metric": args.metric,
+            "types": types, "groups": args.group, "default_type": args.default_type, "budget_from": size_from or
+            f"{args.bpw} bits per weight", "model": table.model, "model_sha256": table.model_sha256,
+            "measured_on": {"container": table.container, "n_ctx": table.n_ctx, "n_windows": table.n_windows,
+                            "imatrix": table.imatrix, "data_source": table.data_source,
+                            "data_sha256": table.data_sha256},
+            "imatrix": str(args.imatrix) if args.imatrix else None}
+    txt, js = write_recipe(args.out, recipe, source, meta)
+    summary = (f"recipe: {len([c for c in recipe.choices if c.type_asked])} measured tensors, predicted "
+               f"{args.metric} {recipe.damage:.4g} ± {recipe.damage_stderr:.2g} (sum of single-tensor damages), "
+               f"predicted file {recipe.predicted_file_bytes} bytes ({recipe.predicted_file_bytes / 1e6:.3f} MB), "
+               f"{recipe.bpw:.4f} bpw; budget {budget} bytes ({'file' if kind == 'file' else 'tensors'}, "
+               f"{size_from or str(args.bpw) + ' bpw'}); types {json.dumps(_counts(recipe))}; "
+               f"solver: {recipe.solver.get('message', 'trivial')}")
+    print(summary)
+    print(f"wrote {txt} and {js}")
+    result = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
+    if args.build:
+        lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read
+        built = build_recipe(source_path, args.build, lines, imatrix, threads(args))
+        real = built.stat().st_size
+        got = stored_types(built)
+        want = {c.tensor: (c.type_stored, c.bytes) for c in recipe.choices}
+        differ = [n for n, w in want.items() if got.get(n) != w]
+        if differ:
+            raise SweepError(f"the built file differs from the recipe on {len(differ)} tensor(s), e.g. {differ[0]}: "
+                             f"recipe {want[differ[0]]}, file {got.get(differ[0])}")
+        print(f"built {built}: {real} bytes ({real / 1e6:.3f} MB; predicted {recipe.predicted_file_bytes}, "
+              f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says")
+        _update_json(js, {"built": {"path": str(built), "file_bytes": real}})
+        result["built"] = built
+    if args.validate:
+        result["validation"] = validate(table, source_path, recipe, result["built"], imatrix, out_dir=args.out,
+                                          presets=[p.strip() for p in args.presets.split(",") if p.strip()],
+                                          heldout_windows=args.heldout_windows, threads=threads(args))
+    return result
+
+
+def _counts(recipe) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in recipe.choices:
+        out[c.type_stored] = out.get(c.type_stored, 0) + 1
+    return out
+
+
+def _update_json(path: Path, extra: dict) -> None:
+    data = json.loads(path.read_text())
+    data.update(extra)
+    atomic_write_bytes(path, json.dumps(data, indent=1, allow_nan=True).encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    exit_on_user_error(run, args)

@@ -1,0 +1,51 @@
+"""`python -m sweep.report DIR [DIR ...]`: rebuild the results table and the ranking from sweep directories.
+
+Works on any set of sweep directories (a local sweep, a cluster's run dir copied back, several sweeps at once):
+it reads every job's record.json, keeps one row per point, writes results.parquet/results.csv and prints the
+ranking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..store.table import gather, write_table
+from .ranking import format_ranking
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or record.json files)")
+    parser.add_argument("--out", type=Path, help="where to write results.parquet/csv (default: the first DIR)")
+    parser.add_argument("--metric", default="delta_ppl", help="column to rank by (default: delta_ppl)")
+    parser.add_argument("--top", type=int, default=20, help="rows of the ranking to print (default: 20)")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the figures as PNGs into DIR")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.dirs if not d.exists()]
+    if missing:
+        print(f"error: not found: {', '.join(missing)} (give sweep directories under runs/)", file=sys.stderr)
+        return 2
+    df = gather(args.dirs)
+    if df.empty:
+        print(f"error: no record.json under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        return 2
+    if args.metric not in df:
+        print(f"error: unknown metric {args.metric!r}; numeric columns: "
+              f"{', '.join(df.select_dtypes('number').columns)}", file=sys.stderr)
+        return 2
+    out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
+    parquet, csv = write_table(df, out)
+    print(format_ranking(df, args.metric, args.top))
+    print(f"{len(df)} points -> {parquet} and {csv.name}")
+    if args.plots:
+        from .plots import write_all  # deferred: matplotlib, only with --plots
+
+        for path in write_all(df, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

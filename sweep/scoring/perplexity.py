@@ -1,0 +1,168 @@
+"""llama-perplexity's protocol (tools/perplexity/perplexity.cpp), on top of the backend: every window
+(sweep/scoring/windows.py) decoded and its scored half reduced (sweep/scoring/window_math.py).
+PPL = exp(mean NLL); its standard error is llama-perplexity's: PPL * sqrt(var(NLL) / (count - 1)).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from math import exp, sqrt
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .window_math import BaselineWindow, StoredLogits, WindowMath
+from .windows import Windows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Score:
+    nll: np.ndarray  # (n_windows, n_scored) per-token negative log-likelihood
+    n_ctx: int
+    seconds: float
+    diverged: str | None = None  # where non-finite logits were first seen; scoring stops there
+    argmax: np.ndarray | None = None  # (n_windows, n_scored) most likely token
+    lse: np.ndarray | None = None  # (n_windows, n_scored) log-sum-exp of the logits
+    logits: np.ndarray | None = None  # (n_windows, n_scored, n_vocab) raw logits, kept for baselines (memmap)
+    kld: np.ndarray | None = None  # (n_windows, n_scored) KL(reference || this), when a reference was given
+    stopped_early: bool = False  # scoring stopped before the last window because the question was settled
+    baseline: Score | None = None  # the baseline's score on the same windows, when it was recomputed alongside
+
+    @property
+    def n_windows(self) -> int:
+        return self.nll.shape[0]
+
+    def first(self, k: int) -> Score:
+        """The score of the first k windows (a baseline, paired with a run that stopped early)."""
+        if k >= self.n_windows:
+            return self
+        cut = {f: getattr(self, f)[:k] for f in ("argmax", "lse", "kld") if getattr(self, f) is not None}
+        return replace(self, nll=self.nll[:k], logits=None, **cut)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.nll.size
+
+    @property
+    def ppl(self) -> float:
+        return exp(float(self.nll.mean()))
+
+    @property
+    def ppl_stderr(self) -> float:
+        v = self.nll.ravel()
+        var = float(np.mean(v * v) - np.mean(v) ** 2)
+        return self.ppl * sqrt(var / (v.size - 1)) if var > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens decoded (whole windows) per second of scoring."""
+        return self.n_windows * self.n_ctx / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (f"PPL = {self.ppl:.4f} ± {self.ppl_stderr:.5f} "
+                f"({self.n_windows} windows, {self.n_tokens} tokens, {self.n_ctx} ctx)")
+
+
+def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring", keep_logits=None,
+          reference: Score | None = None, settled: Callable[[Score], bool] | None = None,
+          unperturbed: Callable[[], AbstractContextManager] | None = None,
+          math: WindowMath | None = None) -> Score:
+    """Score every window on `backend` (whose hooks/weights define the perturbation, if any).
+
+    keep_logits: an array of shape (n_windows, n_scored, n_vocab) (a memmap for a baseline) that receives the
+    raw logits. reference: a baseline scored with keep_logits; KL(reference || this run) is then computed.
+    unperturbed: instead of a stored reference, recompute it: each window is decoded first inside this context
+    (the perturbation switched off) and its logits kept in memory for the paired math, then decoded perturbed
+    (twice the decode, no disk). The baseline's score comes back as the result's `baseline`.
+    settled: asked after each window with the score so far; True stops scoring there (early stopping).
+    math: the WindowMath (thread pool and buffers) to compute with, e.g. one kept per loaded model; without it a
+    temporary one on backend.n_threads threads serves this call and is closed before it returns.
+    """
+    mask, targets = windows.output_mask, windows.targets
+    n, m = windows.n_windows, windows.n_scored
+    nll = np.empty((n, m), dtype=np.float64)
+    lse = np.empty((n, m), dtype=np.float64)
+    argmax = np.empty((n, m), dtype=np.int32)
+    recompute = unperturbed is not None and reference is None
+    if recompute:
+        base = {k: np.empty((n, m), dtype=v.dtype) for k, v in (("nll", nll), ("lse", lse), ("argmax", argmax))}
+    with_kl = recompute or (reference is not None and reference.logits is not None)
+    kld = np.empty((n, m), dtype=np.float64) if with_kl else None
+    ref_logits = reference.logits if with_kl and not recompute else None
+    if isinstance(ref_logits, np.memmap):
+        ref_logits = StoredLogits(ref_logits)
+    writer = _LogitsWriter(keep_logits) if isinstance(keep_logits, np.memmap) else None
+    t0 = time.perf_counter()
+
+    def baseline_so_far(k: int) -> Score | None:
+        if not recompute:
+            return None
+        return Score(base["nll"][:k], windows.n_ctx, 0.0, argmax=base["argmax"][:k], lse=base["lse"][:k],
+                     stopped_early=k < n)
+
+    bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
+    with nullcontext(math) if math is not None else WindowMath(backend.n_threads) as window_math, bar:
+        kept = window_math.window_buffer(m, backend.n_vocab) if recompute else None
+        for i, window in enumerate(windows.tokens):
+            if recompute:
+                with unperturbed():
+                    b = window_math(backend.decode_window(window, mask), targets[i], kept)
+                base["nll"][i], base["lse"][i], base["argmax"][i] = b["nll"], b["lse"], b["argmax"]
+                paired = BaselineWindow(kept, base["lse"][i], base["nll"][i])
+            else:
+                paired = BaselineWindow(ref_logits[i], reference.lse[i], reference.nll[i]) if with_kl else None
+                if isinstance(ref_logits, StoredLogits):
+                    ref_logits.will_need(i)
+            logits = backend.decode_window(window, mask)
+            if writer is not None:
+                writer.write(i, logits)
+            keep = keep_logits[i] if keep_logits is not None and writer is None else None
+            w = window_math(logits, targets[i], keep, paired)
+            nll[i], lse[i], argmax[i] = w["nll"], w["lse"], w["argmax"]
+            if with_kl:
+                kld[i] = w["kld"]
+            if not np.isfinite(nll[i]).all():  # NaN/inf logits: the rest would only repeat it
+                pos = windows.first + int(np.argmin(np.isfinite(nll[i])))
+                return Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0,
+                             diverged=f"non-finite logits in window {i} at position {pos}",
+                             baseline=baseline_so_far(i + 1))
+            bar.update()
+            bar.set_postfix_str(f"ppl {exp(nll[: i + 1].mean()):.4f}")
+            if settled is not None and i + 1 < n:
+                so_far = Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0, argmax=argmax[: i + 1],
+                               lse=lse[: i + 1], kld=kld[: i + 1] if with_kl else None, stopped_early=True,
+                               baseline=baseline_so_far(i + 1))
+                if settled(so_far):
+                    log.info("%s: settled after %d of %d windows", desc, i + 1, n)
+                    return so_far
+    if writer is not None:
+        writer.close()
+    return Score(nll, windows.n_ctx, time.perf_counter() - t0, argmax=argmax, lse=lse, logits=keep_logits, kld=kld,
+                 baseline=baseline_so_far(n))
+
+
+class _LogitsWriter:
+    """Writes a baseline's logits into its .npy file window by window with pwrite: written through a memory map,
+    every page of the file would stay in the process's resident set."""
+
+    def __init__(self, array: np.memmap):
+        self.offset, self.shape = int(array.offset), array.shape
+        self._fd = os.open(str(array.filename), os.O_WRONLY)
+
+    def write(self, i: int, logits: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(logits)).cast("B")
+        os.pwrite(self._fd, data, self.offset + i * data.nbytes)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = close
