@@ -25,8 +25,7 @@ from .run import baseline_completions, point_backend
 from .scoring.generation import compare, complete
 from .scoring.metrics import worst_first
 from .session import Sessions
-from .store.records import RECORD_FILE, point_key, read_record, write_record
-from .store.table import find_records
+from .store.records import RECORD_FILE, find_records, point_key, read_record, write_record
 
 log = logging.getLogger(__name__)
 

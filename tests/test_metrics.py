@@ -20,8 +20,7 @@ from sweep.run import record, run_point
 from sweep.scoring.generation import Completion, first_departure
 from sweep.scoring.metrics import EarlyStop, StopRule, blocked_stderr, delta_nll_p, summarize
 from sweep.scoring.window_math import BaselineWindow, WindowMath
-from sweep.store.records import Store
-from sweep.store.table import add_q_values
+from sweep.store.records import Store, add_q_values
 
 
 def full_logprobs(backend, windows) -> np.ndarray:

@@ -19,8 +19,7 @@ from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import record, run_point
-from sweep.store.records import Store, write_record
-from sweep.store.table import gather
+from sweep.store.records import Store, gather, write_record
 
 # (module, name) -> why it is allowed to live at module level
 ALLOWED = {

@@ -1,3 +1,3 @@
-"""llama.cpp: the one owner of llama_cpp. A context and its decode with the eval hook (backend), ggml's quantizers
-and llama_model_quantize (quantize), the matmul observer (observer), GGUF files over the C API (gguf_reader), the
+"""llama.cpp: the one owner of llama_cpp. A context and its decode with the eval hook and the matmul
+observer (backend), ggml's quantizers and llama_model_quantize (quantize), GGUF files over the C API (gguf_reader), the
 containers a model is scored in (container) and the model file's header and hash (model_file)."""

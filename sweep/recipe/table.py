@@ -18,7 +18,7 @@ import pandas as pd
 from ..errors import SweepError
 from ..llama.model_file import embedded_model_path
 from ..scoring.metrics import RANKABLE
-from ..store.table import gather
+from ..store.records import gather
 
 
 @dataclass

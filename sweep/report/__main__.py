@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..store.table import gather, write_table
+from ..store.records import gather, write_table
 from .ranking import format_ranking
 
 

@@ -9,7 +9,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..gencheck import check_worst, generation_mode
-from ..store.table import gather, write_table
+from ..store.records import gather, write_table
 from .ranking import format_ranking
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from ..scoring.metrics import RANKABLE
-from ..store.table import gather
+from ..store.records import gather
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 

@@ -1,1 +1,1 @@
-"""The store: records and their keys (records), the gathered results table (table), atomic files (files)."""
+"""The store: records and their keys, the gathered results table (records), atomic files (files)."""
