@@ -1,4 +1,6 @@
-"""`python -m sweep [axis=values ...]`: the sensitivity sweep (a Hydra multirun by default)."""
+"""`python -m sweep [axis=values ...]` (or `sweep AXIS=VALUES ...`): the sensitivity sweep, a Hydra multirun by
+default. The grid is validated and expanded by the sweep's sweeper (hydra_plugins/sweep_sweeper/grid_sweeper.py)
+before any job runs."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import config  # noqa: F401  (registers the schemas)
-from .cli import exit_on_user_error
-from .grid import plan, wants_hydra_only
+from .errors import exit_on_user_error
+from .grid import check_composes
 from .job import run_job
-from .planning import check_resources, costs, print_plan
 from .session import Sessions
+
+PLAN_FLAG = "--plan"  # ours: the sweeper's plan mode, as `sweep plan ...`
+PLAN_MODE = "hydra.sweeper.plan=true"
 
 
 def sweep_app(sessions: Sessions):
@@ -34,22 +38,13 @@ def sweep_app(sessions: Sessions):
     return sweep_job
 
 
-PLAN_FLAG = "--plan"
-
-
-def main() -> None:
-    argv = sys.argv[1:]
-    if PLAN_FLAG in argv:  # ours, not Hydra's: print what the sweep would cost, then stop
-        overrides = [a for a in argv if not a.startswith("-")]
-        exit_on_user_error(print_plan, overrides)
-        sys.exit(0)
-    if not wants_hydra_only(argv):
-        # Validate the whole grid before Hydra launches anything; resolve layer=each from the model; stop here
-        # if the store would not fit the disk.
-        overrides = [a for a in argv if not a.startswith("-")]
-        grid = exit_on_user_error(plan, overrides)
-        exit_on_user_error(lambda: check_resources(costs(grid)))
-        sys.argv += grid.extra_argv
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The sweep on `argv` (default: the command line); `--plan` prints what it would cost instead."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    args = [PLAN_MODE if a == PLAN_FLAG else a for a in args]
+    if all(not a.startswith("-") for a in args):  # no Hydra flag (--help, --cfg, ...): a bad value is one line
+        exit_on_user_error(check_composes, args)
+    sys.argv = [prog or sys.argv[0], *args]  # what Hydra reads
     with Sessions() as sessions:
         sweep_app(sessions)()
 

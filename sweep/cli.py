@@ -1,8 +1,9 @@
-"""What the command-line entry points share: a user error is one line on stderr and a non-zero exit."""
+"""The `sweep` command: one entry point for every tool, one `--help`, one error convention (a SweepError is one
+`error: ...` line on stderr and exit status 2, sweep/errors.py). Each tool is also `python -m sweep.<tool>`."""
 
 from __future__ import annotations
 
-import logging
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -10,18 +11,48 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import CONF_DIR, compose
-from .errors import SweepError
+from .errors import exit_on_user_error
 
-EXIT_USER_ERROR = 2
+# name -> (module whose main() runs it, what it does); the sweep itself takes no name
+COMMANDS = {
+    "plan": ("sweep.__main__", "what the sweep AXIS=VALUES... would cost (points, disk, memory, time); runs nothing"),
+    "score": ("sweep.score", "perplexity of the reference model as configured, no perturbation"),
+    "report": ("sweep.report.__main__", "rebuild the results table, the ranking and the figures from sweep dirs"),
+    "recipe": ("sweep.recipe.command", "a mixed-precision recipe from finished sweeps; build and validate its GGUF"),
+    "imatrix": ("sweep.imatrix.compute", "llama.cpp's importance matrix, computed inside llama.cpp's own graph"),
+    "formats": ("sweep.formats", "the tables of the formats fmt= accepts"),
+}
+USAGE = """usage: sweep [AXIS=VALUES ...]         the sensitivity sweep (python -m sweep): one job per point of the grid
+       sweep COMMAND [ARGS ...]
+
+  e.g. sweep layer='range(0,22)' fmt=bf16,int8 tensor=ffn_down kind=weight
+
+commands:
+{commands}
+
+`sweep COMMAND --help` says more about each; `sweep --hydra-help` lists Hydra's own flags for the sweep.
+A bad argument is one line `error: ...` and exit status 2."""
 
 
-def exit_on_user_error(fn: Callable, *args):
-    try:
-        return fn(*args)
-    except SweepError as e:
-        logging.getLogger("sweep").debug("user error", exc_info=True)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+def usage() -> str:
+    return USAGE.format(commands="\n".join(f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["--help"], ["-h"], ["help"]):
+        print(usage())
+        return
+    if not args or args[0] not in COMMANDS:
+        return importlib.import_module("sweep.__main__").main(args, prog="sweep")
+    name, rest = args[0], args[1:]
+    tool = importlib.import_module(COMMANDS[name][0])  # by name: `sweep --help` loads no tool (nor llama.cpp)
+    if name == "plan":
+        return tool.main([*rest, tool.PLAN_FLAG], prog="sweep plan")
+    sys.argv = [f"sweep {name}", *rest]  # the Hydra tools read it
+    status = tool.main(rest) if name in ("report", "recipe") else tool.main()
+    if status:
+        sys.exit(status)
 
 
 def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:

@@ -8,14 +8,17 @@ This also expands `layer=each` to one job per block of the model.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CONF_DIR, compose, hydra_error_line
@@ -31,15 +34,11 @@ from .scoring.metrics import RANKABLE
 from .scoring.text import load_text
 from .scoring.windows import make_windows
 
-# Hydra's own command-line flags: with these the user asks Hydra something (help, config, completion), not to run.
-HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
-               "--resolve", "-p", "--package")
-
 
 @dataclass
 class Plan:
     jobs: list[list[str]]  # the override list of every job, in launch order
-    extra_argv: list[str] = field(default_factory=list)  # what to append to argv (the expanded layer=each)
+    launch: list[list[str]] = field(default_factory=list)  # the same without Hydra's own overrides: what is launched
     # What the checks learned, for `planning.py` (what the sweep will cost): each job's composed config and
     # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_windows).
     points: list[tuple[DictConfig, Target]] = field(default_factory=list)
@@ -113,6 +112,17 @@ class _Checker:
         return target
 
 
+def check_composes(overrides: list[str]) -> None:
+    """The configuration that Hydra composes before its sweeper runs (every override but the swept ones): a bad value
+    there is one line here, not Hydra's message."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        raise SweepError(f"cannot parse the command line: {hydra_error_line(e)}") from None
+    with _config_dir():
+        compose([o.input_line for o in parsed if not o.is_sweep_override()], with_hydra=True)
+
+
 def plan(overrides: list[str]) -> Plan:
     """Every job of the sweep that `overrides` asks for, each composed and validated."""
     parser = OverridesParser.create()
@@ -122,21 +132,18 @@ def plan(overrides: list[str]) -> Plan:
         raise SweepError(f"cannot parse the command line: {hydra_error_line(e)}") from None
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     checker = _Checker()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="sweep"):
+    with _config_dir():
         base = compose(fixed, with_hydra=True)
-        params = base.hydra.sweeper.params or {}
-        grid = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
-        jobs = BasicSweeper.split_arguments(grid, None)[0]
+        params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
+        jobs = expand(parser.parse_overrides(params + list(overrides)))
         extra = []
         if any("layer=each" in job for job in jobs):
             counts = {checker.info(compose(job).model.path).n_layers for job in jobs if "layer=each" in job}
             if len(counts) > 1:
                 raise SweepError(f"layer=each over models with different block counts {sorted(counts)}: "
                                  f"give the layers explicitly, e.g. layer=range(0,{min(counts)})")
-            n_layers = counts.pop()
-            extra = [f"layer={','.join(map(str, range(n_layers)))}"]
-            jobs = BasicSweeper.split_arguments(parser.parse_overrides(
-                [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
+            extra = [f"layer={','.join(map(str, range(counts.pop())))}"]
+            jobs = expand(parser.parse_overrides(params + list(overrides) + extra))
         points = []
         for job in jobs:
             cfg = compose(job)
@@ -145,7 +152,31 @@ def plan(overrides: list[str]) -> Plan:
             check_writable(Path(directory))
     if not jobs:
         raise SweepError("the sweep has no points")
-    return Plan(jobs, extra, points, base.hydra.launcher, checker.n_windows)
+    hydra_keys = {o.get_key_element() for o in parsed if o.is_hydra_override()}
+    launch = [[a for a in job if a.split("=", 1)[0] not in hydra_keys] for job in jobs]
+    return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows)
+
+
+def expand(overrides: list[Override]) -> list[list[str]]:
+    """Every job of a grid in launch order, as Hydra's basic sweeper orders them: the product of the axes in the
+    order each key first appears (a later value of a key replaces the earlier one in its place), the last fastest."""
+    axes: dict[str, list[str]] = {}
+    for o in overrides:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            raise SweepError(f"{o.input_line}: an interval has no points to sweep; give values or range(a,b)")
+    return [list(job) for job in itertools.product(*axes.values())]
+
+
+def _config_dir():
+    """Composition needs Hydra's global state: the running app's (inside the sweeper), else conf/ for the call."""
+    if GlobalHydra.instance().is_initialized():
+        return nullcontext()
+    return initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="sweep")
 
 
 def check_writable(directory: Path) -> None:
@@ -166,6 +197,3 @@ def check_writable(directory: Path) -> None:
         raise SweepError(f"cannot write to {directory} ({why}): run from a writable directory or set "
                          f"run.store=... and hydra.sweep.dir=... to writable paths")
 
-
-def wants_hydra_only(argv: list[str]) -> bool:
-    return any(a.split("=")[0] in HYDRA_FLAGS for a in argv)

@@ -465,8 +465,12 @@ def _launcher_lines(c: Costs) -> list[str]:
 
 
 def print_plan(overrides: list[str]) -> None:
-    """`python -m sweep ... --plan`: validate the grid, measure one window, print the plan; write nothing."""
-    p = grid_plan(overrides)
+    """`sweep plan ...`: validate the grid, measure one window, print the plan; write nothing."""
+    print_grid_plan(grid_plan(overrides))
+
+
+def print_grid_plan(p: Plan) -> None:
+    """The plan of a validated grid, with one window timed on this machine."""
     c = costs(p)
     cores = available_cores()
     text_path = p.points[0][0].data.path

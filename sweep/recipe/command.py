@@ -17,9 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import exit_on_user_error
 from ..cores import available_cores
-from ..errors import SweepError
+from ..errors import SweepError, exit_on_user_error
 from ..llama.container import container_path
 from ..llama.model_file import embedded_model_path, sha256
 from ..quant.imatrix_file import provenance

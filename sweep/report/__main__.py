@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import SweepError, exit_on_user_error
 from ..store.records import gather, write_table
 from .ranking import format_ranking
 
@@ -23,18 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="rows of the ranking to print (default: 20)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the figures as PNGs into DIR")
     args = parser.parse_args(argv)
+    exit_on_user_error(report, args)
+    return 0
+
+
+def report(args: argparse.Namespace) -> None:
     missing = [str(d) for d in args.dirs if not d.exists()]
     if missing:
-        print(f"error: not found: {', '.join(missing)} (give sweep directories under runs/)", file=sys.stderr)
-        return 2
+        raise SweepError(f"not found: {', '.join(missing)} (give sweep directories under runs/)")
     df = gather(args.dirs)
     if df.empty:
-        print(f"error: no record.json under {', '.join(map(str, args.dirs))}", file=sys.stderr)
-        return 2
+        raise SweepError(f"no record.json under {', '.join(map(str, args.dirs))}")
     if args.metric not in df:
-        print(f"error: unknown metric {args.metric!r}; numeric columns: "
-              f"{', '.join(df.select_dtypes('number').columns)}", file=sys.stderr)
-        return 2
+        raise SweepError(f"unknown metric {args.metric!r}; numeric columns: "
+                         f"{', '.join(df.select_dtypes('number').columns)}")
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent)
     parquet, csv = write_table(df, out)
     print(format_ranking(df, args.metric, args.top))
@@ -44,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in write_all(df, args.plots):
             print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

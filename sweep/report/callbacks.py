@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 class GatherResults(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.sweeper.get("plan"):  # the plan launched nothing and writes nothing
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         df = gather([sweep_dir])
         if df.empty:

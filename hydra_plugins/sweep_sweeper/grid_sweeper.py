@@ -1,0 +1,63 @@
+"""The sweep's Hydra sweeper, a plugin of Hydra's public Sweeper interface (Hydra takes plugins from the
+`hydra_plugins` namespace only; selected by conf/hydra/sweeper/grid.yaml).
+
+Before any job starts, every point of the grid is composed and validated against its model (sweep/grid.py: a
+mistake is one `error:` line and exit status 2, with nothing written), `layer=each` becomes one job per block, and
+the store's disk is checked (sweep/planning.py). With `hydra.sweeper.plan=true` (`sweep plan ...`, or `--plan`) it
+prints what the sweep would cost and launches nothing. Otherwise the jobs go to the configured launcher in the order
+Hydra's basic sweeper would give them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class GridSweeper(Sweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict | None = None, plan: bool = False):
+        self.max_batch_size = max_batch_size
+        self.params = params  # read back from the config by grid.plan, with the command line's axes
+        self.plan = plan
+        self.config: DictConfig | None = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                               task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        # deferred: Hydra imports every plugin when any Hydra app starts; the sweep's modules load llama.cpp
+        from sweep.errors import exit_on_user_error
+        from sweep.grid import plan
+        from sweep.planning import check_resources, costs, print_grid_plan
+
+        # Hydra's own overrides (the sweep directory, the launcher) are part of what is validated, not of a job.
+        overrides = [*self.config.hydra.overrides.hydra, *arguments]
+        grid = exit_on_user_error(plan, overrides)
+        if self.plan:
+            exit_on_user_error(print_grid_plan, grid)
+            return []
+        exit_on_user_error(lambda: check_resources(costs(grid)))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        size = self.max_batch_size or len(grid.launch)
+        returns, first = [], 0
+        for start in range(0, len(grid.launch), size):
+            batch = grid.launch[start:start + size]
+            results = self.launcher.launch(batch, initial_job_idx=first)
+            for r in results:
+                _ = r.return_value  # a failed job raises here, as with Hydra's basic sweeper
+            first += len(batch)
+            returns.append(results)
+        return returns
