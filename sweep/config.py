@@ -74,7 +74,10 @@ class MetricsConfig:
     # Level of the per-point ΔNLL test (`significant`: paired two-sided t-test over windows; early-stopped points
     # are untested) and of the false discovery rate that the table's delta_nll_q marks.
     alpha: float = 0.05
-    rank_by: RankBy = RankBy.delta_ppl  # lower is worse for top1_agree, higher for every other metric
+    # What the ranking orders by (and early stopping and the generation check's worst points watch): KL divergence,
+    # which a few windows resolve; the ranking shows ΔPPL ± its error beside it. Lower is worse for top1_agree,
+    # higher for every other metric.
+    rank_by: RankBy = RankBy.kld_mean
     # Generation check: greedy completions of `prompts` (through the chat template) compared token by token with
     # the baseline's. true: every point (~7% of a 16-window sweep on SmolLM2); false: none; top:N: the N points
     # that rank worst, checked when the sweep ends (gencheck.py; bench/README.md).

@@ -255,3 +255,21 @@ def test_q_values_are_benjamini_hochberg_over_the_tested_points_and_mark_the_ran
     assert "* ΔNLL q <= 0.05" in lines[0] and "over the 5 ok points" in lines[0]
     starred = [line.split()[3] for line in lines[1:7] if " * " in line]
     assert starred == ["L1"] and "untested" in next(line for line in lines if " L4 " in line)
+
+
+def test_default_ranking_is_by_kl_with_delta_ppl_beside_and_says_when_nothing_is_resolved():
+    """The default ranking orders by KL (resolved on a few windows) and shows ΔPPL ± its stderr beside each point; when
+    no point's ΔNLL is distinguishable from zero its header says so; points without KL fall back to ΔPPL."""
+    df = pd.DataFrame({"status": "ok", "kind": "weight", "tensor": "ffn_norm", "layers": ["0", "1", "2"],
+                       "fmt": "bf16", "ppl": 10.0, "baseline_ppl": 10.0, "alpha": 0.05,
+                       "delta_ppl": [0.03, -0.01, 0.02], "delta_ppl_stderr": 0.05, "delta_nll_p": [0.5, 0.7, 0.6],
+                       "kld_mean": [1e-5, 3e-5, 2e-5], "kld_stderr": 1e-6, "top1_agree": 0.99})
+    df = add_q_values(df)
+    lines = format_ranking(df).splitlines()
+    assert lines[0].startswith("most sensitive first by kld_mean (ΔPPL ± stderr beside)")
+    assert "no point's ΔNLL is distinguishable from zero (every q > 0.05)" in lines[0]
+    assert [line.split()[3] for line in lines[1:]] == ["L1", "L2", "L0"]  # by KL, not by ΔPPL
+    assert "ΔPPL -0.01 ± 0.05" in lines[1]
+    no_kl = format_ranking(df.drop(columns=["kld_mean", "kld_stderr", "top1_agree"])).splitlines()
+    assert "by delta_ppl" in no_kl[0] and "no kld_mean in these points" in no_kl[0]
+    assert [line.split()[3] for line in no_kl[1:]] == ["L0", "L2", "L1"]

@@ -130,7 +130,8 @@ def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model
     # ΔNLL by ~1e-4 per window, so 2 windows settle it; zeroing it moves ΔNLL by 0.02-0.11 nats from window to
     # window, so the same rule lets that point score all 3
     axes = ["layer=1", "fmt=zero,bf16", "kind=activation", "tensor=l_out"]
-    early = ["metrics.early_stop.enabled=true", "metrics.early_stop.min_windows=2", "metrics.early_stop.atol=2e-3"]
+    early = ["metrics.early_stop.enabled=true", "metrics.early_stop.min_windows=2", "metrics.early_stop.atol=2e-3",
+             "metrics.rank_by=delta_nll"]  # the rule watches ΔNLL (the default rank_by is KL)
     run_sweep(tiny_args(tiny_model, tmp_path, *axes, *early, sweep_dir="early"), env)
     df = read_table(tmp_path / "early").set_index("fmt")
     assert df.loc["bf16", "stopped_early"] and df.loc["bf16", "n_windows"] == 2

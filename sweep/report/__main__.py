@@ -13,14 +13,15 @@ from pathlib import Path
 
 from ..errors import SweepError, exit_on_user_error
 from ..store.records import gather, write_table
-from .ranking import format_ranking
+from .ranking import default_metric, format_ranking
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or record.json files)")
     parser.add_argument("--out", type=Path, help="where to write results.parquet/csv (default: the first DIR)")
-    parser.add_argument("--metric", default="delta_ppl", help="column to rank by (default: delta_ppl)")
+    parser.add_argument("--metric", help="column to rank by (default: kld_mean, or delta_ppl where the points have "
+                                         "no KL)")
     parser.add_argument("--top", type=int, default=20, help="rows of the ranking to print (default: 20)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the figures as PNGs into DIR")
     args = parser.parse_args(argv)
@@ -35,6 +36,7 @@ def report(args: argparse.Namespace) -> None:
     df = gather(args.dirs)
     if df.empty:
         raise SweepError(f"no record.json under {', '.join(map(str, args.dirs))}")
+    args.metric = args.metric or default_metric(df)
     if args.metric not in df:
         raise SweepError(f"unknown metric {args.metric!r}; numeric columns: "
                          f"{', '.join(df.select_dtypes('number').columns)}")
