@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..cores import available_cores
 from ..errors import SweepError
@@ -40,25 +41,31 @@ class GGMLType:
         return 8 * self.type_size / self.block_size
 
 
-# The quantized types ggml_quantize_chunk implements (ggml.c), with block sizes and bytes from ggml-common.h.
+# The quantized types ggml_quantize_chunk implements (ggml.c), in decreasing bits per weight; ids, block sizes and
+# bytes per block come from gguf's GGMLQuantizationType and GGML_QUANT_SIZES (ggml-common.h's figures).
 # tests/test_ggml_formats.py checks every figure against the loaded libggml's type traits.
-_TYPES = [
-    GGMLType("q8_0", 8, 32, 34), GGMLType("q6_K", 14, 256, 210), GGMLType("q5_K", 13, 256, 176),
-    GGMLType("q5_1", 7, 32, 24), GGMLType("q5_0", 6, 32, 22), GGMLType("q4_K", 12, 256, 144),
-    GGMLType("q4_1", 3, 32, 20), GGMLType("q4_0", 2, 32, 18), GGMLType("nvfp4", 40, 64, 36),
-    GGMLType("iq4_nl", 20, 32, 18), GGMLType("iq4_xs", 23, 256, 136), GGMLType("mxfp4_ggml", 39, 32, 17),
-    GGMLType("q3_K", 11, 256, 110), GGMLType("iq3_s", 21, 256, 110),
-    GGMLType("iq3_xxs", 18, 256, 98, needs_imatrix=True), GGMLType("q2_K", 10, 256, 84),
-    GGMLType("iq2_s", 22, 256, 82, needs_imatrix=True), GGMLType("iq2_xs", 17, 256, 74, needs_imatrix=True),
-    GGMLType("q2_0", 42, 64, 18), GGMLType("iq2_xxs", 16, 256, 66, needs_imatrix=True),
-    GGMLType("tq2_0", 35, 256, 66), GGMLType("iq1_m", 29, 256, 56, needs_imatrix=True),
-    GGMLType("tq1_0", 34, 256, 54), GGMLType("iq1_s", 19, 256, 50, needs_imatrix=True),
-    GGMLType("q1_0", 41, 128, 18),
-]
+_NAMES = ["q8_0", "q6_K", "q5_K", "q5_1", "q5_0", "q4_K", "q4_1", "q4_0", "nvfp4", "iq4_nl", "iq4_xs", "mxfp4_ggml",
+          "q3_K", "iq3_s", "iq3_xxs", "q2_K", "iq2_s", "iq2_xs", "q2_0", "iq2_xxs", "tq2_0", "iq1_m", "tq1_0", "iq1_s",
+          "q1_0"]
+# llama.cpp's tensor_requires_imatrix: the types it refuses to quantize without an importance matrix
+_NEEDS_IMATRIX = {"iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"}
+# (id, block size, bytes per block) of the types that this llama.cpp has and gguf 0.19 does not know yet
+_NEWER_THAN_GGUF = {"q2_0": (42, 64, 18)}
+
+
+def _ggml_type(name: str) -> GGMLType:
+    if name in _NEWER_THAN_GGUF:
+        type_id, block_size, type_size = _NEWER_THAN_GGUF[name]
+        return GGMLType(name, type_id, block_size, type_size, name in _NEEDS_IMATRIX)
+    t = GGMLQuantizationType["MXFP4" if name == "mxfp4_ggml" else name.upper()]
+    return GGMLType(name, int(t), *GGML_QUANT_SIZES[t], needs_imatrix=name in _NEEDS_IMATRIX)
+
+
+_TYPES = [_ggml_type(name) for name in _NAMES]
 TYPES: dict[str, GGMLType] = {t.name: t for t in _TYPES}
 # ggml calls its MXFP4 "mxfp4"; this project's `mxfp4` is the OCP MX format on ml_dtypes (formats.py), hence the suffix.
 GGML_NAME = {t.name: ("mxfp4" if t.name == "mxfp4_ggml" else t.name) for t in _TYPES}
-F16 = GGMLType("f16", 1, 1, 2)
+F16 = GGMLType("f16", int(GGMLQuantizationType.F16), *GGML_QUANT_SIZES[GGMLQuantizationType.F16])
 _BY_ID = {t.type_id: t for t in [*_TYPES, F16]}
 
 # llama-quant.cpp, tensor_type_fallback: the type used when a row's length is not a multiple of the block.

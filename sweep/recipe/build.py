@@ -11,15 +11,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from gguf import LlamaFileType
+
 from ..errors import SweepError
 from ..llama.gguf_reader import gguf_tensor_table
 from ..llama.quantize import ggml_type_facts, llama_quantize_file
 from ..quant.imatrix_file import load, provenance
 from .export import type_id
 
-# llama.cpp's own mixes (enum llama_ftype in include/llama.h): the presets a recipe is compared with
-PRESETS = {"Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7}
-_BASE_FTYPE = 7  # any quantized ftype: overrides apply only then; every quantizable tensor has one anyway
+# llama.cpp's own mixes (enum llama_ftype in include/llama.h, gguf's LlamaFileType): the presets a recipe is compared
+# with, by name
+PRESETS = {name: int(LlamaFileType[f"MOSTLY_{name}"]) for name in ("Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                                                                    "Q8_0")}
+# any quantized ftype: overrides apply only then; every quantizable tensor has one anyway
+BASE_FTYPE = int(LlamaFileType.MOSTLY_Q8_0)
 
 
 def _check_paths(source: Path, dst: Path) -> None:
@@ -71,7 +76,7 @@ def _with_imatrix(imatrix: Path | None) -> dict:
 def build_recipe(source: Path, dst: Path, lines: list[tuple[str, str]], imatrix: Path | None = None,
                  threads: int = 1) -> Path:
     """`lines`: (regex pattern, ggml type name), as recipe.txt holds them; `imatrix`: an imatrix file."""
-    return _quantize_atomically(source, dst, overrides=[(p, type_id(t)) for p, t in lines], ftype=_BASE_FTYPE,
+    return _quantize_atomically(source, dst, overrides=[(p, type_id(t)) for p, t in lines], ftype=BASE_FTYPE,
                                 pure=False, n_threads=threads, **_with_imatrix(imatrix))
 
 
