@@ -87,6 +87,32 @@ def threads(args) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The recipe in steps: check the arguments; read the tables and the source; check that nothing is missing
+    before anything is written; the byte budget; solve; write recipe.txt/recipe.json; build; validate."""
+    types = check_arguments(args)
+    table = read_table(args.runs, args.metric, imatrix=args.imatrix is not None)
+    source_path = args.source or default_source(table)
+    imatrix = args.imatrix  # its values go to the quantizer, its provenance into the header (recipe/build.py)
+    source = SourceModel(source_path, provenance(imatrix) if imatrix else ())
+    check_before_writing(args, table, source, types)
+    size, size_from = resolve_size(args.size, args, source_path, imatrix) if args.size is not None else (None, None)
+    budget, kind = budget_bytes(size, args.bpw, source)
+    recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
+    txt, js = write_recipe(args.out, recipe, source, recipe_meta(args, table, types, size_from))
+    print(summary(args, recipe, budget, kind, size_from))
+    print(f"wrote {txt} and {js}")
+    result = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
+    if args.build:
+        result["built"] = build_and_check(args, recipe, source_path, txt, js, imatrix)
+    if args.validate:
+        result["validation"] = validate(table, source_path, recipe, result["built"], imatrix, out_dir=args.out,
+                                        presets=[p.strip() for p in args.presets.split(",") if p.strip()],
+                                        heldout_windows=args.heldout_windows, threads=threads(args))
+    return result
+
+
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """The candidate types; --default-type's entries checked (a plain q8_0 when none is given)."""
     types = [check_type(t.strip()) for t in args.types.split(",") if t.strip()]
     if not types:
         raise SweepError("--types is empty: give candidate GGUF types, e.g. q4_K,q6_K,q8_0")
@@ -102,59 +128,53 @@ def run(args: argparse.Namespace) -> dict:
                 raise SweepError(f"--default-type {entry!r}: {e}") from None
     if args.validate and not args.build:
         raise SweepError("--validate scores the built file: add --build OUT.gguf")
-    table = read_table(args.runs, args.metric, imatrix=args.imatrix is not None)
-    source_path = args.source or default_source(table)
-    imatrix = args.imatrix  # its values go to the quantizer, its provenance into the header (recipe_build.py)
-    source = SourceModel(source_path, provenance(imatrix) if imatrix else ())
+    return types
 
-    check_complete(table, missing_measurements(table, source, types))  # before anything is built or written
+
+def check_before_writing(args: argparse.Namespace, table, source: SourceModel, types: list[str]) -> None:
+    """Every measurement the solver needs is in the tables, and --build would not overwrite the source."""
+    check_complete(table, missing_measurements(table, source, types))
     if args.build:
         check_source_quantizable(source)
-
-        if args.build.exists() and args.build.resolve() in (source_path.resolve(), embedded_model_path().resolve()):
+        if args.build.exists() and args.build.resolve() in (source.path.resolve(), embedded_model_path().resolve()):
             raise SweepError(f"--build {args.build} is the source model: choose another path")
-    if args.size is not None:
-        size, size_from = resolve_size(args.size, args, source_path, imatrix)
-    else:
-        size, size_from = None, None
-    budget, kind = budget_bytes(size, args.bpw, source)
-    recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
-    meta = {"command": "python -m sweep.recipe " + shlex.join(sys.argv[1:]), "metric": args.metric,
+
+
+def recipe_meta(args: argparse.Namespace, table, types: list[str], size_from: str | None) -> dict:
+    """What recipe.json says about how it was made and what the tables were measured on."""
+    return {"command": "python -m sweep.recipe " + shlex.join(sys.argv[1:]), "metric": args.metric,
             "types": types, "groups": args.group, "default_type": args.default_type, "budget_from": size_from or
             f"{args.bpw} bits per weight", "model": table.model, "model_sha256": table.model_sha256,
             "measured_on": {"container": table.container, "n_ctx": table.n_ctx, "n_windows": table.n_windows,
                             "imatrix": table.imatrix, "data_source": table.data_source,
                             "data_sha256": table.data_sha256},
             "imatrix": str(args.imatrix) if args.imatrix else None}
-    txt, js = write_recipe(args.out, recipe, source, meta)
-    summary = (f"recipe: {len([c for c in recipe.choices if c.type_asked])} measured tensors, predicted "
-               f"{args.metric} {recipe.damage:.4g} ± {recipe.damage_stderr:.2g} (sum of single-tensor damages), "
-               f"predicted file {recipe.predicted_file_bytes} bytes ({recipe.predicted_file_bytes / 1e6:.3f} MB), "
-               f"{recipe.bpw:.4f} bpw; budget {budget} bytes ({'file' if kind == 'file' else 'tensors'}, "
-               f"{size_from or str(args.bpw) + ' bpw'}); types {json.dumps(_counts(recipe))}; "
-               f"solver: {recipe.solver.get('message', 'trivial')}")
-    print(summary)
-    print(f"wrote {txt} and {js}")
-    result = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
-    if args.build:
-        lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read
-        built = build_recipe(source_path, args.build, lines, imatrix, threads(args))
-        real = built.stat().st_size
-        got = stored_types(built)
-        want = {c.tensor: (c.type_stored, c.bytes) for c in recipe.choices}
-        differ = [n for n, w in want.items() if got.get(n) != w]
-        if differ:
-            raise SweepError(f"the built file differs from the recipe on {len(differ)} tensor(s), e.g. {differ[0]}: "
-                             f"recipe {want[differ[0]]}, file {got.get(differ[0])}")
-        print(f"built {built}: {real} bytes ({real / 1e6:.3f} MB; predicted {recipe.predicted_file_bytes}, "
-              f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says")
-        _update_json(js, {"built": {"path": str(built), "file_bytes": real}})
-        result["built"] = built
-    if args.validate:
-        result["validation"] = validate(table, source_path, recipe, result["built"], imatrix, out_dir=args.out,
-                                          presets=[p.strip() for p in args.presets.split(",") if p.strip()],
-                                          heldout_windows=args.heldout_windows, threads=threads(args))
-    return result
+
+
+def summary(args: argparse.Namespace, recipe, budget: int, kind: str, size_from: str | None) -> str:
+    return (f"recipe: {len([c for c in recipe.choices if c.type_asked])} measured tensors, predicted "
+            f"{args.metric} {recipe.damage:.4g} ± {recipe.damage_stderr:.2g} (sum of single-tensor damages), "
+            f"predicted file {recipe.predicted_file_bytes} bytes ({recipe.predicted_file_bytes / 1e6:.3f} MB), "
+            f"{recipe.bpw:.4f} bpw; budget {budget} bytes ({'file' if kind == 'file' else 'tensors'}, "
+            f"{size_from or str(args.bpw) + ' bpw'}); types {json.dumps(_counts(recipe))}; "
+            f"solver: {recipe.solver.get('message', 'trivial')}")
+
+
+def build_and_check(args: argparse.Namespace, recipe, source_path: Path, txt: Path, js: Path, imatrix) -> Path:
+    """The GGUF built from recipe.txt as llama-quantize reads it, every tensor's type and bytes checked."""
+    lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read
+    built = build_recipe(source_path, args.build, lines, imatrix, threads(args))
+    real = built.stat().st_size
+    got = stored_types(built)
+    want = {c.tensor: (c.type_stored, c.bytes) for c in recipe.choices}
+    differ = [n for n, w in want.items() if got.get(n) != w]
+    if differ:
+        raise SweepError(f"the built file differs from the recipe on {len(differ)} tensor(s), e.g. {differ[0]}: "
+                         f"recipe {want[differ[0]]}, file {got.get(differ[0])}")
+    print(f"built {built}: {real} bytes ({real / 1e6:.3f} MB; predicted {recipe.predicted_file_bytes}, "
+          f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says")
+    _update_json(js, {"built": {"path": str(built), "file_bytes": real}})
+    return built
 
 
 def _counts(recipe) -> dict[str, int]:
