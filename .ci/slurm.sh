@@ -47,6 +47,8 @@ node_idle() { [ "$(sinfo -h -N -o %T 2>/dev/null)" = idle ]; }
 
 write_configs() {
     mkdir -p "$DIR"/{log,state,spool,db,munge}
+    runuser -u munge -- test -x "$DIR" || die "the munge user cannot reach $DIR (a parent directory is private):" \
+        "choose a directory every user can traverse, e.g. /tmp/sweep-slurm"
     chown munge:munge "$DIR/munge"
     chmod 711 "$DIR/munge"  # clients must reach the socket; the key itself stays 600
     [ -s "$DIR/munge/munge.key" ] || runuser -u munge -- mungekey --create --keyfile="$DIR/munge/munge.key"

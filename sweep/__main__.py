@@ -12,9 +12,11 @@ from omegaconf import DictConfig
 from . import config  # noqa: F401  (registers the schemas)
 from .cli import exit_on_user_error
 from .grid import plan, wants_hydra_only
+from .incomplete import remember_command
 from .job import run_job
 from .planning import check_resources, costs, print_plan
 from .session import Sessions
+from .time_limit import time_limit_overrides
 
 
 def sweep_app(sessions: Sessions):
@@ -39,6 +41,7 @@ PLAN_FLAG = "--plan"
 
 def main() -> None:
     argv = sys.argv[1:]
+    remember_command(argv)  # the command that finishes an incomplete sweep is this one, as given
     if PLAN_FLAG in argv:  # ours, not Hydra's: print what the sweep would cost, then stop
         overrides = [a for a in argv if not a.startswith("-")]
         exit_on_user_error(print_plan, overrides)
@@ -48,8 +51,9 @@ def main() -> None:
         # if the store would not fit the disk.
         overrides = [a for a in argv if not a.startswith("-")]
         grid = exit_on_user_error(plan, overrides)
-        exit_on_user_error(lambda: check_resources(costs(grid)))
-        sys.argv += grid.extra_argv
+        plan_costs = exit_on_user_error(costs, grid)
+        exit_on_user_error(check_resources, plan_costs)
+        sys.argv += grid.extra_argv + exit_on_user_error(time_limit_overrides, grid, plan_costs, argv)
     with Sessions() as sessions:
         sweep_app(sessions)()
 
