@@ -12,6 +12,7 @@ the launching node.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,13 +50,22 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
         try:
             returns.append(job.results()[0])
         except (UncompletedJobError, FailedJobError) as e:  # a task without a result: listed, not raised
-            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            missing.append({"job": job.job_id, "overrides": list(filter_overrides(overrides)),
-                            "reason": reason.strip()[:500]})
+            reason = why_no_result(e)
+            missing.append({"job": job.job_id, "overrides": list(filter_overrides(overrides)), "reason": reason})
             log.warning("task %s returned no result: %s", job.job_id, reason)
     write_missing(sweep_dir, missing)
     generation_check(launcher.config, executor, sweep_dir)
     return returns
+
+
+def why_no_result(error: Exception) -> str:
+    """submitit's message in a few words: the task's final state (CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...) when it
+    names one, else its first line."""
+    text = str(error)
+    state = re.search(r"\(state: ([^)]*)\)", text)
+    if state:
+        return f"state {state.group(1).strip()}"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:300]
 
 
 def make_executor(launcher):

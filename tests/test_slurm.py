@@ -55,7 +55,7 @@ def cluster_env(env, slurm):
 
 
 def task_logs(sweep_dir: Path) -> str:
-    return "".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*_*/*_log.*")))
+    return "".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_log.*")))
 
 
 def stored_points(store: Path) -> dict[str, int]:
@@ -63,7 +63,8 @@ def stored_points(store: Path) -> dict[str, int]:
 
 
 def task_process(sweep_dir: Path, task: int, timeout: float = 120) -> tuple[int, str]:
-    """(pid, array job id) of the Python process running array task `task` of this sweep (on this node)."""
+    """(pid, SLURM job id) of the Python process running task `task` of this sweep (on this node). submitit
+    submits one task as a plain job and several as an array (`<array id>_<task>`)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -76,15 +77,33 @@ def task_process(sweep_dir: Path, task: int, timeout: float = 120) -> tuple[int,
                                if b"=" in v)
             except (OSError, IndexError):
                 continue  # gone meanwhile
+            if b"SLURM_ARRAY_TASK_ID" not in environ and task == 0:
+                return int(pid), environ[b"SLURM_JOB_ID"].decode()
             if environ.get(b"SLURM_ARRAY_TASK_ID") == str(task).encode():
-                return int(pid), environ[b"SLURM_ARRAY_JOB_ID"].decode()
+                return int(pid), f"{environ[b'SLURM_ARRAY_JOB_ID'].decode()}_{task}"
         time.sleep(0.1)
     raise AssertionError(f"array task {task} of {sweep_dir} never started")
 
 
-def pending_signals(pid: int) -> int:
+def signal_masks(pid: int) -> dict[str, int]:
+    """/proc/<pid>/status's signal masks: SigPnd, ShdPnd (pending), SigCgt (caught by a handler), ..."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return {k: int(fields[k], 16) for k in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")}
+
+
+def pending(pid: int) -> int:
+    try:
+        masks = signal_masks(pid)
+    except OSError:  # gone meanwhile
+        return 0
+    return masks["SigPnd"] | masks["ShdPnd"]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.1)
 
 
 def start_sweep(args, env) -> subprocess.Popen:
@@ -123,17 +142,17 @@ def test_a_cancelled_task_leaves_the_table_of_the_rest_and_the_command_that_fini
     args = tiny_args(tiny_model, tmp_path, "layer=0,1,2", "fmt=int8", "kind=weight", "tensor=ffn_norm", *SLURM,
                      "hydra.launcher.timeout_min=5")
     driver = start_sweep(args, cluster_env)
-    pid, array = task_process(tmp_path / "sweep", 1)
+    pid, job = task_process(tmp_path / "sweep", 1)
     os.kill(pid, signal.SIGSTOP)  # hold it mid-point, so that the cancel surely finds it running
-    subprocess.run(["scancel", f"{array}_1"], env=cluster_env, check=True)
+    subprocess.run(["scancel", job], env=cluster_env, check=True)
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 1, err[-3000:]
     line = err.strip().splitlines()[-1]
     assert line.startswith("incomplete: 1 point did not finish: ") and "layer=1 " in line, err[-3000:]
-    assert "layer=0" not in line.split(". The table")[0] and "CANCELLED" in line
+    assert "layer=0" not in line.split(". The table")[0] and "(task " + job + ": state CANCELLED" in line
     df = read_table(tmp_path / "sweep")
     assert list(df["layer"]) == [0, 2] and set(df["status"]) == {"ok"}  # what finished, in the table
-    assert json.loads((tmp_path / "sweep" / "incomplete.json").read_text())["missing"][0]["job"] == f"{array}_1"
+    assert json.loads((tmp_path / "sweep" / "incomplete.json").read_text())["missing"][0]["job"] == job
     assert len(stored_points(tmp_path / "store")) == 2
     # the printed command, run as printed (same sweep dir), computes only the missing point
     command = shlex.split(line.split("only the missing): ", 1)[1])
@@ -149,26 +168,29 @@ def test_a_cancelled_task_leaves_the_table_of_the_rest_and_the_command_that_fini
 
 
 def test_a_task_at_its_time_limit_is_requeued_and_finishes(tiny_model, tmp_path, cluster_env):
-    # A one-minute limit; submitit asks SLURM for USR2 35 s before it (slurmctld checks limits every 30 s, so the
-    # signal surely comes before the kill). The task's process is held stopped until SLURM's USR2 is pending: a
-    # point slower than its limit. The requeued task then finishes well within its minute.
+    # A one-minute limit, and USR2 asked 5 s before it: slurmctld checks limits every 30 s and sends the signal once
+    # the time left is below 5 + 30 s, so 25-55 s into the task and always before the kill. The task's process is
+    # held stopped until SLURM's USR2 is pending: a point slower than its limit. The requeued task finishes within
+    # the 25 s it has before such a signal again.
     args = tiny_args(tiny_model, tmp_path, "layer=1", "fmt=int8", "kind=weight", "tensor=ffn_norm", *SLURM,
-                     "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=35")
+                     "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5")
     driver = start_sweep(args, cluster_env)
-    pid, array = task_process(tmp_path / "sweep", 0)
+    pid, job = task_process(tmp_path / "sweep", 0)
+    # stopped only once submitit handles USR2 (a USR2 without a handler kills even a stopped process)
+    wait_until(lambda: signal_masks(pid)["SigCgt"] & USR2, 60, "submitit never installed its USR2 handler")
     os.kill(pid, signal.SIGSTOP)
-    deadline = time.time() + 75
-    while not pending_signals(pid) & USR2:
-        assert time.time() < deadline, "SLURM sent no USR2 before the time limit"
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGCONT)
+    # slurmstepd continues a stopped task to deliver the signal; if it has not, USR2 waits pending: continue it here
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or pending(pid) & USR2, 75,
+               "SLURM sent no USR2 before the time limit")
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGCONT)
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err[-3000:]
     df = read_table(tmp_path / "sweep")
     assert list(df["layer"]) == [1] and list(df["status"]) == ["ok"]
     logs = task_logs(tmp_path / "sweep")
     assert "this job is timed-out" in logs and "Requeued" in logs and "Job completed successfully" in logs
-    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", f"{array}_0"], env=cluster_env,
+    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], env=cluster_env,
                             capture_output=True, text=True, check=True).stdout.split()
     assert states == ["REQUEUED", "COMPLETED"]
 
