@@ -6,7 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
+from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
+from hydra_plugins.sweep_launchers.slurm_launcher import SlurmLauncher
 from omegaconf import DictConfig
 
 from .cluster_launcher import checks_generation_in_a_task
@@ -15,6 +17,11 @@ from .incomplete import EXIT_INCOMPLETE, missing_line, read_missing
 from .records import format_ranking, gather, write_table
 
 log = logging.getLogger(__name__)
+
+# Hydra finds launchers by walking the hydra_plugins namespace on sys.path; an editable install's import hook hides
+# this project's part of it outside the project's directory. Registered here too (Hydra loads this module's
+# callback before it instantiates the launcher).
+Plugins.instance().register(SlurmLauncher)
 
 
 class GatherResults(Callback):
