@@ -44,7 +44,8 @@ def slurm():
                            timeout=180)
     if start.returncode != 0:
         pytest.fail(f"{SCRIPT.name} start failed: {start.stderr.strip() or start.stdout.strip()}", pytrace=False)
-    yield {"SLURM_CONF": str(directory / "slurm.conf"), "SWEEP_SLURM_PORT": env["SWEEP_SLURM_PORT"]}
+    yield {"SLURM_CONF": str(directory / "slurm.conf"), "SWEEP_SLURM_PORT": env["SWEEP_SLURM_PORT"],
+           "SWEEP_SLURM_DIR": str(directory)}
     subprocess.run(["bash", str(SCRIPT), "stop", str(directory)], env=env, timeout=120, check=True)
     shutil.rmtree(directory)
 
@@ -109,6 +110,23 @@ def wait_until(condition, timeout: float, what: str) -> None:
 def start_sweep(args, env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def test_the_script_sees_a_running_cluster_and_names_the_packages_when_missing(slurm, tmp_path):
+    again = subprocess.run(["bash", str(SCRIPT), "start", slurm["SWEEP_SLURM_DIR"]], env={**os.environ, **slurm},
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.startswith("SLURM already running: "), again.stderr
+    status = subprocess.run(["bash", str(SCRIPT), "status", slurm["SWEEP_SLURM_DIR"]], env={**os.environ, **slurm},
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "slurmd running (pid " in status.stdout and " idle " in status.stdout
+    # SLURM's daemons live in /usr/sbin: without it on PATH they are "not installed"
+    missing = subprocess.run(["bash", str(SCRIPT), "start", str(tmp_path / "c")], capture_output=True, text=True,
+                             env={**os.environ, "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert missing.returncode == 2 and missing.stdout == "" and not (tmp_path / "c").exists()
+    assert missing.stderr.startswith("error: SLURM's packages are not installed (missing munged ")
+    assert missing.stderr.strip().endswith("run apt-get update && apt-get install -y --no-install-recommends "
+                                           "slurm-wlm slurmdbd mariadb-server munge")
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_slurm_sweep_gives_the_basic_table_and_a_resubmission_recomputes_nothing(tiny_model, tmp_path, cluster_env):
