@@ -31,7 +31,11 @@ check_installed() {
     [ "$(id -u)" -eq 0 ] || die "$0 must run as root (it starts munged as the munge user and slurmd as root)"
 }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() {  # the PID file's process runs (a zombie does not: PID 1 in a container may never reap the daemons)
+    local pid
+    pid="$(cat "$1" 2>/dev/null)" && [ -n "$pid" ] || return 1  # the daemon may remove it while we look
+    kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
 
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll until COMMAND succeeds
     local limit=$1 what=$2
@@ -159,10 +163,10 @@ stop_pid() {  # stop_pid NAME PIDFILE: TERM, then KILL after 15 s
     local pidfile=$2
     alive "$pidfile" || { rm -f "$pidfile"; return 0; }
     local pid t=0
-    pid="$(cat "$pidfile")"
-    kill "$pid"
-    while kill -0 "$pid" 2>/dev/null && [ $t -lt 75 ]; do sleep 0.2; t=$((t + 1)); done
-    kill -0 "$pid" 2>/dev/null && { echo "$1 ($pid) ignored TERM: killed" >&2; kill -9 "$pid"; }
+    pid="$(cat "$pidfile" 2>/dev/null)" || return 0
+    kill "$pid" 2>/dev/null || true
+    while alive "$pidfile" && [ $t -lt 75 ]; do sleep 0.2; t=$((t + 1)); done
+    alive "$pidfile" && { echo "$1 ($pid) ignored TERM: killed" >&2; kill -9 "$pid"; }
     rm -f "$pidfile"
 }
 

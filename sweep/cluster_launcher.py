@@ -12,6 +12,7 @@ the launching node.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +41,8 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
     executor = make_executor(launcher)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in launcher.config.hydra.sweep:  # as the plugin: hydra.sweep.mode, octal
+        os.chmod(sweep_dir, mode=int(str(launcher.config.hydra.sweep.mode), 8))
     args = []
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
