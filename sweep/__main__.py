@@ -9,13 +9,22 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from omegaconf import DictConfig
+
+from hydra_plugins.sweep_launchers.slurm_launcher import SlurmLauncher
+from hydra_plugins.sweep_sweeper.grid_sweeper import GridSweeper
 
 from . import config  # noqa: F401  (registers the schemas)
 from .errors import exit_on_user_error
 from .grid import check_composes
 from .job import run_job
 from .session import Sessions
+
+# Hydra finds plugins by walking the hydra_plugins namespace on sys.path; an editable install's import hook hides this
+# project's part of it outside the project's directory, so the sweep registers its own by hand as well.
+for _plugin in (GridSweeper, SlurmLauncher):
+    Plugins.instance().register(_plugin)
 
 PLAN_FLAG = "--plan"  # ours: the sweeper's plan mode, as `sweep plan ...`
 PLAN_MODE = "hydra.sweeper.plan=true"

@@ -37,6 +37,7 @@ class GridSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # deferred: Hydra imports every plugin when any Hydra app starts; the sweep's modules load llama.cpp
+        from sweep.cluster.time_limit import set_time_limit
         from sweep.errors import exit_on_user_error
         from sweep.grid import plan
         from sweep.planning import check_resources, costs, print_grid_plan
@@ -47,7 +48,9 @@ class GridSweeper(Sweeper):
         if self.plan:
             exit_on_user_error(print_grid_plan, grid)
             return []
-        exit_on_user_error(lambda: check_resources(costs(grid)))
+        plan_costs = exit_on_user_error(costs, grid)
+        exit_on_user_error(check_resources, plan_costs)
+        exit_on_user_error(set_time_limit, self.launcher, grid, plan_costs, list(self.config.hydra.overrides.hydra))
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

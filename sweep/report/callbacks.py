@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ..cluster.incomplete import EXIT_INCOMPLETE, missing_line, read_missing
+from ..cluster.launcher import checks_generation_in_a_task
 from ..gencheck import check_worst, generation_mode
 from ..store.records import gather, write_table
 from .ranking import format_ranking
@@ -21,13 +24,24 @@ class GatherResults(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         df = gather([sweep_dir])
+        missing = read_missing(sweep_dir)  # tasks a cluster launcher got no result from
         if df.empty:
             print(f"no records under {sweep_dir}")
+            self.end_incomplete(missing, 0)
             return
         n_check = generation_mode(config.metrics.generate)
-        if n_check:  # metrics.generate=top:N: the generation check of the N worst points, now that they are known
+        # metrics.generate=top:N: the generation check of the N worst points, now that they are known (a cluster
+        # launcher has run it as a task of its own: its results are in the records gathered above)
+        if n_check and not checks_generation_in_a_task(config.hydra.launcher):
             df = check_worst(df, sweep_dir, str(config.metrics.rank_by), n_check)
         parquet, csv = write_table(df, sweep_dir)
         print(format_ranking(df, str(config.metrics.rank_by)))
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
         print(f"{len(df)} points ({counts}) -> {parquet} and {csv.name}")
+        self.end_incomplete(missing, len(df))
+
+    @staticmethod
+    def end_incomplete(missing: list[dict], n_finished: int) -> None:
+        if missing:  # the one line, then a non-zero exit (SystemExit passes through Hydra's callback guard)
+            print(missing_line(missing, n_finished), file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INCOMPLETE)
