@@ -58,6 +58,8 @@ class ModelConfig:
     container: Container = Container.f32
     cache_dir: Optional[str] = None  # containers: default $SWEEP_CACHE or ~/.cache/sweep
     n_gpu_layers: int = 0  # layers offloaded to a GPU when llama-cpp-python was built with one (-1: all)
+    # llama.cpp RPC servers taking the offloaded layers: "HOST:PORT[,HOST:PORT...]" (docs/backends.md)
+    rpc: Optional[str] = None
 
 
 @dataclass

@@ -102,7 +102,7 @@ class _Checker:
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
         ggml_formats.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
-        settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
+        settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers, cfg.model.rpc)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
@@ -146,7 +146,17 @@ def plan(overrides: list[str]) -> Plan:
             check_writable(Path(directory))
     if not jobs:
         raise SweepError("the sweep has no points")
+    check_rpc_launcher(points, base.hydra.launcher)
     return Plan(jobs, extra, points, base.hydra.launcher, checker.n_windows)
+
+
+def check_rpc_launcher(points, launcher) -> None:
+    """An RPC server serves one client at a time (llama.cpp's rpc_serve_client loop): parallel jobs on the same
+    servers would only wait for each other, each holding the model in the servers' memory in turn."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if any(cfg.model.get("rpc") for cfg, _ in points) and target and not target.endswith("BasicLauncher"):
+        raise SweepError("model.rpc runs with the sequential launcher only (an RPC server serves one client at a "
+                         "time, so parallel jobs would queue on it): drop hydra/launcher=...")
 
 
 def check_writable(directory: Path) -> None:

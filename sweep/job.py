@@ -20,6 +20,7 @@ from .model_file import sha256
 from .metrics import EarlyStop, StopRule
 from .records import RECORD_FILE, Store, point_key, write_record
 from .reference import available_cores, load_inputs, open_reference
+from .rpc import on_server_lost
 from .session import Sessions
 from .run import describe, record, run_point
 from .targets import parse_layers, resolve
@@ -56,14 +57,23 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
         log.info("already done (record %s), not recomputed", key)
     else:
         started = time.time()
+
+        def lost(reason: str) -> None:  # llama.cpp is aborting (an RPC server gone): the point fails, rerun retries
+            failed = failed_record(cfg, fmt.label, layers, inputs, RuntimeError(reason))
+            failed.update(key=key, started_at=started, finished_at=time.time())
+            store.put_point(key, failed)
+            if job_dir is not None:
+                write_record(job_dir / RECORD_FILE, failed)
+
         try:
-            ref = open_reference(cfg, inputs, sessions)
-            target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
-            prompts = tuple(cfg.metrics.prompts) if generate_here else ()
-            out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
-                            max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
-                            baseline_logits=cfg.metrics.baseline_logits)
-            rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
+            with on_server_lost(lost):
+                ref = open_reference(cfg, inputs, sessions)
+                target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
+                prompts = tuple(cfg.metrics.prompts) if generate_here else ()
+                out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
+                                max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
+                                baseline_logits=cfg.metrics.baseline_logits)
+                rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)
             rec = failed_record(cfg, fmt.label, layers, inputs, e)
@@ -92,7 +102,8 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": stop.key()} if stop else {}),
                      **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
                      **({"recipe_sha256": sha256(Path(fmt.recipe))} if fmt.recipe else {}),
-                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
+                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers,
+                                                               cfg.model.rpc)))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

@@ -77,7 +77,7 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
     inputs = inputs or load_inputs(cfg)  # the text first: a missing text fails fast
     file = container_path(inputs.source, cfg.model.container, Path(cfg.model.cache_dir) if cfg.model.cache_dir else None)
     threads = int(cfg.run.threads or available_cores())
-    settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
+    settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
     n_ctx = int(cfg.data.n_ctx)
     session = sessions.get(file, n_ctx, threads, settings) if sessions else Session(file, n_ctx, threads, settings)
     try:
