@@ -176,10 +176,12 @@ def offload_devices(endpoints: tuple[str, ...]) -> ctypes.Array | None:
 # ---- where a loaded model lives ----------------------------------------------------------------------------------
 
 def buffer_device(buffer: int) -> int | None:
-    """The ggml device holding a buffer (None for a host buffer type that names no device)."""
+    """The ggml device holding a buffer. A host buffer type that names no device (the CPU's buffers of weights
+    loaded without mmap) is the CPU device's memory."""
     if not buffer:
         return None
-    return libggml.ggml_backend_buft_get_device(libggml.ggml_backend_buffer_get_type(buffer)) or None
+    dev = libggml.ggml_backend_buft_get_device(libggml.ggml_backend_buffer_get_type(buffer))
+    return dev or libggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU) or None
 
 
 def device_label(dev: int | None) -> str:
