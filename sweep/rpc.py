@@ -196,9 +196,10 @@ def placement(weight_buffers: dict[str, int]) -> dict:
     """Where a loaded model's weights are (weight name -> its buffer): the record's `devices` (each device used,
     with its memory as ggml_backend_dev_memory reports it now) and `layer_devices` (blocks per device)."""
     devs = {name: buffer_device(buf) for name, buf in weight_buffers.items()}
-    used = sorted({d for d in devs.values() if d is not None}, key=device_label)
+    labels = {d: device_label(d) for d in set(devs.values())}  # once per device: an RPC device answers remotely
+    used = sorted((d for d in labels if d is not None), key=labels.get)
     return {"devices": "; ".join(device_info(d).describe() for d in used),
-            "layer_devices": layer_map({name: device_label(d) for name, d in devs.items()})}
+            "layer_devices": layer_map({name: labels[d] for name, d in devs.items()})}
 
 
 def layer_map(weight_devices: dict[str, str]) -> str:
