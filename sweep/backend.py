@@ -224,6 +224,9 @@ class Backend:
         self._collect = False
         self.nodes: dict[str, list[NodeOccurrence]] = {}
         self._weights: dict[str, int] = {}
+        # Every tensor of each weight's name: llama.cpp loads a tied embedding twice when the output layer is
+        # offloaded (token_embd.weight for the input on the CPU, and again for the output on the device)
+        self._copies: dict[str, list[int]] = {}
         self._probe()
 
     # ---- tokens and decoding -------------------------------------------------------------------------------
@@ -352,6 +355,9 @@ class Backend:
                         sname = src.contents.name.decode("utf-8", "replace")
                         if _WEIGHT_NAME.match(sname):
                             self._weights[sname] = ctypes.addressof(src.contents)
+                            copies = self._copies.setdefault(sname, [])
+                            if self._weights[sname] not in copies:
+                                copies.append(self._weights[sname])
             observe = self.matmul_observer is not None and t.op in _MATMUL_OPS \
                 and self.matmul_observer.wants(_matmul(t, with_data=False))
             return (name, index) in self.hooked_nodes or observe
@@ -420,12 +426,18 @@ class Backend:
 
     def write_weight(self, name: str, data: np.ndarray) -> None:
         ptr, t = self._weight(name)
-        self._set(ptr, t, name, data)
+        for addr in self._copies.get(name, [ctypes.addressof(t)]):  # every copy llama.cpp loaded
+            self._set(ctypes.c_void_p(addr), GGMLTensor.from_address(addr), name, data)
+
+    def weight_copies(self, name: str) -> int:
+        """How many tensors llama.cpp loaded under this name (2: a tied embedding with its output offloaded)."""
+        self._weight(name)
+        return len(self._copies[name])
 
     def placement(self) -> dict:
         """Where the weights are: `devices` (names, memory) and `layer_devices` (blocks per device)."""
         self._check_open()
-        return placement({n: GGMLTensor.from_address(a).buffer for n, a in self._weights.items()})
+        return placement([(n, GGMLTensor.from_address(a).buffer) for n, addrs in self._copies.items() for a in addrs])
 
     # ---- lifetime -------------------------------------------------------------------------------------------
 

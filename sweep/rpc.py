@@ -192,22 +192,23 @@ def device_label(dev: int | None) -> str:
     return d.name if d.description in ("", d.name) or not d.name.startswith("RPC") else f"{d.name}[{d.description}]"
 
 
-def placement(weight_buffers: dict[str, int]) -> dict:
-    """Where a loaded model's weights are (weight name -> its buffer): the record's `devices` (each device used,
-    with its memory as ggml_backend_dev_memory reports it now) and `layer_devices` (blocks per device)."""
-    devs = {name: buffer_device(buf) for name, buf in weight_buffers.items()}
-    labels = {d: device_label(d) for d in set(devs.values())}  # once per device: an RPC device answers remotely
+def placement(weight_buffers: list[tuple[str, int]]) -> dict:
+    """Where a loaded model's weights are ((weight name, its buffer) for every tensor): the record's `devices` (each
+    device used, with its memory as ggml_backend_dev_memory reports it now) and `layer_devices` (blocks per
+    device)."""
+    devs = [(name, buffer_device(buf)) for name, buf in weight_buffers]
+    labels = {d: device_label(d) for d in {d for _, d in devs}}  # once per device: an RPC device answers remotely
     used = sorted((d for d in labels if d is not None), key=labels.get)
     return {"devices": "; ".join(device_info(d).describe() for d in used),
-            "layer_devices": layer_map({name: labels[d] for name, d in devs.items()})}
+            "layer_devices": layer_map([(name, labels[d]) for name, d in devs])}
 
 
-def layer_map(weight_devices: dict[str, str]) -> str:
+def layer_map(weight_devices: list[tuple[str, str]]) -> str:
     """Compact "where each layer ran": runs of blocks on one device, then the weights outside the blocks.
-    `weight_devices`: weight name -> device (a block's weights all go to its layer's device in llama.cpp)."""
+    `weight_devices`: (weight name, device) of every tensor (a block's weights all go to its layer's device)."""
     blocks: dict[int, set[str]] = {}
     other: dict[str, set[str]] = {}
-    for name, dev in weight_devices.items():
+    for name, dev in weight_devices:
         parts = name.split(".")
         if parts[0] == "blk" and parts[1].isdigit():
             blocks.setdefault(int(parts[1]), set()).add(dev)

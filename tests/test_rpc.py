@@ -145,6 +145,21 @@ def test_a_point_on_the_server_is_the_cpu_point_bit_for_bit(server, tiny_model, 
     assert job_key(cfg_rpc, cpu["model_sha256"], cpu["data_sha256"], (1,)) == rpc["key"]
 
 
+def test_a_tied_embedding_is_perturbed_in_both_of_its_copies(server, tiny_model, wikitext, cache_dir, tmp_path):
+    # the output layer offloaded, llama.cpp loads token_embd.weight twice: for the input (CPU) and for the output
+    # (the server); a weight point must round both, or its numbers would not be the CPU's
+    with Backend(f32_container(tiny_model, cache_dir), 64, 2, writable_weights=True,
+                 settings=compute_settings("f32", -1, server.endpoint)) as b:
+        assert b.weight_copies("token_embd.weight") == 2
+        layers = b.placement()["layer_devices"]
+    assert "token_embd CPU" in layers and "token_embd RPC" in layers, layers
+    args = (tiny_model, wikitext, cache_dir, tmp_path / "store", "f32", "weight", "token_embd", "null", "int8")
+    _, cpu = job(*args)
+    _, rpc = job(*args, *rpc_args(server))
+    assert cpu["status"] == rpc["status"] == "ok" and rpc["n_changed"] > 0
+    assert {k: cpu[k] for k in SAME} == {k: rpc[k] for k in SAME}
+
+
 # ---- a server that is not there, or dies ------------------------------------------------------------------------
 
 def run_sweep(args, env, **kw):
