@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -235,6 +236,7 @@ _ABORT_CB = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 @_ABORT_CB
 def _on_abort(message: bytes) -> None:
     text = " ".join((message or b"").decode("utf-8", "replace").split())
+    text = re.sub(r"^\S*/(\S+:\d+: )", r"\1", text)  # the build's source path: only the file name and line
     reason = f"llama.cpp aborted: {text}"
     for handler in list(_lost_handlers):
         try:
