@@ -21,6 +21,7 @@ COMMANDS = {
     "recipe": ("sweep.recipe.command", "a mixed-precision recipe from finished sweeps; build and validate its GGUF"),
     "imatrix": ("sweep.imatrix.compute", "llama.cpp's importance matrix, computed inside llama.cpp's own graph"),
     "formats": ("sweep.formats", "the tables of the formats fmt= accepts"),
+    "rpc-server": ("sweep.rpc_server", "serve this machine's devices to llama.cpp's RPC backend (model.rpc=HOST:PORT)"),
 }
 USAGE = """usage: sweep [AXIS=VALUES ...]         the sensitivity sweep (python -m sweep): one job per point of the grid
        sweep COMMAND [ARGS ...]
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if name == "plan":
         return tool.main([*rest, tool.PLAN_FLAG], prog="sweep plan")
     sys.argv = [f"sweep {name}", *rest]  # the Hydra tools read it
-    status = tool.main(rest) if name in ("report", "recipe") else tool.main()
+    status = tool.main(rest) if name in ("report", "recipe", "rpc-server") else tool.main()
     if status:
         sys.exit(status)
 

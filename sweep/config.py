@@ -38,6 +38,8 @@ class ModelConfig:
     container: Container = Container.f32
     cache_dir: Optional[str] = None  # containers: default $SWEEP_CACHE or ~/.cache/sweep
     n_gpu_layers: int = 0  # layers offloaded to a GPU when llama-cpp-python was built with one (-1: all)
+    # llama.cpp RPC servers taking the offloaded layers: "HOST:PORT[,HOST:PORT...]" (docs/backends.md)
+    rpc: Optional[str] = None
 
 
 @dataclass
@@ -51,7 +53,7 @@ class DataConfig:
 
 @dataclass
 class FormatConfig:
-    """One option of the group `fmt=` per format of sweep.formats.FORMATS (stored by register(), no yaml files);
+    """One option of the group `fmt=` per format of sweep.quant.formats.FORMATS (stored by register(), no yaml files);
     what each computes: `python -m sweep.formats` or the README's table. A parameter a format does not take is
     validated, then ignored."""
 

@@ -100,7 +100,7 @@ class _Checker:
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
         ggml_types.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
-        settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
+        settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers, cfg.model.rpc)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
@@ -154,6 +154,7 @@ def plan(overrides: list[str]) -> Plan:
         raise SweepError("the sweep has no points")
     hydra_keys = {o.get_key_element() for o in parsed if o.is_hydra_override()}
     launch = [[a for a in job if a.split("=", 1)[0] not in hydra_keys] for job in jobs]
+    check_rpc_launcher(points, base.hydra.launcher)
     return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows)
 
 
@@ -177,6 +178,15 @@ def _config_dir():
     if GlobalHydra.instance().is_initialized():
         return nullcontext()
     return initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="sweep")
+
+
+def check_rpc_launcher(points, launcher) -> None:
+    """An RPC server serves one client at a time (llama.cpp's rpc_serve_client loop): parallel jobs on the same
+    servers would only wait for each other, each holding the model in the servers' memory in turn."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if any(cfg.model.get("rpc") for cfg, _ in points) and target and not target.endswith("BasicLauncher"):
+        raise SweepError("model.rpc runs with the sequential launcher only (an RPC server serves one client at a "
+                         "time, so parallel jobs would queue on it): drop hydra/launcher=...")
 
 
 def check_writable(directory: Path) -> None:

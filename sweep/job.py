@@ -17,6 +17,7 @@ from .cores import available_cores
 from .gencheck import generation_mode
 from .llama.container import compute_settings, runtime_identity
 from .llama.model_file import sha256
+from .llama.rpc import on_server_lost
 from .quant.formats import make_format
 from .quant.targets import parse_layers, resolve
 from .reference import load_inputs, open_reference
@@ -57,14 +58,23 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
         log.info("already done (record %s), not recomputed", key)
     else:
         started = time.time()
+
+        def lost(reason: str) -> None:  # llama.cpp is aborting (an RPC server gone): the point fails, rerun retries
+            failed = failed_record(cfg, fmt.label, layers, inputs, RuntimeError(reason))
+            failed.update(key=key, started_at=started, finished_at=time.time())
+            store.put_point(key, failed)
+            if job_dir is not None:
+                write_record(job_dir / RECORD_FILE, failed)
+
         try:
-            ref = open_reference(cfg, inputs, sessions)
-            target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
-            prompts = tuple(cfg.metrics.prompts) if generate_here else ()
-            out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
-                            max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
-                            baseline_logits=cfg.metrics.baseline_logits)
-            rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
+            with on_server_lost(lost):
+                ref = open_reference(cfg, inputs, sessions)
+                target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
+                prompts = tuple(cfg.metrics.prompts) if generate_here else ()
+                out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
+                                max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
+                                baseline_logits=cfg.metrics.baseline_logits)
+                rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)
             rec = failed_record(cfg, fmt.label, layers, inputs, e)
@@ -93,7 +103,8 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      max_new_tokens=cfg.metrics.max_new_tokens, **({"early_stop": stop.key()} if stop else {}),
                      **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
                      **({"recipe_sha256": sha256(Path(fmt.recipe))} if fmt.recipe else {}),
-                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers)))
+                     runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers,
+                                                               cfg.model.rpc)))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

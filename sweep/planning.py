@@ -76,6 +76,7 @@ class Group:
     max_new_tokens: int = 0
     kld: bool = True
     n_gpu_layers: int = 0
+    rpc: str | None = None  # model.rpc: the RPC servers taking the offloaded layers
     recompute: bool = False  # metrics.baseline_logits=recompute: no logits on disk, a baseline decode per point
     n_todo: int = 0  # its points not yet in the store
     n_new_baselines: int = 0  # its baselines not yet in the store
@@ -105,6 +106,7 @@ class Timing:
     baseline_window_s: float  # one window scored as a baseline (decode + NLL, logits kept)
     point_window_s: float  # one window scored as a point (decode + NLL, ΔNLL, KL against the baseline)
     generation_s: float  # the generation check of one point: every prompt, max_new_tokens each
+    placement: dict | None = None  # where the loaded model's weights are (Backend.placement: devices, layers)
 
 
 @dataclass
@@ -234,7 +236,7 @@ def costs(plan: Plan) -> Costs:
         n_ctx = int(cfg.data.n_ctx)
         n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_windows))]
         recompute = OmegaConf.select(cfg, "metrics.baseline_logits", default="store") == "recompute"
-        settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
+        settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
         gkey = (source, cfg.model.container, n_ctx, n_windows)
         group = groups.get(gkey)
         if group is None:
@@ -248,7 +250,7 @@ def costs(plan: Plan) -> Costs:
                 cpath is not None and not cpath.exists(), _kv_bytes(meta, info.arch, n_ctx, settings.kv_type),
                 gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
                 max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
-                n_gpu_layers=int(cfg.model.n_gpu_layers), recompute=recompute)
+                n_gpu_layers=int(cfg.model.n_gpu_layers), rpc=cfg.model.rpc, recompute=recompute)
         if target.kind == "weight":
             group.originals_bytes = max(group.originals_bytes,
                                         sum(4 * tensors[n][1] for n in target.names if n in tensors))
@@ -321,10 +323,11 @@ def time_one_window(group: Group, text_path, threads: int) -> Timing:
     on_container = group.container_path is not None and not group.container_missing
     file = group.container_path if on_container else group.source
     t0 = time.perf_counter()
-    settings = compute_settings(group.container, group.n_gpu_layers)
+    settings = compute_settings(group.container, group.n_gpu_layers, group.rpc)
     with Session(file, group.n_ctx, threads, settings) as session:  # as a job loads it
         b = session.backend
         load_s = time.perf_counter() - t0
+        placement = b.placement()
         w = make_windows(session.tokens(load_text(text_path)), group.n_ctx, 1, b.bos if b.add_bos else None)
         logits = np.empty((1, w.n_scored, b.n_vocab), np.float32) if group.kld else None
         score(b, w, False, math=session.math)  # warm-up: the first decode after a load is slower than the rest
@@ -344,7 +347,7 @@ def time_one_window(group: Group, text_path, threads: int) -> Timing:
             per_token = max(0.0, time.perf_counter() - t0 - prompts_s) / new if new else 0.0
             room = [group.n_ctx - len(b.tokenize(b.chat_prompt(p))) for p in group.gen_prompts]
             generation_s = prompts_s + per_token * sum(max(0, min(group.max_new_tokens, r)) for r in room)
-    return Timing(threads, file, on_container, load_s, base.seconds, point.seconds, generation_s)
+    return Timing(threads, file, on_container, load_s, base.seconds, point.seconds, generation_s, placement)
 
 
 # ---- the printed plan ----------------------------------------------------------------------------------------
@@ -411,6 +414,9 @@ def render(c: Costs, text_path) -> str:
         lines.append(f"  one window  {t.point_window_s:.2f} s as a point, {t.baseline_window_s:.2f} s as a baseline "
                      f"(timed now, {t.threads} thread{plural(t.threads)}, {where}; load {t.load_s:.1f} s)"
                      + (f"; generation check {t.generation_s:.1f} s per point" if g.gen_prompts else ""))
+        if t.placement:  # as llama.cpp placed the model just loaded (model.n_gpu_layers, model.rpc)
+            lines.append(f"  devices     {t.placement['devices']}")
+            lines.append(f"  layers      {t.placement['layer_devices']}")
         # recompute: every point also decodes its baseline's window (no logits stored, twice the decode)
         point_s = t.point_window_s + (t.baseline_window_s if g.recompute else 0.0)
         score_s = (g.n_todo * point_s + g.n_new_baselines * t.baseline_window_s) * g.n_windows

@@ -73,7 +73,7 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
     cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else None
     file = container_path(inputs.source, cfg.model.container, cache_dir)
     threads = int(cfg.run.threads or available_cores())
-    settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers))
+    settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
     n_ctx = int(cfg.data.n_ctx)
     session = sessions.get(file, n_ctx, threads, settings) if sessions else Session(file, n_ctx, threads, settings)
     try:

@@ -193,7 +193,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
         **storage_columns(out.proof.storage, metrics.get("kld_mean")),
         "targets": ",".join(target.names), "baseline": out.container_note,
-        "container": ref.container, **runtime_identity(ref.backend.settings),
+        "container": ref.container, **runtime_identity(ref.backend.settings), **ref.backend.placement(),
         "model": ref.source.name, "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
         "n_windows": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,

@@ -58,3 +58,30 @@ def make_cfg(model: Path | None, text: Path, n_ctx: int, n_windows: int, contain
 def env(wikitext, cache_dir):
     """Environment of a `python -m sweep` subprocess: the offline text, and a cache inside the test's tmp."""
     return {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}
+
+
+# ---- the RPC tests (tests/test_rpc.py) need an RPC build ----------------------------------------------------------
+
+def _rpc_build() -> bool:
+    from sweep.llama.rpc import has_rpc
+    return has_rpc()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without an RPC build the `rpc` tests are deselected -- unless asked for with `-m rpc`, where they fail with the
+    line saying which build to use -- and the summary says so: they never pass silently."""
+    if _rpc_build() or "rpc" in (config.getoption("markexpr") or "").replace("not rpc", ""):
+        return
+    rpc = [item for item in items if item.get_closest_marker("rpc")]
+    if rpc:
+        items[:] = [item for item in items if not item.get_closest_marker("rpc")]
+        config.hook.pytest_deselected(items=rpc)
+        config._rpc_deselected = len(rpc)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = getattr(config, "_rpc_deselected", 0)
+    if n:
+        terminalreporter.write_line(f"{n} RPC tests deselected: this llama-cpp-python has no RPC backend; run them "
+                                    f"with .venv-rpc/bin/python -m pytest -m rpc tests/test_rpc.py (see .ci/run)",
+                                    yellow=True)

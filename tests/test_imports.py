@@ -20,7 +20,7 @@ import sweep
 PACKAGE = Path(sweep.__file__).parent
 LOWER = ("sweep.llama", "sweep.quant", "sweep.scoring", "sweep.store")
 TOOLS = ("sweep.recipe", "sweep.imatrix", "sweep.report")
-COMMANDS = ("sweep.cli", "sweep.__main__", "sweep.score", "sweep.formats")
+COMMANDS = ("sweep.cli", "sweep.__main__", "sweep.score", "sweep.formats", "sweep.rpc_server")
 DEFERRABLE = ("llama_cpp", "matplotlib", "scipy")  # slow or heavy libraries a command may not need
 # our modules that load them at import: sweep/llama/ (llama_cpp), the figures (matplotlib)
 DEFERRABLE_MODULES = ("sweep.llama", "sweep.report.plots")

@@ -75,6 +75,8 @@ def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):
     (["layer=1", "metrics.baseline_logits=disk"], "Invalid value 'disk', expected one of [store, recompute]"),
     (["layer=1", "kind=activation", "tensor=Qcur"], "2 computed graph nodes are named 'Qcur-1'"),
     (["layer=1", "kind=activation", "tensor=kq", "fmt=int8"], "node 'kq' does not have one row per token"),
+    (["layer=1", "model.rpc=127.0.0.1:50052"], "offloads nothing with model.n_gpu_layers=0"),
+    (["layer=1", "model.rpc=localhost", "model.n_gpu_layers=-1"], "'localhost' is not HOST:PORT"),
 ])
 def test_bad_configs_fail_before_any_job_with_one_line(args, message, tiny_model, tmp_path, env):
     proc = run_sweep(tiny_args(tiny_model, tmp_path, *args), env, check=False)

@@ -25,6 +25,7 @@ import numpy as np
 from llama_cpp._ggml import libggml
 
 from ..errors import SweepError
+from .rpc import offload_devices, placement
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,12 @@ class ComputeSettings:
     kv_type: str = "f16"  # K and V cache element type: f32 | f16
     flash_attn: str = "on"  # off | on
     n_gpu_layers: int = 0
+    rpc: tuple[str, ...] = ()  # RPC servers (HOST:PORT) whose devices take the offloaded layers (sweep/llama/rpc.py)
 
     def as_dict(self) -> dict:
+        # "rpc" only when set: CPU runs keep the keys (and stored baselines) they always had
         return {"kv_type": self.kv_type, "flash_attn": self.flash_attn, "n_gpu_layers": self.n_gpu_layers,
-                "extra_bufts": False}
+                "extra_bufts": False, **({"rpc": ",".join(self.rpc)} if self.rpc else {})}
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,11 @@ class Backend:
         mparams.use_extra_bufts = False  # no repacking: AMX crashes, repacked weights are unreadable (see above)
         if writable_weights:  # with mmap, the weights are read-only pages of the file: writing would crash
             mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        # model.rpc: the servers' devices must be listed (registering them alone leaves every layer on the CPU);
+        # the array stays referenced as long as the model
+        self._devices = offload_devices(settings.rpc)
+        if self._devices is not None:
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         self.model_params = mparams
         _recent_errors.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
@@ -216,6 +224,9 @@ class Backend:
         self._collect = False
         self.nodes: dict[str, list[NodeOccurrence]] = {}
         self._weights: dict[str, int] = {}
+        # Every tensor of each weight's name: llama.cpp loads a tied embedding twice when the output layer is
+        # offloaded (token_embd.weight for the input on the CPU, and again for the output on the device)
+        self._copies: dict[str, list[int]] = {}
         self._probe()
 
     # ---- tokens and decoding -------------------------------------------------------------------------------
@@ -344,6 +355,9 @@ class Backend:
                         sname = src.contents.name.decode("utf-8", "replace")
                         if _WEIGHT_NAME.match(sname):
                             self._weights[sname] = ctypes.addressof(src.contents)
+                            copies = self._copies.setdefault(sname, [])
+                            if self._weights[sname] not in copies:
+                                copies.append(self._weights[sname])
             observe = self.matmul_observer is not None and t.op in _MATMUL_OPS \
                 and self.matmul_observer.wants(_matmul(t, with_data=False))
             return (name, index) in self.hooked_nodes or observe
@@ -412,7 +426,18 @@ class Backend:
 
     def write_weight(self, name: str, data: np.ndarray) -> None:
         ptr, t = self._weight(name)
-        self._set(ptr, t, name, data)
+        for addr in self._copies.get(name, [ctypes.addressof(t)]):  # every copy llama.cpp loaded
+            self._set(ctypes.c_void_p(addr), GGMLTensor.from_address(addr), name, data)
+
+    def weight_copies(self, name: str) -> int:
+        """How many tensors llama.cpp loaded under this name (2: a tied embedding with its output offloaded)."""
+        self._weight(name)
+        return len(self._copies[name])
+
+    def placement(self) -> dict:
+        """Where the weights are: `devices` (names, memory) and `layer_devices` (blocks per device)."""
+        self._check_open()
+        return placement([(n, GGMLTensor.from_address(a).buffer) for n, addrs in self._copies.items() for a in addrs])
 
     # ---- lifetime -------------------------------------------------------------------------------------------
 

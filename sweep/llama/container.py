@@ -21,6 +21,7 @@ from ..errors import SweepError
 from ..store.files import atomic_path
 from .backend import ComputeSettings, llama_cpp_version, system_info
 from .model_file import sha256
+from .rpc import parse_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +104,22 @@ def f32_container(src: Path, cache_dir: Path | None = None) -> Path:
     return dst
 
 
-def compute_settings(container: str, n_gpu_layers: int = 0) -> ComputeSettings:
+def compute_settings(container: str, n_gpu_layers: int = 0, rpc: str | None = None) -> ComputeSettings:
     """How llama.cpp computes in each container, stated instead of left to its defaults.
 
     f32: everything that can be F32 is -- an F32 K/V cache and no flash attention (CPU flash attention converts Q
     and an F16 cache stores K/V in F16, which would absorb any K/V/Q perturbation at or below fp16 precision).
     native: llama.cpp's own defaults as they resolve on a CPU (F16 cache, flash attention on), so the file scores
-    as llama-perplexity scores it."""
+    as llama-perplexity scores it.
+    rpc: model.rpc, the RPC servers that take the offloaded layers (sweep/llama/rpc.py)."""
+    endpoints = parse_endpoints(rpc)
+    if endpoints and not n_gpu_layers:
+        raise SweepError(f"model.rpc={rpc} offloads nothing with model.n_gpu_layers=0: give the layers to offload "
+                         f"(model.n_gpu_layers=-1 for all)")
     if container == "f32":
-        return ComputeSettings(kv_type="f32", flash_attn="off", n_gpu_layers=n_gpu_layers)
+        return ComputeSettings(kv_type="f32", flash_attn="off", n_gpu_layers=n_gpu_layers, rpc=endpoints)
     if container == "native":
-        return ComputeSettings(kv_type="f16", flash_attn="on", n_gpu_layers=n_gpu_layers)
+        return ComputeSettings(kv_type="f16", flash_attn="on", n_gpu_layers=n_gpu_layers, rpc=endpoints)
     raise SweepError(f"unknown model.container={container!r}; valid: {', '.join(Container)}")
 
 
