@@ -71,3 +71,7 @@ def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Call
         app()
 
     return main
+
+
+if __name__ == "__main__":
+    main()

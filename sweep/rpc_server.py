@@ -15,12 +15,16 @@ from .errors import exit_on_user_error
 from .llama.rpc import serve
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sweep.rpc_server", description=__doc__.split("\n\n")[0])
     p.add_argument("endpoint", help="HOST:PORT to listen on, e.g. 127.0.0.1:50052")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--cpu", action="store_true", help="serve the CPU even when a GPU is present")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     exit_on_user_error(serve, args.endpoint, int(args.threads or available_cores()), args.cpu)
 
 

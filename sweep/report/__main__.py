@@ -16,7 +16,7 @@ from ..store.records import gather, write_table
 from .ranking import default_metric, format_ranking
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or record.json files)")
     parser.add_argument("--out", type=Path, help="where to write results.parquet/csv (default: the first DIR)")
@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "no KL)")
     parser.add_argument("--top", type=int, default=20, help="rows of the ranking to print (default: 20)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also write the figures as PNGs into DIR")
-    args = parser.parse_args(argv)
-    exit_on_user_error(report, args)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    exit_on_user_error(report, parse_args(argv))
     return 0
 
 
