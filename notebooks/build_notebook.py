@@ -44,7 +44,7 @@ cells = [
        "tensor in the network matters more than its own error."),
     code("fig, rho = proxy_scatter(df, 'kld_mean' if has_kld else 'delta_ppl')\nprint(f'Spearman rho = {rho:.3f}')"),
     md("## Do the damages add up? Joint points\n\n"
-       "A joint point (`fmt=recipe fmt.recipe=DIR/recipe.json`, README \"Mixed-precision recipe\") perturbs many "
+       "A joint point (`fmt=recipe fmt.recipe=DIR/recipe.json`, docs/recipes.md) perturbs many "
        "tensors at once, each at the type a recipe gives it, and its record carries the recipe's prediction: the "
        "sum of those tensors' single-tensor damages. On the dashed line the damages add up; the error bar is the "
        "paired 95% interval of the residual (measured − predicted, window by window on the tables' windows)."),

@@ -1,6 +1,6 @@
 """sweep: which layers and tensors of a GGUF model are sensitive to reduced precision.
 
-The pipeline (README "Layout" says what each module owns and where to add a format, a metric or an architecture):
+The pipeline (docs/architecture.md says what each module owns and where to add a format, a metric or an architecture):
   config      the configuration, defined once (schemas, choices), and `compose` for tests and benchmarks
   grid        expand and validate the whole grid before any job; planning: what it will cost
   job         one job: reuse the stored point or run it; records: the store, records, the gathered table

@@ -47,14 +47,14 @@ class DataConfig:
     path: Optional[str] = None  # None: the hub
     n_ctx: int = 512  # tokens per window (llama-perplexity -c); the second half of every window is scored
     # Windows scored (llama-perplexity --chunks); <= 0: all the text gives (587 at n_ctx 512 on SmolLM2). 16 windows
-    # (4080 scored tokens) is the measured trade-off: README "Choosing the slice".
+    # (4080 scored tokens) is the measured trade-off: docs/statistics.md "Choosing the slice".
     n_windows: int = 16
 
 
 @dataclass
 class FormatConfig:
     """One option of the group `fmt=` per format of sweep.quant.formats.FORMATS (stored by register(), no yaml files);
-    what each computes: `python -m sweep.formats` or the README's table. A parameter a format does not take is
+    what each computes: `python -m sweep.formats` or the table in docs/formats.md. A parameter a format does not take is
     validated, then ignored."""
 
     name: str = MISSING
@@ -90,7 +90,7 @@ class MetricsConfig:
     max_new_tokens: int = 32
     # Off: every point scores all data.n_windows windows. On: a point stops once the confidence interval (level
     # 1 - alpha) of the mean damage behind rank_by is narrower than max(rtol * |estimate|, atol), after at least
-    # min_windows (metrics.StopRule; README "Early stopping").
+    # min_windows (metrics.StopRule; docs/statistics.md "Early stopping").
     early_stop: EarlyStop = field(default_factory=EarlyStop)
 
 

@@ -1,4 +1,4 @@
-"""`python -m sweep.formats` (or `sweep formats`): print the README's tables of the formats; the registry itself is
+"""`python -m sweep.formats` (or `sweep formats`): print the tables (docs/formats.md) of the formats; the registry itself is
 sweep/quant/formats.py."""
 
 from .quant.formats import markdown_ggml_table, markdown_table

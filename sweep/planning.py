@@ -4,7 +4,7 @@
 checks the disk first: a store that would not fit the free space stops the sweep before any job, with one line
 naming the figures and the ways out; a job that would not fit the available memory gets a warning.
 
-The figures follow the layout of the store and of a job (README "Budget of a stored baseline"):
+The figures follow the layout of the store and of a job (docs/statistics.md "Budget of a stored baseline"):
   * a baseline keeps its raw float32 logits for exact KL: n_windows x (n_ctx/2 - 1) x n_vocab x 4 bytes, one per
     container key (the F32 container: one; the native container: one for activations and F32 weights, plus one
     per distinct set of quantized weight targets, which run on a copy with those tensors in F32);
@@ -353,7 +353,7 @@ def time_one_window(group: Group, text_path, threads: int) -> Timing:
 # ---- the printed plan ----------------------------------------------------------------------------------------
 
 def gb(n: float) -> str:
-    """Bytes in decimal units, as `df -H` and the README's budgets count them."""
+    """Bytes in decimal units, as `df -H` and the docs' budgets count them."""
     if n >= 1e9:
         return f"{n / 1e9:.2f} GB"
     if n >= 1e6:

@@ -6,8 +6,8 @@ format; the input is never modified. Make one with `make_format(name, **params)`
 
 Adding a format is one `FormatSpec` in `_SPECS` below: its name, what it computes (`doc`), the parameters it takes,
 whether it applies to weights and/or activations, its bits per element and its quantize function. Everything else
-iterates over `FORMATS`: the Hydra group `fmt=` (sweep/config.py), labels, store keys, the table in the README
-(`python -m sweep.formats` prints it; a test keeps the README equal to it) and the property tests. The GGUF quant
+iterates over `FORMATS`: the Hydra group `fmt=` (sweep/config.py), labels, store keys, the table in docs/formats.md
+(`python -m sweep.formats` prints it; a test keeps that page equal to it) and the property tests. The GGUF quant
 types (q8_0 ... q1_0) are registry entries generated from ggml's type list (sweep/quant/ggml_types.py): weights only,
 parameter `imatrix`, bits per weight from ggml.
 
@@ -152,7 +152,7 @@ PARAMS: dict[str, Param] = {
 @dataclass(frozen=True)
 class FormatSpec:
     name: str  # what `fmt=` takes
-    doc: str  # what it computes, one line (the README table, `python -m sweep.formats`)
+    doc: str  # what it computes, one line (the table in docs/formats.md, `python -m sweep.formats`)
     quantize: Callable[..., np.ndarray]  # (x: a float32 copy, fmt, tensor=, threads=) -> float32, x's shape
     params: tuple[str, ...] = ()  # the parameters it takes (of PARAMS), in label order
     granularity: Granularity = Granularity.per_row  # the default, if it takes `granularity`
@@ -420,7 +420,7 @@ def _defaults(spec: FormatSpec) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of the formats (`python -m sweep.formats` prints it)."""
+    """The table of the formats in docs/formats.md (`python -m sweep.formats` prints it)."""
     rows = ["| `fmt` | what it computes | parameters (defaults) | label | applies to | bits |",
             "|---|---|---|---|---|---|"]
     for s in FORMATS.values():
@@ -435,7 +435,7 @@ def markdown_table() -> str:
 
 
 def markdown_ggml_table() -> str:
-    """The README's table of the GGUF quant types, two to a row (¹: needs an importance matrix; ²: ggml names it
+    """The table of the GGUF quant types in docs/formats.md, two to a row (¹: needs an importance matrix; ²: ggml names it
     otherwise)."""
     def mark(s: FormatSpec) -> str:
         return (" ¹" if s.ggml.needs_imatrix else "") + (" ²" if ggml_types.GGML_NAME[s.name] != s.name else "")

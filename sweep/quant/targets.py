@@ -115,7 +115,7 @@ def specs(base: str, occurrences: Sequence) -> list[tuple[str, object]]:
 
 
 def advertised_nodes(nodes: Mapping[str, Sequence], layer: int = 0) -> list[tuple[str, object]]:
-    """Every activation target of one block: (spec, occurrence) by name -- the README's node list."""
+    """Every activation target of one block: (spec, occurrence) by name -- the node list of docs/formats.md."""
     return [(spec, o) for base in block_node_names(nodes) if f"{base}-{layer}" in nodes
             for spec, o in specs(base, nodes[f"{base}-{layer}"])]
 

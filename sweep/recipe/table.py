@@ -71,7 +71,7 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
             raise SweepError(f"{r} does not exist: give sweep directories (hydra.sweep.dir) or record files")
     df = gather(runs)
     if df.empty:
-        raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (README: Mixed-precision "
+        raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (docs/recipes.md: Mixed-precision "
                          f"recipe)")
     # a weight no-op is a measurement too: the type holds the tensor exactly, the model is bit-identical, the damage
     # is 0 (the embedded model is Q4_1: with an imatrix, llama.cpp's q5_1 recovers its 4-bit grid exactly)
@@ -85,7 +85,7 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     if df.empty:
         what = "measured with an importance matrix" if imatrix else "of GGUF types on weights"
         raise SweepError(f"the tables hold no single-tensor weight points {what} (fmt=q4_K, ...): run the grid "
-                         f"of README 'Mixed-precision recipe'")
+                         f"of docs/recipes.md 'Mixed-precision recipe'")
     for col in ("model_sha256", "data_sha256"):
         if df[col].nunique() > 1:
             raise SweepError(f"the tables mix {df[col].nunique()} {'models' if col == 'model_sha256' else 'texts'}"
