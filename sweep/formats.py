@@ -1,5 +1,5 @@
-"""`python -m sweep.formats` (or `sweep formats`): print the tables (docs/formats.md) of the formats; the registry itself is
-sweep/quant/formats.py."""
+"""`python -m sweep.formats` (or `sweep formats`): print the tables of the formats (docs/formats.md); the registry
+itself is sweep/quant/formats.py."""
 
 from .quant.formats import markdown_ggml_table, markdown_table
 

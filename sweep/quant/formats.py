@@ -435,8 +435,8 @@ def markdown_table() -> str:
 
 
 def markdown_ggml_table() -> str:
-    """The table of the GGUF quant types in docs/formats.md, two to a row (¹: needs an importance matrix; ²: ggml names it
-    otherwise)."""
+    """The table of the GGUF quant types in docs/formats.md, two to a row (¹: needs an importance matrix; ²: ggml
+    names it otherwise)."""
     def mark(s: FormatSpec) -> str:
         return (" ¹" if s.ggml.needs_imatrix else "") + (" ²" if ggml_types.GGML_NAME[s.name] != s.name else "")
 

@@ -71,8 +71,8 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
             raise SweepError(f"{r} does not exist: give sweep directories (hydra.sweep.dir) or record files")
     df = gather(runs)
     if df.empty:
-        raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (docs/recipes.md: Mixed-precision "
-                         f"recipe)")
+        raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (docs/recipes.md: "
+                         f"Mixed-precision recipe)")
     # a weight no-op is a measurement too: the type holds the tensor exactly, the model is bit-identical, the damage
     # is 0 (the embedded model is Q4_1: with an imatrix, llama.cpp's q5_1 recovers its 4-bit grid exactly)
     df = df[(df["kind"] == "weight") & df["status"].isin(["ok", "no-op", "diverged"]) & df["ggml_type"].notna()]
