@@ -22,6 +22,7 @@ from . import ggml_formats
 from .config import CONF_DIR, compose, hydra_error_line
 from .container import compute_settings
 from .errors import SweepError
+from .experts import refuse_unquantized_type
 from .formats import make_format
 from .gencheck import generation_mode
 from .metrics import RANKABLE
@@ -100,13 +101,18 @@ class _Checker:
                                  f"metrics.kld=true")
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
+        if cfg.expert == "each":
+            raise SweepError("expert=each cannot be combined with this sweep; give the experts explicitly")
         ggml_formats.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
         settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
-                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
+                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes,
+                         cfg.expert)
+        if cfg.kind == "weight" and cfg.tensor != "all":  # (tensor=all: a whole block or file, as before)
+            refuse_unquantized_type(fmt, target.names, info)
         if not target.token_rows and fmt.rowwise:
             raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
@@ -129,13 +135,14 @@ def plan(overrides: list[str]) -> Plan:
         grid = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
         jobs = BasicSweeper.split_arguments(grid, None)[0]
         extra = []
+        jobs, extra = _expand_experts(jobs, checker, parser, params, overrides, extra=[])
         if any("layer=each" in job for job in jobs):
             counts = {checker.info(compose(job).model.path).n_layers for job in jobs if "layer=each" in job}
             if len(counts) > 1:
                 raise SweepError(f"layer=each over models with different block counts {sorted(counts)}: "
                                  f"give the layers explicitly, e.g. layer=range(0,{min(counts)})")
             n_layers = counts.pop()
-            extra = [f"layer={','.join(map(str, range(n_layers)))}"]
+            extra += [f"layer={','.join(map(str, range(n_layers)))}"]
             jobs = BasicSweeper.split_arguments(parser.parse_overrides(
                 [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0]
         points = []
@@ -147,6 +154,22 @@ def plan(overrides: list[str]) -> Plan:
     if not jobs:
         raise SweepError("the sweep has no points")
     return Plan(jobs, extra, points, base.hydra.launcher, checker.n_windows)
+
+
+def _expand_experts(jobs, checker, parser, params, overrides, extra):
+    """`expert=each`: one job per expert, from the model's expert_count (as layer=each from its block count)."""
+    if not any("expert=each" in job for job in jobs):
+        return jobs, extra
+    counts = {checker.info(compose(job).model.path).n_experts for job in jobs if "expert=each" in job}
+    if counts == {0}:
+        path = checker.info(compose(next(j for j in jobs if "expert=each" in j)).model.path).path
+        raise SweepError(f"expert=each needs a Mixture-of-Experts model; {path.name} has no expert_count: drop expert=")
+    if len(counts) > 1:
+        raise SweepError(f"expert=each over models with different expert counts {sorted(counts)}: give the experts "
+                         f"explicitly, e.g. expert=range(0,{min(c for c in counts if c)})")
+    extra = extra + [f"expert={','.join(map(str, range(counts.pop())))}"]
+    return BasicSweeper.split_arguments(parser.parse_overrides(
+        [f"{k}={v}" for k, v in params.items()] + list(overrides) + extra), None)[0], extra
 
 
 def check_writable(directory: Path) -> None:

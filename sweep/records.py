@@ -113,7 +113,7 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
         df = df.drop(columns="n_chunks")
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
     df["layer"] = df["layer"].astype("Int64")  # NA for points over several blocks or none
-    order = ["kind", "tensor", "fmt", "layer"]
+    order = ["kind", "tensor", "fmt", "layer", "expert"]
     return add_q_values(df.sort_values([c for c in order if c in df]).reset_index(drop=True))
 
 
@@ -162,8 +162,9 @@ def ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int | None = 20) -
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     tests = [c for m in RANKABLE.values() if m.test for c in (m.test.p, m.test.q, m.test.flag)]
-    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, *tests, "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
-            "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved"]  # the last: GGUF-type points
+    cols = ["layer", "layers", "tensor", "expert", "kind", "fmt", "status", metric, stderr, *tests, "stopped_early", "ppl", "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
+            "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved",  # GGUF-type points
+            "routed_tokens", "router_share", "routing_changed"]  # MoE models (sweep/routing.py)
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
     return out if top is None else out.head(top)
@@ -190,13 +191,17 @@ def format_ranking(df: pd.DataFrame, metric: str = "delta_ppl", top: int = 20) -
             ("  (stopped early: untested)" if pd.notna(stopped) and bool(stopped) else "")
         if "kld_mean" in r and pd.notna(r.get("kld_mean")):
             extra += f"  KLD {r['kld_mean']:.3g}  top-1 {100 * r['top1_agree']:.2f}%"
-        lines.append(f"{i:>4}. {r['kind']:<10} {r['tensor']:<12} L{str(r['layers']):<6} {r['fmt']:<24} "
+        tensor = r["tensor"] if pd.isna(r.get("expert")) or r.get("expert") == "all" else f"{r['tensor']} E{r['expert']}"
+        if pd.notna(r.get("routed_tokens")) and r.get("expert") not in (None, "all"):
+            extra += f"  routed_tokens {int(r['routed_tokens'])}"
+        lines.append(f"{i:>4}. {r['kind']:<10} {tensor:<12} L{str(r['layers']):<6} {r['fmt']:<24} "
                      f"{r[metric]:+.4g}{err}{star}   PPL {r['ppl']:.4f} (base {r['baseline_ppl']:.4f}){extra}"
                      + ("  DIVERGED" if r["status"] == "diverged" else ""))
     for status in ("no-op", "failed"):
         sub = df[df["status"] == status]
         if len(sub):
             first = sub.iloc[0]
-            lines.append(f"{status}: {len(sub)} point(s), not ranked -- e.g. {first['kind']} {first['tensor']} "
+            expert = f" E{first['expert']}" if pd.notna(first.get("expert")) and first.get("expert") != "all" else ""
+            lines.append(f"{status}: {len(sub)} point(s), not ranked -- e.g. {first['kind']} {first['tensor']}{expert} "
                          f"L{first['layers']} {first['fmt']}: {first.get('reason')}")
     return "\n".join(lines)
