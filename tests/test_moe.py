@@ -84,11 +84,11 @@ def test_activation_per_expert_and_shared_expert(moe_models, tmp_path, env):
 
 
 def test_routing_changes_are_counted(moe_models, tmp_path, env):
-    """Rounding the router's logits hard changes which experts some tokens select: the record counts them."""
+    """Rounding the router's logits hard (int4, one scale per token's 5 logits) changes which experts some tokens select: the record counts them."""
     run_sweep(tiny_args(moe_models["qwen3moe"], tmp_path, "layer=0", "kind=activation", "tensor=ffn_moe_logits",
-                        "fmt=int4", "fmt.granularity=per_tensor", "metrics.generate=false", "run.threads=1"), env)
+                        "fmt=int4", "fmt.group_size=5", "metrics.generate=false", "run.threads=1"), env)
     rec = pd.read_parquet(tmp_path / "sweep" / "results.parquet").iloc[0]
-    print(f"\nffn_moe_logits L0 int4 per_tensor: routing_changed {rec['routing_changed']} of {rec['scored_tokens']}"
+    print(f"\nffn_moe_logits L0 int4/g5: routing_changed {rec['routing_changed']} of {rec['scored_tokens']}"
           f" scored tokens; by layer {rec['routing_changed_by_layer']}")
     assert rec["status"] == "ok" and 0 < rec["routing_changed"] <= SCORED
     assert json.loads(rec["routing_changed_by_layer"])["0"] > 0
@@ -137,7 +137,7 @@ def test_recipe_on_the_moe_model_from_its_own_f32_container(moe_models, tmp_path
                         "run.threads=1"), env)
     out = tmp_path / "recipe"
     proc = subprocess.run([sys.executable, "-m", "sweep.recipe", str(tmp_path / "sweep"), "--types", "q4_0,q8_0",
-                           "--default-type", "q4_0", "--bpw", "4.8", "--out", str(out), "--build",
+                           "--default-type", "q4_0", "--bpw", "4.6", "--out", str(out), "--build",
                            str(out / "built.gguf"), "--threads", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout[-2000:])
