@@ -60,6 +60,11 @@ def test_expert_each_sweep_of_one_layer(moe_models, tmp_path, env):
     per_layer = json.loads(never["routing"])
     assert per_layer["1"][str(NEVER_ROUTED)]["routed_tokens"] == 0
     assert f"E{NEVER_ROUTED}" in proc.stdout and "routed_tokens" in proc.stdout
+    # the report's figure of damage against routing share: one panel for the layer, every expert on it
+    report = subprocess.run([sys.executable, "-m", "sweep.report", str(tmp_path / "sweep"), "--plots",
+                             str(tmp_path / "plots")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (tmp_path / "plots" / "experts_damage_vs_routing.png").stat().st_size > 0
 
 
 def test_activation_per_expert_and_shared_expert(moe_models, tmp_path, env):
