@@ -112,7 +112,7 @@ def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict
     return {
         "layer": layers[0] if len(layers) == 1 else None, "layers": ",".join(map(str, layers)) or "-",
         "tensor": cfg.tensor, "kind": cfg.kind, "fmt": fmt_label, "status": "failed",
-        "expert": _expert_label(cfg, inputs),
+        **({"expert": _expert_label(cfg, inputs)} if inputs.info.n_experts else {}),
         "reason": f"{type(error).__name__}: {error}".splitlines()[0],
         "traceback": "".join(traceback.format_exception(error))[-TRACEBACK_CHARS:],
         "container": cfg.model.container, "model": inputs.source.name, "model_sha256": inputs.model_sha256,
