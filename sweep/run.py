@@ -119,7 +119,6 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             if target.kind == "weight" and (proof.n_changed == 0 or unrouted):
                 # bit-identical weights, or experts no scored token uses: the baseline's numbers, no perturbed
                 # decode needed (a no-op)
-                # bit-identical weights: the baseline's numbers, no perturbed decode needed (a no-op)
                 result = base = base or baseline_score(backend, ref, progress, store, matched, keep_logits=False)
             else:
                 settled = (lambda so_far: stop.settled(per_token(so_far, so_far.baseline or
