@@ -8,6 +8,10 @@ token, expert 4 never routed by construction), or any GGUF given with --model. B
 per expert, the tokens routed to it -- exactly, and the sums of squared activations (relative difference per value).
 
     python bench/moe_imatrix_crosscheck.py [--llama-imatrix PATH] [--chunks 8] [--n-ctx 64] [--model PATH ...]
+
+Seen on 2026-12-02 (llama-imatrix built from llama-cpp-python 0.3.36's vendored source, 8 windows of 64, 2 threads):
+both tiny models "24 tensors (same set), counts equal: True, max relative difference 0" (qwen2moe: 36 tensors), all
+9 expert stacks' per-expert counts equal, e.g. blk.0.ffn_down_exps.weight [134, 237, 378, 275, 0] on both sides.
 """
 
 from __future__ import annotations
