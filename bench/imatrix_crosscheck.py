@@ -35,8 +35,9 @@ from sweep.reference import open_reference  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def llama_imatrix(binary: Path, model: Path, text: Path, chunks: int, threads: int, out: Path, fmt: str) -> float:
-    cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", "512", "-b", "512", "--chunks", str(chunks),
+def llama_imatrix(binary: Path, model: Path, text: Path, chunks: int, threads: int, out: Path, fmt: str,
+                  n_ctx: int = 512) -> float:
+    cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(chunks),
            "-t", str(threads), "-nr", "-o", str(out), "--output-format", fmt, "--no-ppl"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

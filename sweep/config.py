@@ -117,6 +117,9 @@ class SweepConfig(ScoreConfig):
     layer: Any = "each"
     tensor: str = "ffn_norm"
     kind: Kind = Kind.weight
+    # MoE models: "all" (the whole stack of experts), an int, a list, or "each" (one job per expert, from the model's
+    # expert_count) -- for `*_exps` weights and activations whose rows belong to experts (sweep/quant/experts.py).
+    expert: Any = "all"
 
 
 def register() -> None:

@@ -28,6 +28,7 @@ from .llama.backend import Backend
 from .llama.container import compute_settings
 from .llama.model_file import ModelInfo, model_info, resolve_model_path
 from .quant import ggml_types
+from .quant.experts import refuse_unquantized_type
 from .quant.formats import make_format
 from .quant.targets import Target, resolve
 from .scoring.metrics import RANKABLE
@@ -98,13 +99,18 @@ class _Checker:
                                  f"metrics.kld=true")
         if cfg.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
+        if cfg.expert == "each":
+            raise SweepError("expert=each cannot be combined with this sweep; give the experts explicitly")
         ggml_types.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
         settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers, cfg.model.rpc)
         self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
-                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes)
+                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes,
+                         cfg.expert)
+        if cfg.kind == "weight" and cfg.tensor != "all":  # (tensor=all: a whole block or file, as before)
+            refuse_unquantized_type(fmt, target.names, info)
         if not target.token_rows and fmt.rowwise:
             raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
@@ -136,14 +142,9 @@ def plan(overrides: list[str]) -> Plan:
         base = compose(fixed, with_hydra=True)
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
         jobs = expand(parser.parse_overrides(params + list(overrides)))
-        extra = []
-        if any("layer=each" in job for job in jobs):
-            counts = {checker.info(compose(job).model.path).n_layers for job in jobs if "layer=each" in job}
-            if len(counts) > 1:
-                raise SweepError(f"layer=each over models with different block counts {sorted(counts)}: "
-                                 f"give the layers explicitly, e.g. layer=range(0,{min(counts)})")
-            extra = [f"layer={','.join(map(str, range(counts.pop())))}"]
-            jobs = expand(parser.parse_overrides(params + list(overrides) + extra))
+        each = [*_each("expert", jobs, checker), *_each("layer", jobs, checker)]
+        if each:
+            jobs = expand(parser.parse_overrides(params + list(overrides) + each))
         points = []
         for job in jobs:
             cfg = compose(job)
@@ -156,6 +157,28 @@ def plan(overrides: list[str]) -> Plan:
     launch = [[a for a in job if a.split("=", 1)[0] not in hydra_keys] for job in jobs]
     check_rpc_launcher(points, base.hydra.launcher)
     return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows)
+
+
+# AXIS=each: one job per value 0..N-1, N read from the model: (ModelInfo field, what one is called, their plural)
+_EACH = {"layer": ("n_layers", "block", "layers"), "expert": ("n_experts", "expert", "experts")}
+
+
+def _each(axis: str, jobs: list[list[str]], checker) -> list[str]:
+    """[`AXIS=0,1,...`] for the jobs that ask for `AXIS=each` (layer: the model's blocks, expert: its experts per
+    layer); [] when none does."""
+    asking = [job for job in jobs if f"{axis}=each" in job]
+    if not asking:
+        return []
+    field_name, noun, plural = _EACH[axis]
+    infos = [checker.info(compose(job).model.path) for job in asking]
+    counts = {getattr(info, field_name) for info in infos}
+    if counts == {0}:
+        raise SweepError(f"{axis}=each needs a Mixture-of-Experts model; {infos[0].path.name} has no expert_count: "
+                         f"drop {axis}=")
+    if len(counts) > 1:
+        raise SweepError(f"{axis}=each over models with different {noun} counts {sorted(counts)}: give the {plural} "
+                         f"explicitly, e.g. {axis}=range(0,{min(c for c in counts if c)})")
+    return [f"{axis}={','.join(map(str, range(counts.pop())))}"]
 
 
 def expand(overrides: list[Override]) -> list[list[str]]:

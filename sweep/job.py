@@ -16,8 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from .cores import available_cores
 from .gencheck import generation_mode
 from .llama.container import compute_settings, runtime_identity
-from .llama.model_file import sha256
+from .llama.model_file import model_info, resolve_model_path, sha256
 from .llama.rpc import on_server_lost
+from .quant.experts import label as expert_label
+from .quant.experts import parse_experts
 from .quant.formats import make_format
 from .quant.targets import parse_layers, resolve
 from .reference import load_inputs, open_reference
@@ -69,7 +71,8 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
         try:
             with on_server_lost(lost):
                 ref = open_reference(cfg, inputs, sessions)
-                target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes)
+                target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes,
+                                 cfg.get("expert", "all"))
                 prompts = tuple(cfg.metrics.prompts) if generate_here else ()
                 out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
                                 max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
@@ -96,6 +99,7 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
     fmt = make_format(**cfg.fmt)
     # metrics.generate: true checks every point in its job; top:N only the worst, after the sweep (gencheck.py)
     generate_here = generation_mode(cfg.metrics.generate) is None
+    expert = parse_experts(cfg.get("expert", "all"), model_info(resolve_model_path(cfg.model.path)))
     return point_key(model_sha256=model_sha256, container=cfg.model.container, data_sha256=data_sha256,
                      n_ctx=cfg.data.n_ctx, n_windows=cfg.data.n_windows, kind=cfg.kind, tensor=cfg.tensor,
                      layers=layers, fmt=fmt.key_fields(), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
@@ -104,7 +108,8 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      **({"imatrix_sha256": sha256(Path(fmt.imatrix))} if fmt.imatrix else {}),
                      **({"recipe_sha256": sha256(Path(fmt.recipe))} if fmt.recipe else {}),
                      runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers,
-                                                               cfg.model.rpc)))
+                                                               cfg.model.rpc)),
+                     **({"experts": list(expert)} if expert else {}))  # absent for the whole stack: keys as before
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:
@@ -121,8 +126,16 @@ def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict
     return {
         "layer": layers[0] if len(layers) == 1 else None, "layers": ",".join(map(str, layers)) or "-",
         "tensor": cfg.tensor, "kind": cfg.kind, "fmt": fmt_label, "status": "failed",
+        **({"expert": _expert_label(cfg, inputs)} if inputs.info.n_experts else {}),
         "reason": f"{type(error).__name__}: {error}".splitlines()[0],
         "traceback": "".join(traceback.format_exception(error))[-TRACEBACK_CHARS:],
         "container": cfg.model.container, "model": inputs.source.name, "model_sha256": inputs.model_sha256,
         "data_source": inputs.text.source, "n_windows": cfg.data.n_windows, "n_ctx": cfg.data.n_ctx,
     }
+
+
+def _expert_label(cfg, inputs) -> str:
+    try:
+        return expert_label(parse_experts(cfg.get("expert", "all"), inputs.info))
+    except Exception:  # the point failed; its label must not fail too
+        return str(cfg.get("expert", "all"))

@@ -7,7 +7,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 from .llama.backend import Backend
 from .llama.container import runtime_identity, tensors_to_f32
 from .quant.apply import Proof, Unperturbed, applied
+from .quant.experts import label as expert_label
 from .quant.formats import Format
 from .quant.recipe_types import read as read_recipe
 from .quant.targets import Target
@@ -24,6 +25,7 @@ from .scoring.additivity import prediction_columns
 from .scoring.generation import compare, complete
 from .scoring.metrics import RANKABLE, StopRule, Tokens, summarize
 from .scoring.perplexity import Score, score
+from .scoring.routing import baseline_routing, changed_tokens, never_routed, routing_columns, tracking
 from .session import baseline_key, completions_key
 from .store.records import Store
 
@@ -86,6 +88,7 @@ class Outcome:
     generation: dict | None = None
     decode_seconds: float = 0.0  # inside llama_decode: scoring, generation, and a baseline if computed here
     baseline_logits: str = "store"  # "store": paired with stored baseline logits; "recompute": decoded alongside
+    routing: dict | None = None  # MoE: the routing columns (sweep/scoring/routing.py)
 
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
@@ -105,9 +108,17 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             else {}
         expected = baseline_completions(backend, ref, matched, tuple(prompts), max_new_tokens) if prompts else None
         got = None
-        with applied(backend, target, fmt, ref.info.tensor_types) as proof:
-            if target.kind == "weight" and proof.n_changed == 0:
-                # bit-identical weights: the baseline's numbers, no perturbed decode needed (a no-op)
+        # MoE: the routing of the scored windows, unperturbed and in this point's decodes (not in recompute mode,
+        # whose unperturbed decodes interleave with the perturbed ones)
+        moe = bool(ref.info.n_experts) and not recompute
+        base_routing = baseline_routing(ref.session, backend, ref.windows, matched, ref.info.n_experts_used) \
+            if moe else None
+        unrouted = never_routed(base_routing, target) if moe else None
+        with tracking(backend, ref.info.n_experts_used) if moe else nullcontext() as tracker, \
+                applied(backend, target, fmt, ref.info.tensor_types) as proof:
+            if target.kind == "weight" and (proof.n_changed == 0 or unrouted):
+                # bit-identical weights, or experts no scored token uses: the baseline's numbers, no perturbed
+                # decode needed (a no-op)
                 result = base = base or baseline_score(backend, ref, progress, store, matched, keep_logits=False)
             else:
                 settled = (lambda so_far: stop.settled(per_token(so_far, so_far.baseline or
@@ -119,11 +130,14 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
                                math=ref.session.math)
                 base = result.baseline or base
             proof = replace(proof)  # the record's counts are about the scored windows, not the generation
+            if tracker is not None:
+                tracker.counting = False
             if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
         generation = compare(got, expected) if got is not None else None
         decoding = backend.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
-    reason = proof.no_op_reason(target, fmt) or absorbed(result, base)
+    routing = point_routing(ref.info, target, tracker if result is not base else None, base_routing) if moe else {}
+    reason = unrouted or expert_no_op(target, proof) or proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
     expected_calls = result.n_windows * len(target.names) if target.kind == "activation" else len(target.names)
     if result.diverged:
@@ -136,7 +150,26 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     if result.stopped_early:
         base = base.first(result.n_windows)  # paired: the baseline on the same windows
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding,
-                   "recompute" if recompute else "store")
+                   "recompute" if recompute else "store", routing)
+
+
+def point_routing(info, target: Target, run, base) -> dict:
+    """The routing columns of a MoE point: the targeted layers' routing in the scored decodes (`run`; None when the
+    point reused the baseline's numbers, whose routing is `base`'s) and the tokens whose experts changed."""
+    layers = target.layers or tuple(range(info.n_layers))
+    experts = target.experts or tuple(range(info.n_experts))
+    used = run if run is not None else base
+    changed = changed_tokens(run, base) if run is not None else ({}, 0)
+    n_scored = sum(len(part) for part in used.selected.get(layers[-1], []))
+    return routing_columns(used.summary(layers, experts), changed, n_scored)
+
+
+def expert_no_op(target: Target, proof: Proof) -> str | None:
+    """An activation point on experts that no token of the scored windows selected: no row was rounded."""
+    if not target.experts or target.kind != "activation" or proof.n_elements:
+        return None
+    return (f"expert {','.join(map(str, target.experts))} of layer {target.layer_label} is never selected by any "
+            f"token of the scored windows: no row of {target.tensor} was rounded")
 
 
 def absorbed(run: Score, base: Score) -> str | None:
@@ -184,6 +217,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
         "layer": target.layers[0] if len(target.layers) == 1 else None, "layers": target.layer_label,
         "tensor": target.tensor, "kind": target.kind, "fmt": fmt.label,
+        **({"expert": expert_label(target.experts)} if ref.info.n_experts else {}),
         "status": out.status, "reason": out.reason,
         "ppl": out.score.ppl, "ppl_stderr": out.score.ppl_stderr,
         "baseline_ppl": out.baseline.ppl, "baseline_ppl_stderr": out.baseline.ppl_stderr,
@@ -191,10 +225,10 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
-        **storage_columns(out.proof.storage, metrics.get("kld_mean")),
+        **storage_columns(out.proof.storage, metrics.get("kld_mean")), **(out.routing or {}),
         "targets": ",".join(target.names), "baseline": out.container_note,
         "container": ref.container, **runtime_identity(ref.backend.settings), **ref.backend.placement(),
-        "model": ref.source.name, "model_sha256": ref.model_sha256,
+        "model": ref.source.name, "model_path": str(ref.source), "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
         "n_windows": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
         "n_tokens": out.score.n_tokens,
@@ -239,7 +273,10 @@ def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
 
 def describe(rec: dict) -> str:
     """The one-line summary printed when a point finishes."""
-    head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']} {rec['fmt']}"
+    head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']}"
+    head += f" E{rec['expert']} {rec['fmt']}" if rec.get("expert") not in (None, "all") else f" {rec['fmt']}"
+    if rec.get("routed_tokens") is not None and rec.get("expert") not in (None, "all"):
+        head += f" (routed_tokens {rec['routed_tokens']}, router share {rec['router_share']:.3f})"
     if rec.get("fallback_from"):  # llama.cpp's fallback for rows its block does not divide: never silent
         head += f" (stored as {rec['ggml_type']}: {rec['fallback_from']}'s block does not divide the rows)"
     if rec.get("imatrix_used") is False:

@@ -9,7 +9,15 @@ architectures, so that no name or shape assumption of one graph hides in the cod
   and after the FFN (`post_attention_norm`, `post_ffw_norm`), a head size (key_length) that is not n_embd / n_head,
   so Q/K/V are not square, a sliding window on some layers (an explicit per-layer pattern) and a final logit
   soft-cap;
-* `qwen2`: Qwen 2's block (src/models/qwen2.cpp): F32 biases on Q, K and V, and an untied `output.weight`.
+* `qwen2`: Qwen 2's block (src/models/qwen2.cpp): F32 biases on Q, K and V, and an untied `output.weight`;
+* `qwen3moe`: Qwen 3's Mixture-of-Experts block (src/models/qwen3moe.cpp): per-head Q/K norms, an F32 router
+  `ffn_gate_inp` and 3-D expert stacks `ffn_{gate,up,down}_exps` (N_EXPERT experts, N_EXPERT_USED per token);
+* `qwen2moe`: Qwen 2's MoE block (src/models/qwen2moe.cpp): the same expert stacks plus a shared expert
+  (`ffn_{gate,up,down}_shexp`) gated by a 1-D `ffn_gate_inp_shexp`, and Q/K/V biases.
+
+In both MoE models expert NEVER_ROUTED is never selected, by construction: its router row is zero (logit 0 for
+every token), and the other experts come in pairs whose router rows are opposite (logits a and -a), so each pair
+has an expert with a positive logit and the top N_EXPERT_USED = number of pairs always beat the zero.
 
 Only the architecture's own keys and tensors differ; the tokenizer is SmolLM2's (llama.cpp does not tie the
 tokenizer to the architecture).
@@ -24,7 +32,10 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
 N_EMBD, N_FF, N_HEAD, N_HEAD_KV, N_LAYERS, N_CTX_TRAIN = 64, 128, 4, 2, 3, 256
-ARCHITECTURES = ("llama", "gemma3", "qwen2")
+ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3moe", "qwen2moe")
+MOE_ARCHITECTURES = ("qwen3moe", "qwen2moe")
+N_EXPERT, N_EXPERT_USED, N_FF_EXP = 5, 2, 64  # 2 pairs of opposite router rows + the never-routed expert
+NEVER_ROUTED = 4
 GEMMA3_HEAD_DIM = 32  # != N_EMBD // N_HEAD (16): Q is (N_HEAD * 32) x N_EMBD, as in the real Gemma 3 (head 256)
 GEMMA3_SLIDING_WINDOW = 16  # tokens; smaller than the tests' 64-token windows, so the mask matters
 GEMMA3_SWA_PATTERN = [True, False, True]  # layer 1 attends to the whole window, layers 0 and 2 to 16 tokens
@@ -65,6 +76,12 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         writer.add_final_logit_softcapping(30.0)
     else:
         writer.add_rope_dimension_count(head_dim)
+    if arch in MOE_ARCHITECTURES:
+        writer.add_expert_count(N_EXPERT)
+        writer.add_expert_used_count(N_EXPERT_USED)
+        writer.add_expert_feed_forward_length(N_FF_EXP)
+        if arch == "qwen2moe":
+            writer.add_expert_shared_feed_forward_length(n_ff)
     n_source = len(reader.fields["tokenizer.ggml.tokens"].data)
     n_vocab = n_vocab or n_source
     if n_vocab < n_source:
@@ -100,7 +117,7 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
 
     add("token_embd.weight", (n_vocab, n_embd), embd_type, scale=0.05)
     norm("output_norm.weight")
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen2moe"):
         add("output.weight", (n_vocab, n_embd), embd_type, scale=0.05)  # untied: a global weight besides token_embd
     q_dim, kv_dim = head_dim * N_HEAD, head_dim * N_HEAD_KV  # numpy shapes are (out, in)
     for i in range(N_LAYERS):
@@ -108,20 +125,31 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         add(f"blk.{i}.attn_q.weight", (q_dim, n_embd), matmul_type)
         add(f"blk.{i}.attn_k.weight", (kv_dim, n_embd), matmul_type)
         add(f"blk.{i}.attn_v.weight", (kv_dim, n_embd), matmul_type)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             add(f"blk.{i}.attn_q.bias", (q_dim,), Q.F32, scale=0.5)
             add(f"blk.{i}.attn_k.bias", (kv_dim,), Q.F32, scale=0.5)
             add(f"blk.{i}.attn_v.bias", (kv_dim,), Q.F32, scale=0.5)
-        if arch == "gemma3":
+        if arch in ("gemma3", "qwen3moe"):
             norm(f"blk.{i}.attn_q_norm.weight", head_dim)
             norm(f"blk.{i}.attn_k_norm.weight", head_dim)
         add(f"blk.{i}.attn_output.weight", (n_embd, q_dim), matmul_type)
         if arch == "gemma3":
             norm(f"blk.{i}.post_attention_norm.weight")
         norm(f"blk.{i}.ffn_norm.weight")
-        add(f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), matmul_type)
-        add(f"blk.{i}.ffn_up.weight", (n_ff, n_embd), matmul_type)
-        add(f"blk.{i}.ffn_down.weight", (n_embd, n_ff), matmul_type)
+        if arch in MOE_ARCHITECTURES:
+            writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", router_rows(rng, n_embd))  # F32, as llama.cpp keeps it
+            add(f"blk.{i}.ffn_gate_exps.weight", (N_EXPERT, N_FF_EXP, n_embd), matmul_type)
+            add(f"blk.{i}.ffn_up_exps.weight", (N_EXPERT, N_FF_EXP, n_embd), matmul_type)
+            add(f"blk.{i}.ffn_down_exps.weight", (N_EXPERT, n_embd, N_FF_EXP), matmul_type)
+            if arch == "qwen2moe":
+                add(f"blk.{i}.ffn_gate_inp_shexp.weight", (n_embd,), Q.F32)
+                add(f"blk.{i}.ffn_gate_shexp.weight", (n_ff, n_embd), matmul_type)
+                add(f"blk.{i}.ffn_up_shexp.weight", (n_ff, n_embd), matmul_type)
+                add(f"blk.{i}.ffn_down_shexp.weight", (n_embd, n_ff), matmul_type)
+        else:
+            add(f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), matmul_type)
+            add(f"blk.{i}.ffn_up.weight", (n_ff, n_embd), matmul_type)
+            add(f"blk.{i}.ffn_down.weight", (n_embd, n_ff), matmul_type)
         if arch == "gemma3":
             norm(f"blk.{i}.post_ffw_norm.weight")
     writer.write_header_to_file()
@@ -129,3 +157,12 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def router_rows(rng: np.random.Generator, n_embd: int) -> np.ndarray:
+    """The router (N_EXPERT x n_embd): pairs of opposite rows, and a zero row for NEVER_ROUTED (module docstring)."""
+    pairs = rng.standard_normal((N_EXPERT // 2, n_embd)).astype(np.float32)
+    rows = np.concatenate([pairs, -pairs])  # expert k and k + N_EXPERT // 2 are opposite
+    rows = np.insert(rows, NEVER_ROUTED, 0.0, axis=0)
+    assert rows.shape == (N_EXPERT, n_embd) and N_EXPERT_USED == N_EXPERT // 2
+    return rows

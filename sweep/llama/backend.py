@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26  # MoE expert ids (ffn_moe_argsort): read for routing, never rounded
 
 
 class GGMLTensor(ctypes.Structure):
@@ -104,6 +105,7 @@ class NodeOccurrence:
     op: str  # ggml's op description, lower case: "mul_mat", "rope", "reshape", "rms_norm", ...
     shape: tuple[int, ...]  # numpy shape in the probe decode (PROBE_TOKENS tokens)
     view_of: str  # the node whose memory a view shares ("" for a computed node): rounding a view rounds it again
+    ggml_type: int = GGML_TYPE_F32  # integer nodes (expert ids) cannot be rounded
 
     @property
     def view(self) -> bool:
@@ -156,6 +158,10 @@ class Backend:
     # When set: `wants(MatMul without data)` is asked for every MUL_MAT / MUL_MAT_ID node before it is scheduled,
     # and the observer is called with the `MatMul` (end of this module) of each wanted node once computed.
     matmul_observer = None
+    # When set: `wants(name)` is asked for every node, and `(name, data, output_mask)` called with the data of each
+    # wanted node once computed (sweep/scoring/routing.py reads the MoE expert ids and router probabilities this way);
+    # output_mask: the decoded window's logit mask, None outside `decode_window` (generation).
+    routing_observer = None
 
     def __init__(self, path: Path, n_ctx: int, n_threads: int, *, settings: ComputeSettings,
                  writable_weights: bool = False):
@@ -219,6 +225,7 @@ class Backend:
         self.hook_error: BaseException | None = None
         # When a list, every hooked node is read back after the write: (name, computed, written, read back).
         self.read_back: list | None = None
+        self.output_mask = None  # the mask of the window being decoded (routing_observer)
         self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
         # Filled by the probe decode: every node of the graph and every weight tensor reachable from it.
         self._collect = False
@@ -261,7 +268,11 @@ class Backend:
         self._b_token[:n] = tokens
         self._b_logits[:n] = output_mask
         self._batch.n_tokens = n
-        self._decode()
+        self.output_mask = output_mask[:n]
+        try:
+            self._decode()
+        finally:
+            self.output_mask = None
         n_out = int(np.count_nonzero(output_mask))
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
@@ -349,7 +360,8 @@ class Backend:
                 op = (libggml.ggml_op_desc(t_ptr) or b"?").decode().lower()
                 self.nodes.setdefault(name, []).append(
                     NodeOccurrence(name, index, op, self._shape(t),
-                                   t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else ""))
+                                   t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else "",
+                                   t.type))
                 for src in t.src:
                     if src:
                         sname = src.contents.name.decode("utf-8", "replace")
@@ -360,12 +372,18 @@ class Backend:
                                 copies.append(self._weights[sname])
             observe = self.matmul_observer is not None and t.op in _MATMUL_OPS \
                 and self.matmul_observer.wants(_matmul(t, with_data=False))
-            return (name, index) in self.hooked_nodes or observe
+            routed = self.routing_observer is not None and self.routing_observer.wants(name)
+            return (name, index) in self.hooked_nodes or observe or routed
         try:
             if self.matmul_observer is not None and t.op in _MATMUL_OPS:
                 m = _matmul(t, with_data=False)
                 if self.matmul_observer.wants(m):
                     self.matmul_observer(_matmul(t))
+            if self.routing_observer is not None and self.routing_observer.wants(name) and \
+                    libggml.ggml_is_contiguous(t_ptr) and t.type in (GGML_TYPE_F32, GGML_TYPE_I32):
+                x = np.empty(self._shape(t), dtype=np.int32 if t.type == GGML_TYPE_I32 else np.float32)
+                libggml.ggml_backend_tensor_get(t_ptr, x.ctypes.data, 0, x.nbytes)
+                self.routing_observer(name, x, self.output_mask)
             if (name, self._seen[name] - 1) in self.hooked_nodes:  # the node just asked for is this one
                 self._run_hook(t_ptr, t, name)
         except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,6 +59,9 @@ class ModelInfo:
     n_layers: int
     n_vocab: int
     tensor_types: dict[str, str]  # tensor name -> ggml type name ("Q4_1", "F32", ...)
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> ggml ne (row length first)
+    n_experts: int = 0  # `<arch>.expert_count`: 0 for a dense model
+    n_experts_used: int = 0  # `<arch>.expert_used_count`: experts selected per token
 
 
 @lru_cache(maxsize=8)
@@ -75,7 +78,12 @@ def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
     if tokens is None:
         raise SweepError(f"GGUF file has no tokenizer (tokenizer.ggml.tokens missing): {path}")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=len(tokens.data), tensor_types=types)
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
+    experts = {key: int(f.contents()) if (f := reader.get_field(f"{arch}.{key}")) is not None else 0
+               for key in ("expert_count", "expert_used_count")}
+    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=len(tokens.data), tensor_types=types,
+                     tensor_shapes=shapes, n_experts=experts["expert_count"],
+                     n_experts_used=experts["expert_used_count"])
 
 
 def _field(reader, key: str, path: Path):

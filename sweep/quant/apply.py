@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..scoring.routing import tracking
+from .experts import layer_of, round_expert_rows, round_experts
 from .formats import Format
 from .ggml_types import storage
 from .targets import Target
@@ -93,9 +95,15 @@ def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str,
             original = backend.read_weight(name)
             originals[name] = original
             own = fmt.for_tensor(name)  # a recipe gives each tensor its own format
-            rounded = own(original, tensor=name, threads=backend.n_threads)
-            proof.add(original, rounded)
-            proof.storage.append(storage(own, name, original.shape, orig_types.get(name)))
+            if target.experts:  # slices of a MoE stack; the proof counts those slices only
+                picked = list(target.experts)
+                rounded = round_experts(original, target.experts, own, name, backend.n_threads)
+                proof.add(original[picked], rounded[picked])
+                proof.storage.append(storage(own, name, original[picked].shape, orig_types.get(name)))
+            else:
+                rounded = own(original, tensor=name, threads=backend.n_threads)
+                proof.add(original, rounded)
+                proof.storage.append(storage(own, name, original.shape, orig_types.get(name)))
             backend.write_weight(name, rounded)
         yield proof
     finally:  # restore exactly, so the loaded model serves the next point unchanged
@@ -108,6 +116,11 @@ def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof
     proof = Proof()
 
     def hook(name: str, x: np.ndarray) -> np.ndarray:
+        if target.experts:  # the rows routed to the experts, from this decode's routing (sweep/scoring/routing.py)
+            ids = backend.routing_observer.current[layer_of(name)][:, :x.shape[1]]  # the selected experts
+            y, touched = round_expert_rows(x, ids, target.experts, fmt)
+            proof.add(x[touched], y[touched])
+            return y
         # Rows are tokens on every node: a 3-D node (tokens x heads x head size) is rounded as tokens x features,
         # so per_token means the same on Qcur as on l_out (never per token and head).
         rows = x.reshape(x.shape[0], -1) if x.ndim > 2 and target.token_rows else x
@@ -117,7 +130,11 @@ def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof
 
     backend.hooked_nodes, backend.activation_hook = target.nodes, hook
     try:
-        yield proof
+        if target.experts and backend.routing_observer is None:  # the hook needs each decode's routing
+            with tracking(backend, 0):
+                yield proof
+        else:
+            yield proof
     finally:
         backend.hooked_nodes, backend.activation_hook = frozenset(), None
 

@@ -76,6 +76,15 @@ FALLBACK = {
 }
 
 
+_NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+                  "per_layer_model_proj", "position_embd.weight", "token_types.weight")
+
+
+def quantizable(name: str, ne: tuple[int, ...]) -> bool:
+    """llama-quant.cpp's tensor_allows_quantization (with quantize_output_tensor, the default)."""
+    return len(ne) >= 2 and name.endswith("weight") and not any(s in name for s in _NOT_QUANTIZED)
+
+
 def is_ggml(name: str) -> bool:
     return name in TYPES
 

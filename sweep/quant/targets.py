@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..choices import Kind
 from ..errors import SweepError
 from ..llama.backend import PROBE_TOKENS
 from ..llama.model_file import ModelInfo
+from . import experts as moe
 
 _LAYER_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
 # A weight's short name is its GGUF name without the block prefix and without ".weight"; any other tensor keeps its
@@ -38,6 +39,7 @@ class Target:
     # (its outermost axis) are tokens
     occurrences: tuple[int, ...] = ()
     token_rows: bool = True
+    experts: tuple[int, ...] = ()  # MoE: the experts of each stack or expert-row node touched; () the whole stack
 
     @property
     def nodes(self) -> frozenset[tuple[str, int]]:
@@ -120,18 +122,27 @@ def advertised_nodes(nodes: Mapping[str, Sequence], layer: int = 0) -> list[tupl
             for spec, o in specs(base, nodes[f"{base}-{layer}"])]
 
 
-def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, Sequence] | None = None) -> Target:
+def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, Sequence] | None = None,
+            expert="all") -> Target:
     """The concrete tensors/nodes for one point of the grid; raises SweepError naming the valid choices.
 
-    `nodes`: the graph's nodes by name, each a list of backend.NodeOccurrence (needed for activations)."""
+    `nodes`: the graph's nodes by name, each a list of backend.NodeOccurrence (needed for activations);
+    `expert`: the experts of a MoE stack (sweep/quant/experts.py)."""
     if kind not in tuple(Kind):
         raise SweepError(f"unknown kind={kind!r}; valid: {', '.join(Kind)}")
     layers = parse_layers(layer, info.n_layers)
+    chosen = moe.parse_experts(expert, info)
     if kind == "weight":
-        return _resolve_weight(tensor, layers, info)
+        target = _resolve_weight(tensor, layers, info)
+        moe.check_target(kind, tensor, target.names, chosen, info)
+        return replace(target, experts=chosen)
     if nodes is None:
         raise ValueError("activation targets need the graph's nodes")
-    return _resolve_activation(tensor, layers, nodes)
+    moe.refuse_integer_node(tensor.partition(SELECTOR)[0], layers, nodes)
+    target = _resolve_activation(tensor, layers, nodes)
+    moe.check_target(kind, tensor, target.names, chosen, info,
+                     [nodes[n][i] for n, i in zip(target.names, target.occurrences)])
+    return replace(target, experts=chosen)
 
 
 # `tensor=all`: every weight tensor of the chosen blocks, or of the whole file with layer=null -- a joint point

@@ -62,11 +62,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def default_source(table) -> Path:
-    model = embedded_model_path()
-    if model.name != table.model or sha256(model) != table.model_sha256:
-        raise SweepError(f"the tables were measured on {table.model}: give its F32 container or an F32/F16 export "
-                         f"with --source")
-    return container_path(model, "f32")
+    # the model the records name (its path when measured), else the embedded one, if it is the same file
+    candidates = [Path(table.model_path)] if table.model_path else []
+    candidates.append(embedded_model_path())
+    for model in candidates:
+        if model.is_file() and model.name == table.model and sha256(model) == table.model_sha256:
+            return container_path(model, "f32")
+    raise SweepError(f"the tables were measured on {table.model}" + (f" ({table.model_path})" if table.model_path
+                     else "") + ", which is not there any more (or changed): give its F32 container or an F32/F16 "
+                     "export with --source")
 
 
 def resolve_size(text: str, args, source: Path, imatrix) -> tuple[int, str]:

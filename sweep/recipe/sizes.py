@@ -21,15 +21,7 @@ from pathlib import Path
 from ..errors import SweepError
 from ..llama.gguf_reader import gguf_tensor_table, quantized_header_bytes
 from ..llama.quantize import ggml_type_facts
-from ..quant.ggml_types import TYPES, GGMLType, type_for_rows
-
-_NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
-                  "per_layer_model_proj", "position_embd.weight", "token_types.weight")
-
-
-def quantizable(name: str, ne: tuple[int, ...]) -> bool:
-    """llama-quant.cpp's tensor_allows_quantization (with quantize_output_tensor, the default)."""
-    return len(ne) >= 2 and name.endswith("weight") and not any(s in name for s in _NOT_QUANTIZED)
+from ..quant.ggml_types import TYPES, GGMLType, quantizable, type_for_rows
 
 
 def padded(n: int, alignment: int) -> int:

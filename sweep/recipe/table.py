@@ -39,6 +39,7 @@ class Table:
     rows: dict[tuple[str, str], Measurement]
     diverged: set[tuple[str, str]] = field(default_factory=set)  # measured: the model broke (never chosen)
     model: str | None = None  # the model file the tables were measured on (its name)
+    model_path: str | None = None  # where it was when measured (records since MoE support say it)
     model_sha256: str | None = None
     container: str | None = None
     n_ctx: int = 512
@@ -94,7 +95,9 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     win_col = RANKABLE[metric].window_column
     # the same point measured twice (another slice, a rerun): the one with more windows wins, then the newest
     df = df.assign(_n=df["n_windows"].astype(int)).sort_values(["_n", "finished_at"])
+    paths = df["model_path"].dropna() if "model_path" in df else ()
     table = Table(metric, {}, model=str(df["model"].iloc[0]), model_sha256=str(df["model_sha256"].iloc[0]),
+                  model_path=str(paths.iloc[-1]) if len(paths) else None,
                   container=str(df["container"].iloc[0]), n_ctx=int(df["n_ctx"].max()),
                   n_windows=int((df["n_windows"].astype(int) * df["n_ctx"].astype(int)).max()
                                 // int(df["n_ctx"].max())),

@@ -21,6 +21,7 @@ from scipy import stats
 
 from ..scoring.metrics import RANKABLE
 from ..store.records import gather
+from .plots_moe import expert_routing
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 
@@ -261,6 +262,8 @@ def write_all(df: pd.DataFrame, directory: str | os.PathLike) -> list[Path]:
         figures["size_vs_damage.png"] = size_tradeoff(df, "kld_mean" if "kld_mean" in df else "delta_ppl")
     if (fig := additivity(df)) is not None:
         figures["additivity.png"] = fig
+    if (fig := expert_routing(df, "kld_mean" if "kld_mean" in df else "delta_ppl")) is not None:
+        figures["experts_damage_vs_routing.png"] = fig
     written = []
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)

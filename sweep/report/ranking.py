@@ -17,10 +17,11 @@ def ranking(df: pd.DataFrame, metric: str = "kld_mean", top: int | None = 20) ->
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     tests = [c for m in RANKABLE.values() if m.test for c in (m.test.p, m.test.q, m.test.flag)]
-    cols = ["layer", "layers", "tensor", "kind", "fmt", "status", metric, stderr, "delta_ppl", "delta_ppl_stderr",
-            *tests, "stopped_early", "ppl",
+    cols = ["layer", "layers", "tensor", "expert", "kind", "fmt", "status", metric, stderr, "delta_ppl",
+            "delta_ppl_stderr", *tests, "stopped_early", "ppl",
             "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
-            "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved"]  # the last: GGUF-type points
+            "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved",  # GGUF-type points
+            "routed_tokens", "router_share", "routing_changed"]  # MoE models (sweep/scoring/routing.py)
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
     return out if top is None else out.head(top)
@@ -59,7 +60,7 @@ def format_ranking(df: pd.DataFrame, metric: str = DEFAULT_METRIC, top: int = 20
         sub = df[df["status"] == status]
         if len(sub):
             first = sub.iloc[0]
-            lines.append(f"{status}: {len(sub)} point(s), not ranked -- e.g. {first['kind']} {first['tensor']} "
+            lines.append(f"{status}: {len(sub)} point(s), not ranked -- e.g. {first['kind']} {_tensor(first)} "
                          f"L{first['layers']} {first['fmt']}: {first.get('reason')}")
     return "\n".join(lines)
 
@@ -75,10 +76,22 @@ def _row(i: int, r: pd.Series, metric: str, stderr: str | None, alpha: float, pp
         ("  (stopped early: untested)" if pd.notna(stopped) and bool(stopped) else "")
     if "kld_mean" in r and pd.notna(r.get("kld_mean")):
         extra += f"  KLD {r['kld_mean']:.3g}  top-1 {100 * r['top1_agree']:.2f}%"
+    if pd.notna(r.get("routed_tokens")) and _expert(r):
+        extra += f"  routed_tokens {int(r['routed_tokens'])}"
     value = f"{r[metric]:+.4g}{err}" if not ppl_beside else f"{r[metric]:.4g}{err}"
     if ppl_beside:
         ppl_err = r.get("delta_ppl_stderr")
         value += f"   ΔPPL {r[FALLBACK_METRIC]:+.4g}" + (f" ± {ppl_err:.4g}" if pd.notna(ppl_err) else "")
-    return (f"{i:>4}. {r['kind']:<10} {r['tensor']:<12} L{str(r['layers']):<6} {r['fmt']:<24} "
+    return (f"{i:>4}. {r['kind']:<10} {_tensor(r):<12} L{str(r['layers']):<6} {r['fmt']:<24} "
             f"{value}{star}   PPL {r['ppl']:.4f} (base {r['baseline_ppl']:.4f}){extra}"
             + ("  DIVERGED" if r["status"] == "diverged" else ""))
+
+
+def _expert(r: pd.Series) -> str:
+    """The experts of a MoE point ('' for the whole stack or a dense model)."""
+    expert = r.get("expert")
+    return "" if expert is None or pd.isna(expert) or expert == "all" else str(expert)
+
+
+def _tensor(r: pd.Series) -> str:
+    return f"{r['tensor']} E{_expert(r)}" if _expert(r) else r["tensor"]

@@ -115,7 +115,7 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
         df = df.drop(columns="n_chunks")
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
     df["layer"] = df["layer"].astype("Int64")  # NA for points over several blocks or none
-    order = ["kind", "tensor", "fmt", "layer"]
+    order = ["kind", "tensor", "fmt", "layer", "expert"]
     return add_q_values(df.sort_values([c for c in order if c in df]).reset_index(drop=True))
 
 
