@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from hydra_plugins.sweep_launchers.slurm_launcher import SlurmLauncher
 from hydra_plugins.sweep_sweeper.grid_sweeper import GridSweeper
 
-from . import config  # noqa: F401  (registers the schemas)
+from .config import CONF_DIR  # (importing it registers the schemas)
 from .errors import exit_on_user_error
 from .grid import check_composes
 from .job import run_job
@@ -35,7 +35,7 @@ def sweep_app(sessions: Sessions):
     while consecutive jobs ask for it, closed when the sweep ends. A job run elsewhere (joblib, SLURM) gets a
     copy of its own and closes it when it ends."""
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # absolute: also when imported
     def sweep_job(cfg: DictConfig) -> dict:
         hc = HydraConfig.get()
         try:

@@ -287,7 +287,7 @@ def test_joint_point_mistakes_are_one_line_errors(swept, tmp_path):
 def test_a_build_with_an_imatrix_writes_its_provenance_as_llama_quantize_does(swept, tmp_path):
     """llama-quantize records the imatrix in the header (quantize.imatrix.*, tools/quantize/quantize.cpp); the build
     writes the same keys, and the predicted size counts them: still exact to the byte."""
-    from sweep.llama.backend import gguf_tensor_table
+    from sweep.llama.gguf_reader import gguf_tensor_table
     from sweep.quant.imatrix_file import Imatrix, provenance, write_gguf
     from sweep.recipe.build import build_recipe, stored_types
     from sweep.recipe.export import pattern_for
