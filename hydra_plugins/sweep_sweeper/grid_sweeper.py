@@ -40,24 +40,26 @@ class GridSweeper(Sweeper):
         from sweep.cluster.time_limit import set_time_limit
         from sweep.errors import exit_on_user_error
         from sweep.grid import plan
-        from sweep.planning import check_resources, costs, print_grid_plan
+        from sweep.planning import print_grid_plan
+        from sweep.preflight import run_checks
 
         # Hydra's own overrides (the sweep directory, the launcher) are part of what is validated, not of a job.
-        overrides = [*self.config.hydra.overrides.hydra, *arguments]
-        grid = exit_on_user_error(plan, overrides)
+        hydra_overrides = list(self.config.hydra.overrides.hydra)
+        overrides = [*hydra_overrides, *arguments]
         if self.plan:
-            exit_on_user_error(print_grid_plan, grid)
+            exit_on_user_error(print_grid_plan, exit_on_user_error(plan, overrides))
             return []
-        plan_costs = exit_on_user_error(costs, grid)
-        exit_on_user_error(check_resources, plan_costs)
-        exit_on_user_error(set_time_limit, self.launcher, grid, plan_costs, list(self.config.hydra.overrides.hydra))
+        # a launcher that runs the jobs elsewhere: the checks too (sweep/preflight.py), so no model is loaded here
+        elsewhere = not str(self.config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher")
+        launch, minutes = exit_on_user_error(run_checks, overrides, hydra_overrides, elsewhere)
+        set_time_limit(self.launcher, minutes)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        size = self.max_batch_size or len(grid.launch)
+        size = self.max_batch_size or len(launch)
         returns, first = [], 0
-        for start in range(0, len(grid.launch), size):
-            batch = grid.launch[start:start + size]
+        for start in range(0, len(launch), size):
+            batch = launch[start:start + size]
             results = self.launcher.launch(batch, initial_job_idx=first)
             for r in results:
                 _ = r.return_value  # a failed job raises here, as with Hydra's basic sweeper

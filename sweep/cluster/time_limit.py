@@ -28,12 +28,17 @@ def task_seconds(grid: Plan, c: Costs) -> float:
     return longest
 
 
-def set_time_limit(launcher, grid: Plan, c: Costs, hydra_overrides: list[str]) -> None:
-    """A SLURM sweep whose command line sets no `hydra.launcher.timeout_min`: its launcher gets the plan's."""
+def time_limit(grid: Plan, c: Costs, hydra_overrides: list[str]) -> int | None:
+    """The minutes of a SLURM sweep whose command line sets no `hydra.launcher.timeout_min`; None otherwise."""
     if launcher_kind(grid.launcher) != "slurm" or any(a.startswith(TIMEOUT_FLAG) for a in hydra_overrides):
-        return
+        return None
     estimate = task_seconds(grid, c)
     minutes = math.ceil(MARGIN_FACTOR * estimate / 60) + MARGIN_MINUTES
     print(f"time limit per task: {TIMEOUT_FLAG}{minutes} ({MARGIN_FACTOR} x the ~{estimate:.0f} s one task takes "
           f"here + {MARGIN_MINUTES} min; set {TIMEOUT_FLAG}N to choose it)", flush=True)
-    launcher.params["timeout_min"] = minutes  # hydra-submitit-launcher's parameters, read when it submits
+    return minutes
+
+
+def set_time_limit(launcher, minutes: int | None) -> None:
+    if minutes is not None:
+        launcher.params["timeout_min"] = minutes  # hydra-submitit-launcher's parameters, read when it submits
