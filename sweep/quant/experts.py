@@ -20,6 +20,7 @@ from ..errors import SweepError
 from ..llama.backend import GGML_TYPE_F32, PROBE_TOKENS
 from ..llama.model_file import ModelInfo
 from .ggml_types import is_ggml, quantizable
+from .indices import parse_indices
 
 ALL, EACH = "all", "each"
 # The float nodes that decide the routing, in graph order (llama-graph.cpp, build_moe_ffn): what to target instead of
@@ -40,21 +41,9 @@ def parse_experts(expert, info: ModelInfo) -> tuple[int, ...]:
     if not info.n_experts:
         raise SweepError(f"expert={expert} needs a Mixture-of-Experts model; {info.path.name} ({info.arch}) has no "
                          f"{info.arch}.expert_count: drop expert=")
-    items = list(expert) if isinstance(expert, (list, tuple)) else [expert]
-    experts = []
-    for item in items:
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise SweepError(f"expert={item!r} is not an expert number; use an int 0..{info.n_experts - 1}, a list "
-                             f"like [0,1], each, or all") from None
-        if not 0 <= value < info.n_experts or str(item).strip() != str(value):
-            raise SweepError(f"expert {item} is out of range: {info.path.name} has {info.n_experts} experts per layer "
-                             f"(experts 0..{info.n_experts - 1})")
-        experts.append(value)
-    if not experts:
-        raise SweepError("expert=[] selects nothing; give an expert number, a list, each, or all")
-    return tuple(dict.fromkeys(experts))
+    return parse_indices(expert, info.n_experts, "expert", "an expert number", "[0,1]",
+                         f"expert {{item}} is out of range: {info.path.name} has {info.n_experts} experts per layer "
+                         f"(experts 0..{info.n_experts - 1})", also="each, ")
 
 
 def label(experts: tuple[int, ...]) -> str:

@@ -15,6 +15,7 @@ from ..errors import SweepError
 from ..llama.backend import PROBE_TOKENS
 from ..llama.model_file import ModelInfo
 from . import experts as moe
+from .indices import parse_indices
 
 _LAYER_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
 # A weight's short name is its GGUF name without the block prefix and without ".weight"; any other tensor keeps its
@@ -59,22 +60,8 @@ def parse_layers(layer, n_layers: int) -> tuple[int, ...]:
         return ()
     if layer == "all":
         return tuple(range(n_layers))
-    items = list(layer) if isinstance(layer, (list, tuple)) or hasattr(layer, "__iter__") and not isinstance(
-        layer, str) else [layer]
-    layers = []
-    for item in items:
-        try:
-            value = int(item)
-        except (TypeError, ValueError):
-            raise SweepError(f"layer={item!r} is not a layer number; use an int 0..{n_layers - 1}, "
-                             f"a list like [0,1,2], or all") from None
-        if not 0 <= value < n_layers or str(item).strip() != str(value):
-            raise SweepError(f"layer {item} is out of range: the model has {n_layers} blocks "
-                             f"(layers 0..{n_layers - 1})")
-        layers.append(value)
-    if not layers:
-        raise SweepError("layer=[] selects nothing; give a layer number, a list, or all")
-    return tuple(dict.fromkeys(layers))
+    return parse_indices(layer, n_layers, "layer", "a layer number", "[0,1,2]",
+                         f"layer {{item}} is out of range: the model has {n_layers} blocks (layers 0..{n_layers - 1})")
 
 
 def block_weight_names(info: ModelInfo) -> list[str]:
