@@ -36,7 +36,7 @@ A bad argument is one line `error: ...` and exit status 2."""
 
 
 def usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items()))
+    return USAGE.format(commands="\n".join(f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
