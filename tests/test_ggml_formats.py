@@ -17,7 +17,7 @@ from llama_cpp._ggml import libggml
 from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
-from sweep.llama import backend, gguf_reader
+from sweep.llama import ggml_tensor, gguf_reader
 from sweep.llama import quantize as be
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings
@@ -84,8 +84,8 @@ def test_type_table_matches_libggml():
         assert not facts["ggml_requires_imatrix"] or t.needs_imatrix  # ggml's own list is a subset of llama.cpp's
     libggml.ggml_op_name.restype = ctypes.c_char_p
     libggml.ggml_op_name.argtypes = [ctypes.c_int]
-    assert libggml.ggml_op_name(backend.GGML_OP_MUL_MAT) == b"MUL_MAT"
-    assert libggml.ggml_op_name(backend.GGML_OP_MUL_MAT_ID) == b"MUL_MAT_ID"
+    assert libggml.ggml_op_name(ggml_tensor.GGML_OP_MUL_MAT) == b"MUL_MAT"
+    assert libggml.ggml_op_name(ggml_tensor.GGML_OP_MUL_MAT_ID) == b"MUL_MAT_ID"
 
 
 def test_bit_exact_to_llama_quantize_for_every_type(f32_model, loaded, importance, tmp_path, capsys):

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .. import config
 from ..cli import hydra_command
 from ..errors import SweepError
-from ..llama.backend import GGML_OP_MUL_MAT_ID, Backend, MatMul
+from ..llama.backend import Backend
+from ..llama.ggml_tensor import GGML_OP_MUL_MAT_ID, MatMul
 from ..quant.imatrix_file import Imatrix, write_gguf
 from ..reference import open_reference
 

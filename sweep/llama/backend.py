@@ -25,46 +25,17 @@ import numpy as np
 from llama_cpp._ggml import libggml
 
 from ..errors import SweepError
+from .ggml_tensor import (
+    GGML_TYPE_F32,
+    GGML_TYPE_I32,
+    MATMUL_OPS,
+    GGMLTensor,
+    TensorPtr,
+    matmul_view,
+)
 from .rpc import offload_devices, placement
 
 log = logging.getLogger(__name__)
-
-GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
-GGML_TYPE_F32 = 0
-GGML_TYPE_I32 = 26  # MoE expert ids (ffn_moe_argsort): read for routing, never rounded
-
-
-class GGMLTensor(ctypes.Structure):
-    """`struct ggml_tensor` from ggml/include/ggml.h (the version vendored by llama-cpp-python 0.3.36)."""
-
-
-GGMLTensor._fields_ = [
-    ("type", ctypes.c_int),
-    ("buffer", ctypes.c_void_p),
-    ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
-    ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
-    ("op", ctypes.c_int),
-    ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
-    ("flags", ctypes.c_int32),
-    ("src", ctypes.POINTER(GGMLTensor) * GGML_MAX_SRC),
-    ("view_src", ctypes.POINTER(GGMLTensor)),
-    ("view_offs", ctypes.c_size_t),
-    ("data", ctypes.c_void_p),
-    ("name", ctypes.c_char * GGML_MAX_NAME),
-    ("extra", ctypes.c_void_p),
-    ("padding", ctypes.c_char * 8),
-]
-_TensorPtr = ctypes.POINTER(GGMLTensor)
-
-for _fn, _args, _res in [
-    ("ggml_op_desc", [ctypes.c_void_p], ctypes.c_char_p),
-    ("ggml_backend_tensor_get", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
-    ("ggml_backend_tensor_set", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
-    ("ggml_nbytes", [ctypes.c_void_p], ctypes.c_size_t),
-    ("ggml_nelements", [ctypes.c_void_p], ctypes.c_int64),
-    ("ggml_is_contiguous", [ctypes.c_void_p], ctypes.c_bool),
-]:
-    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
 
 # A weight tensor's name in the graph is its GGUF name, e.g. "blk.3.ffn_down.weight".
 _WEIGHT_NAME = re.compile(r"^[\w.]+\.(weight|bias)$")
@@ -156,7 +127,7 @@ class Backend:
     """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
 
     # When set: `wants(MatMul without data)` is asked for every MUL_MAT / MUL_MAT_ID node before it is scheduled,
-    # and the observer is called with the `MatMul` (end of this module) of each wanted node once computed.
+    # and the observer is called with the `MatMul` (ggml_tensor.py) of each wanted node once computed.
     matmul_observer = None
     # When set: `wants(name)` is asked for every node, and `(name, data, output_mask)` called with the data of each
     # wanted node once computed (sweep/scoring/routing.py reads the MoE expert ids and router probabilities this way);
@@ -351,7 +322,7 @@ class Backend:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def _on_eval(self, t_ptr, ask, user_data):
-        t = ctypes.cast(t_ptr, _TensorPtr).contents
+        t = ctypes.cast(t_ptr, TensorPtr).contents
         name = t.name.decode("utf-8", "replace")
         if ask:
             index = self._seen.get(name, 0)
@@ -370,15 +341,15 @@ class Backend:
                             copies = self._copies.setdefault(sname, [])
                             if self._weights[sname] not in copies:
                                 copies.append(self._weights[sname])
-            observe = self.matmul_observer is not None and t.op in _MATMUL_OPS \
-                and self.matmul_observer.wants(_matmul(t, with_data=False))
+            observe = self.matmul_observer is not None and t.op in MATMUL_OPS \
+                and self.matmul_observer.wants(matmul_view(t, with_data=False))
             routed = self.routing_observer is not None and self.routing_observer.wants(name)
             return (name, index) in self.hooked_nodes or observe or routed
         try:
-            if self.matmul_observer is not None and t.op in _MATMUL_OPS:
-                m = _matmul(t, with_data=False)
+            if self.matmul_observer is not None and t.op in MATMUL_OPS:
+                m = matmul_view(t, with_data=False)
                 if self.matmul_observer.wants(m):
-                    self.matmul_observer(_matmul(t))
+                    self.matmul_observer(matmul_view(t))
             if self.routing_observer is not None and self.routing_observer.wants(name) and \
                     libggml.ggml_is_contiguous(t_ptr) and t.type in (GGML_TYPE_F32, GGML_TYPE_I32):
                 x = np.empty(self._shape(t), dtype=np.int32 if t.type == GGML_TYPE_I32 else np.float32)
@@ -477,47 +448,3 @@ class Backend:
             self.close()
         except Exception:
             pass
-
-
-# ---- the matmul observer: each computed matrix multiplication as an importance-matrix collector sees it ----
-
-# enum ggml_op in ggml.h of that version: NONE = 0, DUP, ADD, ADD_ID, ADD1, ACC, SUB, MUL, DIV, SQR, SQRT, LOG, SIN,
-# COS, SUM, SUM_ROWS, CUMSUM, MEAN, ARGMAX, COUNT_EQUAL, REPEAT, REPEAT_BACK, CONCAT, SILU_BACK, NORM, RMS_NORM,
-# RMS_NORM_BACK, GROUP_NORM, L2_NORM, MUL_MAT (29), MUL_MAT_ID (30); tests/test_ggml_formats.py checks them with
-# ggml_op_name().
-GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30
-
-_MATMUL_OPS = (GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID)
-
-
-@dataclass
-class MatMul:
-    """One computed matrix multiplication, as an importance-matrix collector sees it (llama-imatrix's view)."""
-
-    op: int  # GGML_OP_MUL_MAT or GGML_OP_MUL_MAT_ID
-    weight: str  # src[0]'s name, e.g. "blk.3.ffn_down.weight"
-    weight_ne: tuple[int, int, int, int]  # src[0]->ne
-    x_ne: tuple[int, int, int, int]  # src[1]->ne (the input activations)
-    x_is_f32: bool  # src[1]->type == F32
-    x: np.ndarray | None  # src[1] as float32 of numpy shape (ne3, ne2, ne1, ne0) (None: not F32, or not read)
-    ids: np.ndarray | None  # MUL_MAT_ID: src[2], the expert ids, int32 of shape (ne1, ne0) = (n_tokens, n_ids)
-
-
-def _strided(t: GGMLTensor, dtype) -> np.ndarray:
-    """A tensor's data through ggml_backend_tensor_get, viewed with its own strides (views are not contiguous)."""
-    ptr = ctypes.byref(t)
-    raw = np.empty(libggml.ggml_nbytes(ptr), dtype=np.uint8)
-    libggml.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, raw.nbytes)
-    ne, nb = [int(n) for n in t.ne], [int(n) for n in t.nb]
-    if nb[0] != np.dtype(dtype).itemsize:
-        raise SweepError(f"tensor {t.name.decode()!r}: elements are not adjacent (nb[0] = {nb[0]})")
-    return np.lib.stride_tricks.as_strided(raw.view(dtype), shape=tuple(reversed(ne)),
-                                           strides=tuple(reversed(nb))).copy()
-
-
-def _matmul(t: GGMLTensor, with_data: bool = True) -> MatMul:
-    w, x = t.src[0].contents, t.src[1].contents
-    f32 = x.type == GGML_TYPE_F32
-    ids = _strided(t.src[2].contents, np.int32)[0, 0] if with_data and t.op == GGML_OP_MUL_MAT_ID else None
-    return MatMul(int(t.op), w.name.decode("utf-8", "replace"), tuple(int(n) for n in w.ne),
-                  tuple(int(n) for n in x.ne), f32, _strided(x, np.float32) if with_data and f32 else None, ids)

@@ -11,7 +11,7 @@ import numpy as np
 from llama_cpp._ggml import libggml
 
 from ..errors import SweepError
-from .backend import GGML_MAX_DIMS
+from .ggml_tensor import GGML_MAX_DIMS
 from .quantize import _kv_value
 
 

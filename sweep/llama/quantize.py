@@ -16,7 +16,8 @@ import numpy as np
 from llama_cpp._ggml import libggml
 
 from ..errors import SweepError
-from .backend import GGML_TYPE_F32, _init_once, _recent_errors
+from .backend import _init_once, _recent_errors
+from .ggml_tensor import GGML_TYPE_F32
 
 GGML_TYPE_COUNT = 43  # enum ggml_type's GGML_TYPE_COUNT in that ggml.h
 

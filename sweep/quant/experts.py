@@ -17,7 +17,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ..errors import SweepError
-from ..llama.backend import GGML_TYPE_F32, PROBE_TOKENS
+from ..llama.backend import PROBE_TOKENS
+from ..llama.ggml_tensor import GGML_TYPE_F32
 from ..llama.model_file import ModelInfo
 from .ggml_types import is_ggml, quantizable
 from .indices import parse_indices
