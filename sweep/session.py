@@ -54,6 +54,8 @@ class Session:
         self._tokens: dict[str, np.ndarray] = {}
         self._baselines: dict[str, Score] = {}
         self._completions: dict[str, list] = {}
+        # MoE: the unperturbed routing of the scored windows, by (model copy, windows) (sweep/scoring/routing.py)
+        self.routing: dict[tuple, object] = {}
 
     def tokens(self, text) -> np.ndarray:
         """The text (a `text.Text`) tokenized by this model, once."""

@@ -131,14 +131,13 @@ def routing_columns(summary: dict, changed: tuple[dict[int, int], int] | None, n
 def baseline_routing(session, backend, windows, matched: tuple[str, ...], n_used: int) -> RoutingTracker:
     """The unperturbed routing of the scored windows on `backend`: decoded once per loaded model (and matched
     copy), kept with the session (nothing of a session outlives it, sweep/session.py)."""
-    cache = session.__dict__.setdefault("_routing", {})
     key = (str(backend.path), tuple(sorted(matched)), windows.n_ctx, windows.n_windows)
-    if key not in cache:
+    if key not in session.routing:
         with tracking(backend, n_used) as tracker:
             for window in windows.tokens:
                 backend.decode_window(window, windows.output_mask)
-        cache[key] = tracker
-    return cache[key]
+        session.routing[key] = tracker
+    return session.routing[key]
 
 
 def never_routed(base: RoutingTracker, target) -> str | None:
