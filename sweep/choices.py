@@ -21,6 +21,13 @@ class Container(Choice):
     native = "native"  # the file as it is: quantized kernels (requantized activations: a noise floor)
 
 
+class NativeWeights(Choice):
+    """How a weight point perturbs a quantized tensor of the native container (sweep/llama/weight_delta.py)."""
+
+    delta = "delta"  # the file's own kernel on W, plus (fmt(W) - W)·x in F32: no copy, the sweep's one baseline
+    copy = "copy"  # a copy of the file with the target in F32 per point, against that copy's own baseline
+
+
 class Kind(Choice):
     weight = "weight"
     activation = "activation"

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import Choice, Container, Kind
+from .choices import Choice, Container, Kind, NativeWeights
 from .errors import SweepError
 from .quant.formats import FORMATS, Granularity
 from .scoring.metrics import RANKABLE, EarlyStop
@@ -36,6 +36,7 @@ RankBy = Choice("RankBy", {name: name for name in RANKABLE})  # any metric of me
 class ModelConfig:
     path: Optional[str] = None  # None: the embedded SmolLM2
     container: Container = Container.f32
+    native_weights: NativeWeights = NativeWeights.delta  # quantized weights in the native container: docs/scale.md
     cache_dir: Optional[str] = None  # containers: default $SWEEP_CACHE or ~/.cache/sweep
     n_gpu_layers: int = 0  # layers offloaded to a GPU when llama-cpp-python was built with one (-1: all)
     # llama.cpp RPC servers taking the offloaded layers: "HOST:PORT[,HOST:PORT...]" (docs/backends.md)

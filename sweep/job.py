@@ -109,7 +109,10 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      **({"recipe_sha256": sha256(Path(fmt.recipe))} if fmt.recipe else {}),
                      runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers,
                                                                cfg.model.rpc)),
-                     **({"experts": list(expert)} if expert else {}))  # absent for the whole stack: keys as before
+                     # absent for the whole stack, and for the F32 container: keys as before
+                     **({"experts": list(expert)} if expert else {}),
+                     **({"native_weights": str(cfg.model.native_weights)} if cfg.model.container == "native"
+                        else {}))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

@@ -254,7 +254,7 @@ def costs(plan: Plan) -> Costs:
         if target.kind == "weight":
             group.originals_bytes = max(group.originals_bytes,
                                         sum(4 * tensors[n][1] for n in target.names if n in tensors))
-        matched = matched_targets(cfg.model.container, info, target)
+        matched = matched_targets(cfg.model.container, info, target, str(cfg.model.native_weights))
         if matched:
             group.copy_bytes = max(group.copy_bytes, _as_f32(file_bytes, tensors, set(matched)))
         if store.point(job_key(cfg, sha256(source), texts[data_key], target.layers)) is not None:

@@ -40,6 +40,7 @@ class Reference(Inputs):
     session: Session
     windows: Windows
     owns_session: bool = False  # True: closing the reference closes its model
+    native_weights: str = "delta"  # model.native_weights: how a native weight point perturbs a quantized tensor
 
     @property
     def backend(self) -> Backend:
@@ -85,4 +86,4 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
             session.close()
         raise
     return Reference(inputs.source, inputs.info, inputs.text, str(cfg.model.container), session, windows,
-                     owns_session=sessions is None)
+                     owns_session=sessions is None, native_weights=str(cfg.model.native_weights))

@@ -32,10 +32,11 @@ from .store.records import Store
 log = logging.getLogger(__name__)
 
 
-def matched_targets(container: str, info, target: Target) -> tuple[str, ...]:
-    """The tensors a point's baseline has dequantized to F32: none, except for a weight point in the native
-    container whose targets are quantized (it runs on a copy with those tensors in F32: see `run_point`)."""
-    if target.kind == "weight" and container == "native" and \
+def matched_targets(container: str, info, target: Target, native_weights: str = "delta") -> tuple[str, ...]:
+    """The tensors a point's baseline has dequantized to F32: none (the sweep's one baseline), except with
+    model.native_weights=copy for a weight point in the native container whose targets are quantized (it runs on a
+    copy with those tensors in F32, against that copy's own baseline: see `point_backend`)."""
+    if target.kind == "weight" and container == "native" and native_weights == "copy" and \
             any(info.tensor_types.get(n) != "F32" for n in target.names):
         return target.names
     return ()
@@ -43,11 +44,12 @@ def matched_targets(container: str, info, target: Target) -> tuple[str, ...]:
 
 @contextmanager
 def point_backend(ref: Reference, target: Target) -> Iterator[tuple[Backend, tuple[str, ...]]]:
-    """The model a point runs on, and the tensors its baseline has dequantized: the loaded reference, or -- for a
-    weight point whose targets are quantized in the native container, which cannot hold the format's values -- a
-    copy of the file with only those tensors in F32, whose unrounded scores are the point's baseline
-    (container-matched)."""
-    matched = matched_targets(ref.container, ref.info, target)
+    """The model a point runs on, and the tensors its baseline has dequantized: the loaded reference (quantized
+    weights of the native container are perturbed by a delta on their matmuls' outputs: quant/apply.py), or -- with
+    model.native_weights=copy, for a weight point whose targets are quantized -- a copy of the file with only those
+    tensors in F32, whose unrounded scores are the point's baseline (container-matched; a file-sized write and a
+    second model per point)."""
+    matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
     if not matched:
         yield ref.backend, ()
         return
@@ -99,13 +101,13 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
     with point_backend(ref, target) as (backend, matched):
-        note = (f"native container, {', '.join(matched)} dequantized to F32" if matched
-                else f"{ref.container} container")
+        note = container_note(ref, target, matched)
+        kept, uses = delta_uses(backend, target)
         recompute = kld and baseline_logits == "recompute"
         base = None if recompute else baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
         # recompute: the originals are read before the perturbation is applied, to switch it off per window
-        originals = {n: backend.read_weight(n) for n in target.names} if recompute and target.kind == "weight" \
-            else {}
+        originals = {n: backend.read_weight(n) for n in target.names if backend.holds_f32(n)} \
+            if recompute and target.kind == "weight" else {}
         expected = baseline_completions(backend, ref, matched, tuple(prompts), max_new_tokens) if prompts else None
         got = None
         # MoE: the routing of the scored windows, unperturbed and in this point's decodes (not in recompute mode,
@@ -147,10 +149,40 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
                                     f"({len(target.names)} node(s) x {result.n_windows} window(s))"
                                     if target.kind == "activation" else
                                     f"{proof.hook_calls} weight tensors written, expected {expected_calls}")
+    elif (why := missed_deltas(kept, uses, proof, result, status)) is not None:
+        status, reason = "failed", why
     if result.stopped_early:
         base = base.first(result.n_windows)  # paired: the baseline on the same windows
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding,
                    "recompute" if recompute else "store", routing)
+
+
+def container_note(ref: Reference, target: Target, matched: tuple[str, ...]) -> str:
+    """What the point's baseline is, in words (the record's `baseline`)."""
+    if matched:
+        return f"native container, {', '.join(matched)} dequantized to F32"
+    quantized = [n for n in target.names if target.kind == "weight" and ref.info.tensor_types.get(n, "F32") != "F32"]
+    if ref.container == "native" and quantized:
+        return (f"native container (the file as it is); {', '.join(quantized)} kept in "
+                f"{'/'.join(sorted({ref.info.tensor_types[n] for n in quantized}))} with (fmt(W) - W)·x added in F32 "
+                f"to its matmul outputs")
+    return f"{ref.container} container"
+
+
+def delta_uses(backend: Backend, target: Target) -> tuple[list[str], int]:
+    """The weights of a point kept quantized (perturbed by a delta: llama/weight_delta.py) and how many nodes of one
+    decode use them (the probe decode counted them)."""
+    kept = [n for n in target.names if target.kind == "weight" and not backend.holds_f32(n)]
+    return kept, sum(backend.consumers.get(n, 0) for n in kept)
+
+
+def missed_deltas(kept: list[str], uses: int, proof: Proof, result: Score, status: str) -> str | None:
+    """Why a weight point kept quantized is not what it names (each scored decode must correct every node that
+    uses its weights once), or None when it is."""
+    if not kept or status != "ok" or proof.delta_calls == result.n_windows * uses:
+        return None
+    return (f"(fmt(W) - W)·x was added {proof.delta_calls} times, expected {result.n_windows * uses} ({uses} "
+            f"node(s) using {', '.join(kept)} x {result.n_windows} window(s))")
 
 
 def point_routing(info, target: Target, run, base) -> dict:
@@ -225,9 +257,11 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
         "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
         "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
+        "delta_calls": out.proof.delta_calls,
         **storage_columns(out.proof.storage, metrics.get("kld_mean")), **(out.routing or {}),
         "targets": ",".join(target.names), "baseline": out.container_note,
-        "container": ref.container, **runtime_identity(ref.backend.settings), **ref.backend.placement(),
+        "container": ref.container, **({"native_weights": ref.native_weights} if ref.container == "native" else {}),
+        **runtime_identity(ref.backend.settings), **ref.backend.placement(),
         "model": ref.source.name, "model_path": str(ref.source), "model_sha256": ref.model_sha256,
         "data_source": ref.text.source, "data_sha256": ref.text.sha256,
         "n_windows": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,

@@ -91,8 +91,8 @@ def test_no_op_is_reported_with_its_reason(tiny_ref):
     assert rec["frac_changed"] == 0 and rec["status"] == "no-op"
 
 
-def test_native_container_uses_a_matched_baseline(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, N_CTX, 3, "native", cache_dir))
+def test_native_copy_mode_uses_a_matched_baseline(tiny_model, wikitext, cache_dir):
+    ref = open_reference(make_cfg(tiny_model, wikitext, N_CTX, 3, "native", cache_dir, "model.native_weights=copy"))
     target = resolve("weight", "ffn_down", 1, ref.info)
     assert ref.info.tensor_types["blk.1.ffn_down.weight"] == "Q4_1"
     out = run_point(ref, target, make_format("bf16"), progress=False)

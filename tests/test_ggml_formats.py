@@ -86,6 +86,7 @@ def test_type_table_matches_libggml():
     libggml.ggml_op_name.argtypes = [ctypes.c_int]
     assert libggml.ggml_op_name(ggml_tensor.GGML_OP_MUL_MAT) == b"MUL_MAT"
     assert libggml.ggml_op_name(ggml_tensor.GGML_OP_MUL_MAT_ID) == b"MUL_MAT_ID"
+    assert libggml.ggml_op_name(ggml_tensor.GGML_OP_GET_ROWS) == b"GET_ROWS"
 
 
 def test_bit_exact_to_llama_quantize_for_every_type(f32_model, loaded, importance, tmp_path, capsys):

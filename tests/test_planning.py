@@ -61,11 +61,16 @@ def test_stored_points_and_baselines_count_as_zero(tiny_model, tmp_path, env, wi
     assert after.records_bytes == before.records_bytes // 2  # one point left to record
 
 
-def test_native_container_needs_one_baseline_per_set_of_quantized_weight_targets(tiny_model, tmp_path, wikitext):
-    # ffn_down is Q4_1 (each layer runs on its own copy, with its own baseline); ffn_norm is F32: its points run
-    # on the file as it is, as activations do, and share the plain native baseline.
-    c = planning.costs(grid(tiny_model, tmp_path, wikitext, "model.container=native", "layer=0,1",
-                            "tensor=ffn_down,ffn_norm", "kind=weight", "fmt=int8"))
+def test_native_container_needs_one_baseline_or_one_per_copied_target(tiny_model, tmp_path, wikitext):
+    # ffn_down is Q4_1, ffn_norm F32. By default every point runs on the file as it is (ffn_down through its delta):
+    # one baseline, no copy.
+    delta = planning.costs(grid(tiny_model, tmp_path, wikitext, "model.container=native", "layer=0,1",
+                                "tensor=ffn_down,ffn_norm", "kind=weight", "fmt=int8"))
+    assert [b.label for b in delta.baselines] == ["native container"] and delta.groups[0].copy_bytes == 0
+    assert delta.logits_bytes == logits_bytes(tiny_model)
+    # model.native_weights=copy: each ffn_down layer runs on its own copy, with its own baseline
+    c = planning.costs(grid(tiny_model, tmp_path, wikitext, "model.container=native", "model.native_weights=copy",
+                            "layer=0,1", "tensor=ffn_down,ffn_norm", "kind=weight", "fmt=int8"))
     labels = sorted(b.label for b in c.baselines)
     assert labels == ["native container", "native container, blk.0.ffn_down.weight dequantized to F32",
                       "native container, blk.1.ffn_down.weight dequantized to F32"]

@@ -123,7 +123,7 @@ SAME = ["ppl", "baseline_ppl", "delta_nll", "kld_mean", "top1_agree", "window_dn
 
 @pytest.mark.parametrize("container, kind, tensor, fmt", [
     ("f32", "weight", "ffn_down", "int8"),
-    ("native", "weight", "ffn_down", "int8"),  # on a copy with the target in F32
+    ("native", "weight", "ffn_down", "int8"),  # kept Q4_1 on the server, (fmt(W) - W)·x added through the callback
     ("f32", "activation", "ffn_out", "int8"),
     ("native", "activation", "l_out", "bf16"),
     ("f32", "weight", "ffn_down", "q4_K"),  # a GGUF type, through ggml's own quantizer

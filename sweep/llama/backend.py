@@ -34,6 +34,7 @@ from .ggml_tensor import (
     matmul_view,
 )
 from .rpc import offload_devices, placement
+from .weight_delta import WeightDelta, add_delta, consumed_weight
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,9 @@ class Backend:
         self.read_back: list | None = None
         self.output_mask = None  # the mask of the window being decoded (routing_observer)
         self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
+        # Weight points on quantized tensors: (fmt(W) - W)·x added to every consumer's output (weight_delta.py)
+        self.weight_deltas: dict[str, WeightDelta] = {}
+        self.consumers: dict[str, int] = {}  # per weight, the nodes of one decode that multiply by / gather it
         # Filled by the probe decode: every node of the graph and every weight tensor reachable from it.
         self._collect = False
         self.nodes: dict[str, list[NodeOccurrence]] = {}
@@ -333,6 +337,8 @@ class Backend:
                     NodeOccurrence(name, index, op, self._shape(t),
                                    t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else "",
                                    t.type))
+                if (used := consumed_weight(t)) and _WEIGHT_NAME.match(used):
+                    self.consumers[used] = self.consumers.get(used, 0) + 1
                 for src in t.src:
                     if src:
                         sname = src.contents.name.decode("utf-8", "replace")
@@ -344,8 +350,11 @@ class Backend:
             observe = self.matmul_observer is not None and t.op in MATMUL_OPS \
                 and self.matmul_observer.wants(matmul_view(t, with_data=False))
             routed = self.routing_observer is not None and self.routing_observer.wants(name)
-            return (name, index) in self.hooked_nodes or observe or routed
+            delta = bool(self.weight_deltas) and consumed_weight(t) in self.weight_deltas
+            return (name, index) in self.hooked_nodes or observe or routed or delta
         try:
+            if self.weight_deltas and (used := consumed_weight(t)) in self.weight_deltas:
+                add_delta(t_ptr, t, self.weight_deltas[used])
             if self.matmul_observer is not None and t.op in MATMUL_OPS:
                 m = matmul_view(t, with_data=False)
                 if self.matmul_observer.wants(m):
@@ -412,6 +421,15 @@ class Backend:
     def read_weight(self, name: str) -> np.ndarray:
         ptr, t = self._weight(name)
         return self._get(ptr, t, name)
+
+    def holds_f32(self, name: str) -> bool:
+        """Whether llama.cpp holds the weight in F32, the one type fake-quantized values can be written into."""
+        return int(self._weight(name)[1].type) == GGML_TYPE_F32
+
+    def weight_layout(self, name: str) -> tuple[int, tuple[int, ...]]:
+        """The ggml type llama.cpp holds the weight in, and its numpy shape."""
+        t = self._weight(name)[1]
+        return int(t.type), self._shape(t)
 
     def write_weight(self, name: str, data: np.ndarray) -> None:
         ptr, t = self._weight(name)

@@ -56,6 +56,7 @@ for _fn, _args, _res in [
 # RMS_NORM_BACK, GROUP_NORM, L2_NORM, MUL_MAT (29), MUL_MAT_ID (30); tests/test_ggml_formats.py checks them with
 # ggml_op_name().
 GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30
+GGML_OP_GET_ROWS = 40  # ... OUT_PROD, SCALE, SET, CPY, CONT, RESHAPE, VIEW, PERMUTE, TRANSPOSE, GET_ROWS (40)
 
 MATMUL_OPS = (GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID)
 

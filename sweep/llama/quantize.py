@@ -135,6 +135,13 @@ def ggml_dequantize(data: np.ndarray, type_id: int, shape: tuple[int, ...], n_th
     return out.reshape(shape)
 
 
+def dequantized_weight(backend, name: str) -> np.ndarray:
+    """A weight of any type as float32, dequantized by ggml's own `to_float` from the bytes llama.cpp holds."""
+    type_id, shape = backend.weight_layout(name)
+    raw = np.frombuffer(backend.read_weight_bytes(name), dtype=np.uint8)
+    return ggml_dequantize(raw, type_id, shape, backend.n_threads)
+
+
 _KV_STR_BYTES = 127  # llama_model_kv_override.val_str is char[128]; llama-quantize strncpy's 127 bytes
 
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..llama.quantize import dequantized_weight
+from ..llama.weight_delta import WeightDelta
 from ..scoring.routing import tracking
 from .experts import layer_of, round_expert_rows, round_experts
 from .formats import Format
@@ -30,6 +32,8 @@ class Proof:
     max_abs_err: float = 0.0
     n_overflow: int = 0  # finite inputs the format turned into inf/NaN
     hook_calls: int = 0  # weights: tensors written; activations: times the hook rounded a node
+    # weights kept quantized (the native container): node outputs corrected by (fmt(W) - W)·x (llama/weight_delta.py)
+    delta_calls: int = 0
     # weights: per tensor, what it occupies in the format (type actually used, fallback, bytes; ggml_formats.storage)
     storage: list = field(default_factory=list)
 
@@ -89,24 +93,36 @@ def applied(backend, target: Target, fmt: Format, orig_types: dict[str, str] | N
 
 @contextmanager
 def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str, str]) -> Iterator[Proof]:
+    """F32 weights are rewritten in place; quantized ones (the native container) stay as the file stores them and
+    the backend adds (fmt(W) - W)·x to every node that uses them (sweep/llama/weight_delta.py)."""
     proof, originals = Proof(), {}
+
+    def counted() -> None:
+        proof.delta_calls += 1
+
     try:
         for name in target.names:
-            original = backend.read_weight(name)
-            originals[name] = original
+            in_place = backend.holds_f32(name)
+            original = backend.read_weight(name) if in_place else dequantized_weight(backend, name)
             own = fmt.for_tensor(name)  # a recipe gives each tensor its own format
-            if target.experts:  # slices of a MoE stack; the proof counts those slices only
-                picked = list(target.experts)
-                rounded = round_experts(original, target.experts, own, name, backend.n_threads)
-                proof.add(original[picked], rounded[picked])
-                proof.storage.append(storage(own, name, original[picked].shape, orig_types.get(name)))
+            picked = list(target.experts) if target.experts else slice(None)
+            rounded = round_experts(original, target.experts, own, name, backend.n_threads) if target.experts \
+                else own(original, tensor=name, threads=backend.n_threads)
+            proof.add(original[picked], rounded[picked])  # MoE: the proof counts the targeted slices only
+            proof.storage.append(storage(own, name, original[picked].shape, orig_types.get(name)))
+            if in_place:
+                originals[name] = original
+                backend.write_weight(name, rounded)
             else:
-                rounded = own(original, tensor=name, threads=backend.n_threads)
-                proof.add(original, rounded)
-                proof.storage.append(storage(own, name, original.shape, orig_types.get(name)))
-            backend.write_weight(name, rounded)
+                rounded -= original  # the delta, in place: one more tensor-sized buffer at most
+                delta = WeightDelta(experts={k: rounded[k].copy() for k in target.experts}, on_call=counted) \
+                    if target.experts else WeightDelta(rounded, on_call=counted)
+                backend.weight_deltas[name] = delta
+            del original, rounded
         yield proof
     finally:  # restore exactly, so the loaded model serves the next point unchanged
+        for name in target.names:
+            backend.weight_deltas.pop(name, None)
         for name, original in originals.items():
             backend.write_weight(name, original)
 
@@ -144,8 +160,9 @@ def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof
 class Unperturbed:
     """Inside `applied(...)`, `with switch():` runs its block with the perturbation off, and on again after it.
 
-    Weights: the originals (read before `applied`) are written for the block and the rounded values (read once,
-    at the first switch) after it, both exact copies. Activations: the hook is detached for the block, so it
+    Weights: F32 originals (read before `applied`) are written for the block and the rounded values (read once,
+    at the first switch) after it, both exact copies; quantized weights' deltas are detached for the block.
+    Activations: the hook is detached for the block, so it
     neither rounds nor counts there (the proof counts the perturbed decodes only, as in the stored mode).
     """
 
@@ -156,20 +173,23 @@ class Unperturbed:
     @contextmanager
     def __call__(self) -> Iterator[None]:
         b = self.backend
-        if self.target.kind == "weight":
-            if self._perturbed is None:
-                self._perturbed = {name: b.read_weight(name) for name in self.originals}
-            for name, original in self.originals.items():
-                b.write_weight(name, original)
-            try:
-                yield
-            finally:
-                for name, rounded in self._perturbed.items():
-                    b.write_weight(name, rounded)
-        else:
+        if self.target.kind != "weight":
             nodes, hook = b.hooked_nodes, b.activation_hook
             b.hooked_nodes, b.activation_hook = frozenset(), None
             try:
                 yield
             finally:
                 b.hooked_nodes, b.activation_hook = nodes, hook
+            return
+        # quantized weights: their deltas are detached for the block; F32 ones are written back and forth
+        deltas = {n: b.weight_deltas.pop(n) for n in self.target.names if n in b.weight_deltas}
+        if self._perturbed is None:
+            self._perturbed = {name: b.read_weight(name) for name in self.originals}
+        for name, original in self.originals.items():
+            b.write_weight(name, original)
+        try:
+            yield
+        finally:
+            for name, rounded in self._perturbed.items():
+                b.write_weight(name, rounded)
+            b.weight_deltas.update(deltas)
