@@ -114,3 +114,36 @@ def test_recompute_mode_switches_the_delta_off_for_the_baseline_decodes(native_r
     again = run_point(native_ref, target, make_format("int8"), progress=False, baseline_logits="recompute")
     assert np.array_equal(stored.score.nll, again.score.nll) and np.array_equal(stored.score.kld, again.score.kld)
     assert again.proof.delta_calls == stored.proof.delta_calls == again.score.n_windows
+
+
+def test_an_expert_of_a_quantized_moe_stack_through_its_delta(tmp_path_factory, smollm2, wikitext, cache_dir):
+    """MUL_MAT_ID: the rows routed to the targeted expert move by x @ (fmt(W_k) - W_k).T, every other row stays."""
+    from tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path_factory.mktemp("moe") / "tiny-qwen3moe.gguf", smollm2, arch="qwen3moe")
+    with open_reference(make_cfg(model, wikitext, N_CTX, 3, "native", cache_dir)) as ref:
+        b, target, fmt = ref.backend, resolve("weight", "ffn_down_exps", 1, ref.info, expert="1"), make_format("int4")
+        name = target.names[0]
+        assert not b.holds_f32(name)
+        seen = {}
+        b.hooked_nodes = frozenset({("ffn_moe_swiglu-1", 0), ("ffn_moe_down-1", 0)})
+        b.activation_hook = lambda node, x: seen.__setitem__(node, x.copy())
+        try:
+            tokens, mask = ref.windows.tokens[0], ref.windows.output_mask
+            b.decode_window(tokens, mask)
+            before = dict(seen)
+            with applied(b, target, fmt) as proof:
+                b.decode_window(tokens, mask)
+        finally:
+            b.hooked_nodes, b.activation_hook = frozenset(), None
+        w = dequantized_weight(b, name)[1]
+        delta = (fmt(w.copy(), tensor=name) - w).astype(np.float64)
+        moved = (seen["ffn_moe_down-1"].astype(np.float64) - before["ffn_moe_down-1"]).reshape(-1, w.shape[0])
+        x = before["ffn_moe_swiglu-1"].reshape(-1, w.shape[1]).astype(np.float64)
+        routed = np.abs(moved).max(axis=1) > 0
+        assert 0 < routed.sum() < len(routed)  # some rows went to expert 1, not all
+        expected = x[routed] @ delta.T
+        np.testing.assert_allclose(moved[routed], expected, atol=1e-5 * np.abs(expected).max())
+        assert proof.delta_calls == 1
+        out = run_point(ref, target, fmt, progress=False)
+        assert out.status == "ok" and out.proof.delta_calls == out.score.n_windows
