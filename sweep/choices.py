@@ -17,6 +17,7 @@ class Choice(str, Enum):
 
 
 class Container(Choice):
+    auto = "auto"  # f32 where it fits with room in memory and on disk, else native (sweep/capacity.py)
     f32 = "f32"  # every tensor dequantized to F32 once (cached): the reference for sensitivity
     native = "native"  # the file as it is: quantized kernels (requantized activations: a noise floor)
 

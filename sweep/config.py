@@ -35,7 +35,7 @@ RankBy = Choice("RankBy", {name: name for name in RANKABLE})  # any metric of me
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # None: the embedded SmolLM2
-    container: Container = Container.f32
+    container: Container = Container.auto
     native_weights: NativeWeights = NativeWeights.delta  # quantized weights in the native container: docs/scale.md
     cache_dir: Optional[str] = None  # containers: default $SWEEP_CACHE or ~/.cache/sweep
     n_gpu_layers: int = 0  # layers offloaded to a GPU when llama-cpp-python was built with one (-1: all)

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
+from .capacity import auto_container
 from .config import CONF_DIR, compose, hydra_error_line
 from .errors import SweepError
 from .gencheck import generation_mode
@@ -56,6 +57,16 @@ class _Checker:
         self.probed: set = set()
         self.tokens: dict[tuple, object] = {}
         self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_windows) -> windows scored
+        self.containers: dict[tuple, str] = {}  # model.container=auto's choices
+
+    def container(self, cfg, launcher) -> str:
+        """model.container=auto's choice for this job's model and window, said once per model."""
+        key = (str(cfg.model.path), int(cfg.data.n_ctx), cfg.model.get("cache_dir"), bool(cfg.model.n_gpu_layers))
+        if key not in self.containers:
+            chosen, why = auto_container(cfg, launcher)
+            print(f"model.container=auto: {chosen} for {self.info(cfg.model.path).path.name} ({why})", flush=True)
+            self.containers[key] = chosen
+        return self.containers[key]
 
     def info(self, path) -> ModelInfo:
         key = str(path)
@@ -148,6 +159,9 @@ def plan(overrides: list[str]) -> Plan:
         points = []
         for job in jobs:
             cfg = compose(job)
+            if str(cfg.model.container) == "auto":  # settled here once, so that every job runs in the same one
+                job.append(f"model.container={checker.container(cfg, base.hydra.launcher)}")
+                cfg = compose(job)
             points.append((cfg, checker.check(cfg)))
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))

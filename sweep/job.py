@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .capacity import settled
 from .cores import available_cores
 from .gencheck import generation_mode
 from .llama.container import compute_settings, runtime_identity
@@ -47,7 +48,8 @@ def cores_for_this_job(launcher_cfg) -> int:
 def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> dict:
     """One point: `sessions` holds the loaded model, shared with the jobs before and after this one."""
     store = Store(Path(cfg.run.store))
-    cfg = OmegaConf.merge(cfg, {"run": {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)}})
+    cfg = settled(OmegaConf.merge(cfg, {"run": {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)}}),
+                  launcher_cfg)  # (a sweep's jobs come with it settled: grid.py)
     fmt = make_format(**cfg.fmt)
     inputs = load_inputs(cfg)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)

@@ -15,8 +15,6 @@ The figures follow the layout of the store and of a job (docs/statistics.md "Bud
 
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from . import capacity
+from .capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes
 from .cores import available_cores
 from .errors import SweepError
 from .grid import Plan
@@ -42,9 +42,7 @@ from .scoring.windows import make_windows
 from .session import Session, baseline_key
 from .store.records import Store
 
-RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 RECORD_BYTES = 6_000  # one point's record.json (written twice: the store and the job's directory)
-KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
 
 
 @dataclass
@@ -153,20 +151,6 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def available_memory() -> int | None:
-    """Memory available to new processes (Linux: MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def launcher_kind(launcher_cfg) -> str:
     target = str((launcher_cfg or {}).get("_target_", ""))
     if "Joblib" in target:
@@ -176,35 +160,6 @@ def launcher_kind(launcher_cfg) -> str:
     if "LocalLauncher" in target:
         return "submitit_local"
     return "sequential"
-
-
-def _gguf_sizes(path: Path) -> tuple[int, dict[str, tuple[int, int]], dict]:
-    """File size, {tensor: (bytes stored, elements)}, and the metadata fields, read without loading the model."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
-    return path.stat().st_size, tensors, {f.name: f.contents() for f in reader.fields.values()
-                                          if not f.name.startswith("tokenizer.")}
-
-
-def _as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:
-    """Size of the file with `names` stored as F32 (a container or a native matched copy)."""
-    return file_bytes + sum(4 * n - b for name, (b, n) in tensors.items() if name in names)
-
-
-def _kv_bytes(meta: dict, arch: str, n_ctx: int, kv_type: str) -> int:
-    def first(key, default):
-        value = meta.get(f"{arch}.{key}", default)
-        return max(value) if isinstance(value, list) else value
-
-    n_layers = int(first("block_count", 0))
-    n_head = int(first("attention.head_count", 1)) or 1
-    n_head_kv = int(first("attention.head_count_kv", n_head))
-    n_embd = int(first("embedding_length", 0))
-    k = int(first("attention.key_length", n_embd // n_head))
-    v = int(first("attention.value_length", n_embd // n_head))
-    return n_ctx * n_layers * n_head_kv * (k + v) * KV_BYTES[kv_type]
 
 
 def costs(plan: Plan) -> Costs:
@@ -228,7 +183,7 @@ def costs(plan: Plan) -> Costs:
         source = resolve_model_path(cfg.model.path)
         info = model_info(source)
         if source not in sizes:
-            sizes[source] = _gguf_sizes(source)
+            sizes[source] = gguf_sizes(source)
         file_bytes, tensors, meta = sizes[source]
         data_key = str(cfg.data.path)
         if data_key not in texts:
@@ -246,8 +201,8 @@ def costs(plan: Plan) -> Costs:
                 cpath = cache / "containers" / f"{sha256(source)}.f32.gguf"
             group = groups[gkey] = Group(
                 source, cfg.model.container, n_ctx, n_windows, info.n_vocab,
-                _as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,
-                cpath is not None and not cpath.exists(), _kv_bytes(meta, info.arch, n_ctx, settings.kv_type),
+                as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,
+                cpath is not None and not cpath.exists(), kv_bytes(meta, info.arch, n_ctx, settings.kv_type),
                 gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
                 max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
                 n_gpu_layers=int(cfg.model.n_gpu_layers), rpc=cfg.model.rpc, recompute=recompute)
@@ -256,7 +211,7 @@ def costs(plan: Plan) -> Costs:
                                         sum(4 * tensors[n][1] for n in target.names if n in tensors))
         matched = matched_targets(cfg.model.container, info, target, str(cfg.model.native_weights))
         if matched:
-            group.copy_bytes = max(group.copy_bytes, _as_f32(file_bytes, tensors, set(matched)))
+            group.copy_bytes = max(group.copy_bytes, as_f32(file_bytes, tensors, set(matched)))
         if store.point(job_key(cfg, sha256(source), texts[data_key], target.layers)) is not None:
             n_stored += 1
             continue
@@ -283,11 +238,12 @@ def costs(plan: Plan) -> Costs:
     to_compute = len(plan.points) - n_stored
     return Costs(len(plan.points), n_stored, list(baselines.values()), list(groups.values()), store.root, free_dir,
                  free, 2 * RECORD_BYTES * to_compute, to_build, kind, plan.launcher, threads, concurrent,
-                 available_memory())
+                 capacity.available_memory())
 
 
 def check_resources(c: Costs) -> None:
-    """Stop before any job when the store would not fit the disk; warn when a job would not fit the memory."""
+    """Stop before any job when the store would not fit the disk or one job the memory; warn when parallel jobs
+    together would not fit it."""
     if c.needed_bytes > c.free_bytes:
         container = (f" + {gb(c.container_bytes_same_disk)} F32 container" if c.container_bytes_same_disk else "")
         raise SweepError(
@@ -297,23 +253,33 @@ def check_resources(c: Costs) -> None:
             f"metrics.kld=false (no KL columns), put the store elsewhere with run.store=/path/with/space, or "
             f"recompute each baseline window beside its point with metrics.baseline_logits=recompute (no disk, "
             f"twice the decode)")
+    if (why := memory_refusal(c)) is not None:
+        raise SweepError(why)
     for line in memory_warnings(c):
         print(f"warning: {line}", file=sys.stderr)
 
 
+def memory_refusal(c: Costs) -> str | None:
+    """One line naming the ways out when one job cannot fit the memory (offloaded weights are not counted: they
+    live on the devices), else None."""
+    limit, where = capacity.memory_limit(c.launcher_cfg, c.available_memory)
+    for g in c.groups:
+        if limit is None or g.n_gpu_layers or g.job_memory <= limit:
+            continue
+        way_out = ("model.container=native (the file as it is) or model.container=auto" if g.container == "f32" else
+                   "model.n_gpu_layers=-1 (a GPU) or model.rpc=HOST:PORT (RPC servers) to offload the layers, or a "
+                   "machine with more memory" + (" (raise hydra.launcher.mem_gb)" if "mem_gb" in where else ""))
+        return (f"one job of {g.source.name} in the {g.container} container needs about {gb(g.job_memory)}, more "
+                f"than the {gb(limit)} {where}: use {way_out}")
+    return None
+
+
 def memory_warnings(c: Costs) -> list[str]:
-    out = []
     need = c.job_memory
-    if c.launcher == "slurm":
-        mem_gb = c.launcher_cfg.get("mem_gb") if c.launcher_cfg is not None else None
-        if mem_gb and need > mem_gb * 2**30:
-            out.append(f"one task needs about {gb(need)} but hydra.launcher.mem_gb={mem_gb}: SLURM may kill it; "
-                       f"raise hydra.launcher.mem_gb to at least {math.ceil(need / 2**30)}")
-    elif c.available_memory is not None and need * c.concurrent_jobs > c.available_memory:
-        jobs = f"{c.concurrent_jobs} jobs at once x " if c.concurrent_jobs > 1 else "one job "
-        out.append(f"{jobs}about {gb(need)} exceeds the {gb(c.available_memory)} of memory available now"
-                   + ("; run fewer jobs at once (hydra.launcher.n_jobs)" if c.concurrent_jobs > 1 else ""))
-    return out
+    if c.concurrent_jobs > 1 and c.available_memory is not None and need * c.concurrent_jobs > c.available_memory:
+        return [f"{c.concurrent_jobs} jobs at once x about {gb(need)} exceeds the {gb(c.available_memory)} of memory "
+                f"available now; run fewer jobs at once (hydra.launcher.n_jobs)"]
+    return []
 
 
 # ---- the one-window timing -----------------------------------------------------------------------------------
@@ -351,15 +317,6 @@ def time_one_window(group: Group, text_path, threads: int) -> Timing:
 
 
 # ---- the printed plan ----------------------------------------------------------------------------------------
-
-def gb(n: float) -> str:
-    """Bytes in decimal units, as `df -H` and the docs' budgets count them."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.0f} kB" if n else "0"
-
 
 def plural(n: int) -> str:
     return "" if n == 1 else "s"
@@ -438,6 +395,8 @@ def render(c: Costs, text_path) -> str:
                      "data.n_windows=N: logits scale with windows; metrics.baseline_logits=recompute: no logits on "
                      "disk, twice the decode")
     lines += [f"  warning     {w}" for w in memory_warnings(c)]
+    if (why := memory_refusal(c)) is not None:
+        lines.append(f"  DOES NOT FIT  {why}")
     return "\n".join(lines)
 
 

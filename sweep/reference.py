@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .capacity import settled
 from .cores import available_cores
 from .llama.backend import Backend
 from .llama.container import compute_settings, container_path
@@ -71,6 +72,7 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
     """The reference of the composed config `cfg`; its model from `sessions` when given (shared, closed by its
     owner), else loaded for this reference alone (closed with it)."""
     inputs = inputs or load_inputs(cfg)  # the text first: a missing text fails fast
+    cfg = settled(cfg)  # model.container=auto outside a sweep (which settles it before its jobs: grid.py)
     cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else None
     file = container_path(inputs.source, cfg.model.container, cache_dir)
     threads = int(cfg.run.threads or available_cores())

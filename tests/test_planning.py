@@ -12,6 +12,7 @@ from test_sweep import run_sweep, tiny_args
 
 from sweep import __main__ as cli
 from sweep import planning
+from sweep.errors import SweepError
 from sweep.grid import plan
 from sweep.llama.model_file import model_info
 
@@ -126,11 +127,12 @@ def test_a_store_that_does_not_fit_stops_the_sweep_with_one_line(tiny_model, tmp
                                                  "metrics.kld=false")))
 
 
-def test_a_job_larger_than_the_memory_is_a_warning(tiny_model, tmp_path, wikitext, monkeypatch, capsys):
-    monkeypatch.setattr(planning, "available_memory", lambda: 2**20)
-    planning.check_resources(planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "kind=weight")))
-    err = capsys.readouterr().err
-    assert err.startswith("warning: one job about ") and "exceeds the 1.0 MB of memory available now" in err
+def test_a_job_larger_than_the_memory_stops_the_sweep(tiny_model, tmp_path, wikitext, monkeypatch):
+    c = planning.costs(grid(tiny_model, tmp_path, wikitext, "layer=0", "kind=weight", "model.container=f32"))
+    c.available_memory = 2**20
+    with pytest.raises(SweepError, match=r"^one job of tiny.gguf in the f32 container needs about .*, more than the "
+                                         r"1.0 MB available on this machine now: use model.container=native"):
+        planning.check_resources(c)
 
 
 def test_slurm_plan_is_per_task(tiny_model, tmp_path, wikitext, capsys):
@@ -148,6 +150,5 @@ def test_joblib_jobs_share_the_cores_and_add_up_their_memory(tiny_model, tmp_pat
                              "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]))
     cores = len(os.sched_getaffinity(0))
     assert (c.launcher, c.concurrent_jobs, c.threads) == ("joblib", 2, max(1, cores // 2))
-    monkeypatch.setattr(planning, "available_memory", lambda: int(1.5 * c.job_memory))
-    c.available_memory = planning.available_memory()
+    c.available_memory = int(1.5 * c.job_memory)
     assert planning.memory_warnings(c)[0].startswith("2 jobs at once x about ")  # one fits, two do not
