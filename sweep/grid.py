@@ -28,6 +28,7 @@ from .gencheck import generation_mode
 from .llama.backend import Backend
 from .llama.container import compute_settings
 from .llama.model_file import ModelInfo, model_info, resolve_model_path
+from .llama.vocab import tokens_of
 from .quant import ggml_types
 from .quant.experts import refuse_unquantized_type
 from .quant.formats import make_format
@@ -54,7 +55,6 @@ class _Checker:
     def __init__(self):
         self.infos: dict[str, ModelInfo] = {}
         self.nodes: dict[tuple, dict] = {}  # (path, compute settings) -> the graph's nodes
-        self.probed: set = set()
         self.tokens: dict[tuple, object] = {}
         self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_windows) -> windows scored
         self.containers: dict[tuple, str] = {}  # model.container=auto's choices
@@ -75,22 +75,22 @@ class _Checker:
         return self.infos[key]
 
     def graph_nodes(self, path, settings) -> dict:
-        self.probe(path, None, 0, 0, settings)
-        return self.nodes[(str(path), settings)]
+        """The graph's nodes as the job's settings build them (flash attention and the cache type change the graph):
+        a model loaded (mapped, not copied) with a small context and one probe decode; activation points only."""
+        key = (str(path), settings)
+        if key not in self.nodes:
+            with Backend(self.info(path).path, 32, 1, settings=settings) as b:
+                self.nodes[key] = b.nodes
+        return self.nodes[key]
 
-    def probe(self, path, text_path, n_ctx: int, n_windows: int, settings) -> None:
-        """Load the model as llama.cpp will (an architecture it cannot load fails here), learn its graph's nodes as
-        the job's settings build them (flash attention and the cache type change the graph), and check that the
-        text gives at least two windows."""
-        key = (str(path), text_path, n_ctx, settings)
-        if key not in self.probed:
-            text = load_text(text_path) if n_ctx else None  # before the model: a missing text fails fast
-            with Backend(self.info(path).path, 32, 1, settings=settings) as b:  # small: names and tokens need no more
-                self.nodes[(str(path), settings)] = b.nodes
-                if text is not None:
-                    self.tokens[key] = b.tokenize(text.text)
-            self.probed.add(key)
-        if n_ctx and (str(path), text_path, n_ctx, n_windows) not in self.n_windows:
+    def probe(self, path, text_path, n_ctx: int, n_windows: int) -> None:
+        """Check that llama.cpp reads the file (an architecture it cannot load fails here: its vocabulary and
+        metadata are read, not its weights) and that the text gives at least two windows."""
+        key = (str(path), text_path)
+        if key not in self.tokens:
+            text = load_text(text_path)  # before the model: a missing text fails fast
+            self.tokens[key] = tokens_of(self.info(path).path, text.text)
+        if (str(path), text_path, n_ctx, n_windows) not in self.n_windows:
             self.n_windows[(str(path), text_path, n_ctx, n_windows)] = make_windows(
                 self.tokens[key], n_ctx, n_windows, None).n_windows
 
@@ -115,7 +115,7 @@ class _Checker:
         ggml_types.check_kind(fmt, cfg.kind)
         info = self.info(cfg.model.path)
         settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers, cfg.model.rpc)
-        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows), settings)
+        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows))
         nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
         target = resolve(cfg.kind, cfg.tensor,
                          OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes,

@@ -70,7 +70,7 @@ def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):
     (["layer=1", "fmt=int8", "fmt.granularity=per_col"], "'per_col', expected one of [per_tensor, per_row, per_token]"),
     (["layer=1", "fmt.granulrity=x"], "Key 'granulrity' not in 'FormatConfig'"),
     (["layer=1", "kind=weights"], "Invalid value 'weights', expected one of [weight, activation]"),
-    (["layer=1", "model.container=q8"], "Invalid value 'q8', expected one of [f32, native]"),
+    (["layer=1", "model.container=q8"], "Invalid value 'q8', expected one of [auto, f32, native]"),
     (["layer=1", "metrics.rank_by=kld"], "Invalid value 'kld', expected one of [delta_ppl, delta_nll, kld_mean"),
     (["layer=1", "metrics.baseline_logits=disk"], "Invalid value 'disk', expected one of [store, recompute]"),
     (["layer=1", "kind=activation", "tensor=Qcur"], "2 computed graph nodes are named 'Qcur-1'"),

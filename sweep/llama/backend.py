@@ -34,6 +34,7 @@ from .ggml_tensor import (
     matmul_view,
 )
 from .rpc import offload_devices, placement
+from .vocab import tokenize
 from .weight_delta import WeightDelta, add_delta, consumed_weight
 
 log = logging.getLogger(__name__)
@@ -214,13 +215,7 @@ class Backend:
     # ---- tokens and decoding -------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
-        data = text.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
-        if n < 0:
-            raise SweepError(f"tokenizer needed {-n} slots for {len(data)} bytes of text")
-        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
+        return tokenize(self.vocab, text, add_special)
 
     def detokenize(self, tokens) -> str:
         out = bytearray()
