@@ -69,7 +69,9 @@ class Group:
     container_missing: bool
     kv_bytes: int
     copy_bytes: int = 0  # largest native copy with weight targets dequantized (loaded beside the model)
-    originals_bytes: int = 0  # the largest weight point's targets in F32: kept to restore them (sweep/quant/apply.py)
+    # the largest weight point's targets in F32: originals kept to restore them, or the deltas of quantized ones
+    # (sweep/quant/apply.py)
+    originals_bytes: int = 0
     gen_prompts: tuple[str, ...] = ()
     max_new_tokens: int = 0
     kld: bool = True
@@ -357,7 +359,7 @@ def render(c: Costs, text_path) -> str:
                          f"{gb(g.copy_bytes)} in {tempfile.gettempdir()} (deleted after the point)")
     g = max(c.groups, key=lambda g: g.job_memory)
     parts = [f"model {gb(g.model_bytes)}"] + ([f"its F32-target copy {gb(g.copy_bytes)}"] if g.copy_bytes else []) + (
-        [f"the targets' originals {gb(g.originals_bytes)}"] if g.originals_bytes else []) + [
+        [f"the targets in F32 (originals or deltas) {gb(g.originals_bytes)}"] if g.originals_bytes else []) + [
         f"KV cache {gb(g.kv_bytes)}", f"5 x {gb(g.window_bytes)} window logits (2 in llama.cpp, 3 in the "
         f"per-window math)", f"runtime ~{gb(RUNTIME_BYTES)}"]
     avail = f"; {gb(c.available_memory)} available now" if c.available_memory is not None else ""
