@@ -32,9 +32,9 @@ from scipy.special import logsumexp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from tiny_model import write_tiny_model  # noqa: E402
+from tiny_model import Q, write_tiny_model  # noqa: E402
 
-from sweep import perplexity  # noqa: E402
+from sweep.scoring import window_math  # noqa: E402
 from sweep.config import compose  # noqa: E402
 from sweep.llama.container import container_path, default_cache_dir  # noqa: E402
 from sweep.llama.model_file import embedded_model_path  # noqa: E402
@@ -56,14 +56,24 @@ REAL_DECODE_S_PER_WINDOW = (14.2 * (1 - 0.156) - 3.4) / 4
 GEMMA_TO_TINY_DECODE = 190 / 98
 
 
-def model_for(n_vocab: int) -> Path:
-    if n_vocab == 49152:
+# Gemma-3-270M's shape (issue 22): 18 gemma3 blocks of width 640, 4 query heads and 1 K/V head of 256, FFN 2048,
+# a sliding window of 512 on five blocks of six, and its 262,144-token vocabulary (tied output).
+GEMMA_SHAPE = {"arch": "gemma3", "n_embd": 640, "n_ff": 2048, "n_layers": 18, "n_head": 4, "n_head_kv": 1,
+               "head_dim": 256, "sliding_window": 512, "matmul_type": Q.Q8_0}
+
+
+def model_for(n_vocab: int, shape: str = "tiny") -> Path:
+    """The model of a vocabulary size: 49,152 is the embedded SmolLM2; otherwise a random-weight model written once
+    into the cache: "tiny" (3 llama blocks, width 640) or "gemma" (GEMMA_SHAPE: a real model's decode)."""
+    if n_vocab == 49152 and shape == "tiny":
         return embedded_model_path()
-    path = default_cache_dir() / "bench-models" / f"tiny-llama-v{n_vocab}-e640.gguf"
+    name = f"tiny-llama-v{n_vocab}-e640.gguf" if shape == "tiny" else f"gemma3-270m-shaped-v{n_vocab}.gguf"
+    path = default_cache_dir() / "bench-models" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")
-        write_tiny_model(tmp, embedded_model_path(), n_vocab=n_vocab, n_embd=640, n_ctx_train=4096)
+        extra = GEMMA_SHAPE if shape == "gemma" else {"n_embd": 640}
+        write_tiny_model(tmp, embedded_model_path(), n_vocab=n_vocab, n_ctx_train=4096, **extra)
         tmp.rename(path)
     return path
 
@@ -240,7 +250,7 @@ def main() -> None:
     print(f"# vocabulary benchmark: {os.cpu_count()} cores, {args.threads} threads, {args.windows} windows of 512, "
           f"F32 container, {args.points} points (weight + activation), baseline stored; "
           f"load average {os.getloadavg()[0]:.1f}")
-    versions = {"now": perplexity}
+    versions = {"now": window_math}
     if args.against:
         versions = {args.against: perplexity_at(args.against), **versions}
     for n_vocab in map(int, args.vocab.split(",")):

@@ -100,7 +100,7 @@ class BaselineWindow:
         return BaselineWindow(y, self.lse[c], self.nll[c])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Scratch:
     """One thread's working arrays, (chunk, n_vocab) float32 each: the logit differences `d`, the baseline's
     probabilities `p` (stored baseline logits are read into `p`) and `w` for the exponentials; `block` is the row
@@ -110,6 +110,14 @@ class _Scratch:
     p: np.ndarray
     w: np.ndarray
     block: int
+    # float64 rows for the log-sum-exps of coarse rows (_paired_rows): allocated when first needed, then reused --
+    # a fresh 2 MB array per row (262k vocabulary) costs its page faults every time
+    wide: np.ndarray | None = None
+
+    def wide_rows(self, n: int) -> np.ndarray:
+        if self.wide is None:
+            self.wide = np.empty(self.d.shape, np.float64)  # a chunk's rows: never more are coarse
+        return self.wide[:n]
 
 
 class WindowMath:
@@ -280,16 +288,21 @@ def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> No
         # NaN compares false: non-finite rows are coarse too
         coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
         log_z = np.empty(n)
-        if coarse.any():
-            zc = z[coarse].astype(np.float64)
+        if coarse.any():  # in float64 from float32 (exact), in the thread's reused rows
+            zc = scratch.wide_rows(int(coarse.sum()))
+            for j, r in enumerate(np.flatnonzero(coarse)):  # z[coarse] would be a fresh array too
+                np.copyto(zc[j], z[r])
             top = zc.max(axis=1)
-            log_z[coarse] = top + np.log(np.exp(zc - top[:, None]).sum(axis=1)) - y_lse[coarse]
-        work = scratch.w[:n]
-        np.expm1(d, out=work)
-        work -= d
-        v = _row_dot(p, work, scratch.block) * scale
-        fine = np.log1p(u + v)
-    log_z[~coarse] = fine[~coarse]
+            zc -= top[:, None]
+            np.exp(zc, out=zc)
+            log_z[coarse] = top + np.log(zc.sum(axis=1)) - y_lse[coarse]
+        if not coarse.all():  # (a chunk of coarse rows only needs no v)
+            work = scratch.w[:n]
+            np.expm1(d, out=work)
+            work -= d
+            v = _row_dot(p, work, scratch.block) * scale
+            fine = np.log1p(u + v)
+            log_z[~coarse] = fine[~coarse]
     out["lse"][...] = y_lse + log_z
     out["kld"][...] = np.maximum(log_z - u, 0.0)  # rounding may leave -1e-15 at equality
     out["nll"][...] = y_nll + (log_z - picked)
