@@ -85,6 +85,9 @@ def test_generation_check_of_the_worst_points_only_after_the_sweep(tiny_model, w
     proc = subprocess.run([sys.executable, "-m", "sweep", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the check ran on the model the jobs had loaded, still open in this process: one load, never a second copy
+    # (the jobs log to stderr, the end-of-sweep callback through Hydra's own logging to stdout)
+    assert (proc.stdout + proc.stderr).count("loading ") == 1, proc.stdout[-3000:]
     df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
     assert len(df) == 6 and (df["baseline_logits"] == "recompute").all()
     checked = df[df["generation_checked"].notna()]
