@@ -184,15 +184,18 @@ class WindowMath:
 
         def rows(part: int, r: slice) -> None:
             scratch = self._scratch_for(part, (chunk, n_vocab))
-            for lo in range(r.start, r.stop, chunk):
-                c = slice(lo, min(lo + chunk, r.stop))
-                parts = {k: v[c] for k, v in out.items()}
-                if keep is not None:
-                    keep[c] = logits[c]
-                if baseline is None:
-                    _window_rows(logits[c], targets[c], parts, scratch)
-                else:
-                    _paired_rows(logits[c], targets[c], baseline.rows(c, scratch.p), parts, scratch)
+            # NaN and inf rows are expected (_exp_rows, _paired_rows): one errstate per thread and window, not per
+            # chunk (at 262k a chunk is one row, and an errstate costs a few microseconds)
+            with np.errstate(over="ignore", invalid="ignore"):
+                for lo in range(r.start, r.stop, chunk):
+                    c = slice(lo, min(lo + chunk, r.stop))
+                    parts = {k: v[c] for k, v in out.items()}
+                    if keep is not None:
+                        keep[c] = logits[c]
+                    if baseline is None:
+                        _window_rows(logits[c], targets[c], parts, scratch)
+                    else:
+                        _paired_rows(logits[c], targets[c], baseline.rows(c, scratch.p), parts, scratch)
 
         if self._pool is None or len(blocks) == 1:
             rows(0, blocks[0])
@@ -224,10 +227,9 @@ def _exp_rows(x: np.ndarray, shift: np.ndarray, out: np.ndarray, d_max: np.ndarr
     """out = e^(x - shift) per row, up to the float64 factor returned per row: e^-shift where the row's
     exponentials are taken without the shift (_UNSHIFTED_LIMIT), 1 where not. Decided row by row, so that a row's
     numbers do not depend on the rows it shares a chunk (or a thread) with."""
-    with np.errstate(invalid="ignore"):  # NaN shifts: shifted, as before
-        plain = (shift >= 0) & (shift <= _UNSHIFTED_LIMIT)
-        if d_max is not None:
-            plain &= d_max < _UNSHIFTED_LIMIT
+    plain = (shift >= 0) & (shift <= _UNSHIFTED_LIMIT)  # NaN shifts: shifted, as before
+    if d_max is not None:
+        plain &= d_max < _UNSHIFTED_LIMIT
     if plain.all():
         np.exp(x, out=out)
     else:  # x - 0 is x exactly: the plain rows get the same numbers as above
@@ -284,25 +286,24 @@ def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> No
     d_max = d.max(axis=1).astype(np.float64)
     scale = _exp_rows(y, y_lse, p, d_max)
     u = _row_dot(p, d, scratch.block) * scale
-    with np.errstate(over="ignore", invalid="ignore"):
-        # NaN compares false: non-finite rows are coarse too
-        coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
-        log_z = np.empty(n)
-        if coarse.any():  # in float64 from float32 (exact), in the thread's reused rows
-            zc = scratch.wide_rows(int(coarse.sum()))
-            for j, r in enumerate(np.flatnonzero(coarse)):  # z[coarse] would be a fresh array too
-                np.copyto(zc[j], z[r])
-            top = zc.max(axis=1)
-            zc -= top[:, None]
-            np.exp(zc, out=zc)
-            log_z[coarse] = top + np.log(zc.sum(axis=1)) - y_lse[coarse]
-        if not coarse.all():  # (a chunk of coarse rows only needs no v)
-            work = scratch.w[:n]
-            np.expm1(d, out=work)
-            work -= d
-            v = _row_dot(p, work, scratch.block) * scale
-            fine = np.log1p(u + v)
-            log_z[~coarse] = fine[~coarse]
+    # NaN compares false: non-finite rows are coarse too
+    coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
+    log_z = np.empty(n)
+    if coarse.any():  # in float64 from float32 (exact), in the thread's reused rows
+        zc = scratch.wide_rows(int(coarse.sum()))
+        for j, r in enumerate(np.flatnonzero(coarse)):  # z[coarse] would be a fresh array too
+            np.copyto(zc[j], z[r])
+        top = zc.max(axis=1)
+        zc -= top[:, None]
+        np.exp(zc, out=zc)
+        log_z[coarse] = top + np.log(zc.sum(axis=1)) - y_lse[coarse]
+    if not coarse.all():  # (a chunk of coarse rows only needs no v)
+        work = scratch.w[:n]
+        np.expm1(d, out=work)
+        work -= d
+        v = _row_dot(p, work, scratch.block) * scale
+        fine = np.log1p(u + v)
+        log_z[~coarse] = fine[~coarse]
     out["lse"][...] = y_lse + log_z
     out["kld"][...] = np.maximum(log_z - u, 0.0)  # rounding may leave -1e-15 at equality
     out["nll"][...] = y_nll + (log_z - picked)
