@@ -6,11 +6,16 @@ it matters most for the points that damage the model most. So the jobs score onl
 launching process (Hydra's GatherResults callback) loads each of the N worst points' configuration from its job
 directory (`.hydra/config.yaml`), applies its perturbation once more, generates, and adds the comparison to the
 point's record and to the table. Results are cached in the store by point and prompts.
+
+It never holds a second copy of the model: where the jobs ran in this process (the basic launcher), it runs on the
+session they left open (`Sessions.current()`); a cluster launcher runs it as a task of its own
+(sweep/cluster/launcher.py), never in the launching process.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -69,7 +74,11 @@ def check_worst(df: pd.DataFrame, sweep_dir: Path, metric: str, n: int) -> pd.Da
         if rec and rec.get("key") in keys:
             job_dirs[rec["key"]] = path.parent
     df = df.copy()
-    with Sessions() as sessions:  # one loaded model, reused by consecutive points that share it
+    # The sweep's own sessions when this process ran its jobs (Hydra's basic launcher): their model is still loaded,
+    # and a session of the check's own would load it a second time beside it. Elsewhere (a cluster task, the
+    # launching process of jobs run elsewhere) one of its own, closed at the end.
+    shared = Sessions.current()
+    with nullcontext(shared) if shared is not None else Sessions() as sessions:
         for key in keys:
             df = _check_one(df, key, job_dirs.get(key), sessions)
     return df

@@ -117,10 +117,19 @@ def _stored_or_scored(key: str, backend: Backend, w: Windows, progress: bool, st
 
 
 class Sessions:
-    """At most one open session, reused while jobs ask for the same loaded model; closed on `close` (a `with`)."""
+    """At most one open session, reused while jobs ask for the same loaded model; closed on `close` (a `with`).
+
+    Inside a `with Sessions()` block, `Sessions.current()` is that block's sessions: what the end of a sweep (the
+    generation check, gencheck.py) reuses in the process whose jobs already loaded the model."""
+
+    _entered: list[Sessions] = []  # the `with` blocks open in this process, innermost last
 
     def __init__(self):
         self._open: Session | None = None
+
+    @classmethod
+    def current(cls) -> Sessions | None:
+        return cls._entered[-1] if cls._entered else None
 
     def get(self, path: Path, n_ctx: int, threads: int, settings: ComputeSettings) -> Session:
         wanted = (str(path), n_ctx, threads, settings)
@@ -139,7 +148,9 @@ class Sessions:
             self._open = None
 
     def __enter__(self) -> Sessions:
+        Sessions._entered.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        Sessions._entered.remove(self)
         self.close()

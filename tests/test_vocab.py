@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_cfg
+from scipy.special import logsumexp
 
 from sweep.errors import SweepError
 from sweep.gencheck import generation_mode
@@ -20,7 +21,7 @@ from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import record, run_point
-from sweep.scoring.window_math import StoredLogits
+from sweep.scoring.window_math import BaselineWindow, StoredLogits, WindowMath
 from sweep.store.records import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,26 @@ def test_stored_logits_are_read_as_the_file_holds_them(tmp_path):
         stored[2].read(slice(3, 5), buf)
 
 
+@pytest.mark.parametrize("n_vocab", [5000, 140_000])  # chunks of coarse and fine rows together; one row a chunk
+def test_coarse_rows_take_the_two_log_sum_exps_in_float64_bit_for_bit(n_vocab):
+    """Rows where the run makes a token likely that the baseline gave no probability (or non-finite ones) take
+    log Z = lse(z) - lse(y) in float64; computed in reused per-thread rows, the numbers are the formula's exactly."""
+    rng = np.random.default_rng(3)
+    y = (rng.normal(size=(9, n_vocab)) * 3).astype(np.float32)
+    y[:, 11] = -300.0
+    z = y + (rng.normal(size=y.shape) * 1e-3).astype(np.float32)
+    z[::2, 11] = 45.0  # rows 0, 2, 4, 6, 8: coarse; the others are not
+    targets = rng.integers(0, n_vocab, 9)
+    y_lse = logsumexp(y.astype(np.float64), axis=1)
+    with WindowMath(2) as math:
+        got = math(z, targets, None, BaselineWindow(y, y_lse, np.zeros(9)))
+    zc = z[::2].astype(np.float64)
+    top = zc.max(axis=1)
+    np.testing.assert_array_equal(got["lse"][::2], y_lse[::2] + (top + np.log(np.exp(zc - top[:, None]).sum(axis=1))
+                                                                - y_lse[::2]))
+    assert (got["argmax"][::2] == 11).all() and np.isfinite(got["kld"]).all()
+
+
 @pytest.mark.parametrize("value, n", [(True, None), (False, 0), ("top:3", 3), ("TOP:1", 1), ("true", None)])
 def test_generation_mode(value, n):
     assert generation_mode(value) == n
@@ -85,6 +106,9 @@ def test_generation_check_of_the_worst_points_only_after_the_sweep(tiny_model, w
     proc = subprocess.run([sys.executable, "-m", "sweep", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the check ran on the model the jobs had loaded, still open in this process: one load, never a second copy
+    # (the jobs log to stderr, the end-of-sweep callback through Hydra's own logging to stdout)
+    assert (proc.stdout + proc.stderr).count("loading ") == 1, proc.stdout[-3000:]
     df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
     assert len(df) == 6 and (df["baseline_logits"] == "recompute").all()
     checked = df[df["generation_checked"].notna()]

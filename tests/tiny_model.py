@@ -45,11 +45,16 @@ Q = GGMLQuantizationType
 def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None,
                      matmul_type: Q = Q.Q4_1, embd_type: Q = Q.Q8_0, arch: str = "llama",
                      n_vocab: int | None = None, n_embd: int = N_EMBD, n_ff: int | None = None,
-                     n_ctx_train: int = N_CTX_TRAIN) -> Path:
+                     n_ctx_train: int = N_CTX_TRAIN, n_layers: int = N_LAYERS, n_head: int = N_HEAD,
+                     n_head_kv: int = N_HEAD_KV, head_dim: int | None = None,
+                     sliding_window: int = GEMMA3_SLIDING_WINDOW) -> Path:
     """matmul_type, embd_type: the block matmuls' and the token embedding's types (Q4_0 is what x86 CPUs repack;
     all F32 with rows of 256 suits the 256-blocks of the K-quants); arch: one of ARCHITECTURES; n_vocab: pad the
     tokenizer with unique unused tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's
-    49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd)."""
+    49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd);
+    n_layers, n_head, n_head_kv, head_dim (default n_embd / n_head; gemma3: GEMMA3_HEAD_DIM), sliding_window
+    (gemma3): a real model's shape, for the benchmarks (bench/vocab.py's Gemma-3-270M shape). gemma3's per-layer
+    sliding-window pattern is GEMMA3_SWA_PATTERN for 3 blocks, else Gemma 3's own: every 6th block global."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; tiny models exist for {', '.join(ARCHITECTURES)}")
     n_ff = n_ff or 2 * n_embd
@@ -58,20 +63,20 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     writer.add_name(f"sweep-tiny-test-{arch}")
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(n_embd)
-    writer.add_block_count(N_LAYERS)
+    writer.add_block_count(n_layers)
     writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD_KV)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
     writer.add_layer_norm_rms_eps(1e-6 if arch == "gemma3" else 1e-5)
     writer.add_rope_freq_base(10000.0)
-    head_dim = n_embd // N_HEAD
+    head_dim = head_dim or (GEMMA3_HEAD_DIM if arch == "gemma3" else n_embd // n_head)
     if arch == "gemma3":
-        head_dim = GEMMA3_HEAD_DIM
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-        writer.add_sliding_window(GEMMA3_SLIDING_WINDOW)
+        writer.add_sliding_window(sliding_window)
         # llama.cpp reads a per-layer array of this key before falling back to its built-in "every 6th" pattern
-        writer.add_array(f"{arch}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        pattern = GEMMA3_SWA_PATTERN if n_layers == N_LAYERS else [(i + 1) % 6 != 0 for i in range(n_layers)]
+        writer.add_array(f"{arch}.attention.sliding_window_pattern", pattern)
         writer.add_rope_freq_base_swa(10000.0)
         writer.add_final_logit_softcapping(30.0)
     else:
@@ -119,8 +124,8 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     norm("output_norm.weight")
     if arch in ("qwen2", "qwen2moe"):
         add("output.weight", (n_vocab, n_embd), embd_type, scale=0.05)  # untied: a global weight besides token_embd
-    q_dim, kv_dim = head_dim * N_HEAD, head_dim * N_HEAD_KV  # numpy shapes are (out, in)
-    for i in range(N_LAYERS):
+    q_dim, kv_dim = head_dim * n_head, head_dim * n_head_kv  # numpy shapes are (out, in)
+    for i in range(n_layers):
         norm(f"blk.{i}.attn_norm.weight")
         add(f"blk.{i}.attn_q.weight", (q_dim, n_embd), matmul_type)
         add(f"blk.{i}.attn_k.weight", (kv_dim, n_embd), matmul_type)

@@ -38,16 +38,19 @@ class Proof:
     storage: list = field(default_factory=list)
 
     def add(self, before: np.ndarray, after: np.ndarray) -> None:
+        # each mask and array once (a weight point's tensor can be large: every pass over it is per point)
         b, a = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
+        finite_b, finite_a = np.isfinite(b), np.isfinite(a)
         same = (b == a) | (np.isnan(b) & np.isnan(a))
-        both = np.isfinite(b) & np.isfinite(a)
+        both = finite_b & finite_a
         err = np.where(both, a - b, 0.0)
+        ref = np.where(both, b, 0.0)
         self.n_elements += b.size
         self.n_changed += int(b.size - np.count_nonzero(same))
         self.sum_sq_err += float(err @ err)
-        self.sum_sq_ref += float(np.where(both, b, 0.0) @ np.where(both, b, 0.0))
+        self.sum_sq_ref += float(ref @ ref)
         self.max_abs_err = max(self.max_abs_err, float(np.abs(err).max(initial=0.0)))
-        self.n_overflow += int(np.count_nonzero(np.isfinite(b) & ~np.isfinite(a)))
+        self.n_overflow += int(np.count_nonzero(finite_b & ~finite_a))
         self.hook_calls += 1
 
     @property

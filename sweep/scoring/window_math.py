@@ -100,7 +100,7 @@ class BaselineWindow:
         return BaselineWindow(y, self.lse[c], self.nll[c])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Scratch:
     """One thread's working arrays, (chunk, n_vocab) float32 each: the logit differences `d`, the baseline's
     probabilities `p` (stored baseline logits are read into `p`) and `w` for the exponentials; `block` is the row
@@ -110,6 +110,14 @@ class _Scratch:
     p: np.ndarray
     w: np.ndarray
     block: int
+    # float64 rows for the log-sum-exps of coarse rows (_paired_rows): allocated when first needed, then reused --
+    # a fresh 2 MB array per row (262k vocabulary) costs its page faults every time
+    wide: np.ndarray | None = None
+
+    def wide_rows(self, n: int) -> np.ndarray:
+        if self.wide is None:
+            self.wide = np.empty(self.d.shape, np.float64)  # a chunk's rows: never more are coarse
+        return self.wide[:n]
 
 
 class WindowMath:
@@ -176,15 +184,18 @@ class WindowMath:
 
         def rows(part: int, r: slice) -> None:
             scratch = self._scratch_for(part, (chunk, n_vocab))
-            for lo in range(r.start, r.stop, chunk):
-                c = slice(lo, min(lo + chunk, r.stop))
-                parts = {k: v[c] for k, v in out.items()}
-                if keep is not None:
-                    keep[c] = logits[c]
-                if baseline is None:
-                    _window_rows(logits[c], targets[c], parts, scratch)
-                else:
-                    _paired_rows(logits[c], targets[c], baseline.rows(c, scratch.p), parts, scratch)
+            # NaN and inf rows are expected (_exp_rows, _paired_rows): one errstate per thread and window, not per
+            # chunk (at 262k a chunk is one row, and an errstate costs a few microseconds)
+            with np.errstate(over="ignore", invalid="ignore"):
+                for lo in range(r.start, r.stop, chunk):
+                    c = slice(lo, min(lo + chunk, r.stop))
+                    parts = {k: v[c] for k, v in out.items()}
+                    if keep is not None:
+                        keep[c] = logits[c]
+                    if baseline is None:
+                        _window_rows(logits[c], targets[c], parts, scratch)
+                    else:
+                        _paired_rows(logits[c], targets[c], baseline.rows(c, scratch.p), parts, scratch)
 
         if self._pool is None or len(blocks) == 1:
             rows(0, blocks[0])
@@ -216,10 +227,9 @@ def _exp_rows(x: np.ndarray, shift: np.ndarray, out: np.ndarray, d_max: np.ndarr
     """out = e^(x - shift) per row, up to the float64 factor returned per row: e^-shift where the row's
     exponentials are taken without the shift (_UNSHIFTED_LIMIT), 1 where not. Decided row by row, so that a row's
     numbers do not depend on the rows it shares a chunk (or a thread) with."""
-    with np.errstate(invalid="ignore"):  # NaN shifts: shifted, as before
-        plain = (shift >= 0) & (shift <= _UNSHIFTED_LIMIT)
-        if d_max is not None:
-            plain &= d_max < _UNSHIFTED_LIMIT
+    plain = (shift >= 0) & (shift <= _UNSHIFTED_LIMIT)  # NaN shifts: shifted, as before
+    if d_max is not None:
+        plain &= d_max < _UNSHIFTED_LIMIT
     if plain.all():
         np.exp(x, out=out)
     else:  # x - 0 is x exactly: the plain rows get the same numbers as above
@@ -276,20 +286,24 @@ def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> No
     d_max = d.max(axis=1).astype(np.float64)
     scale = _exp_rows(y, y_lse, p, d_max)
     u = _row_dot(p, d, scratch.block) * scale
-    with np.errstate(over="ignore", invalid="ignore"):
-        # NaN compares false: non-finite rows are coarse too
-        coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
-        log_z = np.empty(n)
-        if coarse.any():
-            zc = z[coarse].astype(np.float64)
-            top = zc.max(axis=1)
-            log_z[coarse] = top + np.log(np.exp(zc - top[:, None]).sum(axis=1)) - y_lse[coarse]
+    # NaN compares false: non-finite rows are coarse too
+    coarse = ~(d_max - u < _UNDERFLOW_MARGIN) | ~(d_max < _EXPM1_LIMIT)
+    log_z = np.empty(n)
+    if coarse.any():  # in float64 from float32 (exact), in the thread's reused rows
+        zc = scratch.wide_rows(int(coarse.sum()))
+        for j, r in enumerate(np.flatnonzero(coarse)):  # z[coarse] would be a fresh array too
+            np.copyto(zc[j], z[r])
+        top = zc.max(axis=1)
+        zc -= top[:, None]
+        np.exp(zc, out=zc)
+        log_z[coarse] = top + np.log(zc.sum(axis=1)) - y_lse[coarse]
+    if not coarse.all():  # (a chunk of coarse rows only needs no v)
         work = scratch.w[:n]
         np.expm1(d, out=work)
         work -= d
         v = _row_dot(p, work, scratch.block) * scale
         fine = np.log1p(u + v)
-    log_z[~coarse] = fine[~coarse]
+        log_z[~coarse] = fine[~coarse]
     out["lse"][...] = y_lse + log_z
     out["kld"][...] = np.maximum(log_z - u, 0.0)  # rounding may leave -1e-15 at equality
     out["nll"][...] = y_nll + (log_z - picked)
