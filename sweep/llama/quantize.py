@@ -142,6 +142,20 @@ def dequantized_weight(backend, name: str) -> np.ndarray:
     return ggml_dequantize(raw, type_id, shape, backend.n_threads)
 
 
+def rows_reader(backend, name: str):
+    """A function (a, b) -> rows a..b-1 of a weight (its last axis a row) as float32, dequantized by ggml from the
+    bytes llama.cpp holds, read once: a large tensor is never whole in float32."""
+    type_id, shape = backend.weight_layout(name)
+    n = shape[-1]
+    row = ggml_row_size(type_id, n)
+    raw = np.frombuffer(backend.read_weight_bytes(name), dtype=np.uint8).reshape(-1, row)
+
+    def read(a: int, b: int) -> np.ndarray:
+        return ggml_dequantize(raw[a:b], type_id, (b - a, n), backend.n_threads)
+
+    return read
+
+
 _KV_STR_BYTES = 127  # llama_model_kv_override.val_str is char[128]; llama-quantize strncpy's 127 bytes
 
 

@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..llama.quantize import dequantized_weight
+from ..llama.quantize import dequantized_weight, rows_reader
 from ..llama.weight_delta import WeightDelta
 from ..scoring.routing import tracking
 from .experts import layer_of, round_expert_rows, round_experts
 from .formats import Format
 from .ggml_types import storage
 from .targets import Target
+
+CHUNK = 1 << 20  # elements per pass over a weight (8 MB in float64): the temporaries stay small
 
 
 @dataclass
@@ -37,21 +39,26 @@ class Proof:
     # weights: per tensor, what it occupies in the format (type actually used, fallback, bytes; ggml_formats.storage)
     storage: list = field(default_factory=list)
 
-    def add(self, before: np.ndarray, after: np.ndarray) -> None:
-        # each mask and array once (a weight point's tensor can be large: every pass over it is per point)
-        b, a = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
-        finite_b, finite_a = np.isfinite(b), np.isfinite(a)
-        same = (b == a) | (np.isnan(b) & np.isnan(a))
-        both = finite_b & finite_a
-        err = np.where(both, a - b, 0.0)
-        ref = np.where(both, b, 0.0)
-        self.n_elements += b.size
-        self.n_changed += int(b.size - np.count_nonzero(same))
-        self.sum_sq_err += float(err @ err)
-        self.sum_sq_ref += float(ref @ ref)
-        self.max_abs_err = max(self.max_abs_err, float(np.abs(err).max(initial=0.0)))
-        self.n_overflow += int(np.count_nonzero(finite_b & ~finite_a))
-        self.hook_calls += 1
+    def add(self, before: np.ndarray, after: np.ndarray, call: bool = True) -> None:
+        """Count one application (`call`; False: a part of one, counted by the caller)."""
+        # in chunks: float64 copies of a whole 7B-model matrix (45M elements) would add ~2 GB to a point's peak;
+        # each mask and array once per chunk (every pass over a weight is per point)
+        b_all, a_all = before.ravel(), after.ravel()
+        for start in range(0, b_all.size, CHUNK):
+            b = b_all[start:start + CHUNK].astype(np.float64)
+            a = a_all[start:start + CHUNK].astype(np.float64)
+            finite_b, finite_a = np.isfinite(b), np.isfinite(a)
+            same = (b == a) | (np.isnan(b) & np.isnan(a))
+            both = finite_b & finite_a
+            err = np.where(both, a - b, 0.0)
+            ref = np.where(both, b, 0.0)
+            self.n_elements += b.size
+            self.n_changed += int(b.size - np.count_nonzero(same))
+            self.sum_sq_err += float(err @ err)
+            self.sum_sq_ref += float(ref @ ref)
+            self.max_abs_err = max(self.max_abs_err, float(np.abs(err).max(initial=0.0)))
+            self.n_overflow += int(np.count_nonzero(finite_b & ~finite_a))
+        self.hook_calls += call
 
     @property
     def frac_changed(self) -> float:
@@ -106,21 +113,31 @@ def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str,
     try:
         for name in target.names:
             in_place = backend.holds_f32(name)
-            original = backend.read_weight(name) if in_place else dequantized_weight(backend, name)
             own = fmt.for_tensor(name)  # a recipe gives each tensor its own format
-            picked = list(target.experts) if target.experts else slice(None)
-            rounded = round_experts(original, target.experts, own, name, backend.n_threads) if target.experts \
-                else own(original, tensor=name, threads=backend.n_threads)
-            proof.add(original[picked], rounded[picked])  # MoE: the proof counts the targeted slices only
-            proof.storage.append(storage(own, name, original[picked].shape, orig_types.get(name)))
+            type_id, shape = backend.weight_layout(name)
+            if not target.experts and len(shape) <= 2 and own.row_local:
+                # row chunk by row chunk: a 7B model's matrix never has its format's temporaries whole
+                original = backend.read_weight(name) if in_place else None
+                read = (lambda a, b, w=original, n=shape[-1]: w.reshape(-1, n)[a:b]) if in_place else \
+                    rows_reader(backend, name)
+                rounded = rounded_by_rows(read, shape, own, name, backend.n_threads, proof, delta=not in_place)
+                proof.storage.append(storage(own, name, shape, orig_types.get(name)))
+            else:  # a whole stack (MoE) or a format with one scale for the tensor
+                original = backend.read_weight(name) if in_place else dequantized_weight(backend, name)
+                picked = list(target.experts) if target.experts else slice(None)
+                rounded = round_experts(original, target.experts, own, name, backend.n_threads) \
+                    if target.experts else own(original, tensor=name, threads=backend.n_threads)
+                proof.add(original[picked], rounded[picked])  # MoE: the proof counts the targeted slices only
+                proof.storage.append(storage(own, name, original[picked].shape, orig_types.get(name)))
+                if not in_place:
+                    rounded -= original  # the delta, in place: one more tensor-sized buffer at most
             if in_place:
                 originals[name] = original
                 backend.write_weight(name, rounded)
             else:
-                rounded -= original  # the delta, in place: one more tensor-sized buffer at most
-                delta = WeightDelta(experts={k: rounded[k].copy() for k in target.experts}, on_call=counted) \
+                backend.weight_deltas[name] = \
+                    WeightDelta(experts={k: rounded[k].copy() for k in target.experts}, on_call=counted) \
                     if target.experts else WeightDelta(rounded, on_call=counted)
-                backend.weight_deltas[name] = delta
             del original, rounded
         yield proof
     finally:  # restore exactly, so the loaded model serves the next point unchanged
@@ -128,6 +145,24 @@ def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str,
             backend.weight_deltas.pop(name, None)
         for name, original in originals.items():
             backend.write_weight(name, original)
+
+
+def rounded_by_rows(read, shape: tuple[int, ...], own: Format, name: str, threads: int, proof: Proof,
+                    delta: bool) -> np.ndarray:
+    """fmt(W) (or fmt(W) - W when `delta`) of a 2-D weight, computed a chunk of rows at a time (`read(a, b)`: rows
+    a..b-1 as float32); the same values as on the whole tensor for a format whose scales never span two rows."""
+    n = shape[-1] if shape else 1
+    n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    out = np.empty((n_rows, n), dtype=np.float32)
+    step = max(1, CHUNK // n)
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        before = read(a, b)
+        after = own(before, tensor=name, threads=threads)
+        proof.add(before, after, call=False)
+        out[a:b] = after - before if delta else after
+    proof.hook_calls += 1
+    return out.reshape(shape)
 
 
 @contextmanager

@@ -230,6 +230,12 @@ class Format:
         return _BLOCKS[Granularity(self.granularity)] if "granularity" in uses else None
 
     @property
+    def row_local(self) -> bool:
+        """No scale spans two rows (the last axis): the format applied to a block of rows gives the same values as
+        applied to the whole array. False for one scale per tensor, and for a recipe (its tensors' own formats say)."""
+        return self.recipe is None and not isinstance(self.block, PerTensor)
+
+    @property
     def rowwise(self) -> bool:
         """Rounds per row (token): needs a node with one row per token."""
         return self.block is not None and self.block.rowwise
