@@ -61,6 +61,11 @@ def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix
                other_text=None) -> dict:
     sizes = ladder_sizes(args.sizes, imatrix)
     loop_sizes = set(ladder_sizes(args.loop_sizes, imatrix)) if args.loop_sizes else set()
+    per_file = args.heldout_windows * (2 if other_text is not None else 1) + table.n_windows
+    print(f"ladder: {len(sizes)} size(s) {','.join(sizes)}; {len(loop_sizes)} through the closed loop (at most "
+          f"{args.loop_budget} joint points of {table.n_windows} windows each); "
+          + (f"validation: {2 * len(sizes)} files x {per_file} windows of {table.n_ctx} tokens + the reference's "
+             f"{per_file}" if args.validate else "no validation"))
     rungs: list[Rung] = []
     for size in sizes:
         rung = Rung(size)
@@ -86,7 +91,7 @@ def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix
             print(f"{size} ({rung.preset_bytes} bytes): {rung.note}")
             continue
         d = args.out / size
-        m = {**meta, "budget_from": f"the size of llama.cpp's {size} built from the same source ({rung.preset})",
+        m = {**meta, "size": size, "budget_from": f"the size of llama.cpp's {size} built from the same source ({rung.preset})",
              "default_type": "the preset's type of each tensor" if not args.default_type else args.default_type}
         if size in loop_sizes:
             recipe, rung.loop = closed_loop(table, source, types, rung.preset_bytes, defaults, args.group, d / "loop",

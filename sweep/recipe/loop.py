@@ -205,7 +205,7 @@ def closed_loop(table, source, types: list[str], budget: int, defaults, groups, 
         changed = _changes(previous, recipe)
         history.append({"iteration": k, "alpha_used": dict(alpha), "predicted_raw": raw.damage,
                         "changed": changed, "points": points, "joint_points_spent": spent})
-        _print_iteration(history[-1], meta.get("budget_from", ""))
+        _print_iteration(history[-1], meta.get("size") or meta.get("budget_from", ""))
         seen.add(key)
         previous = recipe
         alpha = fit_alpha(history)
