@@ -91,7 +91,8 @@ def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix
             print(f"{size} ({rung.preset_bytes} bytes): {rung.note}")
             continue
         d = args.out / size
-        m = {**meta, "size": size, "budget_from": f"the size of llama.cpp's {size} built from the same source ({rung.preset})",
+        m = {**meta, "size": size,
+             "budget_from": f"the size of llama.cpp's {size} built from the same source ({rung.preset})",
              "default_type": "the preset's type of each tensor" if not args.default_type else args.default_type}
         if size in loop_sizes:
             recipe, rung.loop = closed_loop(table, source, types, rung.preset_bytes, defaults, args.group, d / "loop",
@@ -132,9 +133,27 @@ def _rung_json(r: Rung) -> dict:
     if r.scores:
         rec, pre = r.scores["recipe"], r.scores["preset"]
         out.update(recipe=file_row(rec), preset_row=file_row(pre))
-        out["recipe_minus_preset"] = paired(rec.window_damage, pre.window_damage)
+        out["recipe_minus_preset"] = paired(rec.window_damage, pre.window_damage)  # KLD: per-window means
         out["recipe_minus_preset_other_text"] = paired(rec.other_damage, pre.other_damage)
+        out["verdict"] = verdict(out["recipe"]["kld_ci95"], out["preset_row"]["kld_ci95"], out["recipe_minus_preset"])
+        if out["recipe_minus_preset_other_text"]:
+            out["verdict_other_text"] = verdict(out["recipe"]["other_text"]["kld_ci95"],
+                                                out["preset_row"]["other_text"]["kld_ci95"],
+                                                out["recipe_minus_preset_other_text"])
     return out
+
+
+def verdict(recipe_ci, preset_ci, diff: dict | None) -> str:
+    """Recipe vs preset in words, from the KLD intervals and the paired difference's."""
+    if recipe_ci[1] < preset_ci[0]:
+        return "recipe better, intervals apart"
+    if recipe_ci[0] > preset_ci[1]:
+        return "preset better, intervals apart"
+    if diff and diff["ci95"][1] < 0:
+        return "recipe better in the paired difference (KLD intervals overlap)"
+    if diff and diff["ci95"][0] > 0:
+        return "preset better in the paired difference (KLD intervals overlap)"
+    return "no difference within the intervals"
 
 
 def _ci(lo_hi, scale=1.0, f=".3e") -> str:
@@ -164,6 +183,10 @@ def format_ladder(report: dict) -> str:
                          f"{row['ppl']:>8.4f} ± {row['ppl_stderr']:.4f} {row['kld_mean']:.4e} {_ci(row['kld_ci95'])} "
                          f"{100 * row['top1_agree']:6.2f} {_ci(row['top1_ci95'], 100, '.2f')} {d_s:>34} {pred:>10} "
                          f"{rs_s:>34}")
+    for r in report["rungs"]:
+        if "verdict" in r:
+            lines.append(f"{r['size']:<8} {r['verdict']}" + (f"; on the other text: {r['verdict_other_text']}"
+                                                                if r.get("verdict_other_text") else ""))
     first = next((r for r in report["rungs"] if "recipe" in r), None)
     if first:
         lines.append(f"reference (source in F32): PPL {first['recipe']['ref_ppl']:.4f} ± "

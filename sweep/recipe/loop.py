@@ -209,7 +209,8 @@ def closed_loop(table, source, types: list[str], budget: int, defaults, groups, 
         seen.add(key)
         previous = recipe
         alpha = fit_alpha(history)
-    record = {"stop": why, "iterations": history, "joint_points_spent": spent, "budget": settings.budget,
+    record = {"stop": why, "final_recipe_measured": bool(history) and why != "budget",  # budget: solved, unmeasured
+              "iterations": history, "joint_points_spent": spent, "budget": settings.budget,
               "blocks_per_point": settings.blocks, "alpha_final": alpha,
               "final_types_changed_from_first": _changes(_first(history, table, source, types, budget, defaults,
                                                                 groups), recipe)}
