@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -60,7 +61,9 @@ def test_ladder_builds_a_recipe_at_each_size_or_says_why_not(low_bit, tmp_path):
     assert list(rungs) == ["Q2_K", "Q3_K_M", "Q4_K_M"]
     # Q2_K's preset stores q2_K where the candidates' smallest is q3_K: not reachable, said in one line
     assert "not reachable with candidates q3_K,q4_K,q8_0" in rungs["Q2_K"]["note"]
-    assert any(line.startswith("Q2_K (") and "not reachable" in line for line in proc.stdout.splitlines())
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("Q2_K ("))
+    smallest = re.search(r"the smallest recipe \(the other tensors at the preset's types\) takes (\d+) bytes", line)
+    assert smallest and int(smallest.group(1)) > rungs["Q2_K"]["preset_bytes"], line
     for size in ("Q3_K_M", "Q4_K_M"):
         r = rungs[size]
         built = out / size / "recipe.gguf"

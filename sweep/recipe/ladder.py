@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +88,10 @@ def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix
         except SweepError as e:
             if "infeasible budget" not in str(e):
                 raise
-            rung.note = (f"not reachable with candidates {','.join(types)}: {str(e).split(': ', 1)[1]}")
+            smallest = re.search(r" takes (.*?);", str(e))
+            rung.note = (f"not reachable with candidates {','.join(types)}: the smallest recipe (the other tensors "
+                         f"at {'the preset' if not args.default_type else 'the default'}'s types) takes "
+                         f"{smallest.group(1) if smallest else '?'}")
             print(f"{size} ({rung.preset_bytes} bytes): {rung.note}")
             continue
         d = args.out / size
