@@ -7,6 +7,7 @@ source is never the destination.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,12 +18,16 @@ from ..errors import SweepError
 from ..llama.gguf_reader import gguf_tensor_table
 from ..llama.quantize import ggml_type_facts, llama_quantize_file
 from ..quant.imatrix_file import load, provenance
-from .export import type_id
+from ..store.files import atomic_write_bytes
+from .export import read_recipe_txt, type_id
 
 # llama.cpp's own mixes (enum llama_ftype in include/llama.h, gguf's LlamaFileType): the presets a recipe is compared
-# with, by name
-PRESETS = {name: int(LlamaFileType[f"MOSTLY_{name}"]) for name in ("Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
-                                                                    "Q8_0")}
+# with, by name. The ladder's sizes, smallest first (sweep/recipe/ladder.py); the IQ2/IQ3 mixes store types that
+# llama.cpp's quantizer makes only with an importance matrix (tools/quantize/quantize.cpp refuses them without one)
+LADDER = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
+IMATRIX_LADDER = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")
+NEED_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS"}
+PRESETS = {name: int(LlamaFileType[f"MOSTLY_{name}"]) for name in (*IMATRIX_LADDER, *LADDER, "Q6_K", "Q8_0")}
 # any quantized ftype: overrides apply only then; every quantizable tensor has one anyway
 BASE_FTYPE = int(LlamaFileType.MOSTLY_Q8_0)
 
@@ -83,6 +88,8 @@ def build_recipe(source: Path, dst: Path, lines: list[tuple[str, str]], imatrix:
 def build_preset(source: Path, dst: Path, preset: str, imatrix: Path | None = None, threads: int = 1) -> Path:
     if preset not in PRESETS:
         raise SweepError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    if preset in NEED_IMATRIX and imatrix is None:
+        raise SweepError(f"llama.cpp builds {preset} only with an importance matrix: add --imatrix FILE")
     return _quantize_atomically(source, dst, overrides=[], ftype=PRESETS[preset], pure=False, n_threads=threads,
                                 **_with_imatrix(imatrix))
 
@@ -102,3 +109,27 @@ def stored_types(path: Path) -> dict[str, tuple[str, int]]:
 
     infos, _, _ = gguf_tensor_table(path)
     return {i.name: (ggml_type_facts(i.type_id)["name"], i.nbytes) for i in infos}
+
+
+def build_and_check(recipe, source_path: Path, dst: Path, txt: Path, js: Path, imatrix, threads: int) -> Path:
+    """The GGUF built from recipe.txt as llama-quantize reads it, every tensor's type and bytes checked; recipe.json
+    gets the built file's path and size."""
+    lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read
+    built = build_recipe(source_path, dst, lines, imatrix, threads)
+    real = built.stat().st_size
+    got = stored_types(built)
+    want = {c.tensor: (c.type_stored, c.bytes) for c in recipe.choices}
+    differ = [n for n, w in want.items() if got.get(n) != w]
+    if differ:
+        raise SweepError(f"the built file differs from the recipe on {len(differ)} tensor(s), e.g. {differ[0]}: "
+                         f"recipe {want[differ[0]]}, file {got.get(differ[0])}")
+    print(f"built {built}: {real} bytes ({real / 1e6:.3f} MB; predicted {recipe.predicted_file_bytes}, "
+          f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says")
+    update_json(js, {"built": {"path": str(built), "file_bytes": real}})
+    return built
+
+
+def update_json(path: Path, extra: dict) -> None:
+    data = json.loads(path.read_text())
+    data.update(extra)
+    atomic_write_bytes(path, json.dumps(data, indent=1, allow_nan=True).encode())

@@ -22,9 +22,10 @@ from ..errors import SweepError, exit_on_user_error
 from ..llama.container import container_path
 from ..llama.model_file import embedded_model_path, sha256
 from ..quant.imatrix_file import provenance
-from ..store.files import atomic_write_bytes
-from .build import PRESETS, build_recipe, check_source_quantizable, preset_file, stored_types
-from .export import read_recipe_txt, write_recipe
+from .build import PRESETS, build_and_check, check_source_quantizable, preset_file
+from .export import write_recipe
+from .heldout import check_long_enough, read_heldout_text
+from .ladder import ladder_sizes, run_ladder
 from .sizes import SourceModel, check_type, parse_size
 from .solve import budget_bytes, make_recipe, missing_measurements
 from .table import check_complete, read_table
@@ -41,6 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     budget.add_argument("--size", help="file size budget: 90MB, 85.5MiB, a GGUF file's size, or a llama.cpp preset "
                                        "built from the source (Q4_K_M, ...)")
     budget.add_argument("--bpw", type=float, help="bits per weight over every tensor's elements")
+    budget.add_argument("--ladder", action="store_true", help="a recipe at every llama.cpp preset size (Q2_K ... "
+                                                               "Q5_K_M; IQ2/IQ3 too with --imatrix), each built and "
+                                                               "compared with its preset (sweep/recipe/ladder.py)")
+    budget.add_argument("--sizes", help="the ladder at these preset sizes only, e.g. Q2_K,Q3_K_M,Q4_K_M")
     p.add_argument("--metric", default="kld_mean", help="damage to minimize (a ranked metric; default kld_mean)")
     p.add_argument("--group", action="append", default=[], metavar="REGEX",
                    help="tensors matching REGEX share one type within each block (repeatable), e.g. 'attn_[qkv]'")
@@ -57,6 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                                             "held-out windows (needs --build)")
     p.add_argument("--presets", default="Q4_K_S,Q4_K_M,Q5_K_S,Q5_K_M,Q6_K,Q8_0", help="presets to validate against")
     p.add_argument("--heldout-windows", type=int, default=16, help="held-out windows scored by --validate")
+    p.add_argument("--heldout-text", type=Path, metavar="PATH", help="--validate also scores the files on this text "
+                                                                     "(UTF-8, at least 2 windows), e.g. not WikiText")
+    p.add_argument("--loop-sizes", help="ladder sizes whose recipe goes through the closed loop (joint points "
+                                        "measured, the additive model corrected, solved again: sweep/recipe/loop.py)")
+    p.add_argument("--loop-budget", type=int, default=40, help="joint points the closed loop may measure per size")
+    p.add_argument("--loop-blocks", type=int, default=1, help="consecutive blocks per joint point of the loop")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
@@ -99,6 +110,13 @@ def run(args: argparse.Namespace) -> dict:
     imatrix = args.imatrix  # its values go to the quantizer, its provenance into the header (recipe/build.py)
     source = SourceModel(source_path, provenance(imatrix) if imatrix else ())
     check_before_writing(args, table, source, types)
+    other_text = None
+    if args.heldout_text is not None:
+        other_text = read_heldout_text(args.heldout_text, table.data_sha256)
+        check_long_enough(other_text, source_path, table.n_ctx, threads(args))
+    if args.ladder or args.sizes:
+        return run_ladder(args, table, source, source_path, types, imatrix, recipe_meta(args, table, types, None),
+                          threads(args), other_text)
     size, size_from = resolve_size(args.size, args, source_path, imatrix) if args.size is not None else (None, None)
     budget, kind = budget_bytes(size, args.bpw, source)
     recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
@@ -107,11 +125,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"wrote {txt} and {js}")
     result = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
     if args.build:
-        result["built"] = build_and_check(args, recipe, source_path, txt, js, imatrix)
+        result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args))
     if args.validate:
         result["validation"] = validate(table, source_path, recipe, result["built"], imatrix, out_dir=args.out,
                                         presets=[p.strip() for p in args.presets.split(",") if p.strip()],
-                                        heldout_windows=args.heldout_windows, threads=threads(args))
+                                        heldout_windows=args.heldout_windows, threads=threads(args),
+                                        other_text=other_text)
     return result
 
 
@@ -120,7 +139,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
     types = [check_type(t.strip()) for t in args.types.split(",") if t.strip()]
     if not types:
         raise SweepError("--types is empty: give candidate GGUF types, e.g. q4_K,q6_K,q8_0")
-    args.default_type = args.default_type or ["q8_0"]
+    # the ladder's default: each tensor the tables do not cover keeps the type its size's preset gives it
+    args.default_type = args.default_type or ([] if args.ladder or args.sizes else ["q8_0"])
     for entry in args.default_type:
         rx, _, ty = entry.rpartition("=")
         if ty != "keep":
@@ -130,8 +150,21 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
                 re.compile(rx)
             except re.error as e:
                 raise SweepError(f"--default-type {entry!r}: {e}") from None
-    if args.validate and not args.build:
+    ladder = args.ladder or args.sizes
+    if args.validate and not args.build and not ladder:
         raise SweepError("--validate scores the built file: add --build OUT.gguf")
+    if ladder and args.build:
+        raise SweepError("--build names one file; the ladder builds OUT/SIZE/recipe.gguf at every size: drop --build")
+    if args.heldout_text is not None and not args.validate:
+        raise SweepError("--heldout-text is scored by --validate: add --validate")
+    if args.loop_sizes and not ladder:
+        raise SweepError("--loop-sizes applies to the ladder's sizes: add --ladder or --sizes")
+    if args.loop_budget < 1 or args.loop_blocks < 1:
+        raise SweepError("--loop-budget and --loop-blocks must be at least 1")
+    if ladder:
+        ladder_sizes(args.sizes, args.imatrix)
+        if args.loop_sizes:
+            ladder_sizes(args.loop_sizes, args.imatrix)
     return types
 
 
@@ -164,34 +197,11 @@ def summary(args: argparse.Namespace, recipe, budget: int, kind: str, size_from:
             f"solver: {recipe.solver.get('message', 'trivial')}")
 
 
-def build_and_check(args: argparse.Namespace, recipe, source_path: Path, txt: Path, js: Path, imatrix) -> Path:
-    """The GGUF built from recipe.txt as llama-quantize reads it, every tensor's type and bytes checked."""
-    lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read
-    built = build_recipe(source_path, args.build, lines, imatrix, threads(args))
-    real = built.stat().st_size
-    got = stored_types(built)
-    want = {c.tensor: (c.type_stored, c.bytes) for c in recipe.choices}
-    differ = [n for n, w in want.items() if got.get(n) != w]
-    if differ:
-        raise SweepError(f"the built file differs from the recipe on {len(differ)} tensor(s), e.g. {differ[0]}: "
-                         f"recipe {want[differ[0]]}, file {got.get(differ[0])}")
-    print(f"built {built}: {real} bytes ({real / 1e6:.3f} MB; predicted {recipe.predicted_file_bytes}, "
-          f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says")
-    _update_json(js, {"built": {"path": str(built), "file_bytes": real}})
-    return built
-
-
 def _counts(recipe) -> dict[str, int]:
     out: dict[str, int] = {}
     for c in recipe.choices:
         out[c.type_stored] = out.get(c.type_stored, 0) + 1
     return out
-
-
-def _update_json(path: Path, extra: dict) -> None:
-    data = json.loads(path.read_text())
-    data.update(extra)
-    atomic_write_bytes(path, json.dumps(data, indent=1, allow_nan=True).encode())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,6 +51,8 @@ class FileScore:
     predicted: float | None
     predicted_windows: np.ndarray | None
     uncovered: list[str]  # quantized tensors the tables do not cover (not in the prediction), as name=type
+    other: dict | None = None  # on the other text (--heldout-text): metrics.summarize output + ppl
+    other_damage: np.ndarray | None = None  # its per-window damage
 
 
 def _t_ci(mean: float, se: float, n: int) -> tuple[float, float]:
@@ -88,54 +90,119 @@ def predicted_for(types: dict[str, str], table) -> tuple[float | None, np.ndarra
     return total, windows, uncovered
 
 
-def validate(table, source_path: Path, recipe, built: Path, imatrix, *, out_dir: Path, presets: list[str],
-             heldout_windows: int, threads: int) -> dict:
-    """Score the built file and llama.cpp's `presets` (built from the same source) on `heldout_windows` windows
-    after the tables' own, and write the report into `out_dir`."""
-    text_path = table.data_source
-    text = load_text(text_path)
-    if table.data_sha256 and text.sha256 != table.data_sha256:
-        raise SweepError(f"{text_path} is not the text the tables were measured on (hash differs)")
-    n_ctx = table.n_ctx
-    with Session(source_path, n_ctx, threads, SETTINGS) as ref_session:
-        ref_backend = ref_session.backend
-        tokens = ref_session.tokens(text)
-        bos = ref_backend.bos if ref_backend.add_bos else None
-        skip = table.measured_tokens
-        heldout = make_windows(tokens[skip:], n_ctx, heldout_windows, bos)
-        sweep_windows = make_windows(tokens, n_ctx, table.n_windows, bos)
-        n_vocab = ref_backend.n_vocab
-        log.info("held-out: %d windows of %d tokens after the first %d tokens (the tables' %d windows); "
-                 "compute: %s, %d threads", heldout.n_windows, n_ctx, skip, table.n_windows, SETTINGS.as_dict(),
-                 threads)
-        ref_file = out_dir / "validate-reference-logits.npy"
-        logits = np.lib.format.open_memmap(ref_file, mode="w+", dtype=np.float32,
-                                           shape=(heldout.n_windows, heldout.n_scored, n_vocab))
-        ref = score(ref_backend, heldout, progress=False, desc="reference", keep_logits=logits, math=ref_session.math)
-        ref_sweep = score(ref_backend, sweep_windows, progress=False, desc="reference (sweep windows)",
-                          math=ref_session.math,
-                          keep_logits=np.empty((sweep_windows.n_windows, sweep_windows.n_scored, n_vocab),
-                                               dtype=np.float32))
-    files = [("recipe", built)]
-    for name in presets:
-        files.append((name, preset_file(out_dir, source_path, name, imatrix, threads)))
-    metric = table.metric
-    results: list[FileScore] = []
-    for label, path in files:
+@dataclass
+class Reference:
+    """The source's score on one set of windows (its logits kept: every file is paired with it token by token)."""
+    label: str  # "held-out WikiText", "sweep windows", the other text's name
+    windows: Windows
+    score: Score
+    first_token: int
+    source: str  # the text's path
+    sha256: str
+
+
+class References:
+    """The source in F32 scored once on the windows every file is compared on: held-out windows of the tables' text
+    (after the tables' slice), the tables' own windows (for the additivity residual), and optionally held-out
+    windows of another text (`--heldout-text`: a recipe tuned on one text, seen on another). Logits of the
+    held-out sets live in memory-mapped files in `out_dir`, removed on close."""
+
+    def __init__(self, table, source_path: Path, out_dir: Path, heldout_windows: int, threads: int,
+                 other_text=None):
+        self.table, self.threads, self.n_ctx = table, threads, table.n_ctx
+        self._files: list[Path] = []
+        text = load_text(table.data_source)
+        if table.data_sha256 and text.sha256 != table.data_sha256:
+            raise SweepError(f"{table.data_source} is not the text the tables were measured on (hash differs)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with Session(source_path, self.n_ctx, threads, SETTINGS) as s:
+            bos = s.backend.bos if s.backend.add_bos else None
+            tokens = s.tokens(text)
+            skip = table.measured_tokens
+            self.heldout = self._score(s, "held-out", make_windows(tokens[skip:], self.n_ctx, heldout_windows, bos),
+                                       skip, text, out_dir / "validate-reference-logits.npy")
+            log.info("held-out: %d windows of %d tokens after the first %d tokens (the tables' %d windows); "
+                     "compute: %s, %d threads", self.heldout.windows.n_windows, self.n_ctx, skip, table.n_windows,
+                     SETTINGS.as_dict(), threads)
+            self.sweep = self._score(s, "sweep windows", make_windows(tokens, self.n_ctx, table.n_windows, bos), 0,
+                                     text, None)
+            self.other = None
+            if other_text is not None:  # the whole text is unseen: its windows from its first token on
+                w = make_windows(s.tokens(other_text), self.n_ctx, heldout_windows, bos)
+                self.other = self._score(s, Path(other_text.source).name, w, 0, other_text,
+                                         out_dir / "validate-reference-logits-other.npy")
+
+    def _score(self, s: Session, label: str, windows: Windows, first: int, text, memmap: Path | None) -> Reference:
+        shape = (windows.n_windows, windows.n_scored, s.backend.n_vocab)
+        if memmap is None:
+            logits = np.empty(shape, dtype=np.float32)
+        else:
+            self._files.append(memmap)
+            logits = np.lib.format.open_memmap(memmap, mode="w+", dtype=np.float32, shape=shape)
+        ref = score(s.backend, windows, progress=False, desc=f"reference ({label})", keep_logits=logits, math=s.math)
+        return Reference(label, windows, ref, first, text.source, text.sha256)
+
+    def score(self, label: str, path: Path, n_elements: int) -> FileScore:
+        """One built file scored against the source on every set of windows."""
         log.info("scoring %s (%s)", label, path)
-        run = _score_file(path, heldout, ref, n_ctx, threads, label)
-        summary = summarize(per_token(run, ref), alpha=0.05)
-        summary.update(ppl=run.ppl, ppl_stderr=run.ppl_stderr, ref_ppl=ref.ppl, ref_ppl_stderr=ref.ppl_stderr)
-        sweep_run = _score_file(path, sweep_windows, ref_sweep, n_ctx, threads, label + " (sweep windows)")
+        metric, h = self.table.metric, self.heldout
+        run = _score_file(path, h.windows, h.score, self.n_ctx, self.threads, label)
+        summary = _summary(run, h.score)
+        sweep_run = _score_file(path, self.sweep.windows, self.sweep.score, self.n_ctx, self.threads,
+                                label + " (sweep windows)")
+        other = other_damage = None
+        if self.other is not None:
+            o = self.other
+            other_run = _score_file(path, o.windows, o.score, self.n_ctx, self.threads, f"{label} ({o.label})")
+            other, other_damage = _summary(other_run, o.score), _window_damage(other_run, o.score, metric)
         types = {n: t for n, (t, _) in stored_types(path).items()}
-        pred, pred_w, uncovered = predicted_for(types, table)
-        results.append(FileScore(label, path, path.stat().st_size, recipe.n_elements, summary,
-                                 _window_damage(run, ref, metric), _window_damage(sweep_run, ref_sweep, metric),
-                                 pred, pred_w, uncovered))
-    Path(ref_file).unlink(missing_ok=True)
-    report = _report(results, metric, heldout, sweep_windows, skip)
-    report["compute"] = {**runtime_identity(SETTINGS), "threads": threads,
-                         "kernels": "llama.cpp's native quantized matmul kernels (CPU), weights as built"}
+        pred, pred_w, uncovered = predicted_for(types, self.table)
+        return FileScore(label, path, path.stat().st_size, n_elements, summary, _window_damage(run, h.score, metric),
+                         _window_damage(sweep_run, self.sweep.score, metric), pred, pred_w, uncovered, other,
+                         other_damage)
+
+    def describe(self) -> dict:
+        """What the held-out sets were (for the report)."""
+        out = {"heldout": {"windows": self.heldout.windows.n_windows, "n_ctx": self.n_ctx,
+                           "first_token": self.heldout.first_token,
+                           "tokens_scored": self.heldout.windows.n_windows * self.heldout.windows.n_scored,
+                           "text": self.heldout.source, "text_sha256": self.heldout.sha256},
+               "sweep_windows": self.sweep.windows.n_windows}
+        if self.other is not None:
+            o = self.other
+            out["other_text"] = {"text": o.source, "text_sha256": o.sha256, "windows": o.windows.n_windows,
+                                 "n_ctx": self.n_ctx, "first_token": 0,
+                                 "tokens_scored": o.windows.n_windows * o.windows.n_scored}
+        return out
+
+    def close(self) -> None:
+        for f in self._files:
+            Path(f).unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _summary(run: Score, ref: Score) -> dict:
+    out = summarize(per_token(run, ref), alpha=0.05)
+    out.update(ppl=run.ppl, ppl_stderr=run.ppl_stderr, ref_ppl=ref.ppl, ref_ppl_stderr=ref.ppl_stderr)
+    return out
+
+
+def validate(table, source_path: Path, recipe, built: Path, imatrix, *, out_dir: Path, presets: list[str],
+             heldout_windows: int, threads: int, other_text=None) -> dict:
+    """Score the built file and llama.cpp's `presets` (built from the same source) on `heldout_windows` windows
+    after the tables' own (and on another text's windows, when given), and write the report into `out_dir`."""
+    with References(table, source_path, out_dir, heldout_windows, threads, other_text) as refs:
+        files = [("recipe", built)]
+        for name in presets:
+            files.append((name, preset_file(out_dir, source_path, name, imatrix, threads)))
+        results = [refs.score(label, path, recipe.n_elements) for label, path in files]
+    report = _report(results, table.metric, refs)
+    report["compute"] = compute_identity(threads)
     atomic_write_bytes(out_dir / "validation.json", json.dumps(report, indent=1, allow_nan=True).encode())
     _write_plot(out_dir / "validation_pareto.png", report)
     print(format_report(report))
@@ -143,45 +210,77 @@ def validate(table, source_path: Path, recipe, built: Path, imatrix, *, out_dir:
     return report
 
 
-def _report(results: list[FileScore], metric: str, heldout: Windows, sweep_windows: Windows, skip: int) -> dict:
+def compute_identity(threads: int) -> dict:
+    return {**runtime_identity(SETTINGS), "threads": threads,
+            "kernels": "llama.cpp's native quantized matmul kernels (CPU), weights as built"}
+
+
+def paired(a: np.ndarray | None, b: np.ndarray | None) -> dict | None:
+    """Mean of the per-window differences a - b, its standard error and 95% t-interval."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    d = np.asarray(a, float) - np.asarray(b, float)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    return {"diff": float(d.mean()), "stderr": se, "ci95": _t_ci(float(d.mean()), se, len(d))}
+
+
+def file_row(r: FileScore) -> dict:
+    """One scored file as the reports give it: its held-out figures with 95% t-intervals over windows, the other
+    text's, and the prediction with its residuals."""
+    h = r.heldout
+    n = len(r.window_damage) if r.window_damage is not None else int(h.get("n_windows", 0))
+    row = {"file": r.label, "path": str(r.path), "file_bytes": r.file_bytes,
+           "bpw_file": 8 * r.file_bytes / r.n_elements, **h}
+    row["kld_ci95"] = _t_ci(h["kld_mean"], h["kld_stderr"], n)
+    row["top1_ci95"] = _t_ci(h["top1_agree"], h["top1_agree_stderr"], n)
+    row["delta_nll_ci95"] = _t_ci(h["delta_nll"], h["delta_nll_stderr"], n)
+    if r.other is not None:
+        o, k = r.other, len(r.other_damage) if r.other_damage is not None else 0
+        row["other_text"] = {**o, "kld_ci95": _t_ci(o["kld_mean"], o["kld_stderr"], k),
+                             "top1_ci95": _t_ci(o["top1_agree"], o["top1_agree_stderr"], k)}
+    if r.predicted is not None and r.window_damage is not None:
+        row["predicted"] = r.predicted
+        row["uncovered_in_prediction"] = r.uncovered
+        sw = r.sweep_window_damage
+        if r.predicted_windows is not None and sw is not None and len(sw) == len(r.predicted_windows):
+            res = paired(sw, r.predicted_windows)
+            row["residual_sweep_windows"] = {"measured": float(sw.mean()), "residual": res["diff"],
+                                             "stderr": res["stderr"], "ci95": res["ci95"]}
+        pred_se = float(r.predicted_windows.std(ddof=1) / math.sqrt(len(r.predicted_windows))) \
+            if r.predicted_windows is not None and len(r.predicted_windows) > 1 else math.nan
+        m_se = float(r.window_damage.std(ddof=1) / math.sqrt(n))
+        se = math.sqrt(m_se ** 2 + pred_se ** 2)
+        res = float(r.window_damage.mean()) - r.predicted
+        row["residual_heldout"] = {"residual": res, "stderr": se, "ci95": (res - 1.96 * se, res + 1.96 * se)}
+    return row
+
+
+def versus(r: FileScore, base: FileScore) -> dict | None:
+    """r - base, paired per window, on the held-out windows (and on the other text's)."""
+    out = paired(r.window_damage, base.window_damage)
+    if out is None:
+        return None
+    if r.predicted is not None and base.predicted is not None and set(r.uncovered) == set(base.uncovered):
+        # both files leave the same tensors outside the tables: the difference is all predicted
+        out["predicted_diff"] = r.predicted - base.predicted
+    other = paired(r.other_damage, base.other_damage)
+    if other is not None:
+        out["other_text"] = other
+    return out
+
+
+def _report(results: list[FileScore], metric: str, refs: References) -> dict:
     rows = []
     base = next((r for r in results if r.label != "recipe"), None)  # the first preset: Q4_K_M by default order
     q4km = next((r for r in results if r.label == "Q4_K_M"), base)
-    n = heldout.n_windows
     for r in results:
-        h = r.heldout
-        row = {"file": r.label, "path": str(r.path), "file_bytes": r.file_bytes,
-               "bpw_file": 8 * r.file_bytes / r.n_elements, **h}
-        row["kld_ci95"] = _t_ci(h["kld_mean"], h["kld_stderr"], n)
-        row["top1_ci95"] = _t_ci(h["top1_agree"], h["top1_agree_stderr"], n)
-        row["delta_nll_ci95"] = _t_ci(h["delta_nll"], h["delta_nll_stderr"], n)
-        if q4km is not None and r is not q4km and r.window_damage is not None:
-            d = r.window_damage - q4km.window_damage
-            se = float(d.std(ddof=1) / math.sqrt(n))
-            row[f"vs_{q4km.label}"] = {"diff": float(d.mean()), "stderr": se, "ci95": _t_ci(float(d.mean()), se, n)}
-            if r.predicted is not None and q4km.predicted is not None and set(r.uncovered) == set(q4km.uncovered):
-                # both files leave the same tensors outside the tables: the difference is all predicted
-                row[f"vs_{q4km.label}"]["predicted_diff"] = r.predicted - q4km.predicted
-        if r.predicted is not None and r.window_damage is not None:
-            row["predicted"] = r.predicted
-            row["uncovered_in_prediction"] = r.uncovered
-            sw = r.sweep_window_damage
-            if r.predicted_windows is not None and sw is not None and len(sw) == len(r.predicted_windows):
-                res = sw - r.predicted_windows
-                k = len(res)
-                se = float(res.std(ddof=1) / math.sqrt(k)) if k > 1 else math.nan
-                row["residual_sweep_windows"] = {"measured": float(sw.mean()), "residual": float(res.mean()),
-                                                 "stderr": se, "ci95": _t_ci(float(res.mean()), se, k)}
-            pred_se = float(r.predicted_windows.std(ddof=1) / math.sqrt(len(r.predicted_windows))) \
-                if r.predicted_windows is not None and len(r.predicted_windows) > 1 else math.nan
-            m_se = float(r.window_damage.std(ddof=1) / math.sqrt(n))
-            se = math.sqrt(m_se ** 2 + pred_se ** 2)
-            res = float(r.window_damage.mean()) - r.predicted
-            row["residual_heldout"] = {"residual": res, "stderr": se, "ci95": (res - 1.96 * se, res + 1.96 * se)}
+        row = file_row(r)
+        if q4km is not None and r is not q4km:
+            vs = versus(r, q4km)
+            if vs is not None:
+                row[f"vs_{q4km.label}"] = vs
         rows.append(row)
-    return {"metric": metric, "heldout": {"windows": n, "n_ctx": heldout.n_ctx, "first_token": skip,
-                                          "tokens_scored": n * heldout.n_scored},
-            "sweep_windows": sweep_windows.n_windows, "files": rows}
+    return {"metric": metric, **refs.describe(), "files": rows}
 
 
 def format_report(report: dict) -> str:
@@ -206,7 +305,30 @@ def format_report(report: dict) -> str:
     lines.append(f"reference (source in F32): PPL {ref['ref_ppl']:.4f} ± {ref['ref_ppl_stderr']:.4f}; "
                  f"metric predicted/residual: {metric}; compute: {report.get('compute', {}).get('kv_type', '')} "
                  f"K/V cache, flash attention {report.get('compute', {}).get('flash_attn', '')}, no repacking")
+    if report.get("other_text"):
+        lines += format_other(report["other_text"], [(r["file"], r, next((v for k, v in r.items()
+                                                                          if k.startswith("vs_")), None))
+                                                     for r in report["files"]])
     return "\n".join(lines)
+
+
+def format_other(other: dict, rows: list[tuple[str, dict, dict | None]]) -> list[str]:
+    """The other text's lines (--heldout-text): per file, PPL, KLD and top-1 with intervals and the paired
+    difference."""
+    lines = [f"on another text: {other['text']} (sha256 {other['text_sha256'][:16]}...), {other['windows']} windows "
+             f"of {other['n_ctx']} tokens, {other['tokens_scored']} tokens scored"]
+    for label, r, vs in rows:
+        o = r.get("other_text")
+        if o is None:
+            continue
+        kl, kh = o["kld_ci95"]
+        tl, th = o["top1_ci95"]
+        d = (vs or {}).get("other_text")
+        d_s = f"{d['diff']:+.3e} [{d['ci95'][0]:+.2e},{d['ci95'][1]:+.2e}]" if d else ""
+        lines.append(f"{label:<8} PPL {o['ppl']:8.4f} ± {o['ppl_stderr']:.4f} (reference {o['ref_ppl']:.4f}) "
+                     f"KLD {o['kld_mean']:.4e} [{kl:.3e},{kh:.3e}] top-1 {100 * o['top1_agree']:6.2f} "
+                     f"[{100 * tl:.2f},{100 * th:.2f}] {d_s}")
+    return lines
 
 
 def _write_plot(path: Path, report: dict) -> None:
