@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cores import available_cores
 from .gencheck import generation_mode
-from .llama.container import compute_settings, runtime_identity
+from .llama.container import compute_settings, default_cache_dir, runtime_identity
 from .llama.model_file import model_info, resolve_model_path, sha256
 from .llama.rpc import on_server_lost
 from .quant.experts import label as expert_label
@@ -25,6 +25,7 @@ from .quant.targets import parse_layers, resolve
 from .reference import load_inputs, open_reference
 from .run import describe, record, run_point
 from .scoring.metrics import EarlyStop, StopRule
+from .scoring.prefix import PrefixSettings
 from .session import Sessions
 from .store.records import RECORD_FILE, Store, point_key, write_record
 
@@ -76,7 +77,7 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
                 prompts = tuple(cfg.metrics.prompts) if generate_here else ()
                 out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
                                 max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
-                                baseline_logits=cfg.metrics.baseline_logits)
+                                baseline_logits=cfg.metrics.baseline_logits, prefix=prefix_settings(cfg))
                 rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)
@@ -110,6 +111,12 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers,
                                                                cfg.model.rpc)),
                      **({"experts": list(expert)} if expert else {}))  # absent for the whole stack: keys as before
+
+
+def prefix_settings(cfg: DictConfig) -> PrefixSettings:
+    """run.prefix_reuse / run.prefix_stages; stages and residuals are cached where the F32 containers are."""
+    cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
+    return PrefixSettings(bool(cfg.run.get("prefix_reuse", True)), int(cfg.run.get("prefix_stages", 6)), cache)
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:
