@@ -45,11 +45,14 @@ Q = GGMLQuantizationType
 def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos: bool | None = None,
                      matmul_type: Q = Q.Q4_1, embd_type: Q = Q.Q8_0, arch: str = "llama",
                      n_vocab: int | None = None, n_embd: int = N_EMBD, n_ff: int | None = None,
-                     n_ctx_train: int = N_CTX_TRAIN) -> Path:
+                     n_ctx_train: int = N_CTX_TRAIN, n_layers: int = N_LAYERS,
+                     swa_pattern: list[bool] | None = GEMMA3_SWA_PATTERN) -> Path:
     """matmul_type, embd_type: the block matmuls' and the token embedding's types (Q4_0 is what x86 CPUs repack;
     all F32 with rows of 256 suits the 256-blocks of the K-quants); arch: one of ARCHITECTURES; n_vocab: pad the
     tokenizer with unique unused tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's
-    49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd)."""
+    49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd);
+    n_layers: blocks; swa_pattern: gemma3's per-layer sliding-window flags (None: no array in the file, so
+    llama.cpp's built-in pattern applies -- five sliding layers, then one global)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; tiny models exist for {', '.join(ARCHITECTURES)}")
     n_ff = n_ff or 2 * n_embd
@@ -58,7 +61,7 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     writer.add_name(f"sweep-tiny-test-{arch}")
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(n_embd)
-    writer.add_block_count(N_LAYERS)
+    writer.add_block_count(n_layers)
     writer.add_feed_forward_length(n_ff)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
@@ -71,7 +74,8 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         writer.add_value_length(head_dim)
         writer.add_sliding_window(GEMMA3_SLIDING_WINDOW)
         # llama.cpp reads a per-layer array of this key before falling back to its built-in "every 6th" pattern
-        writer.add_array(f"{arch}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        if swa_pattern is not None:
+            writer.add_array(f"{arch}.attention.sliding_window_pattern", swa_pattern)
         writer.add_rope_freq_base_swa(10000.0)
         writer.add_final_logit_softcapping(30.0)
     else:
@@ -120,7 +124,7 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     if arch in ("qwen2", "qwen2moe"):
         add("output.weight", (n_vocab, n_embd), embd_type, scale=0.05)  # untied: a global weight besides token_embd
     q_dim, kv_dim = head_dim * N_HEAD, head_dim * N_HEAD_KV  # numpy shapes are (out, in)
-    for i in range(N_LAYERS):
+    for i in range(n_layers):
         norm(f"blk.{i}.attn_norm.weight")
         add(f"blk.{i}.attn_q.weight", (q_dim, n_embd), matmul_type)
         add(f"blk.{i}.attn_k.weight", (kv_dim, n_embd), matmul_type)

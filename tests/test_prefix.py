@@ -1,0 +1,155 @@
+"""Prefix reuse (sweep/scoring/prefix.py): stage files decoded from the captured residual stream give the full model's
+logits bit for bit on the tiny llama, qwen2 and gemma3 models; a sweep gives the same table with and without reuse;
+a stage that cannot match falls back to the full decode, and every fallback says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_cfg
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from test_sweep import run_sweep, tiny_args
+from tiny_model import write_tiny_model
+
+from sweep.llama.model_file import sha256
+from sweep.llama.stage_file import write_stage_file
+from sweep.llama.stage_view import StageView
+from sweep.reference import open_reference
+from sweep.scoring.prefix import STAGES_DIR, Prefixes, stage_for, stage_starts
+
+WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, smollm2):
+    d = tmp_path_factory.mktemp("prefix-models")
+    return {arch: write_tiny_model(d / f"{arch}.gguf", smollm2, arch=arch) for arch in ("llama", "qwen2", "gemma3")}
+
+
+def test_stages_are_spread_over_the_blocks():
+    assert stage_starts(30, 5) == (5, 10, 15, 20, 25)
+    assert stage_starts(3, 6) == (1, 2)  # never block 0, never past the last block
+    assert stage_for((7,), (5, 10)) == 5 and stage_for((12, 3), (5, 10)) is None and stage_for((4,), (5,)) is None
+
+
+def all_windows(view, ref) -> bool:
+    """Every window's logits through the stage equal the full model's bit for bit."""
+    w = ref.windows
+    return all(np.array_equal(np.array(view.decode_window(t, w.output_mask)),
+                              np.array(ref.backend.decode_window(t, w.output_mask))) for t in w.tokens)
+
+
+@pytest.mark.parametrize("container", ["f32", "native"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_a_stage_is_the_full_model(arch, container, models, wikitext, cache_dir):
+    """Stages 1 and 2 of a 3-block model; gemma3's pattern [sliding, global, sliding] is cut inside at both."""
+    cfg = make_cfg(models[arch], wikitext, 64, 2, container, cache_dir, "run.threads=1")
+    with open_reference(cfg) as ref:
+        prefixes = Prefixes()
+        try:
+            for start in (1, 2):
+                view = prefixes.view(ref, start, (1, 2), cache_dir)
+                assert isinstance(view, StageView), view  # else: the reason identity failed
+                assert view.stage.n_layers == 3 - start
+                assert all_windows(view, ref)
+        finally:
+            prefixes.close()
+
+
+def without_key(src, dst, key):
+    """A copy of a GGUF without one metadata key."""
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, reader.get_field("general.architecture").contents())
+    for f in reader.fields.values():
+        if f.name in (key, "general.architecture") or f.name.startswith("GGUF."):
+            continue
+        writer.add_key_value(f.name, f.contents(), f.types[0],
+                             sub_type=f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(np.asarray(t.data))
+    writer.close()
+    return dst
+
+
+def test_gemma3_built_in_pattern_is_written_out(smollm2, wikitext, tmp_path):
+    """A gemma3 file without a per-layer array slides on blocks 0-4 and attends globally on block 5 (llama.cpp's
+    built-in period of 6). Its stage from block 3 must say so explicitly: left to the built-in rule, the stage's
+    blocks 0-4 (the source's 3-7) would all slide."""
+    src = write_tiny_model(tmp_path / "gemma3-8.gguf", smollm2, arch="gemma3", n_layers=8, swa_pattern=None)
+    stage = write_stage_file(src, tmp_path / "stage3.gguf", 3)
+    fields = GGUFReader(stage).fields
+    assert fields["gemma3.block_count"].contents() == 5
+    assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, True, False, True, True]
+
+    cfg = make_cfg(src, wikitext, 64, 2, "native", tmp_path / "cache", "run.threads=1")
+    with open_reference(cfg) as ref:
+        prefixes = Prefixes()
+        try:
+            view = prefixes.view(ref, 3, (3,), tmp_path / "cache")
+            assert isinstance(view, StageView), view
+            assert all_windows(view, ref)
+            # the same stage without the explicit pattern is not the full model: the identity check refuses it
+            path = view.stage.path
+            prefixes.close()
+            without_key(stage, path, "gemma3.attention.sliding_window_pattern")
+            reason = Prefixes().view(ref, 3, (3,), tmp_path / "cache")
+            assert isinstance(reason, str) and reason.startswith("stage 3 is not the full model"), reason
+        finally:
+            prefixes.close()
+
+
+def table(directory) -> pd.DataFrame:
+    return pd.read_parquet(directory / "results.parquet").sort_values(["kind", "tensor", "layer"]) \
+        .reset_index(drop=True)
+
+
+def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, env, smollm2):
+    """Bit-identical per-window NLL, KL and top-1 with reuse on and off, for weights and activations; a stage that
+    cannot match (planted: the stage of another model) falls back to the full decode, with the reason."""
+    model = models["llama"]
+    env = {**env, "SWEEP_CACHE": str(tmp_path / "cache")}
+    other = write_tiny_model(tmp_path / "other.gguf", smollm2, seed=1)
+    planted = tmp_path / "cache" / STAGES_DIR / f"{sha256(model)}.f32.stage2.gguf"
+    planted.parent.mkdir(parents=True)
+    write_stage_file(other, planted, 2)
+    axes = ("layer=0,1,2", "fmt=int8", "metrics.generate=false", "run.threads=1")
+    tables = {}
+    for reuse in ("true", "false"):
+        for kind, tensor in (("weight", "ffn_down"), ("activation", "ffn_out")):
+            run_sweep(tiny_args(model, tmp_path, *axes, f"kind={kind}", f"tensor={tensor}",
+                                f"run.prefix_reuse={reuse}", store=f"store-{reuse}",
+                                sweep_dir=f"sweep-{reuse}-{kind}"), env)
+        tables[reuse] = pd.concat([table(tmp_path / f"sweep-{reuse}-{kind}") for kind in ("activation", "weight")],
+                                  ignore_index=True)
+    on, off = tables["true"], tables["false"]
+    with pd.option_context("display.width", 220, "display.max_columns", 20, "display.max_colwidth", 70):
+        print(on[["kind", "tensor", "layer", "prefix_reuse", "prefix_stage", "decoded_blocks", "prefix_reason"]])
+    assert len(on) == len(off) == 6 and (on["status"] == "ok").all() and (off["prefix_reuse"] == "off").all()
+    for column in [*WINDOW_COLUMNS, "kld_mean", "ppl", "n_changed", "hook_calls"]:
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(on[column], off[column])), column
+    by_layer = on.groupby("layer")
+    assert set(by_layer.get_group(0)["prefix_reason"]) == \
+        {"no stage starts at or before layer 0 (stages: 1, 2; run.prefix_stages=6)"}
+    assert (by_layer.get_group(1)["prefix_reuse"] == "ok").all()
+    assert (by_layer.get_group(1)["decoded_blocks"] == 2).all()
+    layer2 = by_layer.get_group(2)
+    assert (layer2["prefix_reuse"] == "fallback").all() and (layer2["decoded_blocks"] == 3).all()
+    assert layer2["prefix_reason"].str.startswith("stage 2 is not the full model: its logits on window 0 differ").all()
+    assert (on[on["kind"] == "activation"]["hook_calls"] == 3).all()  # once per window, as without reuse
+
+
+def test_native_quantized_weights_fall_back_and_say_why(models, tmp_path, env):
+    """In the native container a norm (F32) is written in the stage; a Q4_1 matmul runs on its matched copy."""
+    run_sweep(tiny_args(models["qwen2"], tmp_path, "layer=1", "kind=weight", "tensor=attn_norm,ffn_up", "fmt=int8",
+                        "model.container=native", "metrics.generate=false", "run.threads=1"), env)
+    df = table(tmp_path / "sweep").set_index("tensor")
+    assert (df["status"] == "ok").all()
+    assert df.loc["attn_norm", "prefix_reuse"] == "ok" and df.loc["attn_norm", "prefix_stage"] == 1
+    assert df.loc["ffn_up", "prefix_reuse"] == "fallback"
+    assert df.loc["ffn_up", "prefix_reason"].startswith("quantized weight in the native container (blk.1.ffn_up")
