@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,3 +285,20 @@ def identity(ref, view: StageView, expected_sha256: str) -> str | None:
     diff = np.abs(got.astype(np.float64) - want)
     return (f"stage {view.start} is not the full model: its logits on window 0 differ (max |dlogit| "
             f"{float(np.nanmax(diff)):.3g}, {float(np.mean(diff > 0)):.1%} of them)")
+
+
+def disk_bytes(tensors: dict[str, tuple[int, int]], n_layers: int, n_embd: int, n_windows: int, n_ctx: int,
+               starts: tuple[int, ...], f32: bool) -> tuple[int, int]:
+    """(stage files, residuals) in bytes: each stage holds the global tensors and blocks S..N-1 of the loaded file
+    (every tensor F32 in the F32 container; `tensors`: {name: (bytes stored, elements)} of the user's file), and
+    each stage start keeps one float32 row of n_embd per token of every window."""
+    def size(name: str) -> int:
+        stored, n = tensors[name]
+        return 4 * n if f32 else stored
+
+    layer = {name: int(m.group(1)) if (m := _BLOCK_LAYER.match(name)) else n_layers for name in tensors}
+    stages = sum(size(name) for s in starts for name in tensors if layer[name] >= s)  # globals: layer n_layers
+    return stages, len(starts) * n_windows * n_ctx * n_embd * 4
+
+
+_BLOCK_LAYER = re.compile(r"^blk\.(\d+)\.")
