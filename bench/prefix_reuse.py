@@ -33,24 +33,25 @@ import pandas as pd
 from sweep.llama.container import container_path, default_cache_dir
 from sweep.llama.model_file import model_info, resolve_model_path, sha256
 from sweep.llama.stage_file import write_stage_file
-from sweep.scoring.prefix import STAGES_DIR, stage_starts
+from sweep.scoring.prefix import STAGES_DIR, stage_for, stage_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_out": ("kind=activation",
                                                                                       "tensor=l_out")}
 
 
-def prepare_stages(model: Path, container: str, n_stages: int, cache: Path) -> list[int]:
-    """Write the stage files the reuse runs will load (not timed: once per model file)."""
+def prepare_stages(model: Path, container: str, n_stages: int, cache: Path, layers: range) -> list[int]:
+    """Write the stage files the reuse runs will load for `layers` (not timed: once per model file)."""
     source = resolve_model_path(model)
     loaded = container_path(source, container, cache)
     starts = stage_starts(model_info(source).n_layers, n_stages)
-    for s in starts:
+    used = sorted({s for layer in layers if (s := stage_for((layer,), starts)) is not None})
+    for s in used:
         path = cache / STAGES_DIR / f"{sha256(source)}.{container}.stage{s}.gguf"
         if not path.exists():
             print(f"  writing stage {s} of {source.name} ({container}) -> {path}", flush=True)
             write_stage_file(loaded, path, s)
-    return list(starts)
+    return used
 
 
 def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: Path) -> tuple[float, pd.DataFrame]:
@@ -103,7 +104,8 @@ def main() -> None:
             n = model_info(resolve_model_path(None if model == "embedded" else model)).n_layers
             first = n - args.layers if args.layers else 0
             layers = f"range({first},{n})"
-            starts = prepare_stages(None if model == "embedded" else Path(model), args.container, args.stages, cache)
+            starts = prepare_stages(None if model == "embedded" else Path(model), args.container, args.stages, cache,
+                                    range(first, n))
             print(f"\n## {model}: {n} blocks, layer={layers}, {args.windows} windows, {args.container} container, "
                   f"{args.threads} threads, stages {starts}")
             print(f"{'sweep':<20}{'points':>7}{'full pts/h':>12}{'reuse pts/h':>13}{'speed-up':>10}"

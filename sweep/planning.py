@@ -256,7 +256,7 @@ def costs(plan: Plan) -> Costs:
                 gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
                 max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
                 n_gpu_layers=int(cfg.model.n_gpu_layers), rpc=cfg.model.rpc, recompute=recompute)
-            _prefix_costs(group, cfg, info, tensors, meta)
+            _prefix_costs(group, cfg, info, tensors, meta, file_bytes - sum(b for b, _ in tensors.values()))
         if target.kind == "weight":
             group.originals_bytes = max(group.originals_bytes,
                                         sum(4 * tensors[n][1] for n in target.names if n in tensors))
@@ -294,7 +294,7 @@ def costs(plan: Plan) -> Costs:
                  available_memory())
 
 
-def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict) -> None:
+def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_bytes: int) -> None:
     """Prefix reuse's disk (stage files not yet written, residuals) and the largest stage held beside the model."""
     if not cfg.run.get("prefix_reuse", True) or info.n_experts:
         return
@@ -306,7 +306,8 @@ def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict) -> None:
     f32 = cfg.model.container == "f32"
     missing = tuple(s for s in starts if not (cache / "stages" / f"{sha256(group.source)}.{cfg.model.container}"
                                                                 f".stage{s}.gguf").exists())
-    stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32)
+    stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32,
+                                        header_bytes)
     group.prefix_dir, group.prefix_bytes = cache, stage_files + residuals
     group.prefix_model_bytes = disk_bytes(tensors, info.n_layers, n_embd, 0, 0, starts[:1], f32)[0]
 

@@ -12,11 +12,13 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
 from tiny_model import write_tiny_model
 
+from sweep import planning
+from sweep.grid import plan
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_file import write_stage_file
 from sweep.llama.stage_view import StageView
 from sweep.reference import open_reference
-from sweep.scoring.prefix import STAGES_DIR, Prefixes, stage_for, stage_starts
+from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, stage_for, stage_starts
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
 
@@ -153,3 +155,24 @@ def test_native_quantized_weights_fall_back_and_say_why(models, tmp_path, env):
     assert df.loc["attn_norm", "prefix_reuse"] == "ok" and df.loc["attn_norm", "prefix_stage"] == 1
     assert df.loc["ffn_up", "prefix_reuse"] == "fallback"
     assert df.loc["ffn_up", "prefix_reason"].startswith("quantized weight in the native container (blk.1.ffn_up")
+
+
+def test_plan_counts_stage_files_and_residuals(tiny_model, tmp_path, env, wikitext):
+    """--plan's disk figure holds the stage files still to write and the residuals; a sweep then writes about
+    that much, and with reuse off nothing is counted."""
+    cache = tmp_path / "cache"
+    axes = ("layer=1,2", "kind=activation", "tensor=l_out", "fmt=int8", "metrics.generate=false", "run.threads=1",
+            f"model.cache_dir={cache}")
+    costs = planning.costs(plan([*tiny_args(tiny_model, tmp_path, *axes), f"data.path={wikitext}"]))
+    (group,) = costs.groups
+    residuals = 2 * 3 * 64 * 64 * 4  # stages 1 and 2 x 3 windows x 64 tokens x n_embd 64 x float32
+    assert group.prefix_dir == cache and group.prefix_bytes > residuals
+    run_sweep(tiny_args(tiny_model, tmp_path, *axes), env)
+    written = sum(f.stat().st_size for d in (STAGES_DIR, RESIDUALS_DIR) for f in (cache / d).glob("*.*")
+                  if f.suffix in (".gguf", ".npy"))
+    assert abs(written - group.prefix_bytes) < 0.01 * written, (written, group.prefix_bytes)
+    assert group.prefix_model_bytes > 0 and f"prefix reuse: stage files and residuals up to " \
+        f"{planning.gb(group.prefix_bytes)}" in planning.render(costs, wikitext)
+    off = planning.costs(plan([*tiny_args(tiny_model, tmp_path, *axes, "run.prefix_reuse=false"),
+                               f"data.path={wikitext}"]))
+    assert off.groups[0].prefix_bytes == 0 and off.groups[0].prefix_model_bytes == 0

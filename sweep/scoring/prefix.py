@@ -93,9 +93,11 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
         return full(FALLBACK, "a recipe perturbs tensors all over the model")
     if generation:
         return full(FALLBACK, "the generation check (metrics.generate=true) decodes the full model")
-    if matched:
-        return full(FALLBACK, f"quantized weight in the native container ({', '.join(matched)}): decoded on its "
-                              f"matched F32 copy of the whole model")
+    quantized = [name for name in target.names if ref.container == "native" and target.kind == "weight"
+                 and ref.info.tensor_types.get(name) != "F32"]
+    if matched or quantized:  # a stage cannot hold the format's values in a quantized tensor
+        return full(FALLBACK, f"quantized weight in the native container ({', '.join(matched or quantized)}): "
+                              f"decoded on the whole model" + (" (its matched F32 copy)" if matched else ""))
     starts = stage_starts(n, settings.n_stages)
     start = stage_for(target.layers, starts)
     if start is None:
@@ -288,16 +290,18 @@ def identity(ref, view: StageView, expected_sha256: str) -> str | None:
 
 
 def disk_bytes(tensors: dict[str, tuple[int, int]], n_layers: int, n_embd: int, n_windows: int, n_ctx: int,
-               starts: tuple[int, ...], f32: bool) -> tuple[int, int]:
-    """(stage files, residuals) in bytes: each stage holds the global tensors and blocks S..N-1 of the loaded file
-    (every tensor F32 in the F32 container; `tensors`: {name: (bytes stored, elements)} of the user's file), and
-    each stage start keeps one float32 row of n_embd per token of every window."""
+               starts: tuple[int, ...], f32: bool, header_bytes: int = 0) -> tuple[int, int]:
+    """(stage files, residuals) in bytes: each stage holds the metadata (`header_bytes`: the tokenizer, mostly),
+    the global tensors and blocks S..N-1 of the loaded file (every tensor F32 in the F32 container; `tensors`:
+    {name: (bytes stored, elements)} of the user's file), and each stage start keeps one float32 row of n_embd per
+    token of every window."""
     def size(name: str) -> int:
         stored, n = tensors[name]
         return 4 * n if f32 else stored
 
     layer = {name: int(m.group(1)) if (m := _BLOCK_LAYER.match(name)) else n_layers for name in tensors}
-    stages = sum(size(name) for s in starts for name in tensors if layer[name] >= s)  # globals: layer n_layers
+    stages = sum(header_bytes + sum(size(name) for name in tensors if layer[name] >= s)  # globals: n_layers
+                 for s in starts)
     return stages, len(starts) * n_windows * n_ctx * n_embd * 4
 
 
