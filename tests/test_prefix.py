@@ -17,8 +17,11 @@ from sweep.grid import plan
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_file import write_stage_file
 from sweep.llama.stage_view import StageView
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
 from sweep.reference import open_reference
-from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, stage_for, stage_starts
+from sweep.run import run_point
+from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, PrefixSettings, stage_for, stage_starts
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
 
@@ -176,3 +179,22 @@ def test_plan_counts_stage_files_and_residuals(tiny_model, tmp_path, env, wikite
     off = planning.costs(plan([*tiny_args(tiny_model, tmp_path, *axes, "run.prefix_reuse=false"),
                                f"data.path={wikitext}"]))
     assert off.groups[0].prefix_bytes == 0 and off.groups[0].prefix_model_bytes == 0
+
+
+@pytest.mark.parametrize("kind, tensor", [("weight", "ffn_down"), ("activation", "l_out")])
+def test_recomputed_baselines_on_a_stage(kind, tensor, models, wikitext, cache_dir):
+    """metrics.baseline_logits=recompute switches the perturbation off and on around each window's unperturbed
+    decode: on a stage, through the stage's names. Same numbers as the full decode, stored baseline or not."""
+    cfg = make_cfg(models["qwen2"], wikitext, 64, 2, "f32", cache_dir, "run.threads=1")
+    settings = PrefixSettings(True, 6, cache_dir)
+    fmt = make_format("int8")
+    with open_reference(cfg) as ref:
+        target = resolve(kind, tensor, 2, ref.info, ref.backend.nodes)
+        runs = [run_point(ref, target, fmt, progress=False, baseline_logits=mode, prefix=prefix)
+                for mode in ("recompute", "store") for prefix in (settings, None)]
+    assert [r.prefix.status for r in runs] == ["ok", "off", "ok", "off"] and runs[0].prefix.stage == 2
+    for r in runs[1:]:
+        assert np.array_equal(r.score.nll, runs[0].score.nll) and np.array_equal(r.score.kld, runs[0].score.kld)
+        assert np.array_equal(r.score.argmax, runs[0].score.argmax)
+        assert (r.proof.n_changed, r.proof.hook_calls) == (runs[0].proof.n_changed, runs[0].proof.hook_calls)
+    assert runs[0].proof.n_changed > 0

@@ -34,6 +34,9 @@ class StageView:
     """The stage backend starting at block `start`, fed `residuals[i]` (n_ctx x n_embd) for window i."""
 
     routing_observer = None  # MoE points never reuse a prefix (their routing is tracked on the full model)
+    matmul_observer = None  # it would see the stage's numbering: no point that needs one decodes a stage
+    # slots: setting any other attribute (an observer, a Backend field) fails loudly instead of doing nothing
+    __slots__ = ("stage", "start", "residuals", "_index", "_hooked", "_hook")
 
     def __init__(self, stage: EmbeddingBackend, start: int, residuals: np.ndarray, windows: np.ndarray):
         self.stage, self.start, self.residuals = stage, start, residuals
