@@ -104,11 +104,12 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     decoding_before = ref.backend.decode_seconds
     with point_backend(ref, target) as (full, matched):
         # prefix reuse: the perturbed decodes run on a verified stage (`backend`), baselines on the full model
-        reuse = choose(ref, target, fmt, full, matched, prefix, bool(prompts))
+        recompute = kld and baseline_logits == "recompute"
+        reuse = choose(ref, target, fmt, full, matched, prefix, bool(prompts), None if recompute else
+                       lambda: baseline_score(full, ref, progress, store, matched, keep_logits=kld))
         backend, stage_decoding_before = reuse.backend, reuse.backend.decode_seconds
         note = (f"native container, {', '.join(matched)} dequantized to F32" if matched
                 else f"{ref.container} container")
-        recompute = kld and baseline_logits == "recompute"
         base = None if recompute else baseline_score(full, ref, progress, store, matched, keep_logits=kld)
         # recompute: the originals are read before the perturbation is applied, to switch it off per window
         originals = {n: backend.read_weight(n) for n in target.names} if recompute and target.kind == "weight" \

@@ -198,3 +198,22 @@ def test_recomputed_baselines_on_a_stage(kind, tensor, models, wikitext, cache_d
         assert np.array_equal(r.score.argmax, runs[0].score.argmax)
         assert (r.proof.n_changed, r.proof.hook_calls) == (runs[0].proof.n_changed, runs[0].proof.hook_calls)
     assert runs[0].proof.n_changed > 0
+
+
+def test_residuals_are_read_while_the_baseline_decodes(models, wikitext, tmp_path):
+    """A reference's first point at a stage: the residuals come from the baseline's own decode (one extra window:
+    the unobserved reference for the identity check), and the baseline and the point are those of a session that
+    never reused anything."""
+    cfg = make_cfg(models["gemma3"], wikitext, 64, 3, "f32", tmp_path / "cache", "run.threads=1")
+    fmt = make_format("int8")
+    outs = []
+    for prefix in (PrefixSettings(True, 6, tmp_path / "cache"), None):
+        with open_reference(cfg) as ref:
+            target = resolve("activation", "l_out", 2, ref.info, ref.backend.nodes)
+            outs.append(run_point(ref, target, fmt, progress=False, prefix=prefix))
+            if prefix is not None:
+                assert ref.session.prefixes.extra_windows == 1 and outs[0].prefix.status == "ok"
+    on, off = outs
+    for a, b in ((on.score, off.score), (on.baseline, off.baseline)):
+        assert np.array_equal(a.nll, b.nll) and np.array_equal(a.argmax, b.argmax)
+    assert np.array_equal(on.score.kld, off.score.kld) and np.array_equal(on.baseline.logits, off.baseline.logits)

@@ -2,9 +2,10 @@
 stream after block S-1 that the full model computed once per window.
 
 Per session (`Prefixes`, held by `session.Session`):
-  * the residuals `l_out-(S-1)` of every window, for every stage start, captured in one full decode of the windows
-    and cached on disk beside the F32 containers (`<cache>/prefix/`), with the SHA-256 of the full model's logits
-    on the first window;
+  * the residuals `l_out-(S-1)` of every window, for every stage start, captured while the baseline decodes the
+    windows (or, when the baseline was already computed or stored, in one decode of the windows of their own) and
+    cached on disk beside the F32 containers (`<cache>/prefix/`), with the SHA-256 of the full model's logits on
+    the first window;
   * the stage files (sweep/llama/stage_file.py), cached in `<cache>/stages/`, in the loaded file's own types;
   * the identity verdict of each stage: its logits on the first window, decoded from the residuals, must equal the
     full model's bit for bit before any point uses it; otherwise every point of that stage falls back to the full
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +78,9 @@ class Reuse:
 
 
 def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: PrefixSettings | None,
-           generation: bool) -> Reuse:
-    """The backend a point's perturbed decodes run on: a verified stage, or `backend` (the full model) with why."""
+           generation: bool, baseline: Callable[[], object] | None = None) -> Reuse:
+    """The backend a point's perturbed decodes run on: a verified stage, or `backend` (the full model) with why.
+    baseline: computes (or fetches) the point's baseline; the residuals are captured during its decode if any."""
     n = ref.info.n_layers
 
     def full(status: str, reason: str) -> Reuse:
@@ -104,7 +107,7 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
         return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
                               f"{', '.join(map(str, starts)) or 'none'}; run.prefix_stages={settings.n_stages})")
     prefixes = ref.session.prefixes
-    view = prefixes.view(ref, start, starts, settings.cache_dir)
+    view = prefixes.view(ref, start, starts, settings.cache_dir, baseline)
     if isinstance(view, str):
         return full(FALLBACK, view)
     missing = prefixes.missing_in_stage(ref.backend, view, target)
@@ -120,14 +123,17 @@ class Prefixes:
         self.verdicts: dict[tuple, str | None] = {}  # (residuals key, start) -> None (identical) or the reason
         self._open: tuple[tuple, EmbeddingBackend] | None = None
         self._residuals: dict[tuple, np.ndarray] = {}
+        self.extra_windows = 0  # full-model windows decoded for prefix reuse alone (not by a baseline or a point)
 
-    def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path) -> StageView | str:
+    def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path,
+             baseline: Callable[[], object] | None = None) -> StageView | str:
         """The verified stage starting at `start`, or the reason it cannot be used."""
         key = residuals_key(ref)
         if self.verdicts.get((key, start), None) is not None:
             return self.verdicts[(key, start)]
         try:
-            meta = capture(ref, starts, cache_dir, key)
+            meta, decoded = capture(ref, starts, cache_dir, key, baseline)
+            self.extra_windows += decoded
             if (key, start) not in self._residuals:
                 self._residuals[(key, start)] = np.load(residuals_path(cache_dir, key, start), mmap_mode="r")
             stage = self._stage(ref, start, cache_dir)
@@ -196,37 +202,49 @@ def stage_path(cache_dir: Path, ref, start: int) -> Path:
     return Path(cache_dir) / STAGES_DIR / f"{ref.model_sha256}.{ref.container}.stage{start}.gguf"
 
 
-def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str) -> dict:
-    """The residuals of every window after block S-1 for every stage S (one full decode of the windows for all
-    the stages still missing) and the SHA-256 of the full model's logits on window 0; cached on disk."""
+def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
+            baseline: Callable[[], object] | None = None) -> tuple[dict, int]:
+    """The residuals of every window after block S-1 for every stage S still missing, and the SHA-256 of the full
+    model's logits on window 0; cached on disk. They are read while `baseline()` decodes the windows; when it
+    decodes nothing (computed before, or stored), in a decode of the windows of their own. Returns the metadata
+    and the windows decoded for this alone."""
     meta_path = Path(cache_dir) / RESIDUALS_DIR / f"{key}.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     todo = [s for s in starts if not residuals_path(cache_dir, key, s).exists()]
     if not todo and meta:
-        return meta
+        return meta, 0
     full, w = ref.backend, ref.windows
     mask = w.output_mask
+    decoded = 0
     if "window0_logits_sha256" not in meta:  # the full model exactly as points decode it: no node observed
         meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
+        decoded += 1
     if todo:
         nodes = {f"l_out-{s - 1}": (s, residual_occurrence(full, s)) for s in todo}
         log.info("capturing the residual stream before stage(s) %s over %d windows", todo, w.n_windows)
         n_embd = nodes_width(full, nodes)
         with _memmaps(cache_dir, key, todo, (w.n_windows, w.n_ctx, n_embd)) as arrays:
-            window = [0]
+            seen = dict.fromkeys(nodes, 0)  # each node once per window decoded, windows in order
 
             def keep(name: str, x: np.ndarray) -> None:
-                arrays[nodes[name][0]][window[0]] = x
+                if seen[name] < w.n_windows:
+                    arrays[nodes[name][0]][seen[name]] = x
+                seen[name] += 1
 
             full.hooked_nodes = frozenset((name, i) for name, (_, i) in nodes.items())
             full.activation_hook = keep
             try:
-                for window[0], tokens in enumerate(w.tokens):
-                    full.decode_window(tokens, mask)
+                if baseline is not None:
+                    baseline()
+                if set(seen.values()) != {w.n_windows}:  # the baseline was not decoded here: decode for the rows
+                    seen = dict.fromkeys(nodes, 0)
+                    for tokens in w.tokens:
+                        full.decode_window(tokens, mask)
+                    decoded += w.n_windows
             finally:
                 full.hooked_nodes, full.activation_hook = frozenset(), None
     atomic_write_bytes(meta_path, json.dumps(meta).encode())
-    return meta
+    return meta, decoded
 
 
 def residual_occurrence(full, start: int) -> int:
