@@ -88,25 +88,27 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
 
     if settings is None or not settings.enabled:
         return full(OFF, "run.prefix_reuse=false")
-    if not target.layers:
-        return full(FALLBACK, "the point touches no block: there is no unperturbed prefix to reuse")
     if ref.info.n_experts:
         return full(FALLBACK, "MoE model: expert routing is tracked on the full model")
     if fmt.recipe:
         return full(FALLBACK, "a recipe perturbs tensors all over the model")
     if generation:
         return full(FALLBACK, "the generation check (metrics.generate=true) decodes the full model")
+    starts = stage_starts(n, settings.n_stages)
+    prefixes = ref.session.prefixes
+    if not matched and baseline is not None:  # a baseline about to be decoded reads the residuals for every stage
+        prefixes.prime(ref, starts, settings.cache_dir, baseline)
+    if not target.layers:
+        return full(FALLBACK, "the point touches no block: there is no unperturbed prefix to reuse")
     quantized = [name for name in target.names if ref.container == "native" and target.kind == "weight"
                  and ref.info.tensor_types.get(name) != "F32"]
     if matched or quantized:  # a stage cannot hold the format's values in a quantized tensor
         return full(FALLBACK, f"quantized weight in the native container ({', '.join(matched or quantized)}): "
                               f"decoded on the whole model" + (" (its matched F32 copy)" if matched else ""))
-    starts = stage_starts(n, settings.n_stages)
     start = stage_for(target.layers, starts)
     if start is None:
         return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
                               f"{', '.join(map(str, starts)) or 'none'}; run.prefix_stages={settings.n_stages})")
-    prefixes = ref.session.prefixes
     view = prefixes.view(ref, start, starts, settings.cache_dir, baseline)
     if isinstance(view, str):
         return full(FALLBACK, view)
@@ -124,6 +126,7 @@ class Prefixes:
         self._open: tuple[tuple, EmbeddingBackend] | None = None
         self._residuals: dict[tuple, np.ndarray] = {}
         self.extra_windows = 0  # full-model windows decoded for prefix reuse alone (not by a baseline or a point)
+        self._primed: set[str] = set()  # residual keys whose baseline decode was offered for reading them
 
     def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path,
              baseline: Callable[[], object] | None = None) -> StageView | str:
@@ -144,6 +147,20 @@ class Prefixes:
             log.debug("stage %d not prepared", start, exc_info=True)
             self.verdicts[(key, start)] = f"stage {start} could not be prepared: {type(e).__name__}: {e}"
         return self.verdicts[(key, start)] or view
+
+    def prime(self, ref, starts: tuple[int, ...], cache_dir: Path, baseline: Callable[[], object]) -> None:
+        """Read the residuals during the baseline's decode if it decodes now (the sweep's first point, whatever its
+        layer); nothing when the baseline is already there (a stage point then decodes for them)."""
+        key = residuals_key(ref)
+        if not starts or key in self._primed:
+            return
+        self._primed.add(key)  # once per session: after the first point the baseline is there anyway
+        try:
+            self.extra_windows += capture(ref, starts, cache_dir, key, baseline, True)[1]
+        except _NotDecoded:
+            pass
+        except Exception:  # the stage points will try again, and record why they cannot
+            log.debug("residuals not read during the baseline", exc_info=True)
 
     def _stage(self, ref, start: int, cache_dir: Path) -> EmbeddingBackend:
         full = ref.backend
@@ -185,6 +202,7 @@ class Prefixes:
         self.close_stage()
         self._residuals.clear()
         self.verdicts.clear()
+        self._primed.clear()
 
 
 def residuals_key(ref) -> str:
@@ -202,12 +220,16 @@ def stage_path(cache_dir: Path, ref, start: int) -> Path:
     return Path(cache_dir) / STAGES_DIR / f"{ref.model_sha256}.{ref.container}.stage{start}.gguf"
 
 
+class _NotDecoded(Exception):
+    """The baseline decoded nothing (computed before, or stored), and a decode of their own was not wanted."""
+
+
 def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
-            baseline: Callable[[], object] | None = None) -> tuple[dict, int]:
+            baseline: Callable[[], object] | None = None, only_with_baseline: bool = False) -> tuple[dict, int]:
     """The residuals of every window after block S-1 for every stage S still missing, and the SHA-256 of the full
     model's logits on window 0; cached on disk. They are read while `baseline()` decodes the windows; when it
-    decodes nothing (computed before, or stored), in a decode of the windows of their own. Returns the metadata
-    and the windows decoded for this alone."""
+    decodes nothing (computed before, or stored), in a decode of the windows of their own -- or, with
+    `only_with_baseline`, not at all. Returns the metadata and the windows decoded for this alone."""
     meta_path = Path(cache_dir) / RESIDUALS_DIR / f"{key}.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     todo = [s for s in starts if not residuals_path(cache_dir, key, s).exists()]
@@ -216,9 +238,6 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
     full, w = ref.backend, ref.windows
     mask = w.output_mask
     decoded = 0
-    if "window0_logits_sha256" not in meta:  # the full model exactly as points decode it: no node observed
-        meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
-        decoded += 1
     if todo:
         nodes = {f"l_out-{s - 1}": (s, residual_occurrence(full, s)) for s in todo}
         log.info("capturing the residual stream before stage(s) %s over %d windows", todo, w.n_windows)
@@ -237,12 +256,17 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
                 if baseline is not None:
                     baseline()
                 if set(seen.values()) != {w.n_windows}:  # the baseline was not decoded here: decode for the rows
+                    if only_with_baseline:
+                        raise _NotDecoded
                     seen = dict.fromkeys(nodes, 0)
                     for tokens in w.tokens:
                         full.decode_window(tokens, mask)
                     decoded += w.n_windows
             finally:
                 full.hooked_nodes, full.activation_hook = frozenset(), None
+    if "window0_logits_sha256" not in meta:  # the full model exactly as points decode it: no node observed
+        meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
+        decoded += 1
     atomic_write_bytes(meta_path, json.dumps(meta).encode())
     return meta, decoded
 
