@@ -4,6 +4,8 @@ a stage that cannot match falls back to the full decode, and every fallback says
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from test_sweep import run_sweep, tiny_args
 from tiny_model import write_tiny_model
 
 from sweep import planning
+from sweep.cli import main as cli_main
 from sweep.grid import plan
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_file import write_stage_file
@@ -220,3 +223,17 @@ def test_residuals_are_read_while_the_baseline_decodes(models, wikitext, tmp_pat
     for a, b in ((on.score, off.score), (on.baseline, off.baseline)):
         assert np.array_equal(a.nll, b.nll) and np.array_equal(a.argmax, b.argmax)
     assert np.array_equal(on.score.kld, off.score.kld) and np.array_equal(on.baseline.logits, off.baseline.logits)
+
+
+def test_prefix_clean_removes_stages_and_residuals_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # `sweep COMMAND` sets sys.argv for the tool it runs
+    for sub, name in (("stages", "a.stage3.gguf"), ("prefix", "k.l_out-2.npy"), ("containers", "a.f32.gguf")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / name).write_bytes(b"x" * 1000)
+    cli_main(["prefix-clean", "--cache-dir", str(tmp_path), "--dry-run"])
+    assert "would remove" in capsys.readouterr().out and (tmp_path / "stages").exists()
+    cli_main(["prefix-clean", "--cache-dir", str(tmp_path)])
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "prefix").exists()
+    assert (tmp_path / "containers" / "a.f32.gguf").exists()  # the F32 container stays
+    cli_main(["prefix-clean", "--cache-dir", str(tmp_path)])
+    assert "nothing to remove" in capsys.readouterr().out
