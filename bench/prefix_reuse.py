@@ -7,8 +7,8 @@ timed runs (once per model file, like the F32 container); the residual capture a
 every timed reuse run (each run has a cache of its own for residuals), as in a user's first sweep on a text.
 
 Decoded layer-tokens = blocks decoded x tokens: the points' decodes (each record's `decoded_blocks` x its windows x
-n_ctx), plus the baseline (N blocks, every window) and, with reuse, one unobserved window of the full model (the
-identity reference) and one identity window per stage used (the residuals are read during the baseline's decode).
+n_ctx), plus the baseline (N blocks, every window) and, with reuse, one identity window per stage used (the
+residuals are read during the baseline's decode, and the identity reference is the baseline's logits).
 
 Timing: run on an otherwise idle machine only (two llama.cpp processes on the same cores slow each other ~10x).
 
@@ -82,7 +82,7 @@ def layer_tokens(df: pd.DataFrame, n_layers: int, reuse: bool) -> int:
     points = int((df["decoded_blocks"] * df["n_windows"] * df["n_ctx"]).sum())
     baseline = n_layers * n_windows * n_ctx
     used = df.loc[df["prefix_reuse"] == "ok", "prefix_stage"].dropna().astype(int).unique()
-    overhead = (n_layers * n_ctx + sum((n_layers - s) * n_ctx for s in used)) if reuse and len(used) else 0
+    overhead = sum((n_layers - s) * n_ctx for s in used) if reuse else 0
     return points + baseline + overhead
 
 

@@ -227,9 +227,10 @@ class _NotDecoded(Exception):
 def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
             baseline: Callable[[], object] | None = None, only_with_baseline: bool = False) -> tuple[dict, int]:
     """The residuals of every window after block S-1 for every stage S still missing, and the SHA-256 of the full
-    model's logits on window 0; cached on disk. They are read while `baseline()` decodes the windows; when it
-    decodes nothing (computed before, or stored), in a decode of the windows of their own -- or, with
-    `only_with_baseline`, not at all. Returns the metadata and the windows decoded for this alone."""
+    model's logits on window 0 (the baseline's, when it keeps them); cached on disk. They are read while
+    `baseline()` decodes the windows; when it decodes nothing (computed before, or stored), in a decode of the
+    windows of their own -- or, with `only_with_baseline`, not at all. Returns the metadata and the windows decoded
+    for this alone."""
     meta_path = Path(cache_dir) / RESIDUALS_DIR / f"{key}.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     todo = [s for s in starts if not residuals_path(cache_dir, key, s).exists()]
@@ -237,7 +238,7 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
         return meta, 0
     full, w = ref.backend, ref.windows
     mask = w.output_mask
-    decoded = 0
+    decoded, base = 0, None
     if todo:
         nodes = {f"l_out-{s - 1}": (s, residual_occurrence(full, s)) for s in todo}
         log.info("capturing the residual stream before stage(s) %s over %d windows", todo, w.n_windows)
@@ -254,7 +255,7 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
             full.activation_hook = keep
             try:
                 if baseline is not None:
-                    baseline()
+                    base = baseline()
                 if set(seen.values()) != {w.n_windows}:  # the baseline was not decoded here: decode for the rows
                     if only_with_baseline:
                         raise _NotDecoded
@@ -264,9 +265,16 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
                     decoded += w.n_windows
             finally:
                 full.hooked_nodes, full.activation_hook = frozenset(), None
-    if "window0_logits_sha256" not in meta:  # the full model exactly as points decode it: no node observed
-        meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
-        decoded += 1
+    if "window0_logits_sha256" not in meta:
+        # the reference: the baseline's own logits, those every point is paired with; without them (metrics.kld=
+        # false) the full model's window 0 decoded as points decode it, no node observed
+        if base is None and baseline is not None:
+            base = baseline()
+        if getattr(base, "logits", None) is not None:
+            meta["window0_logits_sha256"] = logits_sha256(np.asarray(base.logits[0]))
+        else:
+            meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
+            decoded += 1
     atomic_write_bytes(meta_path, json.dumps(meta).encode())
     return meta, decoded
 
