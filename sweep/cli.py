@@ -22,6 +22,7 @@ COMMANDS = {
     "imatrix": ("sweep.imatrix.compute", "llama.cpp's importance matrix, computed inside llama.cpp's own graph"),
     "formats": ("sweep.formats", "the tables of the formats fmt= accepts"),
     "rpc-server": ("sweep.rpc_server", "serve this machine's devices to llama.cpp's RPC backend (model.rpc=HOST:PORT)"),
+    "prefix-clean": ("sweep.prefix_clean", "remove prefix reuse's stage files and residuals from the cache"),
 }
 USAGE = """usage: sweep [AXIS=VALUES ...]         the sensitivity sweep (python -m sweep): one job per point of the grid
        sweep COMMAND [ARGS ...]
@@ -36,7 +37,7 @@ A bad argument is one line `error: ...` and exit status 2."""
 
 
 def usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()))
+    return USAGE.format(commands="\n".join(f"  {name:<12} {doc}" for name, (_, doc) in COMMANDS.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if name == "plan":
         return tool.main([*rest, tool.PLAN_FLAG], prog="sweep plan")
     sys.argv = [f"sweep {name}", *rest]  # the Hydra tools read it
-    status = tool.main(rest) if name in ("report", "recipe", "rpc-server") else tool.main()
+    status = tool.main(rest) if name in ("report", "recipe", "rpc-server", "prefix-clean") else tool.main()
     if status:
         sys.exit(status)
 

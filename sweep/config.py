@@ -100,6 +100,10 @@ class RunConfig:
     threads: Optional[int] = None  # CPU threads for llama.cpp; None: the cores this job may use (affinity mask)
     progress: bool = True  # progress bars (windows scored) on stderr
     store: str = "runs/store"  # finished points and baselines, shared by every sweep (resume, reuse)
+    # Prefix reuse (docs/prefix.md): a point at layer L decodes only the blocks from a stage S <= L on, fed the
+    # baseline's residual stream; bit-identical to the full decode, or the point falls back to it and says why.
+    prefix_reuse: bool = True
+    prefix_stages: int = 6  # stage starts spread evenly over the blocks (more: less decode, more disk)
 
 
 @dataclass

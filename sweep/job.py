@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from .capacity import settled
 from .cores import available_cores
 from .gencheck import generation_mode
-from .llama.container import compute_settings, runtime_identity
+from .llama.container import compute_settings, default_cache_dir, runtime_identity
 from .llama.model_file import model_info, resolve_model_path, sha256
 from .llama.rpc import on_server_lost
 from .quant.experts import label as expert_label
@@ -26,6 +26,7 @@ from .quant.targets import parse_layers, resolve
 from .reference import load_inputs, open_reference
 from .run import describe, record, run_point
 from .scoring.metrics import EarlyStop, StopRule
+from .scoring.prefix import PrefixSettings
 from .session import Sessions
 from .store.records import RECORD_FILE, Store, point_key, write_record
 
@@ -78,7 +79,7 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
                 prompts = tuple(cfg.metrics.prompts) if generate_here else ()
                 out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
                                 max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
-                                baseline_logits=cfg.metrics.baseline_logits)
+                                baseline_logits=cfg.metrics.baseline_logits, prefix=prefix_settings(cfg))
                 rec = record(ref, target, fmt, out, alpha=cfg.metrics.alpha)
         except Exception as e:  # recorded, and the sweep goes on
             log.debug("point failed", exc_info=True)
@@ -115,6 +116,12 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
                      **({"experts": list(expert)} if expert else {}),
                      **({"native_weights": str(cfg.model.native_weights)} if cfg.model.container == "native"
                         else {}))
+
+
+def prefix_settings(cfg: DictConfig) -> PrefixSettings:
+    """run.prefix_reuse / run.prefix_stages; stages and residuals are cached where the F32 containers are."""
+    cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
+    return PrefixSettings(bool(cfg.run.get("prefix_reuse", True)), int(cfg.run.get("prefix_stages", 6)), cache)
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

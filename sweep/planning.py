@@ -37,6 +37,7 @@ from .llama.model_file import model_info, resolve_model_path, sha256
 from .run import matched_targets
 from .scoring.generation import complete
 from .scoring.perplexity import score
+from .scoring.prefix import disk_bytes, stage_starts
 from .scoring.text import load_text
 from .scoring.windows import make_windows
 from .session import Session, baseline_key
@@ -80,6 +81,10 @@ class Group:
     recompute: bool = False  # metrics.baseline_logits=recompute: no logits on disk, a baseline decode per point
     n_todo: int = 0  # its points not yet in the store
     n_new_baselines: int = 0  # its baselines not yet in the store
+    # prefix reuse (sweep/scoring/prefix.py): stage files and residuals in the cache, the largest stage loaded
+    prefix_dir: Path | None = None
+    prefix_bytes: int = 0
+    prefix_model_bytes: int = 0
 
     @property
     def n_scored(self) -> int:
@@ -94,7 +99,7 @@ class Group:
         # llama.cpp holds the scored rows' logits twice (the graph's output and the context's logits buffer);
         # the sweep three times (the window's logits, and the two scratch buffers of the per-window math).
         return (self.model_bytes + self.copy_bytes + self.originals_bytes + self.kv_bytes + 5 * self.window_bytes
-                + RUNTIME_BYTES)
+                + self.prefix_model_bytes + RUNTIME_BYTES)
 
 
 @dataclass
@@ -208,6 +213,7 @@ def costs(plan: Plan) -> Costs:
                 gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
                 max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
                 n_gpu_layers=int(cfg.model.n_gpu_layers), rpc=cfg.model.rpc, recompute=recompute)
+            _prefix_costs(group, cfg, info, tensors, meta, file_bytes - sum(b for b, _ in tensors.values()))
         if target.kind == "weight":
             group.originals_bytes = max(group.originals_bytes,
                                         sum(4 * tensors[n][1] for n in target.names if n in tensors))
@@ -236,25 +242,47 @@ def costs(plan: Plan) -> Costs:
     free = shutil.disk_usage(free_dir).free
     store_dev = free_dir.stat().st_dev
     to_build = sum(g.model_bytes for g in groups.values() if g.container_missing and
-                   nearest_existing(g.container_path).stat().st_dev == store_dev)
+                   nearest_existing(g.container_path).stat().st_dev == store_dev) + \
+        sum(g.prefix_bytes for g in groups.values() if g.prefix_dir and
+            nearest_existing(g.prefix_dir).stat().st_dev == store_dev)
     to_compute = len(plan.points) - n_stored
     return Costs(len(plan.points), n_stored, list(baselines.values()), list(groups.values()), store.root, free_dir,
                  free, 2 * RECORD_BYTES * to_compute, to_build, kind, plan.launcher, threads, concurrent,
                  capacity.available_memory())
 
 
+def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_bytes: int) -> None:
+    """Prefix reuse's disk (stage files not yet written, residuals) and the largest stage held beside the model."""
+    if not cfg.run.get("prefix_reuse", True) or info.n_experts:
+        return
+    starts = stage_starts(info.n_layers, int(cfg.run.get("prefix_stages", 6)))
+    if not starts:
+        return
+    cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
+    n_embd = int(meta.get(f"{info.arch}.embedding_length", 0))
+    f32 = cfg.model.container == "f32"
+    missing = tuple(s for s in starts if not (cache / "stages" / f"{sha256(group.source)}.{cfg.model.container}"
+                                                                f".stage{s}.gguf").exists())
+    stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32,
+                                        header_bytes)
+    group.prefix_dir, group.prefix_bytes = cache, stage_files + residuals
+    group.prefix_model_bytes = disk_bytes(tensors, info.n_layers, n_embd, 0, 0, starts[:1], f32)[0]
+
+
 def check_resources(c: Costs) -> None:
     """Stop before any job when the store would not fit the disk or one job the memory; warn when parallel jobs
     together would not fit it."""
     if c.needed_bytes > c.free_bytes:
-        container = (f" + {gb(c.container_bytes_same_disk)} F32 container" if c.container_bytes_same_disk else "")
+        container = (f" + {gb(c.container_bytes_same_disk)} F32 container and prefix reuse's stage files"
+                     if c.container_bytes_same_disk else "")
         raise SweepError(
             f"the sweep needs {gb(c.needed_bytes)} on {c.free_dir} ({len([b for b in c.baselines if b.logits_bytes])}"
             f" baseline(s) of raw logits {gb(c.logits_bytes)} + records {gb(c.records_bytes)}{container}) but only "
             f"{gb(c.free_bytes)} is free: score fewer windows (data.n_windows=N), drop the logits with "
             f"metrics.kld=false (no KL columns), put the store elsewhere with run.store=/path/with/space, or "
             f"recompute each baseline window beside its point with metrics.baseline_logits=recompute (no disk, "
-            f"twice the decode)")
+            f"twice the decode)" + (", or no stage files with run.prefix_reuse=false"
+                                    if any(g.prefix_bytes for g in c.groups) else ""))
     if (why := memory_refusal(c)) is not None:
         raise SweepError(why)
     for line in memory_warnings(c):
@@ -268,6 +296,10 @@ def memory_refusal(c: Costs) -> str | None:
     for g in c.groups:
         if limit is None or g.n_gpu_layers or g.job_memory <= limit:
             continue
+        if g.prefix_model_bytes and g.job_memory - g.prefix_model_bytes <= limit:
+            return (f"one job of {g.source.name} in the {g.container} container needs about {gb(g.job_memory)} with "
+                    f"prefix reuse's largest stage ({gb(g.prefix_model_bytes)}) loaded beside the model, more than the "
+                    f"{gb(limit)} {where}: use run.prefix_reuse=false (the model alone fits)")
         way_out = ("model.container=native (the file as it is) or model.container=auto" if g.container == "f32" else
                    "model.n_gpu_layers=-1 (a GPU) or model.rpc=HOST:PORT (RPC servers) to offload the layers, or a "
                    "machine with more memory" + (" (raise hydra.launcher.mem_gb)" if "mem_gb" in where else ""))
@@ -354,6 +386,9 @@ def render(c: Costs, text_path) -> str:
     for g in c.groups:
         if g.container_missing:
             lines.append(f"              F32 container to build once: {gb(g.model_bytes)} in {g.container_path.parent}")
+        if g.prefix_bytes:
+            lines.append(f"              prefix reuse: stage files and residuals up to {gb(g.prefix_bytes)} in "
+                         f"{g.prefix_dir} (python -m sweep.prefix_clean removes them; run.prefix_reuse=false: none)")
         if g.copy_bytes:
             lines.append(f"              native weight points: each runs on a temporary copy of up to "
                          f"{gb(g.copy_bytes)} in {tempfile.gettempdir()} (deleted after the point)")

@@ -25,6 +25,7 @@ from .scoring.additivity import prediction_columns
 from .scoring.generation import compare, complete
 from .scoring.metrics import RANKABLE, StopRule, Tokens, summarize
 from .scoring.perplexity import Score, score
+from .scoring.prefix import PrefixSettings, Reuse, choose
 from .scoring.routing import baseline_routing, changed_tokens, never_routed, routing_columns, tracking
 from .session import baseline_key, completions_key
 from .store.records import Store
@@ -91,29 +92,36 @@ class Outcome:
     decode_seconds: float = 0.0  # inside llama_decode: scoring, generation, and a baseline if computed here
     baseline_logits: str = "store"  # "store": paired with stored baseline logits; "recompute": decoded alongside
     routing: dict | None = None  # MoE: the routing columns (sweep/scoring/routing.py)
+    prefix: Reuse | None = None  # prefix reuse: the stage decoded, or why the full model (sweep/scoring/prefix.py)
 
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
               store: Store | None = None, kld: bool = True, prompts: tuple[str, ...] = (),
-              max_new_tokens: int = 32, stop: StopRule | None = None, baseline_logits: str = "store") -> Outcome:
+              max_new_tokens: int = 32, stop: StopRule | None = None, baseline_logits: str = "store",
+              prefix: PrefixSettings | None = None) -> Outcome:
     """baseline_logits="recompute" (with kld): no stored baseline logits; each window is decoded unperturbed, its
-    logits kept in memory, then decoded perturbed (twice the decode, no disk). The numbers equal the stored mode's."""
+    logits kept in memory, then decoded perturbed (twice the decode, no disk). The numbers equal the stored mode's.
+    prefix: reuse the unperturbed prefix (sweep/scoring/prefix.py); None decodes the full model."""
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
-    with point_backend(ref, target) as (backend, matched):
+    with point_backend(ref, target) as (full, matched):
+        # prefix reuse: the perturbed decodes run on a verified stage (`backend`), baselines on the full model
         note = container_note(ref, target, matched)
-        kept, uses = delta_uses(backend, target)
         recompute = kld and baseline_logits == "recompute"
-        base = None if recompute else baseline_score(backend, ref, progress, store, matched, keep_logits=kld)
+        reuse = choose(ref, target, fmt, full, matched, prefix, bool(prompts), None if recompute else
+                       lambda: baseline_score(full, ref, progress, store, matched, keep_logits=kld))
+        backend, stage_decoding_before = reuse.backend, reuse.backend.decode_seconds
+        kept, uses = delta_uses(backend, target)
+        base = None if recompute else baseline_score(full, ref, progress, store, matched, keep_logits=kld)
         # recompute: the originals are read before the perturbation is applied, to switch it off per window
         originals = {n: backend.read_weight(n) for n in target.names if backend.holds_f32(n)} \
             if recompute and target.kind == "weight" else {}
-        expected = baseline_completions(backend, ref, matched, tuple(prompts), max_new_tokens) if prompts else None
+        expected = baseline_completions(full, ref, matched, tuple(prompts), max_new_tokens) if prompts else None
         got = None
         # MoE: the routing of the scored windows, unperturbed and in this point's decodes (not in recompute mode,
         # whose unperturbed decodes interleave with the perturbed ones)
         moe = bool(ref.info.n_experts) and not recompute
-        base_routing = baseline_routing(ref.session, backend, ref.windows, matched, ref.info.n_experts_used) \
+        base_routing = baseline_routing(ref.session, full, ref.windows, matched, ref.info.n_experts_used) \
             if moe else None
         unrouted = never_routed(base_routing, target) if moe else None
         with tracking(backend, ref.info.n_experts_used) if moe else nullcontext() as tracker, \
@@ -121,7 +129,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             if target.kind == "weight" and (proof.n_changed == 0 or unrouted):
                 # bit-identical weights, or experts no scored token uses: the baseline's numbers, no perturbed
                 # decode needed (a no-op)
-                result = base = base or baseline_score(backend, ref, progress, store, matched, keep_logits=False)
+                result = base = base or baseline_score(full, ref, progress, store, matched, keep_logits=False)
             else:
                 settled = (lambda so_far: stop.settled(per_token(so_far, so_far.baseline or
                                                                  base.first(so_far.n_windows)))) \
@@ -137,7 +145,9 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
             if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
         generation = compare(got, expected) if got is not None else None
-        decoding = backend.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
+        decoding = full.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
+        if backend is not full:
+            decoding += backend.decode_seconds - stage_decoding_before
     routing = point_routing(ref.info, target, tracker if result is not base else None, base_routing) if moe else {}
     reason = unrouted or expert_no_op(target, proof) or proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
@@ -154,7 +164,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     if result.stopped_early:
         base = base.first(result.n_windows)  # paired: the baseline on the same windows
     return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding,
-                   "recompute" if recompute else "store", routing)
+                   "recompute" if recompute else "store", routing, reuse)
 
 
 def container_note(ref: Reference, target: Target, matched: tuple[str, ...]) -> str:
@@ -267,7 +277,7 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
         "n_windows": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
         "n_tokens": out.score.n_tokens,
         "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
-        "baseline_logits": out.baseline_logits, **windows,
+        "baseline_logits": out.baseline_logits, **(out.prefix.columns() if out.prefix else {}), **windows,
         **(joint_columns(ref, target, fmt, out, tokens) if fmt.recipe and tokens else {}),
     }
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .llama.backend import Backend, ComputeSettings
 from .scoring.perplexity import Score, score
+from .scoring.prefix import Prefixes
 from .scoring.window_math import WindowMath
 from .scoring.windows import Windows
 from .store.records import Store, point_key
@@ -56,6 +57,8 @@ class Session:
         self._completions: dict[str, list] = {}
         # MoE: the unperturbed routing of the scored windows, by (model copy, windows) (sweep/scoring/routing.py)
         self.routing: dict[tuple, object] = {}
+        # Prefix reuse: the stages of this model, their captured residuals and identity verdicts (scoring/prefix.py)
+        self.prefixes = Prefixes()
 
     def tokens(self, text) -> np.ndarray:
         """The text (a `text.Text`) tokenized by this model, once."""
@@ -81,6 +84,7 @@ class Session:
     def close(self) -> None:
         self._baselines.clear()
         self._completions.clear()
+        self.prefixes.close()
         self.math.close()
         self.backend.close()
 

@@ -50,8 +50,8 @@ def test_auto_takes_the_file_as_it_is_where_the_f32_container_does_not_fit(tiny_
 
 
 def test_a_container_that_cannot_fit_is_refused_in_one_line(tiny_model, tmp_path, wikitext, cache_dir, monkeypatch):
-    base = [*tiny_args(tiny_model, tmp_path, "run.threads=1", "layer=0", "kind=weight", "tensor=ffn_down"),
-            f"data.path={wikitext}", f"model.cache_dir={cache_dir}"]
+    base = [*tiny_args(tiny_model, tmp_path, "run.threads=1", "layer=0", "kind=weight", "tensor=ffn_down",
+                       "run.prefix_reuse=false"), f"data.path={wikitext}", f"model.cache_dir={cache_dir}"]
     job = {c: planning.costs(plan([*base, f"model.container={c}"])).job_memory for c in ("f32", "native")}
     assert job["native"] < job["f32"]
     monkeypatch.setattr(capacity, "available_memory", lambda: job["native"] + 1000)  # f32 too big, native fits

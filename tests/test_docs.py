@@ -18,6 +18,7 @@ import sweep.imatrix.compute  # noqa: F401  (registers the imatrix config's sche
 import sweep.score  # noqa: F401  (likewise for `sweep score`)
 from sweep.config import compose
 from sweep.grid import _config_dir, expand
+from sweep.prefix_clean import parser as prefix_clean_parser
 from sweep.recipe.command import parse_args as recipe_args
 from sweep.report.__main__ import parse_args as report_args
 from sweep.rpc_server import parse_args as rpc_server_args
@@ -95,5 +96,7 @@ def test_every_shown_command_parses(page, line):
         report_args(args)
     elif tool == "rpc-server":
         rpc_server_args(args)
+    elif tool == "prefix-clean":
+        prefix_clean_parser().parse_args(args)
     else:
         pytest.fail(f"{page}: no parser for `{line}` (tool {tool!r}): teach tests/test_docs.py this command")

@@ -47,14 +47,16 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
                      n_vocab: int | None = None, n_embd: int = N_EMBD, n_ff: int | None = None,
                      n_ctx_train: int = N_CTX_TRAIN, n_layers: int = N_LAYERS, n_head: int = N_HEAD,
                      n_head_kv: int = N_HEAD_KV, head_dim: int | None = None,
-                     sliding_window: int = GEMMA3_SLIDING_WINDOW) -> Path:
+                     sliding_window: int = GEMMA3_SLIDING_WINDOW, swa_pattern: list[bool] | None | str = "gemma3"
+                     ) -> Path:
     """matmul_type, embd_type: the block matmuls' and the token embedding's types (Q4_0 is what x86 CPUs repack;
     all F32 with rows of 256 suits the 256-blocks of the K-quants); arch: one of ARCHITECTURES; n_vocab: pad the
     tokenizer with unique unused tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's
     49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd);
     n_layers, n_head, n_head_kv, head_dim (default n_embd / n_head; gemma3: GEMMA3_HEAD_DIM), sliding_window
-    (gemma3): a real model's shape, for the benchmarks (bench/vocab.py's Gemma-3-270M shape). gemma3's per-layer
-    sliding-window pattern is GEMMA3_SWA_PATTERN for 3 blocks, else Gemma 3's own: every 6th block global."""
+    (gemma3): a real model's shape, for the benchmarks (bench/vocab.py's Gemma-3-270M shape). swa_pattern: gemma3's
+    per-layer sliding-window flags; "gemma3" (default): GEMMA3_SWA_PATTERN for 3 blocks, else Gemma 3's own (every 6th
+    block global); None: no array in the file, so llama.cpp's built-in pattern applies (five sliding, one global)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; tiny models exist for {', '.join(ARCHITECTURES)}")
     n_ff = n_ff or 2 * n_embd
@@ -75,8 +77,10 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
         writer.add_value_length(head_dim)
         writer.add_sliding_window(sliding_window)
         # llama.cpp reads a per-layer array of this key before falling back to its built-in "every 6th" pattern
-        pattern = GEMMA3_SWA_PATTERN if n_layers == N_LAYERS else [(i + 1) % 6 != 0 for i in range(n_layers)]
-        writer.add_array(f"{arch}.attention.sliding_window_pattern", pattern)
+        pattern = swa_pattern if swa_pattern != "gemma3" else \
+            GEMMA3_SWA_PATTERN if n_layers == N_LAYERS else [(i + 1) % 6 != 0 for i in range(n_layers)]
+        if pattern is not None:
+            writer.add_array(f"{arch}.attention.sliding_window_pattern", pattern)
         writer.add_rope_freq_base_swa(10000.0)
         writer.add_final_logit_softcapping(30.0)
     else:

@@ -1,0 +1,130 @@
+"""Prefix reuse's gain: points per hour and decoded layer-tokens of a layer sweep, with and without reuse.
+
+For each model, two sweeps (`python -m sweep`), each in a fresh store so that nothing is reused from the store:
+`layer=range(0,N) tensor=ffn_down kind=weight fmt=int8` and `layer=range(0,N) tensor=l_out kind=activation
+fmt=int8`, each once with `run.prefix_reuse=true` and once with `false`. The stage files are written before the
+timed runs (once per model file, like the F32 container); the residual capture and the identity checks happen inside
+every timed reuse run (each run has a cache of its own for residuals), as in a user's first sweep on a text.
+
+Decoded layer-tokens = blocks decoded x tokens: the points' decodes (each record's `decoded_blocks` x its windows x
+n_ctx), plus the baseline (N blocks, every window) and, with reuse, one identity window per stage used (the
+residuals are read during the baseline's decode, and the identity reference is the baseline's logits).
+
+Timing: run on an otherwise idle machine only (two llama.cpp processes on the same cores slow each other ~10x).
+
+    python bench/tinyllama_shaped.py /tmp/tinyllama-shaped.gguf      # the TinyLlama-shaped 1.1B model
+    python bench/prefix_reuse.py --models embedded,/tmp/tinyllama-shaped.gguf [--windows 8] [--threads N]
+    python bench/prefix_reuse.py --layers 2 --windows 2                # a quick check: the last 2 layers only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from sweep.llama.container import container_path, default_cache_dir
+from sweep.llama.model_file import model_info, resolve_model_path, sha256
+from sweep.llama.stage_file import write_stage_file
+from sweep.scoring.prefix import STAGES_DIR, stage_for, stage_starts
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_out": ("kind=activation",
+                                                                                      "tensor=l_out")}
+
+
+def prepare_stages(model: Path, container: str, n_stages: int, cache: Path, layers: range) -> list[int]:
+    """Write the stage files the reuse runs will load for `layers` (not timed: once per model file)."""
+    source = resolve_model_path(model)
+    loaded = container_path(source, container, cache)
+    starts = stage_starts(model_info(source).n_layers, n_stages)
+    used = sorted({s for layer in layers if (s := stage_for((layer,), starts)) is not None})
+    for s in used:
+        path = cache / STAGES_DIR / f"{sha256(source)}.{container}.stage{s}.gguf"
+        if not path.exists():
+            print(f"  writing stage {s} of {source.name} ({container}) -> {path}", flush=True)
+            write_stage_file(loaded, path, s)
+    return used
+
+
+def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: Path) -> tuple[float, pd.DataFrame]:
+    name = f"{Path(model).stem}-{'-'.join(a.split('=')[1] for a in axes)}-{'reuse' if reuse else 'full'}"
+    cmd = [sys.executable, "-m", "sweep", f"model.path={model}", f"model.container={args.container}",
+           f"layer={layers}", *axes, "fmt=int8", f"data.n_windows={args.windows}", "metrics.generate=false",
+           f"run.threads={args.threads}", "run.progress=false", f"run.prefix_reuse={str(reuse).lower()}",
+           f"run.prefix_stages={args.stages}", f"run.store={work / name / 'store'}",
+           f"hydra.sweep.dir={work / name / 'sweep'}"]
+    # a cache of its own per run, sharing the F32 containers and stage files but no captured residuals: every reuse
+    # run pays its capture, as a first sweep does
+    own = work / name / "cache"
+    own.mkdir(parents=True)
+    for sub in ("containers", STAGES_DIR):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+        (own / sub).symlink_to(cache / sub)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "SWEEP_CACHE": str(own)}, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return wall, pd.read_parquet(work / name / "sweep" / "results.parquet")
+
+
+def layer_tokens(df: pd.DataFrame, n_layers: int, reuse: bool) -> int:
+    n_windows, n_ctx = int(df["n_windows"].max()), int(df["n_ctx"].iloc[0])
+    points = int((df["decoded_blocks"] * df["n_windows"] * df["n_ctx"]).sum())
+    baseline = n_layers * n_windows * n_ctx
+    used = df.loc[df["prefix_reuse"] == "ok", "prefix_stage"].dropna().astype(int).unique()
+    overhead = sum((n_layers - s) * n_ctx for s in used) if reuse else 0
+    return points + baseline + overhead
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="embedded", help="comma-separated: embedded and/or GGUF paths")
+    ap.add_argument("--layers", type=int, default=0, help="only the last K layers (0: all)")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--stages", type=int, default=6, help="run.prefix_stages")
+    ap.add_argument("--container", default="f32")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    cache = default_cache_dir()
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="prefix-reuse-") as tmp:
+        for model in args.models.split(","):
+            n = model_info(resolve_model_path(None if model == "embedded" else model)).n_layers
+            first = n - args.layers if args.layers else 0
+            layers = f"range({first},{n})"
+            starts = prepare_stages(None if model == "embedded" else Path(model), args.container, args.stages, cache,
+                                    range(first, n))
+            print(f"\n## {model}: {n} blocks, layer={layers}, {args.windows} windows, {args.container} container, "
+                  f"{args.threads} threads, stages {starts}")
+            print(f"{'sweep':<20}{'points':>7}{'full pts/h':>12}{'reuse pts/h':>13}{'speed-up':>10}"
+                  f"{'layer-tokens full':>19}{'reuse':>14}{'ratio':>8}  fallbacks")
+            for label, axes in SWEEPS.items():
+                wall_full, full = sweep(model, axes, layers, False, args, Path(tmp), cache)
+                wall_reuse, reuse = sweep(model, axes, layers, True, args, Path(tmp), cache)
+                assert len(full) == len(reuse)
+                lt_full, lt_reuse = layer_tokens(full, n, False), layer_tokens(reuse, n, True)
+                pph_full, pph_reuse = 3600 * len(full) / wall_full, 3600 * len(reuse) / wall_reuse
+                fallbacks = reuse["prefix_reason"].dropna().value_counts().to_dict()
+                print(f"{label:<20}{len(full):>7}{pph_full:>12.0f}{pph_reuse:>13.0f}{pph_reuse / pph_full:>9.2f}x"
+                      f"{lt_full:>19,}{lt_reuse:>14,}{lt_reuse / lt_full:>8.3f}  {fallbacks or '-'}")
+                figures.append({"model": model, "sweep": label, "points": len(full), "wall_full_s": wall_full,
+                                "wall_reuse_s": wall_reuse, "points_per_hour_full": pph_full,
+                                "points_per_hour_reuse": pph_reuse, "layer_tokens_full": lt_full,
+                                "layer_tokens_reuse": lt_reuse, "fallbacks": fallbacks})
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

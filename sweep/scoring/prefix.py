@@ -1,0 +1,356 @@
+"""Prefix reuse: a point at layer L decodes only blocks S..N-1 (a stage, S <= L), fed the unperturbed residual
+stream after block S-1 that the full model computed once per window.
+
+Per session (`Prefixes`, held by `session.Session`):
+  * the residuals `l_out-(S-1)` of every window, for every stage start, captured while the baseline decodes the
+    windows (or, when the baseline was already computed or stored, in one decode of the windows of their own) and
+    cached on disk beside the F32 containers (`<cache>/prefix/`), with the SHA-256 of the full model's logits on
+    the first window;
+  * the stage files (sweep/llama/stage_file.py), cached in `<cache>/stages/`, in the loaded file's own types;
+  * the identity verdict of each stage: its logits on the first window, decoded from the residuals, must equal the
+    full model's bit for bit before any point uses it; otherwise every point of that stage falls back to the full
+    decode and its record says why.
+`choose` decides per point and says why not in the record's `prefix_reuse` / `prefix_reason` columns. Stages are
+`run.prefix_stages` block numbers spread evenly over the model; `python -m sweep.prefix_clean` removes the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..llama.backend import PROBE_TOKENS
+from ..llama.container import runtime_identity
+from ..llama.embd import EmbeddingBackend
+from ..llama.stage_file import write_stage_file
+from ..llama.stage_view import StageView, node_in_stage
+from ..store.files import atomic_path, atomic_write_bytes
+from ..store.records import point_key
+
+log = logging.getLogger(__name__)
+
+OK, FALLBACK, OFF = "ok", "fallback", "off"
+RESIDUALS_DIR, STAGES_DIR = "prefix", "stages"
+
+
+@dataclass(frozen=True)
+class PrefixSettings:
+    """run.prefix_reuse and run.prefix_stages, and the cache directory (model.cache_dir) of stages and residuals."""
+
+    enabled: bool
+    n_stages: int
+    cache_dir: Path
+
+
+def stage_starts(n_layers: int, n_stages: int) -> tuple[int, ...]:
+    """`n_stages` block numbers spread evenly over 1..n_layers-1 (fewer when the model has fewer blocks)."""
+    spread = {round(i * n_layers / (n_stages + 1)) for i in range(1, n_stages + 1)}
+    return tuple(sorted(spread & set(range(1, n_layers))))
+
+
+def stage_for(layers: tuple[int, ...], starts: tuple[int, ...]) -> int | None:
+    """The latest stage starting at or before every perturbed block, or None."""
+    below = [s for s in starts if s <= min(layers)]
+    return max(below) if below else None
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """How a point is decoded: `backend` is the stage (a StageView) or the full model."""
+
+    backend: object
+    status: str  # ok | fallback | off
+    reason: str | None = None
+    stage: int | None = None
+    n_layers: int = 0
+
+    def columns(self) -> dict:
+        start = self.stage if self.status == OK else 0
+        return {"prefix_reuse": self.status, "prefix_stage": self.stage if self.status == OK else None,
+                "prefix_reason": self.reason, "decoded_blocks": self.n_layers - start}
+
+
+def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: PrefixSettings | None,
+           generation: bool, baseline: Callable[[], object] | None = None) -> Reuse:
+    """The backend a point's perturbed decodes run on: a verified stage, or `backend` (the full model) with why.
+    baseline: computes (or fetches) the point's baseline; the residuals are captured during its decode if any."""
+    n = ref.info.n_layers
+
+    def full(status: str, reason: str) -> Reuse:
+        return Reuse(backend, status, reason, None, n)
+
+    if settings is None or not settings.enabled:
+        return full(OFF, "run.prefix_reuse=false")
+    if ref.info.n_experts:
+        return full(FALLBACK, "MoE model: expert routing is tracked on the full model")
+    if fmt.recipe:
+        return full(FALLBACK, "a recipe perturbs tensors all over the model")
+    if generation:
+        return full(FALLBACK, "the generation check (metrics.generate=true) decodes the full model")
+    starts = stage_starts(n, settings.n_stages)
+    prefixes = ref.session.prefixes
+    if not matched and baseline is not None:  # a baseline about to be decoded reads the residuals for every stage
+        prefixes.prime(ref, starts, settings.cache_dir, baseline)
+    if not target.layers:
+        return full(FALLBACK, "the point touches no block: there is no unperturbed prefix to reuse")
+    if matched:  # model.native_weights=copy: the point runs on its own copy of the file
+        return full(FALLBACK, f"quantized weight in the native container ({', '.join(matched)}): decoded on its "
+                              f"matched F32 copy of the whole model (model.native_weights=copy)")
+    start = stage_for(target.layers, starts)
+    if start is None:
+        return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
+                              f"{', '.join(map(str, starts)) or 'none'}; run.prefix_stages={settings.n_stages})")
+    view = prefixes.view(ref, start, starts, settings.cache_dir, baseline)
+    if isinstance(view, str):
+        return full(FALLBACK, view)
+    missing = prefixes.missing_in_stage(ref.backend, view, target)
+    if missing:
+        return full(FALLBACK, missing)
+    return Reuse(view, OK, None, start, n)
+
+
+class Prefixes:
+    """A session's stages: their residuals, identity verdicts and the one stage model kept open."""
+
+    def __init__(self):
+        self.verdicts: dict[tuple, str | None] = {}  # (residuals key, start) -> None (identical) or the reason
+        self._open: tuple[tuple, EmbeddingBackend] | None = None
+        self._residuals: dict[tuple, np.ndarray] = {}
+        self.extra_windows = 0  # full-model windows decoded for prefix reuse alone (not by a baseline or a point)
+        self._primed: set[str] = set()  # residual keys whose baseline decode was offered for reading them
+
+    def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path,
+             baseline: Callable[[], object] | None = None) -> StageView | str:
+        """The verified stage starting at `start`, or the reason it cannot be used."""
+        key = residuals_key(ref)
+        if self.verdicts.get((key, start), None) is not None:
+            return self.verdicts[(key, start)]
+        try:
+            meta, decoded = capture(ref, starts, cache_dir, key, baseline)
+            self.extra_windows += decoded
+            if (key, start) not in self._residuals:
+                self._residuals[(key, start)] = np.load(residuals_path(cache_dir, key, start), mmap_mode="r")
+            stage = self._stage(ref, start, cache_dir)
+            view = StageView(stage, start, self._residuals[(key, start)], ref.windows.tokens)
+            if (key, start) not in self.verdicts:
+                self.verdicts[(key, start)] = identity(ref, view, meta["window0_logits_sha256"])
+        except Exception as e:  # any failure to prepare a stage is a fallback, said in the record
+            log.debug("stage %d not prepared", start, exc_info=True)
+            self.verdicts[(key, start)] = f"stage {start} could not be prepared: {type(e).__name__}: {e}"
+        return self.verdicts[(key, start)] or view
+
+    def prime(self, ref, starts: tuple[int, ...], cache_dir: Path, baseline: Callable[[], object]) -> None:
+        """Read the residuals during the baseline's decode if it decodes now (the sweep's first point, whatever its
+        layer); nothing when the baseline is already there (a stage point then decodes for them)."""
+        key = residuals_key(ref)
+        if not starts or key in self._primed:
+            return
+        self._primed.add(key)  # once per session: after the first point the baseline is there anyway
+        try:
+            self.extra_windows += capture(ref, starts, cache_dir, key, baseline, True)[1]
+        except _NotDecoded:
+            pass
+        except Exception:  # the stage points will try again, and record why they cannot
+            log.debug("residuals not read during the baseline", exc_info=True)
+
+    def _stage(self, ref, start: int, cache_dir: Path) -> EmbeddingBackend:
+        full = ref.backend
+        ident = (str(full.path), start, full.n_ctx, full.n_threads, full.settings)
+        if self._open is not None and self._open[0] == ident and not self._open[1].closed:
+            return self._open[1]
+        self.close_stage()  # one stage model in memory at a time
+        path = stage_path(cache_dir, ref, start)
+        if not path.exists():
+            log.info("writing stage %d of %s -> %s", start, full.path.name, path)
+            write_stage_file(full.path, path, start)
+        stage = EmbeddingBackend(path, full.n_ctx, full.n_threads, settings=full.settings, writable_weights=True)
+        self._open = (ident, stage)
+        return stage
+
+    @staticmethod
+    def missing_in_stage(full, view: StageView, target) -> str | None:
+        """Why the target cannot be reached in the stage as in the full model (None: it can)."""
+        if target.kind == "weight":
+            for name in target.names:
+                try:
+                    view.weight_copies(name)
+                except Exception as e:
+                    return f"weight {name} not reachable in stage {view.start}: {e}"
+            return None
+        for name, index in target.nodes:
+            there = view.stage.nodes.get(node_in_stage(name, view.start), [])
+            here = full.nodes[name][index]
+            if index >= len(there) or (there[index].op, there[index].shape) != (here.op, here.shape):
+                return f"node {name}#{index} has no counterpart in stage {view.start}'s graph"
+        return None
+
+    def close_stage(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def close(self) -> None:
+        self.close_stage()
+        self._residuals.clear()
+        self.verdicts.clear()
+        self._primed.clear()
+
+
+def residuals_key(ref) -> str:
+    w = ref.windows
+    return point_key(kind="prefix-residuals", model_sha256=ref.model_sha256, container=ref.container,
+                     data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows,
+                     runtime=runtime_identity(ref.backend.settings))
+
+
+def residuals_path(cache_dir: Path, key: str, start: int) -> Path:
+    return Path(cache_dir) / RESIDUALS_DIR / f"{key}.l_out-{start - 1}.npy"
+
+
+def stage_path(cache_dir: Path, ref, start: int) -> Path:
+    return Path(cache_dir) / STAGES_DIR / f"{ref.model_sha256}.{ref.container}.stage{start}.gguf"
+
+
+class _NotDecoded(Exception):
+    """The baseline decoded nothing (computed before, or stored), and a decode of their own was not wanted."""
+
+
+def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
+            baseline: Callable[[], object] | None = None, only_with_baseline: bool = False) -> tuple[dict, int]:
+    """The residuals of every window after block S-1 for every stage S still missing, and the SHA-256 of the full
+    model's logits on window 0 (the baseline's, when it keeps them); cached on disk. They are read while
+    `baseline()` decodes the windows; when it decodes nothing (computed before, or stored), in a decode of the
+    windows of their own -- or, with `only_with_baseline`, not at all. Returns the metadata and the windows decoded
+    for this alone."""
+    meta_path = Path(cache_dir) / RESIDUALS_DIR / f"{key}.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    todo = [s for s in starts if not residuals_path(cache_dir, key, s).exists()]
+    if not todo and meta:
+        return meta, 0
+    full, w = ref.backend, ref.windows
+    mask = w.output_mask
+    decoded, base = 0, None
+    if todo:
+        nodes = {f"l_out-{s - 1}": (s, residual_occurrence(full, s)) for s in todo}
+        log.info("capturing the residual stream before stage(s) %s over %d windows", todo, w.n_windows)
+        n_embd = nodes_width(full, nodes)
+        with _memmaps(cache_dir, key, todo, (w.n_windows, w.n_ctx, n_embd)) as arrays:
+            seen = dict.fromkeys(nodes, 0)  # each node once per window decoded, windows in order
+
+            def keep(name: str, x: np.ndarray) -> None:
+                if seen[name] < w.n_windows:
+                    arrays[nodes[name][0]][seen[name]] = x
+                seen[name] += 1
+
+            full.hooked_nodes = frozenset((name, i) for name, (_, i) in nodes.items())
+            full.activation_hook = keep
+            try:
+                if baseline is not None:
+                    base = baseline()
+                if set(seen.values()) != {w.n_windows}:  # the baseline was not decoded here: decode for the rows
+                    if only_with_baseline:
+                        raise _NotDecoded
+                    seen = dict.fromkeys(nodes, 0)
+                    for tokens in w.tokens:
+                        full.decode_window(tokens, mask)
+                    decoded += w.n_windows
+            finally:
+                full.hooked_nodes, full.activation_hook = frozenset(), None
+    if "window0_logits_sha256" not in meta:
+        # the reference: the baseline's own logits, those every point is paired with; without them (metrics.kld=
+        # false) the full model's window 0 decoded as points decode it, no node observed
+        if base is None and baseline is not None:
+            base = baseline()
+        if getattr(base, "logits", None) is not None:
+            meta["window0_logits_sha256"] = logits_sha256(np.asarray(base.logits[0]))
+        else:
+            meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
+            decoded += 1
+    atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    return meta, decoded
+
+
+def residual_occurrence(full, start: int) -> int:
+    """Which graph node named `l_out-(start-1)` is the block's output: the one computed (not a view) on every row."""
+    name = f"l_out-{start - 1}"
+    found = [o.index for o in full.nodes.get(name, []) if not o.view and o.shape[:1] == (PROBE_TOKENS,)]
+    if len(found) != 1:
+        raise ValueError(f"the graph has {len(found)} full-row nodes named {name} (needs exactly one)")
+    return found[0]
+
+
+def nodes_width(full, nodes: dict) -> int:
+    widths = {full.nodes[name][i].shape[1:] for name, (_, i) in nodes.items()}
+    if len(widths) != 1 or len(next(iter(widths))) != 1:
+        raise ValueError(f"block outputs {sorted(nodes)} are not all rows of one width: {widths}")
+    return next(iter(widths))[0]
+
+
+class _memmaps:
+    """One .npy file per stage, written through memory maps and renamed into place only when all are complete."""
+
+    def __init__(self, cache_dir: Path, key: str, starts, shape):
+        self.targets = {s: residuals_path(cache_dir, key, s) for s in starts}
+        self.shape = shape
+        self._paths = []
+
+    def __enter__(self) -> dict[int, np.ndarray]:
+        arrays = {}
+        for s, path in self.targets.items():
+            cm = atomic_path(path, suffix=".part.npy")
+            tmp = cm.__enter__()
+            self._paths.append(cm)
+            arrays[s] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape)
+        self._arrays = arrays
+        return arrays
+
+    def __exit__(self, *exc):
+        for a in self._arrays.values():
+            a.flush()
+        self._arrays.clear()
+        for cm in self._paths:
+            cm.__exit__(*exc)
+        return False
+
+
+def logits_sha256(logits: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(logits, dtype=np.float32).tobytes()).hexdigest()
+
+
+def identity(ref, view: StageView, expected_sha256: str) -> str | None:
+    """None when the stage's logits on window 0 are the full model's bit for bit, else why not."""
+    w = ref.windows
+    got = np.array(view.decode_window(w.tokens[0], w.output_mask))
+    if logits_sha256(got) == expected_sha256:
+        log.info("stage %d: logits on window 0 identical to the full model's", view.start)
+        return None
+    want = ref.backend.decode_window(w.tokens[0], w.output_mask)
+    diff = np.abs(got.astype(np.float64) - want)
+    return (f"stage {view.start} is not the full model: its logits on window 0 differ (max |dlogit| "
+            f"{float(np.nanmax(diff)):.3g}, {float(np.mean(diff > 0)):.1%} of them)")
+
+
+def disk_bytes(tensors: dict[str, tuple[int, int]], n_layers: int, n_embd: int, n_windows: int, n_ctx: int,
+               starts: tuple[int, ...], f32: bool, header_bytes: int = 0) -> tuple[int, int]:
+    """(stage files, residuals) in bytes: each stage holds the metadata (`header_bytes`: the tokenizer, mostly),
+    the global tensors and blocks S..N-1 of the loaded file (every tensor F32 in the F32 container; `tensors`:
+    {name: (bytes stored, elements)} of the user's file), and each stage start keeps one float32 row of n_embd per
+    token of every window."""
+    def size(name: str) -> int:
+        stored, n = tensors[name]
+        return 4 * n if f32 else stored
+
+    layer = {name: int(m.group(1)) if (m := _BLOCK_LAYER.match(name)) else n_layers for name in tensors}
+    stages = sum(header_bytes + sum(size(name) for name in tensors if layer[name] >= s)  # globals: n_layers
+                 for s in starts)
+    return stages, len(starts) * n_windows * n_ctx * n_embd * 4
+
+
+_BLOCK_LAYER = re.compile(r"^blk\.(\d+)\.")
