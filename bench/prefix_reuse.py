@@ -12,7 +12,7 @@ residuals are read during the baseline's decode, and the identity reference is t
 
 Timing: run on an otherwise idle machine only (two llama.cpp processes on the same cores slow each other ~10x).
 
-    python bench/tinyllama_shaped.py /tmp/tinyllama-shaped.gguf      # the TinyLlama-shaped 1.1B model
+    python bench/shaped_model.py tinyllama /tmp/tinyllama-shaped.gguf   # the TinyLlama-shaped 1.1B model
     python bench/prefix_reuse.py --models embedded,/tmp/tinyllama-shaped.gguf [--windows 8] [--threads N]
     python bench/prefix_reuse.py --layers 2 --windows 2                # a quick check: the last 2 layers only
 """

@@ -88,7 +88,9 @@ def main() -> None:
     print("\n## --plan (weight points)\n" + plan_out.strip())
 
     t0 = time.perf_counter()
-    common.append("model.container=native")  # the file as it is, whatever auto chose above (llama-perplexity's)
+    # the file as it is, whatever auto chose above (llama-perplexity's); no prefix reuse: its stage, loaded beside
+    # the model, is a memory-for-decode trade of its own (docs/prefix.md), not what this measures
+    common += ["model.container=native", "run.prefix_reuse=false"]
     out_w, io_w, wall_w = sweep([*common, f"layer=0,{last}", "tensor=ffn_down,attn_v", "kind=weight", "fmt=int4",
                                  f"hydra.sweep.dir={work / 'w'}"], env, work / "w.json")
     out_a, io_a, wall_a = sweep([*common, f"layer=0,{last}", "tensor=l_out", "kind=activation", "fmt=int8",
