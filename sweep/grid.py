@@ -25,10 +25,9 @@ from .capacity import auto_container
 from .config import CONF_DIR, compose, hydra_error_line
 from .errors import SweepError
 from .gencheck import generation_mode
-from .llama.backend import Backend
+from .llama.backend import Backend, tokens_of
 from .llama.container import compute_settings
 from .llama.model_file import ModelInfo, model_info, resolve_model_path
-from .llama.vocab import tokens_of
 from .quant import ggml_types
 from .quant.experts import refuse_unquantized_type
 from .quant.formats import make_format

@@ -122,6 +122,23 @@ def _init_once() -> None:
         _initialised = True
 
 
+def tokens_of(path: Path, text: str) -> np.ndarray:
+    """The text tokenized by the model file at `path`, its weights never loaded (`vocab_only`): the checks before a
+    sweep tokenize without holding a model-sized copy."""
+    _init_once()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    _recent_errors.clear()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        why = _recent_errors[-1] if _recent_errors else "unknown reason"
+        raise SweepError(f"llama.cpp cannot load {path}: {why} (unsupported architecture or damaged file?)")
+    try:
+        return tokenize(llama_cpp.llama_model_get_vocab(model), text)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
 ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
 
 
