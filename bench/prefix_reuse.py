@@ -123,7 +123,7 @@ def main() -> None:
                                 "points_per_hour_reuse": pph_reuse, "layer_tokens_full": lt_full,
                                 "layer_tokens_reuse": lt_reuse, "fallbacks": fallbacks})
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        args.json.write_text(json.dumps(figures, indent=1, default=int))  # numpy integers
 
 
 if __name__ == "__main__":

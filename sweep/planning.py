@@ -396,7 +396,8 @@ def render(c: Costs, text_path) -> str:
     parts = [f"model {gb(g.model_bytes)}"] + ([f"its F32-target copy {gb(g.copy_bytes)}"] if g.copy_bytes else []) + (
         [f"the targets in F32 (originals or deltas) {gb(g.originals_bytes)}"] if g.originals_bytes else []) + [
         f"KV cache {gb(g.kv_bytes)}", f"5 x {gb(g.window_bytes)} window logits (2 in llama.cpp, 3 in the "
-        f"per-window math)", f"runtime ~{gb(RUNTIME_BYTES)}"]
+        f"per-window math)", f"runtime ~{gb(RUNTIME_BYTES)}"] + (
+        [f"prefix reuse's largest stage {gb(g.prefix_model_bytes)}"] if g.prefix_model_bytes else [])
     avail = f"; {gb(c.available_memory)} available now" if c.available_memory is not None else ""
     lines.append(f"  memory      one job ~{gb(g.job_memory)} = {' + '.join(parts)}{avail}")
 

@@ -425,10 +425,14 @@ class Backend:
 
     def read_weight_bytes(self, name: str) -> bytes:
         """A weight tensor's bytes as the backend holds them (any type; a repacked buffer could not give them)."""
+        return self.read_weight_raw(name).tobytes()
+
+    def read_weight_raw(self, name: str) -> np.ndarray:
+        """The same bytes as a uint8 array, read once (no intermediate copy: a 7B model's matrix is ~100 MB)."""
         ptr, t = self._weight(name)
-        buf = ctypes.create_string_buffer(libggml.ggml_nbytes(ptr))
-        libggml.ggml_backend_tensor_get(ptr, buf, 0, len(buf))
-        return buf.raw
+        out = np.empty(libggml.ggml_nbytes(ptr), dtype=np.uint8)
+        libggml.ggml_backend_tensor_get(ptr, out.ctypes.data, 0, out.nbytes)
+        return out
 
     def read_weight(self, name: str) -> np.ndarray:
         ptr, t = self._weight(name)

@@ -138,8 +138,7 @@ def ggml_dequantize(data: np.ndarray, type_id: int, shape: tuple[int, ...], n_th
 def dequantized_weight(backend, name: str) -> np.ndarray:
     """A weight of any type as float32, dequantized by ggml's own `to_float` from the bytes llama.cpp holds."""
     type_id, shape = backend.weight_layout(name)
-    raw = np.frombuffer(backend.read_weight_bytes(name), dtype=np.uint8)
-    return ggml_dequantize(raw, type_id, shape, backend.n_threads)
+    return ggml_dequantize(backend.read_weight_raw(name), type_id, shape, backend.n_threads)
 
 
 def rows_reader(backend, name: str):
@@ -148,7 +147,7 @@ def rows_reader(backend, name: str):
     type_id, shape = backend.weight_layout(name)
     n = shape[-1]
     row = ggml_row_size(type_id, n)
-    raw = np.frombuffer(backend.read_weight_bytes(name), dtype=np.uint8).reshape(-1, row)
+    raw = backend.read_weight_raw(name).reshape(-1, row)
 
     def read(a: int, b: int) -> np.ndarray:
         return ggml_dequantize(raw[a:b], type_id, (b - a, n), backend.n_threads)

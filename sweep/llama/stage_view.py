@@ -93,6 +93,9 @@ class StageView:
     def read_weight_bytes(self, name: str) -> bytes:
         return self.stage.read_weight_bytes(stage_name(name, self.start))
 
+    def read_weight_raw(self, name: str) -> np.ndarray:
+        return self.stage.read_weight_raw(stage_name(name, self.start))
+
     def write_weight(self, name: str, data: np.ndarray) -> None:
         self.stage.write_weight(stage_name(name, self.start), data)
 

@@ -22,7 +22,7 @@ from .formats import Format
 from .ggml_types import storage
 from .targets import Target
 
-CHUNK = 1 << 20  # elements per pass over a weight (8 MB in float64): the temporaries stay small
+CHUNK = 1 << 18  # elements per pass over a weight (2 MB in float64): the temporaries stay small
 
 
 @dataclass
