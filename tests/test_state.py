@@ -32,6 +32,7 @@ ALLOWED = {
     ("sweep.llama.rpc", "_abort_installed"): "ggml's abort callback is process-wide: installed once per process",
     ("sweep.quant.recipe_types", "_read"): "a pure memo of a recipe.json's per-tensor map, keyed by (path, size, "
                                            "mtime)",
+    ("sweep.capacity", "_sizes"): "a pure memo of a GGUF's tensor sizes and metadata, keyed by (path, size, mtime)",
 }
 
 

@@ -47,7 +47,7 @@ def test_config_composes_as_a_sweep_by_default():
         cfg = compose("config", return_hydra_config=True)
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
         assert cfg.hydra.sweeper.params == {"kind": "weight,activation", "layer": "each"}
-        assert (cfg.tensor, cfg.fmt.name, cfg.model.container, cfg.data.n_ctx) == ("ffn_norm", "bf16", "f32", 512)
+        assert (cfg.tensor, cfg.fmt.name, cfg.model.container, cfg.data.n_ctx) == ("ffn_norm", "bf16", "auto", 512)
         cfg = compose("config", overrides=["fmt=int8", "fmt.granularity=per_tensor"])
         assert (cfg.fmt.name, cfg.fmt.granularity) == ("int8", "per_tensor")
 
