@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,13 +150,16 @@ def settled(cfg, launcher_cfg=None):
     return OmegaConf.merge(cfg, {"model": {"container": auto_container(cfg, launcher_cfg)[0]}})
 
 
-def _free_disk(directory: Path) -> int:
-    import shutil
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where a directory still to create will be)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
-    d = Path(directory).absolute()
-    while not d.exists() and d != d.parent:
-        d = d.parent
-    return shutil.disk_usage(d).free
+
+def _free_disk(directory: Path) -> int:
+    return shutil.disk_usage(nearest_existing(directory)).free
 
 
 def gb(n: float) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from . import capacity
-from .capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes
+from .capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes, nearest_existing
 from .cores import available_cores
 from .errors import SweepError
 from .grid import Plan
@@ -150,13 +150,6 @@ class Costs:
 
 
 # ---- the figures ---------------------------------------------------------------------------------------------
-
-def nearest_existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
 
 def launcher_kind(launcher_cfg) -> str:
     target = str((launcher_cfg or {}).get("_target_", ""))
