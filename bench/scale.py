@@ -82,7 +82,7 @@ def main() -> None:
           f"{gb(args.model.stat().st_size)}; {args.windows} windows of {args.n_ctx}, {args.threads} threads")
     print(f"# types: {dict(pd.Series(info.tensor_types).value_counts())}")
 
-    plan_out, plan_io, plan_wall = sweep([*common, f"layer=0,{last}", "tensor=ffn_down,attn_v", "kind=weight",
+    plan_out, _, _ = sweep([*common, f"layer=0,{last}", "tensor=ffn_down,attn_v", "kind=weight",
                                           "fmt=int4", f"hydra.sweep.dir={work / 'plan'}", "--plan"], env,
                                          work / "plan.json")
     print("\n## --plan (weight points)\n" + plan_out.strip())
