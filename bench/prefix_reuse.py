@@ -10,6 +10,9 @@ Decoded layer-tokens = blocks decoded x tokens: the points' decodes (each record
 n_ctx), plus the baseline (N blocks, every window) and, with reuse, one identity window per stage used (the
 residuals are read during the baseline's decode, and the identity reference is the baseline's logits).
 
+The two tables are compared bit for bit: per-window sums of NLL, KL and top-1, PPL, mean KL and the proofs
+(`table`: same, or the columns that differ; bench/prefix_identity.py compares every token of a few points).
+
 Timing: run on an otherwise idle machine only (two llama.cpp processes on the same cores slow each other ~10x).
 
     python bench/shaped_model.py tinyllama /tmp/tinyllama-shaped.gguf   # the TinyLlama-shaped 1.1B model
@@ -28,39 +31,48 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from sweep.config import compose
+from sweep.grid import plan as grid_plan
 from sweep.llama.container import container_path, default_cache_dir
 from sweep.llama.model_file import model_info, resolve_model_path, sha256
 from sweep.llama.stage_file import write_stage_file
-from sweep.scoring.prefix import STAGES_DIR, stage_for, stage_starts
+from sweep.scoring.prefix import STAGES_DIR, stage_file_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_out": ("kind=activation",
                                                                                       "tensor=l_out")}
 
 
-def prepare_stages(model: Path, container: str, n_stages: int, cache: Path, layers: range) -> list[int]:
-    """Write the stage files the reuse runs will load for `layers` (not timed: once per model file)."""
-    source = resolve_model_path(model)
-    loaded = container_path(source, container, cache)
-    starts = stage_starts(model_info(source).n_layers, n_stages)
-    used = sorted({s for layer in layers if (s := stage_for((layer,), starts)) is not None})
-    for s in used:
-        path = cache / STAGES_DIR / f"{sha256(source)}.{container}.stage{s}.gguf"
+def prepare_stages(overrides: list[str], cache: Path) -> list[int]:
+    """Write the stage files the reuse run of `overrides` will load (not timed: once per model file, like the F32
+    container): the starts are the sweep's own plan (sweep/prefix_plan.py)."""
+    jobs = grid_plan(overrides).jobs
+    starts = json.loads(next(o for o in jobs[0] if o.startswith("run.prefix_starts=")).split("=", 1)[1])
+    cfg = compose(jobs[0])
+    source = resolve_model_path(cfg.model.path)
+    loaded = container_path(source, str(cfg.model.container), cache)
+    for s in starts:
+        path = stage_file_path(cache, sha256(source), str(cfg.model.container), s)
         if not path.exists():
-            print(f"  writing stage {s} of {source.name} ({container}) -> {path}", flush=True)
+            print(f"  writing stage {s} of {source.name} ({cfg.model.container}) -> {path}", flush=True)
             write_stage_file(loaded, path, s)
-    return used
+    return starts
+
+
+def overrides(model: str, axes, layers: str, reuse: bool, args) -> list[str]:
+    return [f"model.path={model}", f"model.container={args.container}", f"layer={layers}", *axes, "fmt=int8",
+            f"data.n_windows={args.windows}", f"data.n_ctx={args.n_ctx}", "metrics.generate=false",
+            f"run.threads={args.threads}", "run.progress=false", f"run.prefix_reuse={str(reuse).lower()}",
+            f"run.prefix_stages={args.stages}"]
 
 
 def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: Path) -> tuple[float, pd.DataFrame]:
     name = f"{Path(model).stem}-{'-'.join(a.split('=')[1] for a in axes)}-{'reuse' if reuse else 'full'}"
-    cmd = [sys.executable, "-m", "sweep", f"model.path={model}", f"model.container={args.container}",
-           f"layer={layers}", *axes, "fmt=int8", f"data.n_windows={args.windows}", "metrics.generate=false",
-           f"run.threads={args.threads}", "run.progress=false", f"run.prefix_reuse={str(reuse).lower()}",
-           f"run.prefix_stages={args.stages}", f"run.store={work / name / 'store'}",
-           f"hydra.sweep.dir={work / name / 'sweep'}"]
+    cmd = [sys.executable, "-m", "sweep", *overrides(model, axes, layers, reuse, args),
+           f"run.store={work / name / 'store'}", f"hydra.sweep.dir={work / name / 'sweep'}"]
     # a cache of its own per run, sharing the F32 containers and stage files but no captured residuals: every reuse
     # run pays its capture, as a first sweep does
     own = work / name / "cache"
@@ -77,6 +89,17 @@ def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: P
     return wall, pd.read_parquet(work / name / "sweep" / "results.parquet")
 
 
+SAME = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll", "ppl", "kld_mean", "n_changed",
+        "hook_calls"]
+
+
+def identical(full: pd.DataFrame, reuse: pd.DataFrame) -> list[str]:
+    """The columns (per-window NLL, KL and top-1 sums, proofs) where the two tables differ in any bit."""
+    a, b = (t.sort_values("layer").reset_index(drop=True) for t in (full, reuse))
+    return [c for c in SAME if c in a and not all(np.array_equal(np.asarray(x), np.asarray(y))
+                                                  for x, y in zip(a[c], b[c]))]
+
+
 def layer_tokens(df: pd.DataFrame, n_layers: int, reuse: bool) -> int:
     n_windows, n_ctx = int(df["n_windows"].max()), int(df["n_ctx"].iloc[0])
     points = int((df["decoded_blocks"] * df["n_windows"] * df["n_ctx"]).sum())
@@ -91,7 +114,8 @@ def main() -> None:
     ap.add_argument("--models", default="embedded", help="comma-separated: embedded and/or GGUF paths")
     ap.add_argument("--layers", type=int, default=0, help="only the last K layers (0: all)")
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--stages", type=int, default=6, help="run.prefix_stages")
+    ap.add_argument("--n-ctx", type=int, default=512, help="data.n_ctx")
+    ap.add_argument("--stages", type=int, default=8, help="run.prefix_stages (the most stages the plan may use)")
     ap.add_argument("--container", default="f32")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -103,25 +127,29 @@ def main() -> None:
             n = model_info(resolve_model_path(None if model == "embedded" else model)).n_layers
             first = n - args.layers if args.layers else 0
             layers = f"range({first},{n})"
-            starts = prepare_stages(None if model == "embedded" else Path(model), args.container, args.stages, cache,
-                                    range(first, n))
+            starts = {label: prepare_stages(overrides(model, axes, layers, True, args), cache)
+                      for label, axes in SWEEPS.items()}
             print(f"\n## {model}: {n} blocks, layer={layers}, {args.windows} windows, {args.container} container, "
                   f"{args.threads} threads, stages {starts}")
             print(f"{'sweep':<20}{'points':>7}{'full pts/h':>12}{'reuse pts/h':>13}{'speed-up':>10}"
-                  f"{'layer-tokens full':>19}{'reuse':>14}{'ratio':>8}  fallbacks")
+                  f"{'layer-tokens full':>19}{'reuse':>14}{'ratio':>8}  table  fallbacks")
             for label, axes in SWEEPS.items():
                 wall_full, full = sweep(model, axes, layers, False, args, Path(tmp), cache)
                 wall_reuse, reuse = sweep(model, axes, layers, True, args, Path(tmp), cache)
                 assert len(full) == len(reuse)
                 lt_full, lt_reuse = layer_tokens(full, n, False), layer_tokens(reuse, n, True)
                 pph_full, pph_reuse = 3600 * len(full) / wall_full, 3600 * len(reuse) / wall_reuse
-                fallbacks = reuse["prefix_reason"].dropna().value_counts().to_dict()
+                # one count per kind of reason (the layer and the stages listed apart)
+                fallbacks = reuse["prefix_reason"].dropna().str.replace(r"layer \d+ \(.*\)$", "its layer",
+                                                                        regex=True).value_counts().to_dict()
+                differ = identical(full, reuse)
                 print(f"{label:<20}{len(full):>7}{pph_full:>12.0f}{pph_reuse:>13.0f}{pph_reuse / pph_full:>9.2f}x"
-                      f"{lt_full:>19,}{lt_reuse:>14,}{lt_reuse / lt_full:>8.3f}  {fallbacks or '-'}")
+                      f"{lt_full:>19,}{lt_reuse:>14,}{lt_reuse / lt_full:>8.3f}  "
+                      f"{'same' if not differ else 'DIFFER: ' + ','.join(differ)}  {fallbacks or '-'}")
                 figures.append({"model": model, "sweep": label, "points": len(full), "wall_full_s": wall_full,
                                 "wall_reuse_s": wall_reuse, "points_per_hour_full": pph_full,
                                 "points_per_hour_reuse": pph_reuse, "layer_tokens_full": lt_full,
-                                "layer_tokens_reuse": lt_reuse, "fallbacks": fallbacks})
+                                "layer_tokens_reuse": lt_reuse, "fallbacks": fallbacks, "differ": differ})
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=int))  # numpy integers
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .llama.container import default_cache_dir
-from .llama.model_file import model_info, resolve_model_path, sha256
+from .llama.model_file import gguf_reader, model_info, resolve_model_path, sha256
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
@@ -40,9 +40,7 @@ def available_memory() -> int | None:
 
 @functools.lru_cache(maxsize=8)
 def _sizes(path: str, size: int, mtime: float) -> tuple[int, dict[str, tuple[int, int]], dict]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = gguf_reader(Path(path))
     tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
     return size, tensors, {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.")}
 

@@ -103,7 +103,9 @@ class RunConfig:
     # Prefix reuse (docs/prefix.md): a point at layer L decodes only the blocks from a stage S <= L on, fed the
     # baseline's residual stream; bit-identical to the full decode, or the point falls back to it and says why.
     prefix_reuse: bool = True
-    prefix_stages: int = 6  # stage starts spread evenly over the blocks (more: less decode, more disk)
+    prefix_stages: int = 8  # the most stage files a sweep may use (more: less decode, more disk)
+    # the stages' first blocks; null: chosen before launch from the sweep's layers and windows (stage_plan.py)
+    prefix_starts: Optional[list[int]] = None
 
 
 @dataclass

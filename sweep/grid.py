@@ -28,6 +28,7 @@ from .gencheck import generation_mode
 from .llama.backend import Backend, tokens_of
 from .llama.container import compute_settings
 from .llama.model_file import ModelInfo, model_info, resolve_model_path
+from .prefix_plan import settle_starts
 from .quant import ggml_types
 from .quant.experts import refuse_unquantized_type
 from .quant.formats import make_format
@@ -92,6 +93,10 @@ class _Checker:
         if (str(path), text_path, n_ctx, n_windows) not in self.n_windows:
             self.n_windows[(str(path), text_path, n_ctx, n_windows)] = make_windows(
                 self.tokens[key], n_ctx, n_windows, None).n_windows
+
+    def windows(self, cfg) -> int:
+        """The windows a checked point of `cfg` scores."""
+        return self.n_windows[(str(cfg.model.path), cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows))]
 
     def check(self, cfg) -> Target:
         """What composition cannot check (choices and types it does: sweep/config.py)."""
@@ -162,6 +167,7 @@ def plan(overrides: list[str]) -> Plan:
                 job.append(f"model.container={checker.container(cfg, base.hydra.launcher)}")
                 cfg = compose(job)
             points.append((cfg, checker.check(cfg)))
+        settle_starts(jobs, points, lambda cfg: checker.info(cfg.model.path), checker.windows)
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))
     if not jobs:

@@ -119,9 +119,12 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
 
 
 def prefix_settings(cfg: DictConfig) -> PrefixSettings:
-    """run.prefix_reuse / run.prefix_stages; stages and residuals are cached where the F32 containers are."""
+    """run.prefix_reuse / run.prefix_stages / run.prefix_starts; stages and residuals are cached where the F32
+    containers are."""
     cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
-    return PrefixSettings(bool(cfg.run.get("prefix_reuse", True)), int(cfg.run.get("prefix_stages", 6)), cache)
+    starts = cfg.run.get("prefix_starts")
+    return PrefixSettings(bool(cfg.run.get("prefix_reuse", True)), int(cfg.run.get("prefix_stages", 8)), cache,
+                          None if starts is None else tuple(int(s) for s in starts))
 
 
 def stop_rule(metrics_cfg) -> StopRule | None:

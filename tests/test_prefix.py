@@ -4,6 +4,7 @@ a stage that cannot match falls back to the full decode, and every fallback says
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import numpy as np
@@ -24,7 +25,8 @@ from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import run_point
-from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, PrefixSettings, stage_for, stage_starts
+from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, PrefixSettings, stage_for
+from sweep.scoring.stage_plan import STAGE_COST_WINDOWS, plan_stages, spread_starts
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
 
@@ -35,10 +37,54 @@ def models(tmp_path_factory, smollm2):
     return {arch: write_tiny_model(d / f"{arch}.gguf", smollm2, arch=arch) for arch in ("llama", "qwen2", "gemma3")}
 
 
-def test_stages_are_spread_over_the_blocks():
-    assert stage_starts(30, 5) == (5, 10, 15, 20, 25)
-    assert stage_starts(3, 6) == (1, 2)  # never block 0, never past the last block
+def test_stages_without_a_plan_are_spread_over_the_blocks():
+    assert spread_starts(30, 5) == (5, 10, 15, 20, 25)
+    assert spread_starts(3, 6) == (1, 2)  # never block 0, never past the last block
     assert stage_for((7,), (5, 10)) == 5 and stage_for((12, 3), (5, 10)) is None and stage_for((4,), (5,)) is None
+    assert PrefixSettings(True, 5, None).starts_for(30) == (5, 10, 15, 20, 25)
+    assert PrefixSettings(True, 5, None, (0, 29, 7, 7, 30)).starts_for(30) == (7, 29)  # given: inside the blocks
+
+
+def decoding(n: int, points: dict, starts) -> float:
+    """Block-windows of `points` ({first layer: windows}) decoded from `starts`, with the stages' own cost."""
+    return sum(w * (n - max((s for s in starts if s <= layer), default=0)) for layer, w in points.items()) + \
+        sum(STAGE_COST_WINDOWS * (n - s) for s in starts)
+
+
+def test_the_plan_is_the_cheapest_set_of_stages():
+    """Against every subset of starts on random small sweeps; the disk's veto and a stage that does not pay."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, k = int(rng.integers(2, 10)), int(rng.integers(0, 4))
+        points = {int(layer): float(rng.choice([0.5, 1, 2, 8])) for layer in rng.integers(0, n, rng.integers(1, n))}
+        cands = sorted(layer for layer in points if layer > 0)
+        best = min(decoding(n, points, c) for m in range(k + 1) for c in itertools.combinations(cands, m))
+        got = plan_stages(n, points, k)
+        assert len(got.starts) <= k and got.cost == pytest.approx(best)
+        assert got.cost == pytest.approx(decoding(n, points, got.starts))
+        assert got.full_cost == pytest.approx(decoding(n, points, ()))
+    sweep30 = {layer: 8 for layer in range(30)}
+    assert len(plan_stages(30, sweep30, 8).starts) == 8 and plan_stages(30, sweep30, 8).ratio < 0.6
+    assert len(plan_stages(30, sweep30, 8, fits=lambda starts: len(starts) <= 3).starts) == 3
+    assert plan_stages(3, {2: 1}, 8).starts == ()  # saves 1 block-window, costs STAGE_COST_WINDOWS
+    assert plan_stages(3, {2: 3}, 8).starts == (2,)
+
+
+def test_the_sweep_settles_its_stages_once_for_every_job(models, tmp_path, wikitext, capsys):
+    """grid.plan gives every job the same run.prefix_starts, planned from its layers and windows, and says so; a
+    given choice is kept; points that cannot reuse a prefix plan none."""
+    args = [*tiny_args(models["llama"], tmp_path, "layer=0,1,2", "kind=activation", "tensor=l_out", "fmt=int8",
+                       "metrics.generate=false"), f"data.path={wikitext}"]
+    p = plan(args)
+    # 3 windows per point: stage 2 alone (decoding 9 + 9 + 3, + 2 for its identity and load) beats 1 and 2 (24)
+    assert {o for job in p.jobs for o in job if o.startswith("run.prefix_starts=")} == {"run.prefix_starts=[2]"}
+    assert all(list(cfg.run.prefix_starts) == [2] for cfg, _ in p.points)
+    assert "prefix reuse: stages at blocks 2, decoding 0.85 of the full decodes' block-windows" in \
+        capsys.readouterr().out
+    given = plan([*args, "run.prefix_starts=[1]"])
+    assert all(list(cfg.run.prefix_starts) == [1] for cfg, _ in given.points)
+    assert all(sum(o.startswith("run.prefix_starts=") for o in job) == 1 for job in given.jobs)
+    assert all(list(cfg.run.prefix_starts) == [] for cfg, _ in plan([*args, "metrics.generate=true"]).points)
 
 
 def all_windows(view, ref) -> bool:
@@ -126,7 +172,7 @@ def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, e
     planted = tmp_path / "cache" / STAGES_DIR / f"{sha256(model)}.f32.stage2.gguf"
     planted.parent.mkdir(parents=True)
     write_stage_file(other, planted, 2)
-    axes = ("layer=0,1,2", "fmt=int8", "metrics.generate=false", "run.threads=1")
+    axes = ("layer=0,1,2", "fmt=int8", "metrics.generate=false", "run.threads=1", "run.prefix_starts=[1,2]")
     tables = {}
     for reuse in ("true", "false"):
         for kind, tensor in (("weight", "ffn_down"), ("activation", "ffn_out")):
@@ -143,7 +189,7 @@ def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, e
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(on[column], off[column])), column
     by_layer = on.groupby("layer")
     assert set(by_layer.get_group(0)["prefix_reason"]) == \
-        {"no stage starts at or before layer 0 (stages: 1, 2; run.prefix_stages=6)"}
+        {"no stage starts at or before layer 0 (stages: 1, 2; set them with run.prefix_starts=[...])"}
     assert (by_layer.get_group(1)["prefix_reuse"] == "ok").all()
     assert (by_layer.get_group(1)["decoded_blocks"] == 2).all()
     layer2 = by_layer.get_group(2)
@@ -180,7 +226,7 @@ def test_plan_counts_stage_files_and_residuals(tiny_model, tmp_path, env, wikite
     that much, and with reuse off nothing is counted."""
     cache = tmp_path / "cache"
     axes = ("layer=1,2", "kind=activation", "tensor=l_out", "fmt=int8", "metrics.generate=false", "run.threads=1",
-            f"model.cache_dir={cache}")
+            f"model.cache_dir={cache}", "run.prefix_starts=[1,2]")
     costs = planning.costs(plan([*tiny_args(tiny_model, tmp_path, *axes), f"data.path={wikitext}"]))
     (group,) = costs.groups
     residuals = 2 * 3 * 64 * 64 * 4  # stages 1 and 2 x 3 windows x 64 tokens x n_embd 64 x float32

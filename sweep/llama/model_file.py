@@ -64,12 +64,24 @@ class ModelInfo:
     n_experts_used: int = 0  # `<arch>.expert_used_count`: experts selected per token
 
 
-@lru_cache(maxsize=8)
-def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
+@lru_cache(maxsize=4)
+def _reader(path: Path, size: int, mtime: float):
     from gguf import GGUFReader
 
+    return GGUFReader(path)
+
+
+def gguf_reader(path: Path):
+    """The file's GGUFReader, parsed once per process while the file is unchanged (parsing a tokenizer's arrays
+    takes seconds; the metadata, the sizes and the plan all read it)."""
+    st = Path(path).stat()
+    return _reader(Path(path), st.st_size, st.st_mtime)
+
+
+@lru_cache(maxsize=8)
+def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
     try:
-        reader = GGUFReader(path)
+        reader = gguf_reader(path)
     except Exception as e:  # the reader raises assorted errors on damaged files
         raise SweepError(f"cannot read GGUF file {path}: {e} (is it complete and uncorrupted?)") from e
     arch = _field(reader, "general.architecture", path)

@@ -10,8 +10,9 @@ Per session (`Prefixes`, held by `session.Session`):
   * the identity verdict of each stage: its logits on the first window, decoded from the residuals, must equal the
     full model's bit for bit before any point uses it; otherwise every point of that stage falls back to the full
     decode and its record says why.
-`choose` decides per point and says why not in the record's `prefix_reuse` / `prefix_reason` columns. Stages are
-`run.prefix_stages` block numbers spread evenly over the model; `python -m sweep.prefix_clean` removes the cache.
+`choose` decides per point and says why not in the record's `prefix_reuse` / `prefix_reason` columns. The stages'
+first blocks (`run.prefix_starts`) are chosen before launch from the sweep's layers (stage_plan.py), at most
+`run.prefix_stages` of them; `python -m sweep.prefix_clean` removes the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..llama.stage_file import write_stage_file
 from ..llama.stage_view import StageView, node_in_stage
 from ..store.files import atomic_path, atomic_write_bytes
 from ..store.records import point_key
+from .stage_plan import spread_starts
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,29 @@ RESIDUALS_DIR, STAGES_DIR = "prefix", "stages"
 
 @dataclass(frozen=True)
 class PrefixSettings:
-    """run.prefix_reuse and run.prefix_stages, and the cache directory (model.cache_dir) of stages and residuals."""
+    """run.prefix_reuse, run.prefix_stages and run.prefix_starts, and the cache directory (model.cache_dir) of
+    stages and residuals."""
 
     enabled: bool
     n_stages: int
     cache_dir: Path
+    starts: tuple[int, ...] | None = None  # None: n_stages spread evenly (a point run without a sweep's plan)
+
+    def starts_for(self, n_layers: int) -> tuple[int, ...]:
+        if self.starts is None:
+            return spread_starts(n_layers, self.n_stages)
+        return tuple(sorted(s for s in set(self.starts) if 0 < s < n_layers))
 
 
-def stage_starts(n_layers: int, n_stages: int) -> tuple[int, ...]:
-    """`n_stages` block numbers spread evenly over 1..n_layers-1 (fewer when the model has fewer blocks)."""
-    spread = {round(i * n_layers / (n_stages + 1)) for i in range(1, n_stages + 1)}
-    return tuple(sorted(spread & set(range(1, n_layers))))
+def static_fallback(n_experts: int, recipe: bool, generation: bool) -> str | None:
+    """Why a point cannot reuse a prefix whatever its layers, or None (shared with the plan of the stages)."""
+    if n_experts:
+        return "MoE model: expert routing is tracked on the full model"
+    if recipe:
+        return "a recipe perturbs tensors all over the model"
+    if generation:
+        return "the generation check (metrics.generate=true) decodes the full model"
+    return None
 
 
 def stage_for(layers: tuple[int, ...], starts: tuple[int, ...]) -> int | None:
@@ -88,13 +102,9 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
 
     if settings is None or not settings.enabled:
         return full(OFF, "run.prefix_reuse=false")
-    if ref.info.n_experts:
-        return full(FALLBACK, "MoE model: expert routing is tracked on the full model")
-    if fmt.recipe:
-        return full(FALLBACK, "a recipe perturbs tensors all over the model")
-    if generation:
-        return full(FALLBACK, "the generation check (metrics.generate=true) decodes the full model")
-    starts = stage_starts(n, settings.n_stages)
+    if (why := static_fallback(ref.info.n_experts, bool(fmt.recipe), generation)) is not None:
+        return full(FALLBACK, why)
+    starts = settings.starts_for(n)
     prefixes = ref.session.prefixes
     if not matched and baseline is not None:  # a baseline about to be decoded reads the residuals for every stage
         prefixes.prime(ref, starts, settings.cache_dir, baseline)
@@ -106,7 +116,7 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
     start = stage_for(target.layers, starts)
     if start is None:
         return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
-                              f"{', '.join(map(str, starts)) or 'none'}; run.prefix_stages={settings.n_stages})")
+                              f"{', '.join(map(str, starts)) or 'none'}; set them with run.prefix_starts=[...])")
     view = prefixes.view(ref, start, starts, settings.cache_dir, baseline)
     if isinstance(view, str):
         return full(FALLBACK, view)
@@ -215,7 +225,11 @@ def residuals_path(cache_dir: Path, key: str, start: int) -> Path:
 
 
 def stage_path(cache_dir: Path, ref, start: int) -> Path:
-    return Path(cache_dir) / STAGES_DIR / f"{ref.model_sha256}.{ref.container}.stage{start}.gguf"
+    return stage_file_path(cache_dir, ref.model_sha256, ref.container, start)
+
+
+def stage_file_path(cache_dir: Path, model_sha256: str, container: str, start: int) -> Path:
+    return Path(cache_dir) / STAGES_DIR / f"{model_sha256}.{container}.stage{start}.gguf"
 
 
 class _NotDecoded(Exception):
