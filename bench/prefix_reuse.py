@@ -118,8 +118,10 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=8, help="run.prefix_stages (the most stages the plan may use)")
     ap.add_argument("--container", default="f32")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of: {', '.join(SWEEPS)}")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    sweeps = {label: SWEEPS[label] for label in args.sweeps.split(",")}
     cache = default_cache_dir()
     figures = []
     with tempfile.TemporaryDirectory(prefix="prefix-reuse-") as tmp:
@@ -128,12 +130,12 @@ def main() -> None:
             first = n - args.layers if args.layers else 0
             layers = f"range({first},{n})"
             starts = {label: prepare_stages(overrides(model, axes, layers, True, args), cache)
-                      for label, axes in SWEEPS.items()}
+                      for label, axes in sweeps.items()}
             print(f"\n## {model}: {n} blocks, layer={layers}, {args.windows} windows, {args.container} container, "
                   f"{args.threads} threads, stages {starts}")
             print(f"{'sweep':<20}{'points':>7}{'full pts/h':>12}{'reuse pts/h':>13}{'speed-up':>10}"
                   f"{'layer-tokens full':>19}{'reuse':>14}{'ratio':>8}  table  fallbacks")
-            for label, axes in SWEEPS.items():
+            for label, axes in sweeps.items():
                 wall_full, full = sweep(model, axes, layers, False, args, Path(tmp), cache)
                 wall_reuse, reuse = sweep(model, axes, layers, True, args, Path(tmp), cache)
                 assert len(full) == len(reuse)
