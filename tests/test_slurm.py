@@ -106,6 +106,12 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def sacct(env, fields: str, *args: str) -> list[str]:
+    """The accounting's rows (allocations only), `fields` joined by |."""
+    return subprocess.run(["sacct", "-X", "-n", "-P", "-o", fields, *args], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 def start_sweep(args, env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -207,14 +213,10 @@ def test_a_task_at_its_time_limit_is_requeued_and_finishes(tiny_model, tmp_path,
     assert list(df["layer"]) == [1] and list(df["status"]) == ["ok"]
     logs = task_logs(tmp_path / "sweep")
     assert "this job is timed-out" in logs and "Requeued" in logs and "Job completed successfully" in logs
-
-    def states() -> list[str]:
-        return subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], env=cluster_env,
-                              capture_output=True, text=True, check=True).stdout.split()
-
     # slurmdbd records the end a moment after the driver has seen it: RUNNING for a second or so
-    wait_until(lambda: states()[-1:] != ["RUNNING"], 30, "the accounting never recorded the task's end")
-    assert states() == ["REQUEUED", "COMPLETED"]
+    wait_until(lambda: sacct(cluster_env, "State", "-D", "-j", job)[-1:] != ["RUNNING"], 30,
+               "the accounting never recorded the task's end")
+    assert sacct(cluster_env, "State", "-D", "-j", job) == ["REQUEUED", "COMPLETED"]
 
 
 def test_the_launching_process_loads_no_model(tiny_model, tmp_path, cluster_env):
@@ -236,6 +238,6 @@ def test_the_launching_process_loads_no_model(tiny_model, tmp_path, cluster_env)
     assert "loading " not in err and "loading " not in out
     df = read_table(tmp_path / "sweep")
     assert df["generation_checked"].tolist().count("top") == 1
-    names = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName,State"], env=cluster_env, capture_output=True,
-                           text=True, check=True).stdout.split()
-    assert "generation_check|COMPLETED" in names
+    # the check ran as a job of its own (slurmdbd records its end a moment after the driver has seen it)
+    wait_until(lambda: "generation_check|COMPLETED" in sacct(cluster_env, "JobName,State"), 30,
+               "no completed generation_check job in the accounting")
