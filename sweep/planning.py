@@ -37,7 +37,7 @@ from .llama.model_file import model_info, resolve_model_path, sha256
 from .run import matched_targets
 from .scoring.generation import complete
 from .scoring.perplexity import score
-from .scoring.prefix import disk_bytes, stage_file_path
+from .scoring.prefix import disk_bytes, unwritten_stages
 from .scoring.text import load_text
 from .scoring.windows import make_windows
 from .session import Session, baseline_key
@@ -248,14 +248,14 @@ def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_byt
     """Prefix reuse's disk (stage files not yet written, residuals) and the largest stage held beside the model."""
     if not cfg.run.get("prefix_reuse", True) or info.n_experts:
         return
-    starts = prefix_settings(cfg).starts_for(info.n_layers)
+    settings = prefix_settings(cfg)
+    starts = settings.starts_for(info.n_layers)
     if not starts:
         return
-    cache = prefix_settings(cfg).cache_dir
+    cache = settings.cache_dir
     n_embd = int(meta.get(f"{info.arch}.embedding_length", 0))
     f32 = cfg.model.container == "f32"
-    missing = tuple(s for s in starts if not stage_file_path(cache, sha256(group.source), cfg.model.container,
-                                                             s).exists())
+    missing = unwritten_stages(cache, sha256(group.source), cfg.model.container, starts)
     stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32,
                                         header_bytes)
     group.prefix_dir, group.prefix_bytes = cache, stage_files + residuals

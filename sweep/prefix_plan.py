@@ -12,7 +12,7 @@ from .capacity import gguf_sizes, nearest_existing
 from .gencheck import generation_mode
 from .llama.container import default_cache_dir
 from .llama.model_file import sha256
-from .scoring.prefix import disk_bytes, stage_file_path, static_fallback
+from .scoring.prefix import disk_bytes, static_fallback, unwritten_stages
 from .scoring.stage_plan import StagePlan, plan_stages
 
 
@@ -65,6 +65,6 @@ def stage_files_bytes(cfg, info, starts: tuple[int, ...]) -> int:
     """Disk the stage files of `starts` that are not written yet will take."""
     file_bytes, tensors, _ = gguf_sizes(info.path)
     container, cache = str(cfg.model.container), _cache_dir(cfg)
-    missing = tuple(s for s in starts if not stage_file_path(cache, sha256(info.path), container, s).exists())
+    missing = unwritten_stages(cache, sha256(info.path), container, starts)
     header = file_bytes - sum(b for b, _ in tensors.values())
     return disk_bytes(tensors, info.n_layers, 0, 0, 0, missing, container == "f32", header)[0]

@@ -232,6 +232,11 @@ def stage_file_path(cache_dir: Path, model_sha256: str, container: str, start: i
     return Path(cache_dir) / STAGES_DIR / f"{model_sha256}.{container}.stage{start}.gguf"
 
 
+def unwritten_stages(cache_dir: Path, model_sha256: str, container: str, starts) -> tuple[int, ...]:
+    """The starts whose stage files are not in the cache yet (what a sweep would write)."""
+    return tuple(s for s in starts if not stage_file_path(cache_dir, model_sha256, container, s).exists())
+
+
 class _NotDecoded(Exception):
     """The baseline decoded nothing (computed before, or stored), and a decode of their own was not wanted."""
 
