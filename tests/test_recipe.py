@@ -51,17 +51,22 @@ def test_solver_is_exact_on_small_instances(seed):
     assert costs[chosen].sum() == pytest.approx(best, rel=1e-9)
 
 
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory, smollm2, wikitext, cache_dir):
+def sweep_f32_model(tmp, smollm2, wikitext, cache_dir, tensors, types):
+    """A tiny F32 model (so that every type is a real change) swept over layers 0-2 x `tensors` x `types`, ranked by
+    KLD: the tables a recipe is built from. Returns (model, sweep dir, env)."""
     import os
 
-    tmp = tmp_path_factory.mktemp("recipe")
     model = write_tiny_model(tmp / "tiny-f32.gguf", smollm2, n_embd=256, n_ff=512,
                              matmul_type=GGMLQuantizationType.F32, embd_type=GGMLQuantizationType.F32)
     env = {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}
-    run_sweep(tiny_args(model, tmp, "layer=0,1,2", f"tensor={','.join(TENSORS)}", "kind=weight",
-                        f"fmt={','.join(TYPES)}", "metrics.generate=false", "metrics.rank_by=kld_mean"), env)
+    run_sweep(tiny_args(model, tmp, "layer=0,1,2", f"tensor={','.join(tensors)}", "kind=weight",
+                        f"fmt={','.join(types)}", "metrics.generate=false", "metrics.rank_by=kld_mean"), env)
     return model, tmp / "sweep", env
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, smollm2, wikitext, cache_dir):
+    return sweep_f32_model(tmp_path_factory.mktemp("recipe"), smollm2, wikitext, cache_dir, TENSORS, TYPES)
 
 
 def recipe_cli(args, env, check=True):

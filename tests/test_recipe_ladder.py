@@ -9,10 +9,8 @@ import re
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
-from test_recipe import recipe_cli
-from test_sweep import run_sweep, tiny_args
-from tiny_model import write_tiny_model
+from gguf import GGUFReader
+from test_recipe import recipe_cli, sweep_f32_model
 
 from sweep.recipe.loop import chunks, fit_alpha, stop_reason
 
@@ -23,14 +21,10 @@ TYPES = ("q3_K", "q4_K", "q8_0")  # q3_K below the Q2_K preset's q2_K: that size
 @pytest.fixture(scope="module")
 def low_bit(tmp_path_factory, smollm2, wikitext, cache_dir):
     tmp = tmp_path_factory.mktemp("ladder")
-    model = write_tiny_model(tmp / "tiny-f32.gguf", smollm2, n_embd=256, n_ff=512,
-                             matmul_type=GGMLQuantizationType.F32, embd_type=GGMLQuantizationType.F32)
-    env = {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}
-    run_sweep(tiny_args(model, tmp, "layer=0,1,2", f"tensor={','.join(TENSORS)}", "kind=weight",
-                        f"fmt={','.join(TYPES)}", "metrics.generate=false", "metrics.rank_by=kld_mean"), env)
+    model, sweep_dir, env = sweep_f32_model(tmp, smollm2, wikitext, cache_dir, TENSORS, TYPES)
     other = tmp / "other.txt"  # another text: WikiText's last 40,000 characters, after any window the tables saw
     other.write_text(wikitext.read_text(encoding="utf-8")[-40000:], encoding="utf-8")
-    return model, tmp / "sweep", env, other
+    return model, sweep_dir, env, other
 
 
 def test_stop_rules_and_the_correction():
