@@ -25,7 +25,7 @@ from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import run_point
-from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, PrefixSettings, stage_for
+from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, PrefixSettings, stage_for, writes_weights
 from sweep.scoring.stage_plan import STAGE_COST_WINDOWS, plan_stages, spread_starts
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
@@ -107,6 +107,33 @@ def test_a_stage_is_the_full_model(arch, container, models, wikitext, cache_dir)
                 assert isinstance(view, StageView), view  # else: the reason identity failed
                 assert view.stage.n_layers == 3 - start
                 assert all_windows(view, ref)
+        finally:
+            prefixes.close()
+
+
+def test_a_stage_is_memory_mapped_unless_the_point_writes_weights(models, wikitext, cache_dir):
+    """Activation points and quantized weights (perturbed through a delta) write no weight: their stage is
+    memory-mapped from its file and refuses a write with a clear error instead of crashing. A point that writes an
+    F32 weight gets the stage read into memory, checked for identity as loaded; that stage then serves both."""
+    for container, writes in (("f32", True), ("native", False)):
+        cfg = make_cfg(models["llama"], wikitext, 64, 2, container, cache_dir, "run.threads=1")
+        with open_reference(cfg) as ref:
+            weight = resolve("weight", "ffn_down", 1, ref.info, ref.backend.nodes)
+            assert writes_weights(ref.backend, weight) == writes
+            assert not writes_weights(ref.backend, resolve("activation", "l_out", 1, ref.info, ref.backend.nodes))
+    cfg = make_cfg(models["llama"], wikitext, 64, 2, "f32", cache_dir, "run.threads=1")
+    with open_reference(cfg) as ref:
+        prefixes = Prefixes()
+        try:
+            mapped = prefixes.view(ref, 1, (1,), cache_dir, writable=False)
+            assert isinstance(mapped, StageView) and not mapped.stage.writable
+            with pytest.raises(RuntimeError, match="loaded read-only"):
+                mapped.write_weight("blk.1.ffn_down.weight", mapped.read_weight("blk.1.ffn_down.weight"))
+            read = prefixes.view(ref, 1, (1,), cache_dir, writable=True)
+            assert isinstance(read, StageView) and read.stage.writable and mapped.stage.closed
+            assert all_windows(read, ref)
+            assert prefixes.view(ref, 1, (1,), cache_dir, writable=False).stage is read.stage
+            assert sorted(k[2] for k, v in prefixes.verdicts.items() if v is None) == [False, True]
         finally:
             prefixes.close()
 

@@ -5,7 +5,8 @@ It offers three mechanisms and no policy:
   * `decode_window`: one window of tokens in, the logits of the requested positions out;
   * an activation hook: a function called with the data of chosen graph nodes right after llama.cpp computed
     them, whose return value is written back before anything downstream reads it (the context's eval callback);
-  * weight access: read/write of the model's weight tensors in place (model loaded without mmap).
+  * weight access: read/write of the model's weight tensors in place (model loaded without mmap: `writable_weights`;
+    a model memory-mapped from its file loads faster and can only be read).
 Reads and writes go through ggml_backend_tensor_get/set, never through `tensor->data`, so GPU backends work too.
 """
 
@@ -157,11 +158,13 @@ class Backend:
                  writable_weights: bool = False):
         _init_once()
         self.path, self.n_ctx, self.n_threads, self.settings = Path(path), n_ctx, n_threads, settings
+        self.writable = writable_weights
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = settings.n_gpu_layers
         mparams.use_extra_bufts = False  # no repacking: AMX crashes, repacked weights are unreadable (see above)
-        if writable_weights:  # with mmap, the weights are read-only pages of the file: writing would crash
-            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        # with mmap, the weights are read-only pages of the file (writing would crash), mapped in a fraction of the
+        # time of a read into memory; stated, not left to LLAMA_LOAD_MODE_AUTO
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if writable_weights else llama_cpp.LLAMA_LOAD_MODE_MMAP
         # model.rpc: the servers' devices must be listed (registering them alone leaves every layer on the CPU);
         # the array stays referenced as long as the model
         self._devices = offload_devices(settings.rpc)
@@ -448,6 +451,9 @@ class Backend:
         return int(t.type), self._shape(t)
 
     def write_weight(self, name: str, data: np.ndarray) -> None:
+        if not self.writable:  # the weights are read-only pages of the file: writing would crash the process
+            raise RuntimeError(f"{self.path.name} was loaded read-only (memory-mapped): load it with "
+                               f"writable_weights=True to write {name}")
         ptr, t = self._weight(name)
         for addr in self._copies.get(name, [ctypes.addressof(t)]):  # every copy llama.cpp loaded
             self._set(ctypes.c_void_p(addr), GGMLTensor.from_address(addr), name, data)

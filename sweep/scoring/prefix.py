@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SweepError
 from ..llama.backend import PROBE_TOKENS
 from ..llama.container import runtime_identity
 from ..llama.embd import EmbeddingBackend
@@ -117,7 +118,7 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
     if start is None:
         return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
                               f"{', '.join(map(str, starts)) or 'none'}; set them with run.prefix_starts=[...])")
-    view = prefixes.view(ref, start, starts, settings.cache_dir, baseline)
+    view = prefixes.view(ref, start, starts, settings.cache_dir, baseline, writes_weights(backend, target))
     if isinstance(view, str):
         return full(FALLBACK, view)
     missing = prefixes.missing_in_stage(ref.backend, view, target)
@@ -126,35 +127,53 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
     return Reuse(view, OK, None, start, n)
 
 
+def writes_weights(full, target) -> bool:
+    """Whether the point writes weights in place (those llama.cpp holds in F32): only then is its stage loaded into
+    writable memory. Quantized weights are perturbed through a delta and activations by the hook; their stages are
+    memory-mapped from the file, which loads in about half the time."""
+    if target.kind != "weight":
+        return False
+    try:
+        return any(full.holds_f32(name) for name in target.names)
+    except SweepError:  # not a weight of the graph: the point fails on it later, as without reuse
+        return True
+
+
 class Prefixes:
     """A session's stages: their residuals, identity verdicts and the one stage model kept open."""
 
     def __init__(self):
-        self.verdicts: dict[tuple, str | None] = {}  # (residuals key, start) -> None (identical) or the reason
+        # (residuals key, start, loaded writable) -> None (identical) or the reason: a stage is checked as it is
+        # loaded (memory-mapped or read into memory), and a failure holds for both
+        self.verdicts: dict[tuple, str | None] = {}
         self._open: tuple[tuple, EmbeddingBackend] | None = None
         self._residuals: dict[tuple, np.ndarray] = {}
         self.extra_windows = 0  # full-model windows decoded for prefix reuse alone (not by a baseline or a point)
         self._primed: set[str] = set()  # residual keys whose baseline decode was offered for reading them
 
     def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path,
-             baseline: Callable[[], object] | None = None) -> StageView | str:
-        """The verified stage starting at `start`, or the reason it cannot be used."""
+             baseline: Callable[[], object] | None = None, writable: bool = False) -> StageView | str:
+        """The verified stage starting at `start`, or the reason it cannot be used. writable: the point writes
+        weights in place (a stage memory-mapped from its file cannot take them)."""
         key = residuals_key(ref)
-        if self.verdicts.get((key, start), None) is not None:
-            return self.verdicts[(key, start)]
+        failed = [v for (k, s, _), v in self.verdicts.items() if (k, s) == (key, start) and v is not None]
+        if failed:
+            return failed[0]
+        checked = (key, start, writable)
         try:
             meta, decoded = capture(ref, starts, cache_dir, key, baseline)
             self.extra_windows += decoded
             if (key, start) not in self._residuals:
                 self._residuals[(key, start)] = np.load(residuals_path(cache_dir, key, start), mmap_mode="r")
-            stage = self._stage(ref, start, cache_dir)
+            stage = self._stage(ref, start, cache_dir, writable)
+            checked = (key, start, stage.writable)
             view = StageView(stage, start, self._residuals[(key, start)], ref.windows.tokens)
-            if (key, start) not in self.verdicts:
-                self.verdicts[(key, start)] = identity(ref, view, meta["window0_logits_sha256"])
+            if checked not in self.verdicts:
+                self.verdicts[checked] = identity(ref, view, meta["window0_logits_sha256"])
         except Exception as e:  # any failure to prepare a stage is a fallback, said in the record
             log.debug("stage %d not prepared", start, exc_info=True)
-            self.verdicts[(key, start)] = f"stage {start} could not be prepared: {type(e).__name__}: {e}"
-        return self.verdicts[(key, start)] or view
+            self.verdicts[checked] = f"stage {start} could not be prepared: {type(e).__name__}: {e}"
+        return self.verdicts[checked] or view
 
     def prime(self, ref, starts: tuple[int, ...], cache_dir: Path, baseline: Callable[[], object]) -> None:
         """Read the residuals during the baseline's decode if it decodes now (the sweep's first point, whatever its
@@ -170,17 +189,19 @@ class Prefixes:
         except Exception:  # the stage points will try again, and record why they cannot
             log.debug("residuals not read during the baseline", exc_info=True)
 
-    def _stage(self, ref, start: int, cache_dir: Path) -> EmbeddingBackend:
+    def _stage(self, ref, start: int, cache_dir: Path, writable: bool) -> EmbeddingBackend:
+        """The stage model, loaded writable only when asked to (an open writable one serves every point)."""
         full = ref.backend
         ident = (str(full.path), start, full.n_ctx, full.n_threads, full.settings)
-        if self._open is not None and self._open[0] == ident and not self._open[1].closed:
+        if self._open is not None and self._open[0] == ident and not self._open[1].closed \
+                and (self._open[1].writable or not writable):
             return self._open[1]
         self.close_stage()  # one stage model in memory at a time
         path = stage_path(cache_dir, ref, start)
         if not path.exists():
             log.info("writing stage %d of %s -> %s", start, full.path.name, path)
             write_stage_file(full.path, path, start)
-        stage = EmbeddingBackend(path, full.n_ctx, full.n_threads, settings=full.settings, writable_weights=True)
+        stage = EmbeddingBackend(path, full.n_ctx, full.n_threads, settings=full.settings, writable_weights=writable)
         self._open = (ident, stage)
         return stage
 
