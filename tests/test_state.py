@@ -31,6 +31,8 @@ ALLOWED = {
     ("sweep.llama.model_file", "_sha256"): "a pure memo of the file's hash, keyed by (path, size, mtime)",
     ("sweep.quant.imatrix_file", "_load"): "a pure memo of the file's contents, keyed by (path, size, mtime)",
     ("sweep.llama.rpc", "_rpc_lib"): "the RPC backend's library, loaded once per process like libggml itself",
+    ("sweep.llama.backend", "_blas"): "numpy's BLAS libraries (threadpoolctl's handle), process-wide like the "
+                                      "libraries themselves",
     ("sweep.llama.rpc", "_abort_installed"): "ggml's abort callback is process-wide: installed once per process",
     ("sweep.quant.recipe_types", "_read"): "a pure memo of a recipe.json's per-tensor map, keyed by (path, size, "
                                            "mtime)",

@@ -13,6 +13,7 @@ Reads and writes go through ggml_backend_tensor_get/set, never through `tensor->
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 from llama_cpp._ggml import libggml
+from threadpoolctl import ThreadpoolController
 
 from ..errors import SweepError
 from .ggml_tensor import (
@@ -141,6 +143,19 @@ def tokens_of(path: Path, text: str) -> np.ndarray:
 
 
 ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
+
+
+@functools.cache
+def _blas():
+    return ThreadpoolController().select(user_api="blas")
+
+
+def one_blas_thread():
+    """numpy's BLAS on the calling thread alone, for the length of a decode: the eval callback's matmuls (a weight's
+    delta, an importance matrix) run while llama.cpp's own threads hold the cores, spin-waiting between graph splits,
+    and BLAS threads beside them made a delta's matmul several times slower and its time erratic (bench/README.md,
+    prefix reuse). Stated rather than left to the machine's core count."""
+    return _blas().limit(limits=1)
 
 
 class Backend:
@@ -315,7 +330,8 @@ class Backend:
         self.hook_error = None
         self._seen = {}
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        with one_blas_thread():
+            rc = llama_cpp.llama_decode(self.ctx, self._batch)
         self.decode_seconds += time.perf_counter() - t0
         if self.hook_error is not None:
             raise self.hook_error
