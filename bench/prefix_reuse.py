@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +121,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of: {', '.join(SWEEPS)}")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", type=Path, help="run in this directory and keep its stores and tables (default: a "
+                                              "temporary one)")
     args = ap.parse_args()
     sweeps = {label: SWEEPS[label] for label in args.sweeps.split(",")}
     cache = default_cache_dir()
     figures = []
-    with tempfile.TemporaryDirectory(prefix="prefix-reuse-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prefix-reuse-") if args.keep is None else nullcontext(args.keep) as tmp:
         for model in args.models.split(","):
             n = model_info(resolve_model_path(None if model == "embedded" else model)).n_layers
             first = n - args.layers if args.layers else 0
