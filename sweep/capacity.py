@@ -10,11 +10,11 @@ delta of a quantized tensor: sweep/quant/apply.py).
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cores import available_memory
 from .llama.container import default_cache_dir
 from .llama.model_file import gguf_reader, model_info, resolve_model_path, sha256
 
@@ -22,20 +22,6 @@ RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
 ROOM = 0.8  # auto takes the F32 container only where one job needs at most this share of the memory available
 DISK_ROOM = 0.9  # ... and the container to build at most this share of the cache's free disk
-
-
-def available_memory() -> int | None:
-    """Memory available to new processes (Linux: MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -25,8 +25,19 @@ from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import run_point
-from sweep.scoring.prefix import RESIDUALS_DIR, STAGES_DIR, Prefixes, PrefixSettings, stage_for, writes_weights
+from sweep.scoring.prefix import (
+    RESIDUALS_DIR,
+    STAGES_DIR,
+    Prefixes,
+    PrefixSettings,
+    residuals_key,
+    residuals_path,
+    stage_for,
+    stage_path,
+    writes_weights,
+)
 from sweep.scoring.stage_plan import STAGE_COST_WINDOWS, plan_stages, spread_starts
+from sweep.store import readahead
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
 
@@ -134,6 +145,32 @@ def test_a_stage_is_memory_mapped_unless_the_point_writes_weights(models, wikite
             assert all_windows(read, ref)
             assert prefixes.view(ref, 1, (1,), cache_dir, writable=False).stage is read.stage
             assert sorted(k[2] for k, v in prefixes.verdicts.items() if v is None) == [False, True]
+        finally:
+            prefixes.close()
+
+
+def test_the_next_stage_is_read_ahead(models, wikitext, cache_dir, monkeypatch):
+    """While a point decodes, the files of the stage after its own (the first stage for a point before every stage)
+    are read into the page cache, once; nothing after the last stage, nor what would not fit in memory."""
+    cfg = make_cfg(models["llama"], wikitext, 64, 2, "native", cache_dir, "run.threads=1")
+    with open_reference(cfg) as ref:
+        prefixes = Prefixes()
+        try:
+            for start in (1, 2):  # writes both stage files and the residuals
+                assert isinstance(prefixes.view(ref, start, (1, 2), cache_dir), StageView)
+            ahead = prefixes._ahead
+            files = {s: [stage_path(cache_dir, ref, s), residuals_path(cache_dir, residuals_key(ref), s)]
+                     for s in (1, 2)}
+            for current, expected in ((None, files[1]), (None, []), (1, files[2]), (1, []), (2, [])):
+                ahead.done.clear()
+                prefixes.read_ahead(ref, current, (1, 2), cache_dir)
+                ahead.wait()
+                assert ahead.done == expected, current
+            monkeypatch.setattr(readahead, "available_memory", lambda: 1000)
+            prefixes._ahead_of = None
+            prefixes.read_ahead(ref, None, (1, 2), cache_dir)
+            ahead.wait()
+            assert ahead.done == []
         finally:
             prefixes.close()
 

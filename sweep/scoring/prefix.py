@@ -34,6 +34,7 @@ from ..llama.embd import EmbeddingBackend
 from ..llama.stage_file import write_stage_file
 from ..llama.stage_view import StageView, node_in_stage
 from ..store.files import atomic_path, atomic_write_bytes
+from ..store.readahead import ReadAhead
 from ..store.records import point_key
 from .stage_plan import spread_starts
 
@@ -116,9 +117,11 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
                               f"matched F32 copy of the whole model (model.native_weights=copy)")
     start = stage_for(target.layers, starts)
     if start is None:
+        prefixes.read_ahead(ref, None, starts, settings.cache_dir)
         return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
                               f"{', '.join(map(str, starts)) or 'none'}; set them with run.prefix_starts=[...])")
     view = prefixes.view(ref, start, starts, settings.cache_dir, baseline, writes_weights(backend, target))
+    prefixes.read_ahead(ref, start, starts, settings.cache_dir)
     if isinstance(view, str):
         return full(FALLBACK, view)
     missing = prefixes.missing_in_stage(ref.backend, view, target)
@@ -150,6 +153,20 @@ class Prefixes:
         self._residuals: dict[tuple, np.ndarray] = {}
         self.extra_windows = 0  # full-model windows decoded for prefix reuse alone (not by a baseline or a point)
         self._primed: set[str] = set()  # residual keys whose baseline decode was offered for reading them
+        self._ahead = ReadAhead()
+        self._ahead_of: tuple | None = None  # (residuals key, start) of the stage being read ahead
+
+    def read_ahead(self, ref, current: int | None, starts: tuple[int, ...], cache_dir: Path) -> None:
+        """Read the files of the stage after `current` (the first stage when None) into the page cache while this
+        point decodes: points run in layer order, so that stage is most likely the next to load."""
+        later = [s for s in sorted(starts) if current is None or s > current]
+        if not later:
+            return
+        key = residuals_key(ref)
+        if self._ahead_of == (key, later[0]):
+            return
+        self._ahead_of = (key, later[0])
+        self._ahead.start([stage_path(cache_dir, ref, later[0]), residuals_path(cache_dir, key, later[0])])
 
     def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path,
              baseline: Callable[[], object] | None = None, writable: bool = False) -> StageView | str:
@@ -228,6 +245,8 @@ class Prefixes:
             self._open = None
 
     def close(self) -> None:
+        self._ahead.stop()
+        self._ahead_of = None
         self.close_stage()
         self._residuals.clear()
         self.verdicts.clear()
