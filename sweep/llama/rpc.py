@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import re
 import socket
@@ -229,11 +230,34 @@ def layer_map(weight_devices: list[tuple[str, str]]) -> str:
 
 # ---- serving this machine's devices -----------------------------------------------------------------------------
 
-def serve(endpoint: str, threads: int, cpu_only: bool) -> None:
-    """Serve this machine's GPUs (or, with none or `cpu_only`, its CPU) at one HOST:PORT until killed."""
+REMOTE_WARNING = ("WARNING: Host ('{host}') is != '127.0.0.1'\n"
+                  "         Never expose the RPC server to an open network!\n"
+                  "         This is an experimental feature and is not secure!")  # llama.cpp's rpc-server, verbatim
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def serve(endpoint: str, threads: int, cpu_only: bool, allow_remote: bool = False) -> None:
+    """Serve this machine's GPUs (or, with none or `cpu_only`, its CPU) at one HOST:PORT until killed. Anything but
+    a loopback address needs `allow_remote`: llama.cpp's RPC protocol has no authentication, and a server reached
+    from the network runs whatever graph a client sends."""
     if "," in endpoint:
         raise SweepError("the server listens at one HOST:PORT (model.rpc lists several servers)")
-    lib = rpc_lib()  # first: a build without RPC is one line, whatever else is wrong
+    host = endpoint.rpartition(":")[0]
+    if not is_loopback(host):
+        if not allow_remote:
+            raise SweepError(f"{host} is not a loopback address: llama.cpp's RPC server has no authentication, so "
+                             f"anyone who reaches {endpoint} can use this machine; serve 127.0.0.1:PORT (reached "
+                             f"through an SSH tunnel), or pass --allow-remote on a private network you trust")
+        print(REMOTE_WARNING.format(host=host), file=sys.stderr, flush=True)
+    lib = rpc_lib()  # a build without RPC is one line, whatever else is wrong
     (endpoint,) = parse_endpoints(endpoint)
     try:
         check_reachable(endpoint, timeout=0.5)
