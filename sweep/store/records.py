@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,11 +47,31 @@ def write_record(path: Path, record: dict) -> None:
     atomic_write_bytes(path, json.dumps(record, indent=1, default=_json_default, allow_nan=True).encode())
 
 
+_said_unreadable: set[Path] = set()
+
+
 def read_record(path: Path) -> dict | None:
+    """The record at `path`, or None: missing, or unreadable (truncated, not JSON), which is said once per process
+    in one line, since the point is then computed again."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        return _unreadable(path, e.strerror or type(e).__name__)
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        return _unreadable(path, f"not JSON: {str(e)[:80]}" if text.strip() else "empty")
+    return rec if isinstance(rec, dict) else _unreadable(path, f"a JSON {type(rec).__name__}, not a record")
+
+
+def _unreadable(path: Path, why: str) -> None:
+    if path not in _said_unreadable:
+        _said_unreadable.add(path)
+        print(f"warning: the stored record {path} cannot be read ({why}): its point is computed again",
+              file=sys.stderr, flush=True)
+    return None
 
 
 class Store:
