@@ -199,3 +199,37 @@ def test_kill_9_of_a_joblib_sweep_then_rerun(tiny_model, tmp_path, env):
     assert len(df) == 12 and df["key"].is_unique and set(df["status"]) == {"ok"}
     assert len(list(points.glob("*.json"))) == 12
 
+
+
+def test_the_rpc_server_binds_to_loopback_unless_told_otherwise(env, monkeypatch, capsys):
+    """llama.cpp's RPC protocol has no authentication: any other address is one line and exit 2 without
+    --allow-remote, and with it llama.cpp's own warning is printed before anything is served."""
+    proc = subprocess.run([sys.executable, "-m", "sweep.rpc_server", "0.0.0.0:50052"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: 0.0.0.0 is not a loopback address: llama.cpp's RPC server has no "
+                               "authentication") and "--allow-remote" in lines[0]
+    from sweep.llama import rpc
+    assert rpc.is_loopback("127.0.0.1") and rpc.is_loopback("127.3.2.1") and rpc.is_loopback("[::1]")
+    assert rpc.is_loopback("localhost") and not rpc.is_loopback("0.0.0.0") and not rpc.is_loopback("gpu-node-3")
+
+    def stop(*_):  # stands where the server would start: nothing is bound in this test
+        raise rpc.SweepError("stopped before serving")
+    monkeypatch.setattr(rpc, "rpc_lib", stop)
+    with pytest.raises(rpc.SweepError, match="stopped before serving"):
+        rpc.serve("0.0.0.0:50052", 1, True, allow_remote=True)
+    assert "Never expose the RPC server to an open network!" in capsys.readouterr().err
+
+
+def test_an_unreadable_record_is_said_and_computed_again(tiny_model, tmp_path, env):
+    args = tiny_args(tiny_model, tmp_path, "layer=1", "kind=weight", "tensor=ffn_down", "fmt=int8",
+                     "metrics.generate=false")
+    run_sweep(args, env)
+    (record,) = (tmp_path / "store" / "points").glob("*.json")
+    record.write_text(record.read_text()[:100])  # truncated, as by a full disk
+    proc = run_sweep([*args, f"hydra.sweep.dir={tmp_path / 'again'}"], env)
+    said = [line for line in proc.stderr.splitlines() if "cannot be read" in line]
+    assert len(said) == 1 and said[0].endswith("): its point is computed again"), proc.stderr  # once, in one line
+    assert said[0].startswith(f"warning: the stored record {record} cannot be read (not JSON: Unterminated string")
+    assert json.loads(record.read_text())["status"] == "ok"
