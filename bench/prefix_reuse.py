@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from vocab import model_for  # noqa: E402  (bench/ is the script's directory, first on sys.path)
 
 from sweep.config import compose
 from sweep.grid import plan as grid_plan
@@ -70,7 +71,9 @@ def overrides(model: str, axes, layers: str, reuse: bool, args) -> list[str]:
             f"run.prefix_stages={args.stages}"]
 
 
-def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: Path) -> tuple[float, pd.DataFrame]:
+def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: Path
+          ) -> tuple[float, int, pd.DataFrame]:
+    """Wall seconds, peak RSS in bytes and the table of one `python -m sweep` run."""
     name = f"{Path(model).stem}-{'-'.join(a.split('=')[1] for a in axes)}-{'reuse' if reuse else 'full'}"
     cmd = [sys.executable, "-m", "sweep", *overrides(model, axes, layers, reuse, args),
            f"run.store={work / name / 'store'}", f"hydra.sweep.dir={work / name / 'sweep'}"]
@@ -81,13 +84,20 @@ def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: P
     for sub in ("containers", STAGES_DIR):
         (cache / sub).mkdir(parents=True, exist_ok=True)
         (own / sub).symlink_to(cache / sub)
+    log = work / name / "sweep.log"
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "SWEEP_CACHE": str(own)}, capture_output=True,
-                          text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "SWEEP_CACHE": str(own)}, stdout=out,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the largest of all children
+        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return wall, pd.read_parquet(work / name / "sweep" / "results.parquet")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
+    said = [line for line in log.read_text().splitlines() if line.startswith("prefix reuse:")]
+    if said:
+        print(f"  {said[0]}", flush=True)
+    return wall, usage.ru_maxrss * 1024, pd.read_parquet(work / name / "sweep" / "results.parquet")
 
 
 SAME = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll", "ppl", "kld_mean", "n_changed",
@@ -112,8 +122,11 @@ def layer_tokens(df: pd.DataFrame, n_layers: int, reuse: bool) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="embedded", help="comma-separated: embedded and/or GGUF paths")
+    ap.add_argument("--models", default="embedded", help="comma-separated: embedded, gemma3-262k (Gemma-3-270M's "
+                                                          "shape and 262k vocabulary, random weights, written once) "
+                                                          "and/or GGUF paths")
     ap.add_argument("--layers", type=int, default=0, help="only the last K layers (0: all)")
+    ap.add_argument("--at", default=None, help="only these layers, comma-separated (e.g. 5,9)")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=512, help="data.n_ctx")
     ap.add_argument("--stages", type=int, default=8, help="run.prefix_stages (the most stages the plan may use)")
@@ -129,18 +142,20 @@ def main() -> None:
     figures = []
     with tempfile.TemporaryDirectory(prefix="prefix-reuse-") if args.keep is None else nullcontext(args.keep) as tmp:
         for model in args.models.split(","):
+            if model == "gemma3-262k":
+                model = str(model_for(262144, "gemma"))
             n = model_info(resolve_model_path(None if model == "embedded" else model)).n_layers
             first = n - args.layers if args.layers else 0
-            layers = f"range({first},{n})"
+            layers = args.at or f"range({first},{n})"
             starts = {label: prepare_stages(overrides(model, axes, layers, True, args), cache)
                       for label, axes in sweeps.items()}
             print(f"\n## {model}: {n} blocks, layer={layers}, {args.windows} windows, {args.container} container, "
                   f"{args.threads} threads, stages {starts}")
             print(f"{'sweep':<20}{'points':>7}{'full pts/h':>12}{'reuse pts/h':>13}{'speed-up':>10}"
-                  f"{'layer-tokens full':>19}{'reuse':>14}{'ratio':>8}  table  fallbacks")
+                  f"{'layer-tokens full':>19}{'reuse':>14}{'ratio':>8}{'wall':>7}{'peak RSS':>10}  table  fallbacks")
             for label, axes in sweeps.items():
-                wall_full, full = sweep(model, axes, layers, False, args, Path(tmp), cache)
-                wall_reuse, reuse = sweep(model, axes, layers, True, args, Path(tmp), cache)
+                wall_full, rss_full, full = sweep(model, axes, layers, False, args, Path(tmp), cache)
+                wall_reuse, rss_reuse, reuse = sweep(model, axes, layers, True, args, Path(tmp), cache)
                 assert len(full) == len(reuse)
                 lt_full, lt_reuse = layer_tokens(full, n, False), layer_tokens(reuse, n, True)
                 pph_full, pph_reuse = 3600 * len(full) / wall_full, 3600 * len(reuse) / wall_reuse
@@ -149,10 +164,12 @@ def main() -> None:
                                                                         regex=True).value_counts().to_dict()
                 differ = identical(full, reuse)
                 print(f"{label:<20}{len(full):>7}{pph_full:>12.0f}{pph_reuse:>13.0f}{pph_reuse / pph_full:>9.2f}x"
-                      f"{lt_full:>19,}{lt_reuse:>14,}{lt_reuse / lt_full:>8.3f}  "
+                      f"{lt_full:>19,}{lt_reuse:>14,}{lt_reuse / lt_full:>8.3f}{wall_reuse / wall_full:>6.3f}x"
+                      f"{rss_reuse / rss_full:>9.3f}x  "
                       f"{'same' if not differ else 'DIFFER: ' + ','.join(differ)}  {fallbacks or '-'}")
                 figures.append({"model": model, "sweep": label, "points": len(full), "wall_full_s": wall_full,
-                                "wall_reuse_s": wall_reuse, "points_per_hour_full": pph_full,
+                                "wall_reuse_s": wall_reuse, "peak_rss_full": rss_full, "peak_rss_reuse": rss_reuse,
+                                "points_per_hour_full": pph_full,
                                 "points_per_hour_reuse": pph_reuse, "layer_tokens_full": lt_full,
                                 "layer_tokens_reuse": lt_reuse, "fallbacks": fallbacks, "differ": differ})
     if args.json:

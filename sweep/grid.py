@@ -47,6 +47,7 @@ class Plan:
     points: list[tuple[DictConfig, Target]] = field(default_factory=list)
     launcher: DictConfig | None = None
     n_windows: dict[tuple, int] = field(default_factory=dict)
+    stages: list = field(default_factory=list)  # prefix reuse's plan per model (prefix_plan.Settled)
 
 
 class _Checker:
@@ -167,7 +168,7 @@ def plan(overrides: list[str]) -> Plan:
                 job.append(f"model.container={checker.container(cfg, base.hydra.launcher)}")
                 cfg = compose(job)
             points.append((cfg, checker.check(cfg)))
-        settle_starts(jobs, points, lambda cfg: checker.info(cfg.model.path), checker.windows)
+        stages = settle_starts(jobs, points, lambda cfg: checker.info(cfg.model.path), checker.windows)
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))
     if not jobs:
@@ -175,7 +176,7 @@ def plan(overrides: list[str]) -> Plan:
     hydra_keys = {o.get_key_element() for o in parsed if o.is_hydra_override()}
     launch = [[a for a in job if a.split("=", 1)[0] not in hydra_keys] for job in jobs]
     check_rpc_launcher(points, base.hydra.launcher)
-    return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows)
+    return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows, stages)
 
 
 # AXIS=each: one job per value 0..N-1, N read from the model: (ModelInfo field, what one is called, their plural)

@@ -131,6 +131,7 @@ class Costs:
     concurrent_jobs: int
     available_memory: int | None
     timings: list[Timing] = field(default_factory=list)
+    stages: list = field(default_factory=list)  # prefix reuse's plan per model, both sides (prefix_plan.Settled)
 
     @property
     def logits_bytes(self) -> int:
@@ -241,7 +242,7 @@ def costs(plan: Plan) -> Costs:
     to_compute = len(plan.points) - n_stored
     return Costs(len(plan.points), n_stored, list(baselines.values()), list(groups.values()), store.root, free_dir,
                  free, 2 * RECORD_BYTES * to_compute, to_build, kind, plan.launcher, threads, concurrent,
-                 capacity.available_memory())
+                 capacity.available_memory(), stages=list(plan.stages))
 
 
 def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_bytes: int) -> None:
@@ -420,6 +421,8 @@ def render(c: Costs, text_path) -> str:
                         f"metrics.generate=false skips it)" if generating else "")
                      + (f", {c.concurrent_jobs} jobs at once" if c.concurrent_jobs > 1 else "")
                      + "; early stopping and no-op weights only shorten it)")
+    for s in c.stages:
+        lines.append(f"  prefix      {s.line().removeprefix('prefix reuse: ')}")
     lines += _launcher_lines(c)
     if c.logits_bytes:
         lines.append("  smaller     metrics.kld=false: no logits on disk (no KL columns); "

@@ -1,22 +1,88 @@
 """Before launch: the stages each model of a sweep decodes from (run.prefix_starts), chosen from the layers and
-windows of its points (the plan itself: sweep/scoring/stage_plan.py), as model.container=auto is settled once for
-every job (sweep/capacity.py)."""
+windows of its points in seconds and bytes (the plan itself: sweep/scoring/stage_plan.py), as
+model.container=auto is settled once for every job (sweep/capacity.py).
+
+The seconds, per model file, container, window size and threads:
+  * first a screen from the model's FLOPs (its matrices x tokens, the head x scored rows): when no stage pays even
+    with free files, nothing is timed and reuse is off for the sweep;
+  * otherwise one window is timed in llama.cpp, split at the last block's output into the blocks' time and the
+    head's (sweep/llama/block_timing.py), and kept in the cache (`<cache>/prefix/profile-<key>.json`) for the next
+    sweep; on the loaded file when it exists, else on the file as it is;
+  * the stage files' write and load speeds are the last ones measured in this cache (prefix.io_speeds).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .capacity import gguf_sizes, nearest_existing
+from .capacity import gb, gguf_sizes, nearest_existing, need
+from .cores import available_cores, available_memory
 from .gencheck import generation_mode
-from .llama.container import default_cache_dir
+from .llama.backend import Backend
+from .llama.block_timing import blocks_and_head_seconds
+from .llama.container import compute_settings, default_cache_dir, f32_container_path, runtime_identity
 from .llama.model_file import sha256
-from .scoring.prefix import disk_bytes, static_fallback, unwritten_stages
-from .scoring.stage_plan import StagePlan, plan_stages
+from .llama.stage_check import stage_refusal
+from .scoring.prefix import (
+    RESIDUALS_DIR,
+    disk_bytes,
+    io_speeds,
+    residuals_key_of,
+    residuals_path,
+    static_fallback,
+    unwritten_stages,
+)
+from .scoring.stage_plan import MARGIN, StageCosts, StagePlan, plan_stages
+from .scoring.text import load_text
+from .session import baseline_key
+from .store.files import atomic_write_bytes
+from .store.records import Store, point_key
+
+PROBE_S = 2.0  # a child process that starts, imports llama_cpp and loads a stage once (stage_check.probe_stage)
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
-def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, windows_of: Callable) -> None:
+@dataclass(frozen=True)
+class Settled:
+    """What the plan of one model's stages weighed: printed by the sweep and by `--plan`."""
+
+    model: str
+    plan: StagePlan
+    costs: StageCosts
+    head_share: float  # of one window's decode
+    stage_memory: int  # bytes of the largest stage held beside the model
+    n_point_windows: float
+
+    def line(self) -> str:
+        p, c = self.plan, self.costs
+        timing = (f"{c.block_s:.3g} s per block and {c.head_s:.3g} s for the head per window, {c.source}")
+        if not p.starts:
+            return (f"prefix reuse: none for {self.model}: no stage saves {_margin()}x what it costs here (the head is "
+                    f"{self.head_share:.0%} of a window and every window still decodes it; {timing})"
+                    + (f"; left out: {_refused(p)}" if p.refused else ""))
+        return (f"prefix reuse: stages at blocks {', '.join(map(str, p.starts))} for {self.model}: saves ~"
+                f"{p.saving_s:.0f} s of block decode for ~{p.overhead_s:.0f} s of stage work (files, identity "
+                f"windows, residuals), {gb(self.stage_memory)} beside the model; decoding {p.block_ratio:.2f} of the "
+                f"full decodes' block-windows ({self.n_point_windows:g} point-windows; {timing})"
+                + (f"; left out: {_refused(p)}" if p.refused else ""))
+
+
+def _margin() -> str:
+    return f"{MARGIN:g}"
+
+
+def _refused(p: StagePlan) -> str:
+    return ", ".join(f"block {s} ({why})" for s, why in sorted(p.refused.items()))
+
+
+def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, windows_of: Callable) -> list[Settled]:
     """run.prefix_starts for every job that reuses a prefix and does not name its stages: one plan per model file
     and container, from the first layers and windows of its points that can reuse one; each job gets the
     override (so that every job of the sweep uses the same stage files) and its composed config the value.
@@ -26,6 +92,7 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
         if cfg.run.prefix_reuse and cfg.run.get("prefix_starts") is None:
             key = (str(cfg.model.path), str(cfg.model.container), cfg.model.get("cache_dir"))
             groups.setdefault(key, []).append((job, cfg, target))
+    settled = []
     for members in groups.values():
         cfg0 = members[0][1]
         info = info_of(cfg0)
@@ -35,36 +102,134 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
                                                  generation_mode(cfg.metrics.generate) is None) is None:
                 first = min(target.layers)
                 first_layers[first] = first_layers.get(first, 0) + windows_of(cfg)
-        plan = plan_stages(info.n_layers, first_layers, int(cfg0.run.prefix_stages), _fits_disk(cfg0, info))
-        for job, cfg, _ in members:
-            job.append(f"run.prefix_starts=[{','.join(map(str, plan.starts))}]")
-            cfg.run.prefix_starts = list(plan.starts)
+        starts: tuple[int, ...] = ()
         if first_layers:
-            print(f"prefix reuse: {_said(plan)} for {info.path.name} ({sum(first_layers.values()):g} point-windows "
-                  f"from block {min(first_layers)} on, run.prefix_stages={cfg0.run.prefix_stages})", flush=True)
+            s = plan_for(cfg0, info, first_layers, windows_of(cfg0))
+            settled.append(s)
+            starts = s.plan.starts
+            print(s.line(), flush=True)
+        for job, cfg, _ in members:
+            job.append(f"run.prefix_starts=[{','.join(map(str, starts))}]")
+            cfg.run.prefix_starts = list(starts)
+    return settled
 
 
-def _said(plan: StagePlan) -> str:
+def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settled:
+    """The stages of one model: screened by FLOPs, then planned on a timed window."""
+    n, container, n_ctx = info.n_layers, str(cfg.model.container), int(cfg.data.n_ctx)
+    source, cache = info.path, _cache_dir(cfg)
+    file_bytes, tensors, meta = gguf_sizes(source)
+    f32 = container == "f32"
+    header = file_bytes - sum(b for b, _ in tensors.values())
+
+    @functools.cache
+    def stage_bytes(start: int) -> int:
+        return disk_bytes(tensors, n, 0, 0, 0, (start,), f32, header)[0]
+
+    @functools.cache
+    def allowed(start: int) -> bool:
+        return stage_refusal(source, start) is None
+
+    settings = compute_settings(container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
+    threads = int(cfg.run.threads or available_cores())
+    capture = _capture_windows(cfg, source, container, n_windows, settings, sorted(first_layers))
+    block_f, head_f = window_flops(info, tensors, meta, n_ctx)
+    screen = StageCosts(n, block_f, head_f, capture_s=capture * (n * block_f + head_f), allowed=allowed,
+                        source="FLOPs")
+    k = int(cfg.run.prefix_stages)
+    plan = plan_stages(first_layers, screen, k)
+    head_share = head_f / (n * block_f + head_f)
     if not plan.starts:
-        return "no stage pays for its identity check here (every point decodes the full model)"
-    return (f"stages at blocks {', '.join(map(str, plan.starts))}, decoding {plan.ratio:.2f} of the full "
-            f"decodes' block-windows")
+        return Settled(source.name, plan, screen, head_share, 0, sum(first_layers.values()))
+
+    block_s, head_s, timed = decode_profile(cfg, info, container, settings, threads, cache)
+    speeds = io_speeds(cache)
+    sha = sha256(source)
+
+    def prepare_s(start: int) -> float:
+        size = stage_bytes(start)
+        written = not unwritten_stages(cache, sha, container, (start,))
+        return (0.0 if written else size / speeds["write"]) + (0.0 if written else PROBE_S + size / speeds["load"]) \
+            + size / speeds["load"]
+
+    job = need(source, container, info.arch, info.n_vocab, n_ctx).total
+    memory = available_memory()
+    free_disk = shutil.disk_usage(nearest_existing(cache)).free // 2  # stage files may take half the free disk
+
+    def fits(starts: tuple[int, ...]) -> bool:
+        on_disk = sum(stage_bytes(s) for s in unwritten_stages(cache, sha, container, starts))
+        return on_disk <= free_disk and (memory is None or job + stage_bytes(min(starts)) <= memory)
+
+    costs = StageCosts(n, block_s, head_s, prepare_s, capture * (n * block_s + head_s), allowed, fits, timed)
+    plan = plan_stages(first_layers, costs, k)
+    return Settled(source.name, plan, costs, head_s / (n * block_s + head_s),
+                   stage_bytes(min(plan.starts)) if plan.starts else 0, sum(first_layers.values()))
+
+
+def window_flops(info, tensors: dict, meta: dict, n_ctx: int) -> tuple[float, float]:
+    """FLOPs of one window through one (average) block, and through the output head: every matrix times every
+    token, attention over the window's causal half, the output matrix times the scored rows."""
+    arch, n = info.arch, info.n_layers
+    matrices = sum(elements for name, (_, elements) in tensors.items()
+                   if _BLOCK.match(name) and len(info.tensor_shapes.get(name, ())) >= 2)
+    width = _first(meta, f"{arch}.embedding_length")
+    heads = _first(meta, f"{arch}.attention.head_count") or 1
+    key_len = _first(meta, f"{arch}.attention.key_length") or width // heads
+    attention = 2 * 2 * heads * key_len * n_ctx * n_ctx / 2
+    head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    head = 2 * tensors.get(head_name, (0, info.n_vocab * width))[1] * (n_ctx - 1 - n_ctx // 2)
+    return (2 * n_ctx * matrices / max(n, 1) + attention), float(head)
+
+
+def _first(meta: dict, key: str) -> int:
+    value = meta.get(key, 0)
+    return int(max(value) if isinstance(value, list) else value)
+
+
+def decode_profile(cfg, info, container: str, settings, threads: int, cache: Path) -> tuple[float, float, str]:
+    """(seconds per block per window, seconds of the head per window, in words where from): kept in the cache."""
+    n_ctx = int(cfg.data.n_ctx)
+    loaded = f32_container_path(info.path, cache) if container == "f32" else info.path
+    as_is = not loaded.exists()
+    timed_file = info.path if as_is else loaded
+    key = point_key(kind="decode-profile", model_sha256=sha256(info.path), container=container, timed_as_is=as_is,
+                    n_ctx=n_ctx, threads=threads, runtime=runtime_identity(settings))
+    memo = Path(cache) / RESIDUALS_DIR / f"profile-{key}.json"
+    where = ("on the file as it is (its F32 container is not built yet)" if as_is and container == "f32"
+             else f"{threads} thread{'s' if threads != 1 else ''}")
+    try:
+        kept = json.loads(memo.read_text())
+        return float(kept["block_s"]), float(kept["head_s"]), f"timed before, {where}"
+    except (OSError, ValueError, KeyError):
+        pass
+    t0 = time.perf_counter()
+    with Backend(timed_file, n_ctx, threads, settings=settings) as b:
+        split = blocks_and_head_seconds(b, n_ctx)
+    if split is None:  # no node to split at: the whole window, shared by FLOPs
+        block_f, head_f = window_flops(info, *gguf_sizes(info.path)[1:], n_ctx)
+        total = time.perf_counter() - t0
+        split = (total * info.n_layers * block_f / (info.n_layers * block_f + head_f),
+                 total * head_f / (info.n_layers * block_f + head_f))
+    block_s, head_s = split[0] / info.n_layers, split[1]
+    try:
+        atomic_write_bytes(memo, json.dumps({"block_s": block_s, "head_s": head_s, "file": str(timed_file)}).encode())
+    except OSError:
+        pass
+    return block_s, head_s, f"timed now, {where}"
+
+
+def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings, starts: list[int]) -> int:
+    """Windows the residuals take a decode of their own for: all of them when the baseline is stored already (the
+    first point decodes no baseline to read them from) and some stage's residuals are not cached; else none."""
+    text = load_text(cfg.data.path).sha256
+    sha, n_ctx = sha256(source), int(cfg.data.n_ctx)
+    bkey = baseline_key(sha, container, (), text, n_ctx, n_windows, runtime_identity(settings))
+    if not (Store(Path(cfg.run.store)).root / "baselines" / f"{bkey}.npz").exists():
+        return 0
+    rkey = residuals_key_of(sha, container, text, n_ctx, n_windows, settings)
+    cache = _cache_dir(cfg)
+    return 0 if all(residuals_path(cache, rkey, s).exists() for s in starts if s > 0) else n_windows
 
 
 def _cache_dir(cfg) -> Path:
     return Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
-
-
-def _fits_disk(cfg, info) -> Callable[[tuple[int, ...]], bool]:
-    """Stage files still to write may take half the free disk where they are cached."""
-    budget = shutil.disk_usage(nearest_existing(_cache_dir(cfg))).free // 2
-    return lambda starts: stage_files_bytes(cfg, info, starts) <= budget
-
-
-def stage_files_bytes(cfg, info, starts: tuple[int, ...]) -> int:
-    """Disk the stage files of `starts` that are not written yet will take."""
-    file_bytes, tensors, _ = gguf_sizes(info.path)
-    container, cache = str(cfg.model.container), _cache_dir(cfg)
-    missing = unwritten_stages(cache, sha256(info.path), container, starts)
-    header = file_bytes - sum(b for b, _ in tensors.values())
-    return disk_bytes(tensors, info.n_layers, 0, 0, 0, missing, container == "f32", header)[0]

@@ -18,7 +18,9 @@ from tiny_model import write_tiny_model
 from sweep import planning
 from sweep.cli import main as cli_main
 from sweep.grid import plan
+from sweep.llama.container import compute_settings
 from sweep.llama.model_file import sha256
+from sweep.llama.stage_check import probe_stage, stage_refusal
 from sweep.llama.stage_file import write_stage_file
 from sweep.llama.stage_view import StageView
 from sweep.quant.formats import make_format
@@ -36,7 +38,7 @@ from sweep.scoring.prefix import (
     stage_path,
     writes_weights,
 )
-from sweep.scoring.stage_plan import STAGE_COST_WINDOWS, plan_stages, spread_starts
+from sweep.scoring.stage_plan import MARGIN, StageCosts, decoded_blocks, plan_stages, spread_starts
 from sweep.store import readahead
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
@@ -56,46 +58,108 @@ def test_stages_without_a_plan_are_spread_over_the_blocks():
     assert PrefixSettings(True, 5, None, (0, 29, 7, 7, 30)).starts_for(30) == (7, 29)  # given: inside the blocks
 
 
-def decoding(n: int, points: dict, starts) -> float:
-    """Block-windows of `points` ({first layer: windows}) decoded from `starts`, with the stages' own cost."""
-    return sum(w * (n - max((s for s in starts if s <= layer), default=0)) for layer, w in points.items()) + \
-        sum(STAGE_COST_WINDOWS * (n - s) for s in starts)
+def decoding(costs: StageCosts, points: dict, starts) -> float:
+    """Seconds the plan weighs for `points` ({first layer: windows}) decoded from `starts`: the block time, and
+    MARGIN times each stage's overhead (identity window with the head, preparation) and the residuals' capture."""
+    return decoded_blocks(costs.n_layers, points, starts) * costs.block_s + \
+        MARGIN * (sum(costs.overhead_s(s) for s in starts) + (costs.capture_s if starts else 0.0))
 
 
 def test_the_plan_is_the_cheapest_set_of_stages():
-    """Against every subset of starts on random small sweeps; the disk's veto and a stage that does not pay."""
+    """Against every subset of starts on random small sweeps, in seconds: the head, the files' preparation, the
+    residuals' capture; the disk's or memory's veto, a stage llama.cpp cannot run, and stages that do not pay."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         n, k = int(rng.integers(2, 10)), int(rng.integers(0, 4))
         points = {int(layer): float(rng.choice([0.5, 1, 2, 8])) for layer in rng.integers(0, n, rng.integers(1, n))}
-        cands = sorted(layer for layer in points if layer > 0)
-        best = min(decoding(n, points, c) for m in range(k + 1) for c in itertools.combinations(cands, m))
-        got = plan_stages(n, points, k)
-        assert len(got.starts) <= k and got.cost == pytest.approx(best)
-        assert got.cost == pytest.approx(decoding(n, points, got.starts))
-        assert got.full_cost == pytest.approx(decoding(n, points, ()))
+        prepare = float(rng.choice([0.0, 0.5, 3.0]))
+        costs = StageCosts(n, float(rng.choice([0.1, 1.0])), float(rng.choice([0.0, 0.5, 4.0])),
+                           prepare_s=lambda s, p=prepare: p * s, capture_s=float(rng.choice([0.0, 2.0])),
+                           allowed=lambda s: s != 3)
+        cands = sorted(layer for layer in points if layer > 0 and layer != 3)
+        best = min(decoding(costs, points, c) for m in range(k + 1) for c in itertools.combinations(cands, m))
+        got = plan_stages(points, costs, k)
+        assert len(got.starts) <= k and 3 not in got.starts
+        assert decoding(costs, points, got.starts) == pytest.approx(best)
+        assert got.full_s == pytest.approx(decoding(costs, points, ()))
+        assert got.starts == () or got.net_s > 0  # chosen only where it saves more than it costs
     sweep30 = {layer: 8 for layer in range(30)}
-    assert len(plan_stages(30, sweep30, 8).starts) == 8 and plan_stages(30, sweep30, 8).ratio < 0.6
-    assert len(plan_stages(30, sweep30, 8, fits=lambda starts: len(starts) <= 3).starts) == 3
-    assert plan_stages(3, {2: 1}, 8).starts == ()  # saves 1 block-window, costs STAGE_COST_WINDOWS
-    assert plan_stages(3, {2: 3}, 8).starts == (2,)
+    cheap = StageCosts(30, 1.0, 0.0)
+    assert len(plan_stages(sweep30, cheap, 8).starts) == 8 and plan_stages(sweep30, cheap, 8).block_ratio < 0.6
+    fits = StageCosts(30, 1.0, 0.0, fits=lambda starts: len(starts) <= 3)
+    assert len(plan_stages(sweep30, fits, 8).starts) == 3
+    assert plan_stages({2: 1}, StageCosts(3, 1.0, 1.0), 8).starts == ()  # saves 2, costs 1.5 x (1 + 1)
+    assert plan_stages({2: 3}, StageCosts(3, 1.0, 1.0), 8).starts == (2,)  # saves 6
+    # a large vocabulary: the head is half of every window and each stage's identity window decodes it too
+    assert plan_stages({5: 4, 9: 4}, StageCosts(18, 0.05, 0.9), 8).starts == ()
+    assert plan_stages({5: 4, 9: 4}, StageCosts(18, 0.05, 0.0), 8).starts == (5, 9)  # a head-less model
 
 
 def test_the_sweep_settles_its_stages_once_for_every_job(models, tmp_path, wikitext, capsys):
-    """grid.plan gives every job the same run.prefix_starts, planned from its layers and windows, and says so; a
-    given choice is kept; points that cannot reuse a prefix plan none."""
+    """grid.plan gives every job the same run.prefix_starts, planned in seconds from its layers and windows, and
+    says both sides; a given choice is kept; points that cannot reuse a prefix plan none."""
     args = [*tiny_args(models["llama"], tmp_path, "layer=0,1,2", "kind=activation", "tensor=l_out", "fmt=int8",
                        "metrics.generate=false"), f"data.path={wikitext}"]
     p = plan(args)
-    # 3 windows per point: stage 2 alone (decoding 9 + 9 + 3, + 2 for its identity and load) beats 1 and 2 (24)
-    assert {o for job in p.jobs for o in job if o.startswith("run.prefix_starts=")} == {"run.prefix_starts=[2]"}
-    assert all(list(cfg.run.prefix_starts) == [2] for cfg, _ in p.points)
-    assert "prefix reuse: stages at blocks 2, decoding 0.85 of the full decodes' block-windows" in \
+    (starts,) = {o for job in p.jobs for o in job if o.startswith("run.prefix_starts=")}
+    assert all(f"run.prefix_starts={list(cfg.run.prefix_starts)}".replace(" ", "") == starts for cfg, _ in p.points)
+    # the tiny model: 3 blocks 64 wide under a 49,152-token head, which every identity window decodes too
+    (settled,) = p.stages
+    assert settled.plan.starts == () and settled.head_share > 0.9
+    assert "prefix reuse: none for llama.gguf: no stage saves 1.5x what it costs here (the head is" in \
         capsys.readouterr().out
     given = plan([*args, "run.prefix_starts=[1]"])
     assert all(list(cfg.run.prefix_starts) == [1] for cfg, _ in given.points)
     assert all(sum(o.startswith("run.prefix_starts=") for o in job) == 1 for job in given.jobs)
     assert all(list(cfg.run.prefix_starts) == [] for cfg, _ in plan([*args, "metrics.generate=true"]).points)
+
+
+def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext, capsys):
+    """Where the FLOPs say a stage may pay, one window is timed (blocks and head apart) and kept in the cache: the
+    next plan reads it; --plan shows what reuse saves and what it costs."""
+    cache = tmp_path / "cache"
+    big = write_tiny_model(tmp_path / "wide.gguf", models["llama"], n_layers=8, n_embd=256, n_head=4, n_head_kv=2)
+    args = [*tiny_args(big, tmp_path, "layer=range(0,8)", "kind=activation", "tensor=l_out", "fmt=int8",
+                       "metrics.generate=false", "data.n_windows=8", f"model.cache_dir={cache}"),
+            f"data.path={wikitext}"]
+    (settled,) = plan(args).stages
+    assert "timed now" in settled.costs.source and settled.costs.block_s > 0 and settled.costs.head_s > 0
+    assert len(list((cache / RESIDUALS_DIR).glob("profile-*.json"))) == 1
+    again = plan(args).stages[0]
+    assert "timed before" in again.costs.source and again.costs.block_s == settled.costs.block_s
+    out = planning.render(planning.costs(plan(args)), wikitext)
+    assert "  prefix      " in out and ("saves ~" in out or "none for wide.gguf" in out), out
+
+
+def test_a_gemma3_stage_of_global_blocks_only_is_never_loaded(smollm2, tmp_path, env):
+    """gemma3 with llama.cpp's built-in pattern (every 6th block global): a stage at block 5 holds only a global
+    block, on which llama.cpp aborts the process. The plan leaves it out, a given stage there falls back with the
+    reason, a child-process probe of such a file reports the abort, and an all-layer sweep with reuse on finishes
+    with the table of reuse off, bit for bit."""
+    model = write_tiny_model(tmp_path / "gemma3-6.gguf", smollm2, arch="gemma3", n_layers=6, swa_pattern=None)
+    assert stage_refusal(model, 5).startswith("stage 5 would hold only global-attention blocks (block 5)")
+    assert stage_refusal(model, 4) is None and stage_refusal(smollm2, 29) is None
+    costs = StageCosts(6, 1.0, 0.0, allowed=lambda s: stage_refusal(model, s) is None)
+    assert plan_stages({5: 100}, costs, 8).starts == () and 5 in plan_stages({5: 100}, costs, 8).refused
+    stage = write_stage_file(model, tmp_path / "global-only.gguf", 5)
+    why = probe_stage(stage, 64, 1, compute_settings("f32"))
+    assert why is not None and "SIGABRT" in why and "is_swa_any" in why, why
+    assert probe_stage(stage, 64, 1, compute_settings("f32")) == why  # kept beside the file
+    env = {**env, "SWEEP_CACHE": str(tmp_path / "cache")}
+    axes = ("layer=range(0,6)", "kind=weight", "tensor=ffn_down", "fmt=int8", "metrics.generate=false",
+            "run.threads=1", "run.prefix_starts=[1,2,3,4,5]")
+    tables = {}
+    for reuse in ("true", "false"):
+        run_sweep(tiny_args(model, tmp_path, *axes, f"run.prefix_reuse={reuse}", store=f"store-{reuse}",
+                            sweep_dir=f"sweep-{reuse}"), env)
+        tables[reuse] = table(tmp_path / f"sweep-{reuse}")
+    on, off = tables["true"], tables["false"]
+    assert len(on) == len(off) == 6 and (on["status"] == "ok").all()
+    for column in [*WINDOW_COLUMNS, "kld_mean", "ppl", "n_changed"]:
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(on[column], off[column])), column
+    last = on.set_index("layer").loc[5]
+    assert last["prefix_reuse"] == "fallback" and last["prefix_reason"].startswith("stage 5 would hold only")
+    assert (on.set_index("layer").loc[1:4, "prefix_reuse"] == "ok").all()
 
 
 def all_windows(view, ref) -> bool:
@@ -270,7 +334,7 @@ def test_native_quantized_weights_reuse_the_prefix_through_their_delta(models, t
     for reuse in ("true", "false"):
         run_sweep(tiny_args(models["qwen2"], tmp_path, "layer=1", "kind=weight", "tensor=attn_norm,ffn_up", "fmt=int8",
                             "model.container=native", "metrics.generate=false", "run.threads=1",
-                            f"run.prefix_reuse={reuse}", store=f"store-{reuse}", sweep_dir=f"sweep-{reuse}"), env)
+                            "run.prefix_starts=[1]", f"run.prefix_reuse={reuse}", store=f"store-{reuse}", sweep_dir=f"sweep-{reuse}"), env)
         tables[reuse] = table(tmp_path / f"sweep-{reuse}").set_index("tensor").sort_index()
     on, off = tables["true"], tables["false"]
     assert (on["status"] == "ok").all() and (on["prefix_reuse"] == "ok").all() and (on["prefix_stage"] == 1).all()

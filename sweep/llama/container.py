@@ -90,10 +90,14 @@ def write_gguf_copy(
     return dst
 
 
+def f32_container_path(src: Path, cache_dir: Path | None = None) -> Path:
+    """Where the F32 container of `src` is cached (built or not)."""
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "containers" / f"{sha256(src)}.f32.gguf"
+
+
 def f32_container(src: Path, cache_dir: Path | None = None) -> Path:
     """The whole model with every tensor in F32, cached by the source file's SHA-256."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    dst = cache_dir / "containers" / f"{sha256(src)}.f32.gguf"
+    dst = f32_container_path(src, cache_dir)
     if not dst.exists():
         log.info("building the F32 container of %s (once per model file) -> %s", src.name, dst)
         try:

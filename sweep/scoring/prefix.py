@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from ..errors import SweepError
 from ..llama.backend import PROBE_TOKENS
 from ..llama.container import runtime_identity
 from ..llama.embd import EmbeddingBackend
+from ..llama.stage_check import probe_stage, stage_refusal
 from ..llama.stage_file import write_stage_file
 from ..llama.stage_view import StageView, node_in_stage
 from ..store.files import atomic_path, atomic_write_bytes
@@ -177,12 +179,18 @@ class Prefixes:
         if failed:
             return failed[0]
         checked = (key, start, writable)
+        if (why := stage_refusal(ref.backend.path, start)) is not None:  # before residuals, file or load
+            self.verdicts[checked] = why
+            return why
         try:
             meta, decoded = capture(ref, starts, cache_dir, key, baseline)
             self.extra_windows += decoded
             if (key, start) not in self._residuals:
                 self._residuals[(key, start)] = np.load(residuals_path(cache_dir, key, start), mmap_mode="r")
             stage = self._stage(ref, start, cache_dir, writable)
+            if isinstance(stage, str):  # the child process that loaded it first did not survive
+                self.verdicts[checked] = stage
+                return stage
             checked = (key, start, stage.writable)
             view = StageView(stage, start, self._residuals[(key, start)], ref.windows.tokens)
             if checked not in self.verdicts:
@@ -206,8 +214,9 @@ class Prefixes:
         except Exception:  # the stage points will try again, and record why they cannot
             log.debug("residuals not read during the baseline", exc_info=True)
 
-    def _stage(self, ref, start: int, cache_dir: Path, writable: bool) -> EmbeddingBackend:
-        """The stage model, loaded writable only when asked to (an open writable one serves every point)."""
+    def _stage(self, ref, start: int, cache_dir: Path, writable: bool) -> EmbeddingBackend | str:
+        """The stage model, loaded writable only when asked to (an open writable one serves every point), or why
+        llama.cpp could not load it in a child process first (stage_check.py: an abort ends the child only)."""
         full = ref.backend
         ident = (str(full.path), start, full.n_ctx, full.n_threads, full.settings)
         if self._open is not None and self._open[0] == ident and not self._open[1].closed \
@@ -217,8 +226,14 @@ class Prefixes:
         path = stage_path(cache_dir, ref, start)
         if not path.exists():
             log.info("writing stage %d of %s -> %s", start, full.path.name, path)
+            t0 = time.perf_counter()
             write_stage_file(full.path, path, start)
+            note_io_speed(cache_dir, "write", path.stat().st_size, time.perf_counter() - t0)
+        if (why := probe_stage(path, full.n_ctx, full.n_threads, full.settings)) is not None:
+            return why
+        t0 = time.perf_counter()
         stage = EmbeddingBackend(path, full.n_ctx, full.n_threads, settings=full.settings, writable_weights=writable)
+        note_io_speed(cache_dir, "load", path.stat().st_size, time.perf_counter() - t0)
         self._open = (ident, stage)
         return stage
 
@@ -255,9 +270,41 @@ class Prefixes:
 
 def residuals_key(ref) -> str:
     w = ref.windows
-    return point_key(kind="prefix-residuals", model_sha256=ref.model_sha256, container=ref.container,
-                     data_sha256=ref.text.sha256, n_ctx=w.n_ctx, n_windows=w.n_windows,
-                     runtime=runtime_identity(ref.backend.settings))
+    return residuals_key_of(ref.model_sha256, ref.container, ref.text.sha256, w.n_ctx, w.n_windows,
+                            ref.backend.settings)
+
+
+def residuals_key_of(model_sha256: str, container: str, data_sha256: str, n_ctx: int, n_windows: int,
+                     settings) -> str:
+    """The key of the residuals (and of their reference logits) of one model, text and slice (the plan asks too)."""
+    return point_key(kind="prefix-residuals", model_sha256=model_sha256, container=container,
+                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime_identity(settings))
+
+
+# ---- measured I/O speeds of stage files, for the plan (stage_plan.py) -------------------------------------------
+
+IO_SPEEDS = "io-speeds.json"  # in <cache>/stages/: bytes per second of the last stage written and loaded here
+DEFAULT_SPEEDS = {"write": 250e6, "load": 1e9}  # before any was measured: a slow disk, conservatively
+
+
+def io_speeds(cache_dir: Path) -> dict[str, float]:
+    """Bytes per second a stage file was last written and loaded at in this cache (defaults where not measured)."""
+    try:
+        kept = json.loads((Path(cache_dir) / STAGES_DIR / IO_SPEEDS).read_text())
+        return {k: float(kept.get(k) or v) for k, v in DEFAULT_SPEEDS.items()}
+    except (OSError, ValueError, AttributeError):
+        return dict(DEFAULT_SPEEDS)
+
+
+def note_io_speed(cache_dir: Path, what: str, n_bytes: int, seconds: float) -> None:
+    if seconds <= 0 or n_bytes <= 0:
+        return
+    speeds = io_speeds(cache_dir)
+    speeds[what] = n_bytes / seconds
+    try:
+        atomic_write_bytes(Path(cache_dir) / STAGES_DIR / IO_SPEEDS, json.dumps(speeds).encode())
+    except OSError:
+        pass  # a read-only cache: the plan keeps its defaults
 
 
 def residuals_path(cache_dir: Path, key: str, start: int) -> Path:

@@ -1,34 +1,67 @@
-"""Which stages a sweep's layers call for (prefix reuse: sweep/scoring/prefix.py).
+"""Which stages a sweep's layers call for (prefix reuse: sweep/scoring/prefix.py), planned in seconds and bytes.
 
 A point whose first perturbed block is L decodes blocks S..N-1 of the latest stage S <= L, or all N blocks when no
-stage starts at or before L. A stage costs its identity check (one window through its N-S blocks) and its load
-(measured on SmolLM2's F32 stages: about as long again), so a stage pays only where enough points follow it.
-`plan_stages` picks at most `max_stages` starts among the points' first layers that minimise the decoding, in
-block-windows (one block over one window):
+stage starts at or before L. What reuse saves is block time only: every window still goes through the output head
+(half of a window at a 262k vocabulary), the per-window math and the weight's delta, with or without a stage. What a
+stage costs (`StageCosts`):
+  * its preparation: writing the file (when not on disk yet), probing it once in a child process, loading it;
+  * its identity check: one window through its N-S blocks *and* the head;
+  * once for all stages: the residuals' own decode of every window, when the baseline is already stored (otherwise
+    they are read during the baseline's decode, for free);
+and it must fit: the disk (stage files) and the memory (the largest stage, the first, beside the model).
+`plan_stages` picks at most `max_stages` starts among the points' first layers that minimise
 
-    sum over points of windows x (N - S)  +  STAGE_COST_WINDOWS x (N - S) per stage,
+    sum over points of windows x (N - S) x block_s  +  MARGIN x (identity + preparation) per stage  (+ capture)
 
-exactly, by dynamic programming over the candidate starts (O(C^2 K) for C candidates and K stages). The output
-layer's share is the same for every point and does not move the choice.
+exactly, by dynamic programming over the candidate starts (O(C^2 K) for C candidates and K stages). The overheads are
+estimates (I/O above all), so a stage must save MARGIN times what it is estimated to cost: reuse is never chosen
+where it would only break even.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-STAGE_COST_WINDOWS = 2  # a stage's identity window + its load, in windows through its blocks
+MARGIN = 1.5  # a stage must save this many times its estimated overhead
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds (and the fit in bytes) of prefix reuse on one model, from a timed window or its FLOPs."""
+
+    n_layers: int
+    block_s: float  # one block over one window
+    head_s: float  # the rest of a window's decode: the output head (and the input)
+    prepare_s: Callable[[int], float] = lambda start: 0.0  # write (if not on disk) + probe + load of stage S
+    capture_s: float = 0.0  # the residuals' own decode of every window (0: read during the baseline's decode)
+    allowed: Callable[[int], bool] = lambda start: True  # a stage llama.cpp can run (stage_check.stage_refusal)
+    fits: Callable[[tuple[int, ...]], bool] = lambda starts: True  # the disk and the memory
+    source: str = ""  # where the seconds come from, in words
+
+    def identity_s(self, start: int) -> float:
+        return (self.n_layers - start) * self.block_s + self.head_s
+
+    def overhead_s(self, start: int) -> float:
+        return self.identity_s(start) + self.prepare_s(start)
 
 
 @dataclass(frozen=True)
 class StagePlan:
     starts: tuple[int, ...]
-    cost: float  # block-windows decoded by the points plus the stages' identity checks and loads
-    full_cost: float  # block-windows the same points decode without reuse
+    decode_s: float  # block time the points decode with these stages
+    full_s: float  # block time the same points decode without reuse
+    overhead_s: float  # the stages' identity windows and preparation, and the residuals' capture
+    block_ratio: float = 1.0  # block-windows decoded, as a fraction of the full decodes'
+    refused: dict[int, str] = field(default_factory=dict)  # candidate starts left out, and why
 
     @property
-    def ratio(self) -> float:
-        return self.cost / self.full_cost if self.full_cost else 1.0
+    def saving_s(self) -> float:
+        return self.full_s - self.decode_s
+
+    @property
+    def net_s(self) -> float:
+        return self.saving_s - self.overhead_s
 
 
 def spread_starts(n_layers: int, n_stages: int) -> tuple[int, ...]:
@@ -38,14 +71,22 @@ def spread_starts(n_layers: int, n_stages: int) -> tuple[int, ...]:
     return tuple(sorted(spread & set(range(1, n_layers))))
 
 
-def plan_stages(n_layers: int, points: Mapping[int, float], max_stages: int,
-                fits: Callable[[tuple[int, ...]], bool] = lambda starts: True) -> StagePlan:
+def decoded_blocks(n_layers: int, points: Mapping[int, float], starts: tuple[int, ...]) -> float:
+    """Block-windows the points ({first layer: windows}) decode from `starts`."""
+    return float(sum(w * (n_layers - max((s for s in starts if s <= layer), default=0))
+                     for layer, w in points.items()))
+
+
+def plan_stages(points: Mapping[int, float], costs: StageCosts, max_stages: int) -> StagePlan:
     """The cheapest starts for `points` ({first perturbed block: windows decoded by the points that start there})
-    among at most `max_stages`, the most stages whose files `fits` (the disk) allows."""
-    n = n_layers
-    full_cost = float(sum(w * n for w in points.values()))
-    cands = sorted(layer for layer in points if 0 < layer < n)
-    weight = [float(points[c]) for c in cands]
+    among at most `max_stages`, the most stages that `costs.fits` allows; none when no stage pays MARGIN times."""
+    n, b = costs.n_layers, costs.block_s
+    full_blocks = decoded_blocks(n, points, ())
+    cands = sorted(layer for layer in points if 0 < layer < n and costs.allowed(layer))
+    # weight[i]: windows of the points from cands[i] up to the next candidate (they share whatever stage serves it)
+    weight = [float(sum(w for layer, w in points.items() if c <= layer < (cands[i + 1] if i + 1 < len(cands) else n)))
+              for i, c in enumerate(cands)]
+    own = [MARGIN * costs.overhead_s(c) for c in cands]
     # best[k][i]: cost of the points from cands[i] on, with a stage at cands[i] and at most k stages in all from
     # there; nxt[k][i]: the next stage's index (None: the last one)
     best: list[list[float]] = [[0.0] * len(cands)]
@@ -54,11 +95,11 @@ def plan_stages(n_layers: int, points: Mapping[int, float], max_stages: int,
         row, links = [0.0] * len(cands), [None] * len(cands)
         for i in reversed(range(len(cands))):
             blocks = n - cands[i]
-            own, tail = STAGE_COST_WINDOWS * blocks, 0.0  # tail: the points from cands[i] to the next stage
-            row[i], links[i] = own + blocks * sum(weight[i:]), None
+            tail = 0.0  # the points from cands[i] to the next stage
+            row[i], links[i] = own[i] + b * blocks * sum(weight[i:]), None
             for j in range(i + 1, len(cands)):
-                tail += weight[j - 1] * blocks
-                if k > 1 and (c := own + tail + best[k - 1][j]) < row[i]:
+                tail += weight[j - 1] * blocks * b
+                if k > 1 and (c := own[i] + tail + best[k - 1][j]) < row[i]:
                     row[i], links[i] = c, j
         best.append(row)
         nxt.append(links)
@@ -70,16 +111,21 @@ def plan_stages(n_layers: int, points: Mapping[int, float], max_stages: int,
             i, k = nxt[k][i], k - 1
         return tuple(out)
 
-    before_any = float(sum(w * n for layer, w in points.items() if layer not in cands))  # layer 0: no stage there
+    refused = {layer: "llama.cpp cannot run it" for layer in points if 0 < layer < n and not costs.allowed(layer)}
+    full_s = full_blocks * b
+    first = cands[0] if cands else n
+    before_any = b * sum(w * n for layer, w in points.items() if layer < first)  # no stage can serve them
     for k in range(min(max(max_stages, 0), len(cands)), 0, -1):
         head, options = before_any, []
         for i in range(len(cands)):  # the points before the first stage decode every block
             options.append((head + best[k][i], i))
-            head += weight[i] * n
+            head += weight[i] * n * b
         cost, i = min(options)
-        if cost >= full_cost:
+        if cost + MARGIN * costs.capture_s >= full_s:
             break  # no stage pays for itself
-        if fits(starts := starts_of(k, i)):
-            return StagePlan(starts, cost, full_cost)
-    return StagePlan((), full_cost, full_cost)
-
+        if costs.fits(starts := starts_of(k, i)):
+            decode = decoded_blocks(n, points, starts)
+            overhead = sum(costs.overhead_s(s) for s in starts) + costs.capture_s
+            return StagePlan(starts, decode * b, full_s, overhead, decode / full_blocks if full_blocks else 1.0,
+                             refused)
+    return StagePlan((), full_s, full_s, 0.0, 1.0, refused)
