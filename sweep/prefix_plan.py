@@ -3,11 +3,11 @@ windows of its points in seconds and bytes (the plan itself: sweep/scoring/stage
 model.container=auto is settled once for every job (sweep/capacity.py).
 
 The seconds, per model file, container, window size and threads:
-  * first a screen from the model's FLOPs (its matrices x tokens, the head x scored rows): when no stage pays even
-    with free files, nothing is timed and reuse is off for the sweep;
+  * first a screen from the model's FLOPs (its matrices x tokens, the head x scored rows): when even with free
+    files the best plan would not save more than timing costs (TIMING_WINDOWS), nothing is timed and reuse is off;
   * otherwise one window is timed in llama.cpp, split at the last block's output into the blocks' time and the
-    head's (sweep/llama/block_timing.py), and kept in the cache (`<cache>/prefix/profile-<key>.json`) for the next
-    sweep; on the loaded file when it exists, else on the file as it is;
+    head's (sweep/llama/block_timing.py), and kept beside the stage files (`<cache>/stages/profile-<key>.json`) for
+    the next sweep; on the loaded file when it exists, else on the file as it is;
   * the stage files' write and load speeds are the last ones measured in this cache (prefix.io_speeds).
 """
 
@@ -31,7 +31,7 @@ from .llama.container import compute_settings, default_cache_dir, f32_container_
 from .llama.model_file import sha256
 from .llama.stage_check import stage_refusal
 from .scoring.prefix import (
-    RESIDUALS_DIR,
+    STAGES_DIR,
     disk_bytes,
     io_speeds,
     residuals_key_of,
@@ -45,6 +45,7 @@ from .session import baseline_key
 from .store.files import atomic_write_bytes
 from .store.records import Store, point_key
 
+TIMING_WINDOWS = 2  # what timing a window costs (a load and the window): a plan must promise more to be timed
 PROBE_S = 2.0  # a child process that starts, imports llama_cpp and loads a stage once (stage_check.probe_stage)
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -139,8 +140,11 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
     k = int(cfg.run.prefix_stages)
     plan = plan_stages(first_layers, screen, k)
     head_share = head_f / (n * block_f + head_f)
-    if not plan.starts:
-        return Settled(source.name, plan, screen, head_share, 0, sum(first_layers.values()))
+    if plan.net_s <= TIMING_WINDOWS * (n * block_f + head_f) and not _profile_path(cfg, info, container, settings,
+                                                                                   threads, cache).exists():
+        # even with free files the best plan would not save what timing it costs: reuse is off, nothing timed
+        none = StagePlan((), plan.full_s, plan.full_s, 0.0, 1.0, plan.refused)
+        return Settled(source.name, none, screen, head_share, 0, sum(first_layers.values()))
 
     block_s, head_s, timed = decode_profile(cfg, info, container, settings, threads, cache)
     speeds = io_speeds(cache)
@@ -189,12 +193,9 @@ def _first(meta: dict, key: str) -> int:
 def decode_profile(cfg, info, container: str, settings, threads: int, cache: Path) -> tuple[float, float, str]:
     """(seconds per block per window, seconds of the head per window, in words where from): kept in the cache."""
     n_ctx = int(cfg.data.n_ctx)
-    loaded = f32_container_path(info.path, cache) if container == "f32" else info.path
-    as_is = not loaded.exists()
-    timed_file = info.path if as_is else loaded
-    key = point_key(kind="decode-profile", model_sha256=sha256(info.path), container=container, timed_as_is=as_is,
-                    n_ctx=n_ctx, threads=threads, runtime=runtime_identity(settings))
-    memo = Path(cache) / RESIDUALS_DIR / f"profile-{key}.json"
+    memo = _profile_path(cfg, info, container, settings, threads, cache)
+    as_is = not _loaded_file(info, container, cache).exists()
+    timed_file = info.path if as_is else _loaded_file(info, container, cache)
     where = ("on the file as it is (its F32 container is not built yet)" if as_is and container == "f32"
              else f"{threads} thread{'s' if threads != 1 else ''}")
     try:
@@ -216,6 +217,19 @@ def decode_profile(cfg, info, container: str, settings, threads: int, cache: Pat
     except OSError:
         pass
     return block_s, head_s, f"timed now, {where}"
+
+
+def _loaded_file(info, container: str, cache: Path) -> Path:
+    return f32_container_path(info.path, cache) if container == "f32" else info.path
+
+
+def _profile_path(cfg, info, container: str, settings, threads: int, cache: Path) -> Path:
+    """Where the timed window of this model, container, window, threads and runtime is kept: beside the stage files
+    (once per model file and machine, like them), as timed on the loaded file or, before it is built, the source."""
+    as_is = not _loaded_file(info, container, cache).exists()
+    key = point_key(kind="decode-profile", model_sha256=sha256(info.path), container=container, timed_as_is=as_is,
+                    n_ctx=int(cfg.data.n_ctx), threads=threads, runtime=runtime_identity(settings))
+    return Path(cache) / STAGES_DIR / f"profile-{key}.json"
 
 
 def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings, starts: list[int]) -> int:

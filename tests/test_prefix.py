@@ -13,7 +13,7 @@ import pytest
 from conftest import make_cfg
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
-from tiny_model import write_tiny_model
+from tiny_model import Q, write_tiny_model
 
 from sweep import planning
 from sweep.cli import main as cli_main
@@ -118,13 +118,16 @@ def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext,
     """Where the FLOPs say a stage may pay, one window is timed (blocks and head apart) and kept in the cache: the
     next plan reads it; --plan shows what reuse saves and what it costs."""
     cache = tmp_path / "cache"
-    big = write_tiny_model(tmp_path / "wide.gguf", models["llama"], n_layers=8, n_embd=256, n_head=4, n_head_kv=2)
+    # blocks that outweigh the 49,152-token head: 8 of width 512 and FFN 2048, all F32 (no quantizing to write)
+    big = write_tiny_model(tmp_path / "wide.gguf", models["llama"], n_layers=8, n_embd=512, n_ff=2048, n_head=4,
+                           n_head_kv=2, matmul_type=Q.F32, embd_type=Q.F32)
     args = [*tiny_args(big, tmp_path, "layer=range(0,8)", "kind=activation", "tensor=l_out", "fmt=int8",
-                       "metrics.generate=false", "data.n_windows=8", f"model.cache_dir={cache}"),
+                       "metrics.generate=false", "data.n_windows=16", "model.container=native",
+                       f"model.cache_dir={cache}"),
             f"data.path={wikitext}"]
     (settled,) = plan(args).stages
     assert "timed now" in settled.costs.source and settled.costs.block_s > 0 and settled.costs.head_s > 0
-    assert len(list((cache / RESIDUALS_DIR).glob("profile-*.json"))) == 1
+    assert len(list((cache / STAGES_DIR).glob("profile-*.json"))) == 1
     again = plan(args).stages[0]
     assert "timed before" in again.costs.source and again.costs.block_s == settled.costs.block_s
     out = planning.render(planning.costs(plan(args)), wikitext)
@@ -334,7 +337,8 @@ def test_native_quantized_weights_reuse_the_prefix_through_their_delta(models, t
     for reuse in ("true", "false"):
         run_sweep(tiny_args(models["qwen2"], tmp_path, "layer=1", "kind=weight", "tensor=attn_norm,ffn_up", "fmt=int8",
                             "model.container=native", "metrics.generate=false", "run.threads=1",
-                            "run.prefix_starts=[1]", f"run.prefix_reuse={reuse}", store=f"store-{reuse}", sweep_dir=f"sweep-{reuse}"), env)
+                            "run.prefix_starts=[1]", f"run.prefix_reuse={reuse}", store=f"store-{reuse}",
+                            sweep_dir=f"sweep-{reuse}"), env)
         tables[reuse] = table(tmp_path / f"sweep-{reuse}").set_index("tensor").sort_index()
     on, off = tables["true"], tables["false"]
     assert (on["status"] == "ok").all() and (on["prefix_reuse"] == "ok").all() and (on["prefix_stage"] == 1).all()
