@@ -3,7 +3,7 @@
     python bench/run.py [--quick] [--llama-perplexity PATH] [--threads N]
 
 Every figure is measured in this invocation, on this machine; ratios compare runs made minutes apart on the same
-machine. --quick (smaller slices, fewer points) stays under two minutes once llama-perplexity is built.
+machine. --quick (smaller slices, fewer points) takes about three minutes once llama-perplexity is built.
 The last line is `throughput ratio (sweep / llama-perplexity): X.XX`.
 """
 
@@ -13,6 +13,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,24 +51,34 @@ def row(*cells, widths=(44, 18, 18, 12)):
     print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
 
 
-def throughput(binary: Path, text: str, n_windows: int, threads: int) -> float:
-    print(f"\n## Scorer vs llama-perplexity ({n_windows} windows of 512, {threads} threads; load and tokenization "
-          f"excluded from both)")
+def throughput(binary: Path, text: str, n_windows: int, threads: int, rounds: int) -> float:
+    """Tokens/s of the scorer and of llama-perplexity, in alternating rounds (ours, theirs, ours, ...) with the model
+    loaded once on our side: on a shared VM the speed of both drifts by +-10% over minutes, so one run of each,
+    minutes apart, compared the machine's drift as much as the scorers. The ratio is of the medians."""
+    print(f"\n## Scorer vs llama-perplexity ({n_windows} windows of 512, {threads} threads, {rounds} alternating "
+          f"rounds; load and tokenization excluded from both)")
     row("model", "llama-perplexity", "sweep", "ratio")
     ratios = []
     for container in ("native", "f32"):
         with open_reference(cfg(container, n_windows, threads, text)) as ref:
             # the first run warms caches, as llama-perplexity's warm-up decode does
-            ours = [score(ref.backend, ref.windows, progress=False, math=ref.session.math) for _ in range(2)][-1]
-        theirs = llama_perplexity.run(binary, ref.backend.path, Path(text), n_windows, threads,
-                                      settings=ref.backend.settings)
-        their_tps = n_windows * 512 / theirs["score_seconds"]
-        ratio = ours.tokens_per_second / their_tps
+            score(ref.backend, ref.windows, progress=False, math=ref.session.math)
+            ours, theirs = [], []
+            for _ in range(rounds):
+                ours.append(score(ref.backend, ref.windows, progress=False, math=ref.session.math))
+                theirs.append(llama_perplexity.run(binary, ref.backend.path, Path(text), n_windows, threads,
+                                                   settings=ref.backend.settings))
+        our_tps = statistics.median(o.tokens_per_second for o in ours)
+        their_tps = statistics.median(n_windows * 512 / t["score_seconds"] for t in theirs)
+        ratio = our_tps / their_tps
         ratios.append(ratio)
-        same = f"PPL {ours.ppl:.4f} vs {theirs['ppl']:.4f}"
-        row(f"{ref.source.name[:20]} [{container}] tokens/s", f"{their_tps:.1f}", f"{ours.tokens_per_second:.1f}",
-            f"{ratio:.3f}")
-        row(f"   {same}" + ("  (identical)" if round(ours.ppl, 4) == theirs["ppl"] else "  (DIFFERENT)"), "", "", "")
+        per_round = ", ".join(f"{o.tokens_per_second * t['score_seconds'] / (n_windows * 512):.3f}"
+                              for o, t in zip(ours, theirs))
+        row(f"{ref.source.name[:20]} [{container}] tokens/s", f"{their_tps:.1f}", f"{our_tps:.1f}", f"{ratio:.3f}")
+        row(f"   per round: {per_round}", "", "", "")
+        same = f"PPL {ours[-1].ppl:.4f} vs {theirs[-1]['ppl']:.4f}"
+        row(f"   {same}" + ("  (identical)" if round(ours[-1].ppl, 4) == theirs[-1]["ppl"] else "  (DIFFERENT)"),
+            "", "", "")
     return min(ratios)
 
 
@@ -177,7 +188,7 @@ def scaling(text: str, threads: int, sizes: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small slices and few points (under two minutes)")
+    ap.add_argument("--quick", action="store_true", help="small slices and few points (about three minutes)")
     ap.add_argument("--llama-perplexity", help="path of a llama-perplexity binary (default: build one)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
@@ -187,7 +198,7 @@ def main() -> None:
     n_windows, n_points = (4, 3) if args.quick else (16, 10)
     print(f"# sweep benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {'quick' if args.quick else 'full'}")
-    ratio = throughput(binary, args.text, n_windows, args.threads)
+    ratio = throughput(binary, args.text, n_windows, args.threads, 5 if args.quick else 9)
     overhead(args.text, n_windows, args.threads, n_points)
     if not args.quick:
         reuse_vs_reload(args.text, 4, args.threads, n_points)
