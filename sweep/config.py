@@ -104,6 +104,9 @@ class RunConfig:
     # baseline's residual stream; bit-identical to the full decode, or the point falls back to it and says why.
     prefix_reuse: bool = True
     prefix_stages: int = 8  # the most stage files a sweep may use (more: less decode, more disk)
+    # reuse only where it makes the sweep's decode at least this much shorter: below that, the stage held beside
+    # the model (memory) and its files (disk) are not worth it
+    prefix_min_gain: float = 0.15
     # the stages' first blocks; null: chosen before launch from the sweep's layers and windows (stage_plan.py)
     prefix_starts: Optional[list[int]] = None
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .capacity import gb, gguf_sizes, nearest_existing, need
 from .cores import available_cores, available_memory
 from .gencheck import generation_mode
@@ -41,6 +43,7 @@ from .scoring.prefix import (
 )
 from .scoring.stage_plan import MARGIN, StageCosts, StagePlan, plan_stages
 from .scoring.text import load_text
+from .scoring.window_math import BaselineWindow, WindowMath
 from .session import baseline_key
 from .store.files import atomic_write_bytes
 from .store.records import Store, point_key
@@ -63,10 +66,13 @@ class Settled:
 
     def line(self) -> str:
         p, c = self.plan, self.costs
-        timing = (f"{c.block_s:.3g} s per block and {c.head_s:.3g} s for the head per window, {c.source}")
+        unit = " FLOP" if c.source == "FLOPs" else " s"
+        timing = (f"{c.block_s:.3g}{unit} per block and {c.head_s:.3g}{unit} for the head per window, "
+                  + ("from the model's FLOPs, nothing timed" if c.source == "FLOPs" else c.source))
         if not p.starts:
-            return (f"prefix reuse: none for {self.model}: no stage saves {_margin()}x what it costs here (the head is "
-                    f"{self.head_share:.0%} of a window and every window still decodes it; {timing})"
+            return (f"prefix reuse: none for {self.model}: no stage pays here (a plan must save {_margin()}x what its "
+                    f"stages cost, and run.prefix_min_gain of the sweep's decode; the head is {self.head_share:.0%} of "
+                    f"a window and every window still decodes it; {timing})"
                     + (f"; left out: {_refused(p)}" if p.refused else ""))
         return (f"prefix reuse: stages at blocks {', '.join(map(str, p.starts))} for {self.model}: saves ~"
                 f"{p.saving_s:.0f} s of block decode for ~{p.overhead_s:.0f} s of stage work (files, identity "
@@ -146,7 +152,7 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
         none = StagePlan((), plan.full_s, plan.full_s, 0.0, 1.0, plan.refused)
         return Settled(source.name, none, screen, head_share, 0, sum(first_layers.values()))
 
-    block_s, head_s, timed = decode_profile(cfg, info, container, settings, threads, cache)
+    block_s, head_s, math_s, timed = decode_profile(cfg, info, container, settings, threads, cache)
     speeds = io_speeds(cache)
     sha = sha256(source)
 
@@ -166,6 +172,14 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
 
     costs = StageCosts(n, block_s, head_s, prepare_s, capture * (n * block_s + head_s), allowed, fits, timed)
     plan = plan_stages(first_layers, costs, k)
+    # the sweep without reuse: every point's windows and the baseline's, through every block and the head, and each
+    # point window's math (at a 262k vocabulary, a fair share of the window)
+    sweep_s = (sum(first_layers.values()) + n_windows) * (n * block_s + head_s) + sum(first_layers.values()) * math_s
+    min_gain = float(cfg.run.prefix_min_gain)
+    if plan.starts and plan.net_s < min_gain * sweep_s:
+        plan = StagePlan((), plan.full_s, plan.full_s, 0.0, 1.0,
+                         {**plan.refused, **{s: f"saves {plan.net_s / sweep_s:.0%} of the sweep's decode, below "
+                                                f"run.prefix_min_gain={min_gain:g}" for s in plan.starts}})
     return Settled(source.name, plan, costs, head_s / (n * block_s + head_s),
                    stage_bytes(min(plan.starts)) if plan.starts else 0, sum(first_layers.values()))
 
@@ -190,8 +204,10 @@ def _first(meta: dict, key: str) -> int:
     return int(max(value) if isinstance(value, list) else value)
 
 
-def decode_profile(cfg, info, container: str, settings, threads: int, cache: Path) -> tuple[float, float, str]:
-    """(seconds per block per window, seconds of the head per window, in words where from): kept in the cache."""
+def decode_profile(cfg, info, container: str, settings, threads: int, cache: Path
+                   ) -> tuple[float, float, float, str]:
+    """(seconds per block per window, seconds of the head per window, seconds of a point's per-window math, in
+    words where from): kept beside the stage files."""
     n_ctx = int(cfg.data.n_ctx)
     memo = _profile_path(cfg, info, container, settings, threads, cache)
     as_is = not _loaded_file(info, container, cache).exists()
@@ -200,23 +216,41 @@ def decode_profile(cfg, info, container: str, settings, threads: int, cache: Pat
              else f"{threads} thread{'s' if threads != 1 else ''}")
     try:
         kept = json.loads(memo.read_text())
-        return float(kept["block_s"]), float(kept["head_s"]), f"timed before, {where}"
+        return float(kept["block_s"]), float(kept["head_s"]), float(kept["math_s"]), f"timed before, {where}"
     except (OSError, ValueError, KeyError):
         pass
-    t0 = time.perf_counter()
     with Backend(timed_file, n_ctx, threads, settings=settings) as b:
+        t0 = time.perf_counter()
         split = blocks_and_head_seconds(b, n_ctx)
+        total = time.perf_counter() - t0
+        math_s = _math_seconds(b.decode_window(*_window(b, n_ctx)) if split is None else split[2], threads)
     if split is None:  # no node to split at: the whole window, shared by FLOPs
         block_f, head_f = window_flops(info, *gguf_sizes(info.path)[1:], n_ctx)
-        total = time.perf_counter() - t0
         split = (total * info.n_layers * block_f / (info.n_layers * block_f + head_f),
                  total * head_f / (info.n_layers * block_f + head_f))
     block_s, head_s = split[0] / info.n_layers, split[1]
     try:
-        atomic_write_bytes(memo, json.dumps({"block_s": block_s, "head_s": head_s, "file": str(timed_file)}).encode())
+        atomic_write_bytes(memo, json.dumps({"block_s": block_s, "head_s": head_s, "math_s": math_s,
+                                             "file": str(timed_file)}).encode())
     except OSError:
         pass
-    return block_s, head_s, f"timed now, {where}"
+    return block_s, head_s, math_s, f"timed now, {where}"
+
+
+def _window(b, n_ctx: int):
+    mask = np.zeros(n_ctx, np.int8)
+    mask[n_ctx // 2:n_ctx - 1] = 1
+    return np.full(n_ctx, max(b.bos, 0), np.int32), mask
+
+
+def _math_seconds(logits: np.ndarray, threads: int) -> float:
+    """A point's per-window math on these logits (NLL, and KL against a baseline: here, themselves)."""
+    targets = np.zeros(len(logits), np.int64)
+    with WindowMath(threads) as math:
+        base = math(logits, targets)
+        t0 = time.perf_counter()
+        math(logits, targets, None, BaselineWindow(logits, base["lse"], base["nll"]))
+        return time.perf_counter() - t0
 
 
 def _loaded_file(info, container: str, cache: Path) -> Path:

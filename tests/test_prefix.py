@@ -106,7 +106,7 @@ def test_the_sweep_settles_its_stages_once_for_every_job(models, tmp_path, wikit
     # the tiny model: 3 blocks 64 wide under a 49,152-token head, which every identity window decodes too
     (settled,) = p.stages
     assert settled.plan.starts == () and settled.head_share > 0.9
-    assert "prefix reuse: none for llama.gguf: no stage saves 1.5x what it costs here (the head is" in \
+    assert "prefix reuse: none for llama.gguf: no stage pays here (a plan must save 1.5x what its stages cost" in \
         capsys.readouterr().out
     given = plan([*args, "run.prefix_starts=[1]"])
     assert all(list(cfg.run.prefix_starts) == [1] for cfg, _ in given.points)
@@ -118,11 +118,12 @@ def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext,
     """Where the FLOPs say a stage may pay, one window is timed (blocks and head apart) and kept in the cache: the
     next plan reads it; --plan shows what reuse saves and what it costs."""
     cache = tmp_path / "cache"
-    # blocks that outweigh the 49,152-token head: 8 of width 512 and FFN 2048, all F32 (no quantizing to write)
+    # blocks that outweigh the 49,152-token head: 8 of width 512 and FFN 2048, all F32 (no quantizing to write);
+    # 256 windows: only planned (one window is timed), so that stages can pay for their files
     big = write_tiny_model(tmp_path / "wide.gguf", models["llama"], n_layers=8, n_embd=512, n_ff=2048, n_head=4,
                            n_head_kv=2, matmul_type=Q.F32, embd_type=Q.F32)
     args = [*tiny_args(big, tmp_path, "layer=range(0,8)", "kind=activation", "tensor=l_out", "fmt=int8",
-                       "metrics.generate=false", "data.n_windows=16", "model.container=native",
+                       "metrics.generate=false", "data.n_windows=256", "model.container=native",
                        f"model.cache_dir={cache}"),
             f"data.path={wikitext}"]
     (settled,) = plan(args).stages
@@ -132,6 +133,11 @@ def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext,
     assert "timed before" in again.costs.source and again.costs.block_s == settled.costs.block_s
     out = planning.render(planning.costs(plan(args)), wikitext)
     assert "  prefix      " in out and ("saves ~" in out or "none for wide.gguf" in out), out
+    # a plan that would not shorten the sweep's decode by run.prefix_min_gain is not worth its memory and disk
+    (loose,) = plan([*args, "run.prefix_min_gain=0"]).stages
+    (strict,) = plan([*args, "run.prefix_min_gain=0.99"]).stages
+    assert loose.plan.starts and loose.plan.net_s > 0, loose.line()
+    assert strict.plan.starts == () and "below run.prefix_min_gain=0.99" in strict.line()
 
 
 def test_a_gemma3_stage_of_global_blocks_only_is_never_loaded(smollm2, tmp_path, env):

@@ -15,9 +15,9 @@ import numpy as np
 from .backend import Backend
 
 
-def blocks_and_head_seconds(backend: Backend, n_tokens: int) -> tuple[float, float] | None:
-    """(seconds through the blocks, seconds after them) of one decode of `n_tokens` tokens with logits on the
-    scored half, or None when the graph has no `l_out` node for the last block to time at."""
+def blocks_and_head_seconds(backend: Backend, n_tokens: int) -> tuple[float, float, np.ndarray] | None:
+    """(seconds through the blocks, seconds after them, the logits) of one decode of `n_tokens` tokens with logits
+    on the scored half, or None when the graph has no `l_out` node for the last block to time at."""
     name = f"l_out-{backend.n_layers - 1}"
     if name not in backend.nodes:
         return None
@@ -30,10 +30,10 @@ def blocks_and_head_seconds(backend: Backend, n_tokens: int) -> tuple[float, flo
     backend.activation_hook = lambda _name, _x: at.append(time.perf_counter())
     try:
         t0 = time.perf_counter()
-        backend.decode_window(tokens, mask)
+        logits = backend.decode_window(tokens, mask)
         t1 = time.perf_counter()
     finally:
         backend.hooked_nodes, backend.activation_hook = frozenset(), None
     if not at:
         return None
-    return at[0] - t0, t1 - at[0]
+    return at[0] - t0, t1 - at[0], logits
