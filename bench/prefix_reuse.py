@@ -3,8 +3,9 @@
 For each model, two sweeps (`python -m sweep`), each in a fresh store so that nothing is reused from the store:
 `layer=range(0,N) tensor=ffn_down kind=weight fmt=int8` and `layer=range(0,N) tensor=l_out kind=activation
 fmt=int8`, each once with `run.prefix_reuse=true` and once with `false`. The stage files are written before the
-timed runs (once per model file, like the F32 container); the residual capture and the identity checks happen inside
-every timed reuse run (each run has a cache of its own for residuals), as in a user's first sweep on a text.
+timed runs (once per model file, like the F32 container: the stages a user's later sweeps of the model use); the
+residual capture and the identity checks happen inside every timed reuse run (each run has a cache of its own for
+residuals), as in a user's first sweep on a text.
 
 Decoded layer-tokens = blocks decoded x tokens: the points' decodes (each record's `decoded_blocks` x its windows x
 n_ctx), plus the baseline (N blocks, every window) and, with reuse, one identity window per stage used (the
@@ -41,7 +42,7 @@ from sweep.grid import plan as grid_plan
 from sweep.llama.container import container_path, default_cache_dir
 from sweep.llama.model_file import model_info, resolve_model_path, sha256
 from sweep.llama.stage_file import write_stage_file
-from sweep.scoring.prefix import STAGES_DIR, stage_file_path
+from sweep.scoring.prefix import STAGES_DIR, note_io_speed, stage_file_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_out": ("kind=activation",
@@ -50,17 +51,26 @@ SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_o
 
 def prepare_stages(overrides: list[str], cache: Path) -> list[int]:
     """Write the stage files the reuse run of `overrides` will load (not timed: once per model file, like the F32
-    container): the starts are the sweep's own plan (sweep/prefix_plan.py)."""
-    jobs = grid_plan(overrides).jobs
-    starts = json.loads(next(o for o in jobs[0] if o.startswith("run.prefix_starts=")).split("=", 1)[1])
-    cfg = compose(jobs[0])
-    source = resolve_model_path(cfg.model.path)
-    loaded = container_path(source, str(cfg.model.container), cache)
-    for s in starts:
-        path = stage_file_path(cache, sha256(source), str(cfg.model.container), s)
-        if not path.exists():
-            print(f"  writing stage {s} of {source.name} ({cfg.model.container}) -> {path}", flush=True)
-            write_stage_file(loaded, path, s)
+    container). The plan counts a file still to write at its cost, so the files of a first plan make other stages
+    cheaper: planned again until the plan keeps to the files written (at most 3 rounds) -- the stages a user's
+    later sweeps of this model use. Each write's speed is kept for the plan, as a sweep's own writes are."""
+    starts: list[int] = []
+    for _ in range(3):
+        jobs = grid_plan(overrides).jobs
+        planned = json.loads(next(o for o in jobs[0] if o.startswith("run.prefix_starts=")).split("=", 1)[1])
+        if planned == starts:
+            break
+        starts = planned
+        cfg = compose(jobs[0])
+        source = resolve_model_path(cfg.model.path)
+        loaded = container_path(source, str(cfg.model.container), cache)
+        for s in starts:
+            path = stage_file_path(cache, sha256(source), str(cfg.model.container), s)
+            if not path.exists():
+                print(f"  writing stage {s} of {source.name} ({cfg.model.container}) -> {path}", flush=True)
+                t0 = time.perf_counter()
+                write_stage_file(loaded, path, s)
+                note_io_speed(cache, "write", path.stat().st_size, time.perf_counter() - t0)
     return starts
 
 

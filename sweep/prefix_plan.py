@@ -49,7 +49,7 @@ from .store.files import atomic_write_bytes
 from .store.records import Store, point_key
 
 TIMING_WINDOWS = 2  # what timing a window costs (a load and the window): a plan must promise more to be timed
-PROBE_S = 2.0  # a child process that starts, imports llama_cpp and loads a stage once (stage_check.probe_stage)
+PROBE_S = 0.75  # a child process that starts and imports llama_cpp (stage_check.probe_stage: 0.76 s with a load)
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -71,7 +71,7 @@ class Settled:
                   + ("from the model's FLOPs, nothing timed" if c.source == "FLOPs" else c.source))
         if not p.starts:
             return (f"prefix reuse: none for {self.model}: no stage pays here (a plan must save {_margin()}x what its "
-                    f"stages cost, and run.prefix_min_gain of the sweep's decode; the head is {self.head_share:.0%} of "
+                    f"stages cost, and run.prefix_min_gain of the sweep; the head is {self.head_share:.0%} of "
                     f"a window and every window still decodes it; {timing})"
                     + (f"; left out: {_refused(p)}" if p.refused else ""))
         return (f"prefix reuse: stages at blocks {', '.join(map(str, p.starts))} for {self.model}: saves ~"
@@ -178,7 +178,7 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
     min_gain = float(cfg.run.prefix_min_gain)
     if plan.starts and plan.net_s < min_gain * sweep_s:
         plan = StagePlan((), plan.full_s, plan.full_s, 0.0, 1.0,
-                         {**plan.refused, **{s: f"saves {plan.net_s / sweep_s:.0%} of the sweep's decode, below "
+                         {**plan.refused, **{s: f"saves {plan.net_s / sweep_s:.0%} of the sweep, below "
                                                 f"run.prefix_min_gain={min_gain:g}" for s in plan.starts}})
     return Settled(source.name, plan, costs, head_s / (n * block_s + head_s),
                    stage_bytes(min(plan.starts)) if plan.starts else 0, sum(first_layers.values()))
