@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # None: the hub
+    path: Optional[str] = None  # None: the embedded WikiText-2; "hub": through `datasets`; else a text file
     n_ctx: int = 512  # tokens per window (llama-perplexity -c); the second half of every window is scored
     # Windows scored (llama-perplexity --chunks); <= 0: all the text gives (587 at n_ctx 512 on SmolLM2). 16 windows
     # (4080 scored tokens) is the measured trade-off: docs/statistics.md "Choosing the slice".
