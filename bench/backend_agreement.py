@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from sweep.job import run_job
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings, f32_container
 from sweep.llama.model_file import embedded_model_path
+from sweep.scoring.text import embedded_text_path
 from sweep.session import Sessions
 
 # (container, kind, tensor, layer, fmt): a weight point, an activation point, a GGUF-type point, and the native
@@ -106,9 +106,7 @@ def main() -> None:
     p.add_argument("--n-windows", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = p.parse_args()
-    text = os.environ.get("SWEEP_WIKITEXT")
-    if not text:
-        sys.exit("error: set SWEEP_WIKITEXT to the WikiText-2 test file")
+    text = os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path())
     label = "rpc" if args.rpc else "gpu"
     other = ([f"model.rpc={args.rpc}"] if args.rpc else []) + ["model.n_gpu_layers=-1"]
     rows = [compare(pt, args.n_windows, text, other, label) for pt in POINTS]

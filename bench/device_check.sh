@@ -25,7 +25,7 @@ WORK=${DEVICE_CHECK_WORK:-/tmp/sweep-device-check}
 BASE_PY=${BASE_PY:-$ROOT/.venv/bin/python}
 VERSION=0.3.36
 JOBS=${JOBS:-$(nproc)}
-export SWEEP_WIKITEXT=${SWEEP_WIKITEXT:-$(cd .. && pwd)/shared/data/wikitext-2-raw/wiki.test.raw}
+export SWEEP_WIKITEXT=${SWEEP_WIKITEXT:-$ROOT/sweep/data/wikitext-2-raw/wiki.test.raw}  # default: the embedded text
 export SWEEP_CACHE=${SWEEP_CACHE:-$WORK/cache}
 mkdir -p "$OUT"
 T0=$(date +%s)

@@ -27,6 +27,7 @@ from sweep.quant.targets import resolve  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import run_point  # noqa: E402
 from sweep.scoring.perplexity import score  # noqa: E402
+from sweep.scoring.text import embedded_text_path  # noqa: E402
 from sweep.store.records import Store  # noqa: E402
 
 POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8"), ("weight", "attn_q", 3, "bf16"),
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     p.add_argument("--model", help="unused: the embedded model is what the sweep's default config loads")
     args = p.parse_args()
-    text = os.environ["SWEEP_WIKITEXT"]
+    text = os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path())
     lines = [f"# every layer offloaded, {args.n_windows} windows of 512, {args.threads} CPU threads"]
     result = {}
     for container in ("native", "f32"):

@@ -31,8 +31,7 @@ from sweep.llama.container import dequantized  # noqa: E402
 from sweep.quant import ggml_types  # noqa: E402
 from sweep.quant.imatrix_file import Imatrix, read  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from sweep.scoring.text import embedded_text_path  # noqa: E402
 
 
 def llama_imatrix(binary: Path, model: Path, text: Path, chunks: int, threads: int, out: Path, fmt: str,
@@ -69,8 +68,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--types", default="q4_K,iq4_xs,iq3_xxs,iq2_xxs")
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"

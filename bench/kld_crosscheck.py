@@ -26,8 +26,7 @@ from sweep.quant.formats import make_format  # noqa: E402
 from sweep.quant.targets import resolve  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
 from sweep.run import record, run_point  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from sweep.scoring.text import embedded_text_path  # noqa: E402
 
 
 def main() -> None:
@@ -35,8 +34,7 @@ def main() -> None:
     ap.add_argument("--llama-perplexity", help="path of a llama-perplexity binary (default: build one)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
     fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")

@@ -36,6 +36,7 @@ from sweep.imatrix.compute import collect  # noqa: E402
 from sweep.llama.model_file import embedded_model_path, model_info  # noqa: E402
 from sweep.quant.imatrix_file import Imatrix, read  # noqa: E402
 from sweep.reference import open_reference  # noqa: E402
+from sweep.scoring.text import embedded_text_path  # noqa: E402
 
 
 def crosscheck(binary: Path, model: Path, text: Path, chunks: int, n_ctx: int, threads: int, tmp: Path) -> bool:
@@ -66,8 +67,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"

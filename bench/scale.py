@@ -34,6 +34,7 @@ import llama_perplexity  # noqa: E402
 from sweep.capacity import gb  # noqa: E402
 from sweep.llama.container import compute_settings  # noqa: E402
 from sweep.llama.model_file import model_info  # noqa: E402
+from sweep.scoring.text import embedded_text_path  # noqa: E402
 from sweep.store.records import gather  # noqa: E402
 
 # The child: `python -m sweep ARGS`, reporting its own peak memory and writes when it exits.
@@ -68,10 +69,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--llama-perplexity", help="the binary (default: built from llama-cpp-python's sources)")
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
-    if not args.text:
-        raise SystemExit("give --text PATH or set SWEEP_WIKITEXT to WikiText-2's wiki.test.raw")
     info = model_info(args.model)
     last = info.n_layers - 1
     work = Path(tempfile.mkdtemp(prefix="sweep-scale-"))

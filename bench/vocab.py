@@ -323,9 +323,12 @@ def main() -> None:
     ap.add_argument("--child-points", nargs=6, help=argparse.SUPPRESS)  # a whole-point child (whole_points_against)
     ap.add_argument("--repeat", type=int, default=9, help="rounds of the window-math timing")
     ap.add_argument("--math-only", action="store_true", help="only the window math (no points, no RSS)")
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT"), help="default: the embedded WikiText-2")
     args = ap.parse_args()
+    if not args.text:
+        from sweep.scoring.text import embedded_text_path  # here: an --against child runs this file on an older sweep
+
+        args.text = str(embedded_text_path())
     if args.child_points:
         model, windows, threads, text, store, points = args.child_points
         print(json.dumps(point_seconds(Path(model), int(windows), int(threads), text, Path(store), int(points))))
