@@ -83,7 +83,7 @@ class MetricsConfig:
     rank_by: RankBy = RankBy.kld_mean
     # Generation check: greedy completions of `prompts` (through the chat template) compared token by token with
     # the baseline's. true: every point (~7% of a 16-window sweep on SmolLM2); false: none; top:N: the N points
-    # that rank worst, checked when the sweep ends (gencheck.py; bench/README.md).
+    # that rank worst, checked when the sweep ends (gencheck.py; docs/benchmarks.md).
     generate: Any = "top:5"
     prompts: list[str] = field(default_factory=lambda: [
         "What is the capital of France?",
