@@ -46,6 +46,7 @@ def arch_models(tmp_path_factory, smollm2):
     return {arch: write_tiny_model(directory / f"tiny-{arch}.gguf", smollm2, arch=arch) for arch in SWEEPS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(SWEEPS))
 def test_weights_and_activations_of_another_architecture(arch, arch_models, tmp_path, env):
     model = arch_models[arch]

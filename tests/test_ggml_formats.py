@@ -89,6 +89,7 @@ def test_type_table_matches_libggml():
     assert libggml.ggml_op_name(ggml_tensor.GGML_OP_GET_ROWS) == b"GET_ROWS"
 
 
+@pytest.mark.slow
 def test_bit_exact_to_llama_quantize_for_every_type(f32_model, loaded, importance, tmp_path, capsys):
     imatrix_path, imatrix_values = importance
     rows, problems = [], []

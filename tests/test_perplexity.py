@@ -122,6 +122,7 @@ def test_n_windows_is_clamped_to_the_text_and_zero_means_all():
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 @pytest.mark.parametrize("container, n_windows, ppl, stderr", [
     # `llama-perplexity -c 512 -b 512 --chunks N -t 2 -nr` plus each container's settings (native: -fa on -ctk f16
     # -ctv f16; f32: -fa off -ctk f32 -ctv f32) on the same file and text, built from the llama-cpp-python 0.3.36

@@ -172,6 +172,7 @@ def test_model_file_unchanged_by_every_kind_of_run(tiny_model, tmp_path, env):
     assert resolve_model_path(tiny_model) == tiny_model.resolve()
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_joblib_sweep_then_rerun(tiny_model, tmp_path, env):
     import signal
     import time
