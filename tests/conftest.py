@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_model import write_tiny_model
 
 from sweep.config import compose
 from sweep.llama.model_file import embedded_model_path
 from sweep.scoring.text import embedded_text_path
+from sweep.testing.tiny_model import write_tiny_model
 
 # The tests score the embedded text whatever the shell sets: their expected figures are that text's.
 os.environ.pop("SWEEP_WIKITEXT", None)

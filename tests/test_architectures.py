@@ -12,10 +12,10 @@ import math
 import pandas as pd
 import pytest
 from test_sweep import run_sweep, tiny_args
-from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
 from sweep.grid import plan
+from sweep.testing.tiny_model import write_tiny_model
 
 # Per architecture: the weights and graph nodes swept, and the GGUF/graph name of each for layer 0.
 SWEEPS = {

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from llama_cpp._ggml import libggml
-from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
 from sweep.llama import ggml_tensor, gguf_reader
@@ -26,6 +25,7 @@ from sweep.quant.apply import applied
 from sweep.quant.formats import FORMATS, make_format
 from sweep.quant.imatrix_file import Imatrix, load, write_gguf
 from sweep.quant.targets import Target
+from sweep.testing.tiny_model import write_tiny_model
 
 # Rows of 256 (ffn_gate: n_embd) suit every block; rows of 384 (ffn_down: n_ff) are no multiple of 256, so every
 # 256-block type takes llama.cpp's fallback there.

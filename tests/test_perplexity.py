@@ -10,7 +10,6 @@ import threading
 import numpy as np
 import pytest
 from conftest import make_cfg
-from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
 from sweep.llama.backend import Backend
@@ -19,6 +18,7 @@ from sweep.reference import open_reference
 from sweep.scoring.perplexity import score
 from sweep.scoring.window_math import WindowMath
 from sweep.scoring.windows import make_windows
+from sweep.testing.tiny_model import write_tiny_model
 
 N_CTX = 64
 

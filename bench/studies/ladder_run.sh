@@ -5,7 +5,7 @@
 # WikiText windows and 4 windows of a text that is not WikiText, with the closed loop at the two lowest sizes.
 # Accuracy only: the timings printed here come from a loaded machine and are not benchmarks.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export SWEEP_CACHE=${SWEEP_CACHE:-$PWD/.cache/sweep}  # the text: the embedded WikiText-2 unless SWEEP_WIKITEXT says otherwise
 PY=${PY:-python}
 OTHER=${OTHER:-/usr/share/common-licenses/GPL-3}  # the GNU GPL v3 text shipped by Debian's base-files: not WikiText

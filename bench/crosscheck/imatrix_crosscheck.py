@@ -6,7 +6,7 @@ the tensors covered, the counts (exactly), the sums of squared activations (rela
 of llama-imatrix's file forms (GGUF and the legacy .dat, read by sweep/quant/imatrix_file.py) and, per tensor, the bytes
 that ggml's quantizer writes with either imatrix for a few types (identical or not).
 
-    python bench/imatrix_crosscheck.py [--llama-imatrix PATH] [--chunks 8] [--types q4_K,iq3_xxs,iq2_xxs]
+    python -m bench.crosscheck.imatrix_crosscheck [--llama-imatrix PATH] [--chunks 8] [--types q4_K,iq3_xxs,iq2_xxs]
 """
 
 from __future__ import annotations
@@ -14,24 +14,21 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llama_perplexity  # noqa: E402
-
-from sweep.config import compose  # noqa: E402
-from sweep.imatrix.compute import collect  # noqa: E402
-from sweep.llama import quantize as be  # noqa: E402
-from sweep.llama.container import dequantized  # noqa: E402
-from sweep.quant import ggml_types  # noqa: E402
-from sweep.quant.imatrix_file import Imatrix, read  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
-from sweep.scoring.text import embedded_text_path  # noqa: E402
+from bench import llama_perplexity
+from sweep.config import compose
+from sweep.imatrix.compute import collect
+from sweep.llama import quantize as be
+from sweep.llama.container import dequantized
+from sweep.quant import ggml_types
+from sweep.quant.imatrix_file import Imatrix, read
+from sweep.reference import open_reference
+from sweep.scoring.text import embedded_text_path
 
 
 def llama_imatrix(binary: Path, model: Path, text: Path, chunks: int, threads: int, out: Path, fmt: str,

@@ -6,7 +6,7 @@ On the embedded SmolLM2 in its F32 container by default: int8 weight ffn_down an
 layers (each after a different stage, and one before the first stage, which falls back). Exit status 1 on any
 difference.
 
-    python bench/prefix_identity.py [--layers 5,15,29] [--windows 4] [--container f32] [--model PATH]
+    python -m bench.crosscheck.prefix_identity [--layers 5,15,29] [--windows 4] [--container f32] [--model PATH]
 """
 
 from __future__ import annotations

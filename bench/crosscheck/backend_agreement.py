@@ -1,7 +1,7 @@
 """The same points on the CPU and on another backend (RPC servers, or this build's GPUs), compared number by number.
 
-    python bench/backend_agreement.py --rpc 127.0.0.1:50052 [--n-windows 4] [--out DIR]
-    python bench/backend_agreement.py --gpu [--n-windows 4] [--out DIR]
+    python -m bench.crosscheck.backend_agreement --rpc 127.0.0.1:50052 [--n-windows 4] [--out DIR]
+    python -m bench.crosscheck.backend_agreement --gpu [--n-windows 4] [--out DIR]
 
 Embedded SmolLM2 on the real WikiText text; each point runs through the sweep's own job (`run_job`) twice, on the
 CPU and with every layer offloaded (model.n_gpu_layers=-1), into a fresh store. Prints one table (markdown) and
