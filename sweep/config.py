@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # None: the hub
+    path: Optional[str] = None  # None: the embedded WikiText-2; "hub": through `datasets`; else a text file
     n_ctx: int = 512  # tokens per window (llama-perplexity -c); the second half of every window is scored
     # Windows scored (llama-perplexity --chunks); <= 0: all the text gives (587 at n_ctx 512 on SmolLM2). 16 windows
     # (4080 scored tokens) is the measured trade-off: docs/statistics.md "Choosing the slice".
@@ -83,7 +83,7 @@ class MetricsConfig:
     rank_by: RankBy = RankBy.kld_mean
     # Generation check: greedy completions of `prompts` (through the chat template) compared token by token with
     # the baseline's. true: every point (~7% of a 16-window sweep on SmolLM2); false: none; top:N: the N points
-    # that rank worst, checked when the sweep ends (gencheck.py; bench/README.md).
+    # that rank worst, checked when the sweep ends (gencheck.py; docs/benchmarks.md).
     generate: Any = "top:5"
     prompts: list[str] = field(default_factory=lambda: [
         "What is the capital of France?",

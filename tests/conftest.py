@@ -5,20 +5,20 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_model import write_tiny_model
 
 from sweep.config import compose
 from sweep.llama.model_file import embedded_model_path
+from sweep.scoring.text import embedded_text_path
+from sweep.testing.tiny_model import write_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# The tests score the embedded text whatever the shell sets: their expected figures are that text's.
+os.environ.pop("SWEEP_WIKITEXT", None)
 
 
 @pytest.fixture(scope="session")
 def wikitext() -> Path:
-    path = Path(os.environ.get("SWEEP_WIKITEXT") or SHARED_TEXT)
-    assert path.is_file(), f"WikiText-2 test file not found at {path}: set SWEEP_WIKITEXT"
-    return path
+    """The embedded WikiText-2 test split, as a file (the package's own copy: no network, no sibling folder)."""
+    return embedded_text_path()
 
 
 @pytest.fixture(scope="session")
@@ -55,33 +55,53 @@ def make_cfg(model: Path | None, text: Path, n_ctx: int, n_windows: int, contain
 
 
 @pytest.fixture
-def env(wikitext, cache_dir):
-    """Environment of a `python -m sweep` subprocess: the offline text, and a cache inside the test's tmp."""
-    return {**os.environ, "SWEEP_WIKITEXT": str(wikitext), "SWEEP_CACHE": str(cache_dir)}
+def env(cache_dir):
+    """Environment of a `python -m sweep` subprocess: the text by default (the embedded one), and a cache inside the
+    test's tmp."""
+    return {**os.environ, "SWEEP_CACHE": str(cache_dir)}
 
 
-# ---- the RPC tests (tests/test_rpc.py) need an RPC build ----------------------------------------------------------
+# ---- tiers: a plain `python -m pytest` runs on any machine; what needs more is left out, and said so ---------------
+
+# marker -> (what its tests need, the command that runs them); .ci/run runs every tier.
+TIERS = {
+    "slow": ("the longest real-model tests", "python -m pytest -m slow"),
+    "slurm": ("root and Debian's SLURM packages", "python -m pytest -m slurm"),
+    "rpc": ("an RPC build of llama-cpp-python", ".venv-rpc/bin/python -m pytest -m rpc tests/test_rpc.py"),
+}
+
 
 def _rpc_build() -> bool:
     from sweep.llama.rpc import has_rpc
     return has_rpc()
 
 
+def _left_out(tier: str, markexpr: str, rpc_build: bool) -> bool:
+    """Without -m every tier is left out. Without an RPC build the `rpc` tests are also left out of any -m that does
+    not name them; asked for with `-m rpc`, they fail with the line saying which build to use."""
+    if not markexpr:
+        return True
+    return tier == "rpc" and not rpc_build and "rpc" not in markexpr.replace("not rpc", "")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Without an RPC build the `rpc` tests are deselected -- unless asked for with `-m rpc`, where they fail with the
-    line saying which build to use -- and the summary says so: they never pass silently."""
-    if _rpc_build() or "rpc" in (config.getoption("markexpr") or "").replace("not rpc", ""):
-        return
-    rpc = [item for item in items if item.get_closest_marker("rpc")]
-    if rpc:
-        items[:] = [item for item in items if not item.get_closest_marker("rpc")]
-        config.hook.pytest_deselected(items=rpc)
-        config._rpc_deselected = len(rpc)
+    markexpr = config.getoption("markexpr") or ""
+    rpc_build = _rpc_build()
+    left_out = {}
+    for item in items:
+        tier = next((name for name in TIERS if item.get_closest_marker(name)), None)
+        if tier and _left_out(tier, markexpr, rpc_build):
+            left_out.setdefault(tier, []).append(item)
+    if left_out:
+        dropped = {id(item) for tier_items in left_out.values() for item in tier_items}
+        items[:] = [item for item in items if id(item) not in dropped]
+        config.hook.pytest_deselected(items=[item for tier_items in left_out.values() for item in tier_items])
+    config._tiers_left_out = {tier: len(tier_items) for tier, tier_items in left_out.items()}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    n = getattr(config, "_rpc_deselected", 0)
-    if n:
-        terminalreporter.write_line(f"{n} RPC tests deselected: this llama-cpp-python has no RPC backend; run them "
-                                    f"with .venv-rpc/bin/python -m pytest -m rpc tests/test_rpc.py (see .ci/run)",
-                                    yellow=True)
+    """One line: each tier left out, what it needs and its command (they never pass silently)."""
+    left_out = getattr(config, "_tiers_left_out", {})
+    if left_out:
+        tiers = "; ".join(f"{n} {tier} ({TIERS[tier][0]}): {TIERS[tier][1]}" for tier, n in left_out.items())
+        terminalreporter.write_line(f"deselected tiers -- {tiers}; every tier: bash .ci/run", yellow=True)

@@ -144,6 +144,7 @@ def real_ref(wikitext, cache_dir):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_seed_weight_ffn_norm_bf16_is_a_no_op(real_ref):
     out = run_point(real_ref, resolve("weight", "ffn_norm", 0, real_ref.info), make_format("bf16"), progress=False)
     assert out.status == "no-op" and out.proof.n_elements == 576
@@ -151,6 +152,7 @@ def test_seed_weight_ffn_norm_bf16_is_a_no_op(real_ref):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_seed_activation_ffn_norm_bf16_last_layer_is_applied(real_ref):
     last = real_ref.info.n_layers - 1
     target = resolve("activation", "ffn_norm", last, real_ref.info, real_ref.backend.nodes)
@@ -161,6 +163,7 @@ def test_seed_activation_ffn_norm_bf16_last_layer_is_applied(real_ref):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_zeroing_an_early_activation_destroys_perplexity(real_ref):
     target = resolve("activation", "ffn_norm", 0, real_ref.info, real_ref.backend.nodes)
     out = run_point(real_ref, target, make_format("zero"), progress=False)
@@ -168,6 +171,7 @@ def test_zeroing_an_early_activation_destroys_perplexity(real_ref):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_real_weight_run_equals_rewritten_copy(real_ref, tmp_path):
     fmt = make_format("bf16")
     target = resolve("weight", "ffn_down", 5, real_ref.info)

@@ -12,10 +12,10 @@ import math
 import pandas as pd
 import pytest
 from test_sweep import run_sweep, tiny_args
-from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
 from sweep.grid import plan
+from sweep.testing.tiny_model import write_tiny_model
 
 # Per architecture: the weights and graph nodes swept, and the GGUF/graph name of each for layer 0.
 SWEEPS = {
@@ -46,6 +46,7 @@ def arch_models(tmp_path_factory, smollm2):
     return {arch: write_tiny_model(directory / f"tiny-{arch}.gguf", smollm2, arch=arch) for arch in SWEEPS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(SWEEPS))
 def test_weights_and_activations_of_another_architecture(arch, arch_models, tmp_path, env):
     model = arch_models[arch]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from llama_cpp._ggml import libggml
-from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
 from sweep.llama import ggml_tensor, gguf_reader
@@ -26,6 +25,7 @@ from sweep.quant.apply import applied
 from sweep.quant.formats import FORMATS, make_format
 from sweep.quant.imatrix_file import Imatrix, load, write_gguf
 from sweep.quant.targets import Target
+from sweep.testing.tiny_model import write_tiny_model
 
 # Rows of 256 (ffn_gate: n_embd) suit every block; rows of 384 (ffn_down: n_ff) are no multiple of 256, so every
 # 256-block type takes llama.cpp's fallback there.
@@ -89,6 +89,7 @@ def test_type_table_matches_libggml():
     assert libggml.ggml_op_name(ggml_tensor.GGML_OP_GET_ROWS) == b"GET_ROWS"
 
 
+@pytest.mark.slow
 def test_bit_exact_to_llama_quantize_for_every_type(f32_model, loaded, importance, tmp_path, capsys):
     imatrix_path, imatrix_values = importance
     rows, problems = [], []

@@ -3,7 +3,7 @@
 Independent check of the statistic: the input of blk.L.attn_q / attn_k / attn_v is the graph node attn_norm-L and
 the input of blk.L.ffn_gate / ffn_up is ffn_norm-L, read here through the activation hook (a different path of
 the backend); their squared columns summed over the tokens must equal the collector's sums.
-(The cross-check against llama-imatrix itself is bench/imatrix_crosscheck.py.)
+(The cross-check against llama-imatrix itself is bench/crosscheck/imatrix_crosscheck.py.)
 """
 
 from __future__ import annotations

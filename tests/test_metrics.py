@@ -64,6 +64,7 @@ def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, tensor, layer, fmt", [("weight", "ffn_down", 5, make_format("bf16")),
                                                       ("activation", "l_out", 10, make_format("int8"))])
 def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path,

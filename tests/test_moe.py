@@ -1,5 +1,5 @@
-"""Mixture-of-Experts models: tiny random-weight qwen3moe and qwen2moe GGUFs (tests/tiny_model.py) swept per expert
-through the CLI, with the routing read from llama.cpp's own graph in every record.
+"""Mixture-of-Experts models: tiny random-weight qwen3moe and qwen2moe GGUFs (sweep/testing/tiny_model.py) swept per
+expert through the CLI, with the routing read from llama.cpp's own graph in every record.
 
 Expert NEVER_ROUTED of every layer is never selected by construction (its router row is zero, every other expert
 has an opposite twin): its points must be no-ops that say why. Run with `pytest -s` to see the tables.
@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_sweep import ROOT, run_sweep, tiny_args
-from tiny_model import MOE_ARCHITECTURES, N_EXPERT, N_EXPERT_USED, NEVER_ROUTED, write_tiny_model
 
 from sweep.quant.imatrix_file import read as read_imatrix
+from sweep.testing.tiny_model import MOE_ARCHITECTURES, N_EXPERT, N_EXPERT_USED, NEVER_ROUTED, write_tiny_model
 
 N_WINDOWS, N_CTX = 3, 64
 SCORED = N_WINDOWS * (N_CTX // 2 - 1)  # tokens scored per point

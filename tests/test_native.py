@@ -118,7 +118,7 @@ def test_recompute_mode_switches_the_delta_off_for_the_baseline_decodes(native_r
 
 def test_an_expert_of_a_quantized_moe_stack_through_its_delta(tmp_path_factory, smollm2, wikitext, cache_dir):
     """MUL_MAT_ID: the rows routed to the targeted expert move by x @ (fmt(W_k) - W_k).T, every other row stays."""
-    from tiny_model import write_tiny_model
+    from sweep.testing.tiny_model import write_tiny_model
 
     model = write_tiny_model(tmp_path_factory.mktemp("moe") / "tiny-qwen3moe.gguf", smollm2, arch="qwen3moe")
     with open_reference(make_cfg(model, wikitext, N_CTX, 3, "native", cache_dir)) as ref:

@@ -10,6 +10,8 @@ from test_sweep import ROOT, run_sweep
 
 from sweep.report import plots
 
+pytestmark = pytest.mark.slow  # one real sweep of the embedded model serves every test here
+
 AXES = ["layer=0,15,29", "fmt=bf16,int8", "kind=weight,activation", "tensor=ffn_norm", "data.n_windows=2",
         "metrics.max_new_tokens=8", "run.progress=false"]
 

@@ -10,7 +10,6 @@ import threading
 import numpy as np
 import pytest
 from conftest import make_cfg
-from tiny_model import write_tiny_model
 
 from sweep.errors import SweepError
 from sweep.llama.backend import Backend
@@ -19,6 +18,7 @@ from sweep.reference import open_reference
 from sweep.scoring.perplexity import score
 from sweep.scoring.window_math import WindowMath
 from sweep.scoring.windows import make_windows
+from sweep.testing.tiny_model import write_tiny_model
 
 N_CTX = 64
 
@@ -122,6 +122,7 @@ def test_n_windows_is_clamped_to_the_text_and_zero_means_all():
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 @pytest.mark.parametrize("container, n_windows, ppl, stderr", [
     # `llama-perplexity -c 512 -b 512 --chunks N -t 2 -nr` plus each container's settings (native: -fa on -ctk f16
     # -ctv f16; f32: -fa off -ctk f32 -ctv f32) on the same file and text, built from the llama-cpp-python 0.3.36

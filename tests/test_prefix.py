@@ -13,7 +13,6 @@ import pytest
 from conftest import make_cfg
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
-from tiny_model import Q, write_tiny_model
 
 from sweep import planning
 from sweep.cli import main as cli_main
@@ -40,6 +39,7 @@ from sweep.scoring.prefix import (
 )
 from sweep.scoring.stage_plan import MARGIN, StageCosts, decoded_blocks, plan_stages, spread_starts
 from sweep.store import readahead
+from sweep.testing.tiny_model import Q, write_tiny_model
 
 WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_nll"]
 

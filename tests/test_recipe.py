@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from test_sweep import ROOT, run_sweep, tiny_args
-from tiny_model import write_tiny_model
 
 from sweep.recipe.export import read_recipe_txt, types_from_patterns, write_recipe_txt
 from sweep.recipe.sizes import SourceModel
 from sweep.recipe.solve import make_recipe, solve_groups
 from sweep.recipe.table import read_table
+from sweep.testing.tiny_model import write_tiny_model
 
 TENSORS = ("attn_q", "attn_k", "ffn_down")
 TYPES = ("q4_K", "q8_0")

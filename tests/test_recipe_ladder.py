@@ -44,6 +44,7 @@ def test_stop_rules_and_the_correction():
     assert fit_alpha(history) == {"blk 0-1": pytest.approx((2 + 12) / (1 + 9))}  # least squares through 0
 
 
+@pytest.mark.slow
 def test_ladder_builds_a_recipe_at_each_size_or_says_why_not(low_bit, tmp_path):
     model, runs, env, other = low_bit
     out = tmp_path / "ladder"
@@ -105,6 +106,7 @@ def test_ladder_builds_a_recipe_at_each_size_or_says_why_not(low_bit, tmp_path):
     assert f"closed loop: stop ({loop['stop']}) after 1 iteration(s)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_heldout_text_mistakes_are_one_line_errors(low_bit, tmp_path):
     model, runs, env, other = low_bit
     short = tmp_path / "short.txt"

@@ -155,6 +155,7 @@ def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model
     assert bad.returncode == 2 and "metrics.early_stop needs min_windows >= 2" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
 def test_launchers_give_the_sequential_table(launcher, tiny_model, tmp_path, env):
     axes = ["layer=0,2", "fmt=int8", "kind=weight,activation", "tensor=ffn_norm"]
@@ -164,6 +165,7 @@ def test_launchers_give_the_sequential_table(launcher, tiny_model, tmp_path, env
     pd.testing.assert_frame_equal(read_table(tmp_path / "par")[numbers], read_table(tmp_path / "seq")[numbers])
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_model, tmp_path, env):
     axes = ["layer=0,1,2", "fmt=bf16,int8,fp16,int4", "kind=activation", "tensor=l_out,ffn_out",
             "data.n_windows=40"]

@@ -64,7 +64,7 @@ def test_q4_0_weights_are_not_repacked_on_this_cpu(tmp_path, smollm2):
     import subprocess
     import sys
 
-    from tiny_model import Q, write_tiny_model
+    from sweep.testing.tiny_model import Q, write_tiny_model
 
     path = write_tiny_model(tmp_path / "q4_0.gguf", smollm2, matmul_type=Q.Q4_0)
     proc = subprocess.run([sys.executable, "-c", READ_BACK, str(path)], capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ number of tokens, per weight tensor. The rules are tools/imatrix/imatrix.cpp's o
   * the text is cut into windows of n_ctx tokens (BOS first when the vocab asks for it), every position's logits
     are requested (so the last block computes every row), and data.n_windows windows are used.
 The file is written in the GGUF form llama-imatrix writes (sweep/quant/imatrix_file.py); `fmt.imatrix=PATH` reads it.
-bench/imatrix_crosscheck.py compares it with llama-imatrix's own output.
+bench/crosscheck/imatrix_crosscheck.py compares it with llama-imatrix's own output.
 """
 
 from __future__ import annotations

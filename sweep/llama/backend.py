@@ -153,7 +153,7 @@ def _blas():
 def one_blas_thread():
     """numpy's BLAS on the calling thread alone, for the length of a decode: the eval callback's matmuls (a weight's
     delta, an importance matrix) run while llama.cpp's own threads hold the cores, spin-waiting between graph splits,
-    and BLAS threads beside them made a delta's matmul several times slower and its time erratic (bench/README.md,
+    and BLAS threads beside them made a delta's matmul several times slower and its time erratic (docs/benchmarks.md,
     prefix reuse). Stated rather than left to the machine's core count."""
     return _blas().limit(limits=1)
 

@@ -145,9 +145,9 @@ def summarize(per_token: Tokens, alpha: float, stopped_early: bool = False) -> d
     over windows). It is made only for a point that scored every window. A point that stopped early (StopRule) is
     never flagged and has no p-value: the rule looked at it after every window, and a fixed-sample test applied at
     a data-chosen window does not keep its level (a zero effect is flagged 18.8% of the time at 5% with rtol=1:
-    `python bench/early_stop.py --simulate`). A full-length point's test keeps its level whatever rule ran, since
-    "reached the last window and p < alpha" is contained in "p < alpha at the last window" (test_metrics.py checks
-    it by simulation). A group-sequential boundary would flag stopped points too, but its standard form assumes a
+    `python -m bench.studies.early_stop --simulate`). A full-length point's test keeps its level whatever rule ran,
+    since "reached the last window and p < alpha" is contained in "p < alpha at the last window" (test_metrics.py
+    checks it by simulation). A group-sequential boundary would flag stopped points too, but its standard form assumes a
     known variance: with per-window t-statistics over 4-16 windows an O'Brien-Fleming spending boundary let 5.55%
     of zero effects cross it at nominal 5% (same bench), and an exact one needs the joint law of those t-statistics.
     KL and top-1 agreement have no test: "KL = 0" is false for any change at all, so rejecting it says nothing.

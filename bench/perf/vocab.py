@@ -1,12 +1,12 @@
 """Per-point overhead, per-window math and peak memory against the vocabulary size: 49k (the embedded SmolLM2)
 and 262k (a random-weight model with Gemma 3's vocabulary size).
 
-    python bench/vocab.py [--vocab 49152,262144] [--shape tiny|gemma] [--windows 4] [--points 4] [--threads N]
+    python -m bench.perf.vocab [--vocab 49152,262144] [--shape tiny|gemma] [--windows 4] [--points 4] [--threads N]
                           [--no-rss] [--recompute] [--generation] [--against REV] [--rounds 2] [--repeat 9]
                           [--math-only]
 
-For 262,144 tokens the model is written with gguf's writer (tests/tiny_model.py): SmolLM2's tokenizer padded with
-unique unused tokens, n_embd 640 (Gemma-3-270M's width, so the tied output matmul has the real size), and either
+For 262,144 tokens the model is written with gguf's writer (sweep/testing/tiny_model.py): SmolLM2's tokenizer padded
+with unique unused tokens, n_embd 640 (Gemma-3-270M's width, so the tied output matmul has the real size), and either
 3 llama blocks (--shape tiny: its decode is much cheaper than a real model's, so the overhead *share* on it is
 pessimistic, and the math section scales it to a real model's decode) or Gemma-3-270M's shape (--shape gemma:
 18 gemma3 blocks, 4 query heads and 1 K/V head of 256, FFN 2048: a real model's decode, with random weights).
@@ -35,22 +35,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from scipy.special import logsumexp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from tiny_model import Q, write_tiny_model  # noqa: E402
+from sweep.config import compose
+from sweep.llama.container import container_path, default_cache_dir
+from sweep.llama.model_file import embedded_model_path
+from sweep.quant.apply import applied
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
+from sweep.reference import open_reference
+from sweep.run import run_point
+from sweep.scoring import window_math
+from sweep.store.records import Store
 
-from sweep.config import compose  # noqa: E402
-from sweep.llama.container import container_path, default_cache_dir  # noqa: E402
-from sweep.llama.model_file import embedded_model_path  # noqa: E402
-from sweep.quant.apply import applied  # noqa: E402
-from sweep.quant.formats import make_format  # noqa: E402
-from sweep.quant.targets import resolve  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
-from sweep.run import run_point  # noqa: E402
-from sweep.scoring import window_math  # noqa: E402
-from sweep.store.records import Store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 POINTS = [("weight", "ffn_down", 1, "int8"), ("activation", "l_out", 2, "int8"), ("weight", "attn_q", 0, "bf16"),
           ("activation", "ffn_norm", 1, "fp8_e4m3"), ("weight", "ffn_up", 2, "int4"), ("activation", "kqv_out", 0,
@@ -66,7 +65,7 @@ GEMMA_TO_TINY_DECODE = 190 / 98
 # Gemma-3-270M's shape (issue 22): 18 gemma3 blocks of width 640, 4 query heads and 1 K/V head of 256, FFN 2048,
 # a sliding window of 512 on five blocks of six, and its 262,144-token vocabulary (tied output).
 GEMMA_SHAPE = {"arch": "gemma3", "n_embd": 640, "n_ff": 2048, "n_layers": 18, "n_head": 4, "n_head_kv": 1,
-               "head_dim": 256, "sliding_window": 512, "matmul_type": Q.Q8_0}
+               "head_dim": 256, "sliding_window": 512, "matmul_type": GGMLQuantizationType.Q8_0}
 
 
 def model_for(n_vocab: int, shape: str = "tiny") -> Path:
@@ -80,6 +79,9 @@ def model_for(n_vocab: int, shape: str = "tiny") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")
         extra = GEMMA_SHAPE if shape == "gemma" else {"n_embd": 640}
+        # here: an --against child runs this file on an older sweep, which has no sweep.testing
+        from sweep.testing.tiny_model import write_tiny_model
+
         write_tiny_model(tmp, embedded_model_path(), n_vocab=n_vocab, n_ctx_train=4096, **extra)
         tmp.rename(path)
     return path
@@ -323,9 +325,12 @@ def main() -> None:
     ap.add_argument("--child-points", nargs=6, help=argparse.SUPPRESS)  # a whole-point child (whole_points_against)
     ap.add_argument("--repeat", type=int, default=9, help="rounds of the window-math timing")
     ap.add_argument("--math-only", action="store_true", help="only the window math (no points, no RSS)")
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT"), help="default: the embedded WikiText-2")
     args = ap.parse_args()
+    if not args.text:
+        from sweep.scoring.text import embedded_text_path  # here: an --against child runs this file on an older sweep
+
+        args.text = str(embedded_text_path())
     if args.child_points:
         model, windows, threads, text, store, points = args.child_points
         print(json.dumps(point_seconds(Path(model), int(windows), int(threads), text, Path(store), int(points))))

@@ -3,24 +3,20 @@
 The tensors are the embedded model's, dequantized to F32 (what the F32 container holds). A point of the sweep pays
 this once per tensor, beside ~1.25 s per scored window of 512 tokens.
 
-    python bench/ggml_quant_timing.py [--types q4_K,q6_K,q8_0,iq4_xs,iq2_xxs] [--repeat 3]
+    python -m bench.perf.ggml_quant_timing [--types q4_K,q6_K,q8_0,iq4_xs,iq2_xxs] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sweep.llama.container import dequantized  # noqa: E402
-from sweep.llama.model_file import embedded_model_path  # noqa: E402
-from sweep.quant.formats import make_format  # noqa: E402
+from sweep.llama.container import dequantized
+from sweep.llama.model_file import embedded_model_path
+from sweep.quant.formats import make_format
 
 TENSORS = ("blk.12.ffn_down.weight", "blk.12.attn_v.weight", "token_embd.weight")
 

@@ -5,8 +5,8 @@
 # WikiText windows and 4 windows of a text that is not WikiText, with the closed loop at the two lowest sizes.
 # Accuracy only: the timings printed here come from a loaded machine and are not benchmarks.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export SWEEP_WIKITEXT=${SWEEP_WIKITEXT:-../shared/data/wikitext-2-raw/wiki.test.raw} SWEEP_CACHE=${SWEEP_CACHE:-$PWD/.cache/sweep}
+cd "$(dirname "$0")/../.."
+export SWEEP_CACHE=${SWEEP_CACHE:-$PWD/.cache/sweep}  # the text: the embedded WikiText-2 unless SWEEP_WIKITEXT says otherwise
 PY=${PY:-python}
 OTHER=${OTHER:-/usr/share/common-licenses/GPL-3}  # the GNU GPL v3 text shipped by Debian's base-files: not WikiText
 GRID="'layer=range(0,30)' tensor=ffn_down kind=weight fmt=q2_K,q3_K,iq4_xs,q4_K,q6_K data.n_windows=2 \

@@ -1,7 +1,7 @@
 """Speed with every layer offloaded (model.n_gpu_layers=-1): the sweep's scorer vs llama-perplexity -ngl 99 built from
-the same source, and where a point's time goes outside llama_decode. Run by bench/device_check.sh on a GPU machine.
+the same source, and where a point's time goes outside llama_decode. Run by bench/perf/device_check.sh on a GPU machine.
 
-    python bench/device_speed.py --llama-perplexity PATH [--model GGUF] [--n-windows 16] [--out DIR]
+    python -m bench.perf.device_speed --llama-perplexity PATH [--model GGUF] [--n-windows 16] [--out DIR]
 
 On a GPU the decode is fast and the per-window math on the CPU (log-softmax over the 49k vocabulary, NLL, KL against
 the stored baseline, top-1) may dominate a point: the "outside decode" share below measures it. What would move it:
@@ -13,21 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llama_perplexity  # noqa: E402
-
-from sweep.config import compose  # noqa: E402
-from sweep.quant.formats import make_format  # noqa: E402
-from sweep.quant.targets import resolve  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
-from sweep.run import run_point  # noqa: E402
-from sweep.scoring.perplexity import score  # noqa: E402
-from sweep.store.records import Store  # noqa: E402
+from bench import llama_perplexity
+from sweep.config import compose
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
+from sweep.reference import open_reference
+from sweep.run import run_point
+from sweep.scoring.perplexity import score
+from sweep.scoring.text import embedded_text_path
+from sweep.store.records import Store
 
 POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8"), ("weight", "attn_q", 3, "bf16"),
           ("activation", "ffn_norm", 29, "bf16")]
@@ -41,7 +39,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     p.add_argument("--model", help="unused: the embedded model is what the sweep's default config loads")
     args = p.parse_args()
-    text = os.environ["SWEEP_WIKITEXT"]
+    text = os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path())
     lines = [f"# every layer offloaded, {args.n_windows} windows of 512, {args.threads} CPU threads"]
     result = {}
     for container in ("native", "f32"):

@@ -6,7 +6,7 @@ the tensors covered, the counts (exactly), the sums of squared activations (rela
 of llama-imatrix's file forms (GGUF and the legacy .dat, read by sweep/quant/imatrix_file.py) and, per tensor, the bytes
 that ggml's quantizer writes with either imatrix for a few types (identical or not).
 
-    python bench/imatrix_crosscheck.py [--llama-imatrix PATH] [--chunks 8] [--types q4_K,iq3_xxs,iq2_xxs]
+    python -m bench.crosscheck.imatrix_crosscheck [--llama-imatrix PATH] [--chunks 8] [--types q4_K,iq3_xxs,iq2_xxs]
 """
 
 from __future__ import annotations
@@ -14,25 +14,21 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llama_perplexity  # noqa: E402
-
-from sweep.config import compose  # noqa: E402
-from sweep.imatrix.compute import collect  # noqa: E402
-from sweep.llama import quantize as be  # noqa: E402
-from sweep.llama.container import dequantized  # noqa: E402
-from sweep.quant import ggml_types  # noqa: E402
-from sweep.quant.imatrix_file import Imatrix, read  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench import llama_perplexity
+from sweep.config import compose
+from sweep.imatrix.compute import collect
+from sweep.llama import quantize as be
+from sweep.llama.container import dequantized
+from sweep.quant import ggml_types
+from sweep.quant.imatrix_file import Imatrix, read
+from sweep.reference import open_reference
+from sweep.scoring.text import embedded_text_path
 
 
 def llama_imatrix(binary: Path, model: Path, text: Path, chunks: int, threads: int, out: Path, fmt: str,
@@ -69,8 +65,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--types", default="q4_K,iq4_xs,iq3_xxs,iq2_xxs")
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"

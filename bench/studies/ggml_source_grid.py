@@ -4,22 +4,18 @@ SQNR of each GGUF type on one tensor of the embedded model (Q4_1 values, dequant
 container holds them) and on Gaussian values of the same shape and spread. q4_K's per-32 affine sub-blocks nearly
 re-encode a Q4_1 grid, so on this model q4_K is far better than on fresh weights, and q4_1 itself is lossless.
 
-    python bench/ggml_source_grid.py [--tensor blk.12.ffn_down.weight]
+    python -m bench.studies.ggml_source_grid [--tensor blk.12.ffn_down.weight]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sweep.llama.container import dequantized  # noqa: E402
-from sweep.llama.model_file import embedded_model_path  # noqa: E402
-from sweep.quant.formats import make_format  # noqa: E402
+from sweep.llama.container import dequantized
+from sweep.llama.model_file import embedded_model_path
+from sweep.quant.formats import make_format
 
 
 def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,13 +1,14 @@
 """Cross-check of `python -m sweep.imatrix` on Mixture-of-Experts models against llama.cpp's own `llama-imatrix`
-(built from the same sources, as bench/imatrix_crosscheck.py builds it).
+(built from the same sources, as bench/crosscheck/imatrix_crosscheck.py builds it).
 
-The models are the tests' tiny random-weight qwen3moe and qwen2moe GGUFs (tests/tiny_model.py: 5 experts, 2 per
+The models are the tests' tiny random-weight qwen3moe and qwen2moe GGUFs (sweep/testing/tiny_model.py: 5 experts, 2 per
 token, expert 4 never routed by construction), or any GGUF given with --model. Both tools run on the file itself
 (native container), the same text and windows (-c N_CTX -b N_CTX: one window per batch, as the sweep decodes;
 -nr: no weight repacking). Compared: the tensors covered, the counts of every tensor -- for an expert stack one count
 per expert, the tokens routed to it -- exactly, and the sums of squared activations (relative difference per value).
 
-    python bench/moe_imatrix_crosscheck.py [--llama-imatrix PATH] [--chunks 8] [--n-ctx 64] [--model PATH ...]
+    python -m bench.crosscheck.moe_imatrix_crosscheck [--llama-imatrix PATH] [--chunks 8] [--n-ctx 64]
+        [--model PATH ...]
 
 Seen on 2026-12-02 (llama-imatrix built from llama-cpp-python 0.3.36's vendored source, 8 windows of 64, 2 threads):
 both tiny models "24 tensors (same set), counts equal: True, max relative difference 0" (qwen2moe: 36 tensors), all
@@ -24,18 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(ROOT / "tests"))
-import imatrix_crosscheck  # noqa: E402
-import llama_perplexity  # noqa: E402
-from tiny_model import MOE_ARCHITECTURES, write_tiny_model  # noqa: E402
-
-from sweep.config import compose  # noqa: E402
-from sweep.imatrix.compute import collect  # noqa: E402
-from sweep.llama.model_file import embedded_model_path, model_info  # noqa: E402
-from sweep.quant.imatrix_file import Imatrix, read  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
+from bench import llama_perplexity
+from bench.crosscheck import imatrix_crosscheck
+from sweep.config import compose
+from sweep.imatrix.compute import collect
+from sweep.llama.model_file import embedded_model_path, model_info
+from sweep.quant.imatrix_file import Imatrix, read
+from sweep.reference import open_reference
+from sweep.scoring.text import embedded_text_path
+from sweep.testing.tiny_model import MOE_ARCHITECTURES, write_tiny_model
 
 
 def crosscheck(binary: Path, model: Path, text: Path, chunks: int, n_ctx: int, threads: int, tmp: Path) -> bool:
@@ -66,8 +64,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     binary = Path(args.llama_imatrix) if args.llama_imatrix else \
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"

@@ -1,7 +1,7 @@
 """Early stopping: the windows it saves and what it costs the ranking, measured on a real sweep.
 
-    python bench/early_stop.py [--quick] [--store DIR]
-    python bench/early_stop.py --simulate      # seconds, numpy only: what early stopping does to the statistics
+    python -m bench.studies.early_stop [--quick] [--store DIR]
+    python -m bench.studies.early_stop --simulate      # seconds, numpy only: what early stopping does to the statistics
 
 1. Runs the grid below on the full slice (the store keeps it: a second invocation reuses every point).
 2. Runs it again with early stopping on (VERIFY_RULE) and checks that replaying that rule on the full sweep's
@@ -33,7 +33,7 @@ from scipy import stats
 
 from sweep.scoring.metrics import RANKABLE, EarlyStop, StopRule, delta_nll_p
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRID = ["tensor=l_out", "kind=activation", "fmt=int8", "metrics.generate=false", "run.progress=false"]
 VERIFY_RULE = ("kld_mean", dict(min_windows=4, rtol=0.25, atol=0.0))
 RULES = [("delta_ppl", dict(min_windows=4, rtol=1.0, atol=0.0)),

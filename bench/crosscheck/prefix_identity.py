@@ -6,7 +6,7 @@ On the embedded SmolLM2 in its F32 container by default: int8 weight ffn_down an
 layers (each after a different stage, and one before the first stage, which falls back). Exit status 1 on any
 difference.
 
-    python bench/prefix_identity.py [--layers 5,15,29] [--windows 4] [--container f32] [--model PATH]
+    python -m bench.crosscheck.prefix_identity [--layers 5,15,29] [--windows 4] [--container f32] [--model PATH]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import run_point
 from sweep.scoring.prefix import STAGES_DIR
+from sweep.scoring.text import embedded_text_path
 
-ROOT = Path(__file__).resolve().parents[1]
 POINTS = (("weight", "ffn_down"), ("activation", "l_out"))
 
 
@@ -40,8 +40,7 @@ def main() -> int:
     ap.add_argument("--container", default="f32")
     ap.add_argument("--model", default=None, help="a GGUF (default: the embedded SmolLM2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     # a cache of its own for the residuals (the F32 containers and stage files are shared): they are read during
     # this run's baseline, as in a first sweep

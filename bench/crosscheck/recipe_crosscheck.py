@@ -6,7 +6,7 @@ from the same llama.cpp sources (bench/llama_perplexity.py builds it on demand) 
 ftype (and the recipe's importance matrix, when it was built with one), and compares every tensor: type, stored
 bytes, and the bytes themselves.
 
-    python bench/recipe_crosscheck.py RECIPE_DIR [--built OUT.gguf] [--llama-quantize PATH]
+    python -m bench.crosscheck.recipe_crosscheck RECIPE_DIR [--built OUT.gguf] [--llama-quantize PATH]
 """
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ import filecmp
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
-
-import llama_perplexity  # noqa: E402
-
-from sweep.llama import gguf_reader  # noqa: E402
+from bench import llama_perplexity
+from sweep.llama import gguf_reader
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check (issue 24), prepared for a CUDA machine (sized for one H200, 16 cores: < 9 minutes end to end).
 #
-#   bash bench/device_check.sh [--dry-run]
+#   bash bench/perf/device_check.sh [--dry-run]
 #
 # 1. builds llama.cpp with CUDA from llama-cpp-python's own source package (CMAKE_CUDA_ARCHITECTURES=90, only the
 #    targets needed: the shared libraries the bindings load, and llama-perplexity) -- one build for both sides;
 # 2. assembles a CUDA venv: llama-cpp-python's Python package with those libraries, sweep from this tree, and the
 #    other dependencies from BASE_PY's environment (a .pth file: nothing is downloaded on the GPU machine);
-# 3. agreement: the same points on the CPU and with every layer on the GPU (bench/backend_agreement.py --gpu);
+# 3. agreement: the same points on the CPU and with every layer on the GPU (python -m bench.crosscheck.backend_agreement --gpu);
 # 4. speed, every layer offloaded: llama-perplexity -ngl 99 vs the sweep's scorer (tokens/s, 16 windows of 512),
 #    and the time a sweep point spends outside llama_decode (the per-window logits math on the CPU).
 # Results go under $OUT (default ./device-check-out): build.log, agreement.{json,md}, speed.txt, summary.txt.
@@ -17,7 +17,7 @@
 # the sdist downloaded with BASE_PY's pip (needs the package registry). --dry-run prints every step and checks all
 # of this without a GPU and without building.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 DRY=0; [[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT=${OUT:-$ROOT/device-check-out}
@@ -25,7 +25,7 @@ WORK=${DEVICE_CHECK_WORK:-/tmp/sweep-device-check}
 BASE_PY=${BASE_PY:-$ROOT/.venv/bin/python}
 VERSION=0.3.36
 JOBS=${JOBS:-$(nproc)}
-export SWEEP_WIKITEXT=${SWEEP_WIKITEXT:-$(cd .. && pwd)/shared/data/wikitext-2-raw/wiki.test.raw}
+export SWEEP_WIKITEXT=${SWEEP_WIKITEXT:-$ROOT/sweep/data/wikitext-2-raw/wiki.test.raw}  # default: the embedded text
 export SWEEP_CACHE=${SWEEP_CACHE:-$WORK/cache}
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -60,7 +60,7 @@ if (( DRY )); then
     (( missing )) && echo "   (dry run: the tools marked MISSING are needed on the GPU machine)"
     echo "   sweep imports from BASE_PY: $("$BASE_PY" -c 'import sweep, llama_cpp; print(sweep.__file__, llama_cpp.__version__)')"
     bash -n "$0" && echo "   this script parses"
-    "$BASE_PY" -m py_compile bench/backend_agreement.py && echo "   bench/backend_agreement.py compiles"
+    "$BASE_PY" -m py_compile bench/crosscheck/backend_agreement.py && echo "   bench/crosscheck/backend_agreement.py compiles"
 else
     (( missing )) && fail "nvidia-smi, nvcc and cmake are needed (see above)"
 fi
@@ -95,11 +95,11 @@ PY=$VENV/bin/python
 run "$PY" -c "import llama_cpp, sweep; from sweep.llama.backend import system_info; print(llama_cpp.__file__); print(system_info())"
 
 step "agreement: CPU vs every layer on the GPU (embedded SmolLM2, 4 windows)"
-run "$PY" bench/backend_agreement.py --gpu --n-windows 4 --out "$OUT"
+run "$PY" -m bench.crosscheck.backend_agreement --gpu --n-windows 4 --out "$OUT"
 
 step "speed: llama-perplexity -ngl 99 vs the sweep's scorer, every layer offloaded (16 windows of 512)"
 MODEL=$("$BASE_PY" -c 'from sweep.llama.model_file import embedded_model_path; print(embedded_model_path())')
-run "$PY" bench/device_speed.py --llama-perplexity "$BUILD/bin/llama-perplexity" --model "$MODEL" \
+run "$PY" -m bench.perf.device_speed --llama-perplexity "$BUILD/bin/llama-perplexity" --model "$MODEL" \
     --n-windows 16 --out "$OUT"
 
 step "done in $(( $(date +%s) - T0 )) s; results in $OUT"

@@ -20,19 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llama_perplexity  # noqa: E402
+from bench import llama_perplexity
+from sweep.config import compose
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
+from sweep.reference import open_reference
+from sweep.run import run_point
+from sweep.scoring.perplexity import score
+from sweep.session import Session
+from sweep.store.records import Store
 
-from sweep.config import compose  # noqa: E402
-from sweep.quant.formats import make_format  # noqa: E402
-from sweep.quant.targets import resolve  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
-from sweep.run import run_point  # noqa: E402
-from sweep.scoring.perplexity import score  # noqa: E402
-from sweep.session import Session  # noqa: E402
-from sweep.store.records import Store  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8"), ("weight", "attn_q", 3, "bf16"),
           ("activation", "ffn_norm", 29, "bf16"), ("weight", "ffn_up", 12, "int4"), ("activation", "attn_norm", 7,
                                                                                         "fp8_e4m3"),

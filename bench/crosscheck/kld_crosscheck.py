@@ -5,7 +5,7 @@ llama-perplexity scores the container with --kl-divergence-base, then the copy w
 perturbation is then applied in memory by this project. llama-perplexity stores base log-probs in 16 bits, which
 is why the perturbation must be large for the comparison to test definitions rather than its rounding.
 
-    python bench/kld_crosscheck.py [--llama-perplexity PATH] [--chunks 8]
+    python -m bench.crosscheck.kld_crosscheck [--llama-perplexity PATH] [--chunks 8]
 """
 
 from __future__ import annotations
@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import llama_perplexity  # noqa: E402
-
-from sweep.config import compose  # noqa: E402
-from sweep.llama.container import write_gguf_copy  # noqa: E402
-from sweep.quant.formats import make_format  # noqa: E402
-from sweep.quant.targets import resolve  # noqa: E402
-from sweep.reference import open_reference  # noqa: E402
-from sweep.run import record, run_point  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench import llama_perplexity
+from sweep.config import compose
+from sweep.llama.container import write_gguf_copy
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
+from sweep.reference import open_reference
+from sweep.run import record, run_point
+from sweep.scoring.text import embedded_text_path
 
 
 def main() -> None:
@@ -35,8 +31,7 @@ def main() -> None:
     ap.add_argument("--llama-perplexity", help="path of a llama-perplexity binary (default: build one)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
     fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")

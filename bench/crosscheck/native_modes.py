@@ -6,7 +6,7 @@
   delta  the file as it is, the target kept quantized, (fmt(W) - W)·x added in F32 to its matmul outputs, against the
          sweep's one baseline (model.native_weights=delta, the default).
 
-    python bench/native_modes.py [--windows 4] [--out runs/native-modes]
+    python -m bench.crosscheck.native_modes [--windows 4] [--out runs/native-modes]
 
 Sweeps `layer=range(0,30)` of ffn_down int4 and attn_v q4_K in each mode (the real CLI, one process per mode), then
 prints per-point KLD side by side, and per tensor the Spearman correlation and the top-5 overlap of the 30-layer
@@ -25,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import spearmanr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from sweep.store.records import gather  # noqa: E402
+from sweep.store.records import gather
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODES = {"f32": ["model.container=f32"], "copy": ["model.container=native", "model.native_weights=copy"],
          "delta": ["model.container=native", "model.native_weights=delta"]}

@@ -54,7 +54,7 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     tokenizer with unique unused tokens up to this size (a large-vocabulary model for the benchmarks: SmolLM2's
     49,152 tokens + padding = 262,144 like Gemma 3); n_embd, n_ff: widths of the blocks (n_ff: 2 * n_embd);
     n_layers, n_head, n_head_kv, head_dim (default n_embd / n_head; gemma3: GEMMA3_HEAD_DIM), sliding_window
-    (gemma3): a real model's shape, for the benchmarks (bench/vocab.py's Gemma-3-270M shape). swa_pattern: gemma3's
+    (gemma3): a real model's shape, for the benchmarks (bench/perf/vocab.py's Gemma-3-270M shape). swa_pattern: gemma3's
     per-layer sliding-window flags; "gemma3" (default): GEMMA3_SWA_PATTERN for 3 blocks, else Gemma 3's own (every 6th
     block global); None: no array in the file, so llama.cpp's built-in pattern applies (five sliding, one global)."""
     if arch not in ARCHITECTURES:

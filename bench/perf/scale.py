@@ -1,8 +1,8 @@
 """A sweep of a model at the size people quantize, on this machine: `--plan`, native weight and activation points,
 peak RSS, disk written, model loads, and the time per point against llama-perplexity on the same file.
 
-    python bench/shaped_model.py 7b /tmp/llama7b.Q4_K_M.gguf    # once: F16 written, then llama.cpp's Q4_K_M
-    python bench/scale.py /tmp/llama7b.Q4_K_M.gguf [--n-ctx 512] [--windows 2] [--llama-perplexity PATH]
+    python -m bench.models.shaped_model 7b /tmp/llama7b.Q4_K_M.gguf    # once: F16 written, then llama.cpp's Q4_K_M
+    python -m bench.perf.scale /tmp/llama7b.Q4_K_M.gguf [--n-ctx 512] [--windows 2] [--llama-perplexity PATH]
 
 The sweep runs as `python -m sweep` in a child process whose exit hook reports its peak resident set (VmHWM) and the
 bytes it wrote (/proc/self/io write_bytes: files, the store included; not the page cache of reads). The grid is 4
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import llama_perplexity  # noqa: E402
+from bench import llama_perplexity
+from sweep.capacity import gb
+from sweep.llama.container import compute_settings
+from sweep.llama.model_file import model_info
+from sweep.scoring.text import embedded_text_path
+from sweep.store.records import gather
 
-from sweep.capacity import gb  # noqa: E402
-from sweep.llama.container import compute_settings  # noqa: E402
-from sweep.llama.model_file import model_info  # noqa: E402
-from sweep.store.records import gather  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # The child: `python -m sweep ARGS`, reporting its own peak memory and writes when it exits.
 CHILD = """
@@ -68,10 +68,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--llama-perplexity", help="the binary (default: built from llama-cpp-python's sources)")
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()))
     args = ap.parse_args()
-    if not args.text:
-        raise SystemExit("give --text PATH or set SWEEP_WIKITEXT to WikiText-2's wiki.test.raw")
     info = model_info(args.model)
     last = info.n_layers - 1
     work = Path(tempfile.mkdtemp(prefix="sweep-scale-"))

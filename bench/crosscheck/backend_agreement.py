@@ -1,7 +1,7 @@
 """The same points on the CPU and on another backend (RPC servers, or this build's GPUs), compared number by number.
 
-    python bench/backend_agreement.py --rpc 127.0.0.1:50052 [--n-windows 4] [--out DIR]
-    python bench/backend_agreement.py --gpu [--n-windows 4] [--out DIR]
+    python -m bench.crosscheck.backend_agreement --rpc 127.0.0.1:50052 [--n-windows 4] [--out DIR]
+    python -m bench.crosscheck.backend_agreement --gpu [--n-windows 4] [--out DIR]
 
 Embedded SmolLM2 on the real WikiText text; each point runs through the sweep's own job (`run_job`) twice, on the
 CPU and with every layer offloaded (model.n_gpu_layers=-1), into a fresh store. Prints one table (markdown) and
@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from sweep.job import run_job
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings, f32_container
 from sweep.llama.model_file import embedded_model_path
+from sweep.scoring.text import embedded_text_path
 from sweep.session import Sessions
 
 # (container, kind, tensor, layer, fmt): a weight point, an activation point, a GGUF-type point, and the native
@@ -106,9 +106,7 @@ def main() -> None:
     p.add_argument("--n-windows", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = p.parse_args()
-    text = os.environ.get("SWEEP_WIKITEXT")
-    if not text:
-        sys.exit("error: set SWEEP_WIKITEXT to the WikiText-2 test file")
+    text = os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path())
     label = "rpc" if args.rpc else "gpu"
     other = ([f"model.rpc={args.rpc}"] if args.rpc else []) + ["model.n_gpu_layers=-1"]
     rows = [compare(pt, args.n_windows, text, other, label) for pt in POINTS]
