@@ -65,7 +65,7 @@ def env(cache_dir):
 
 # marker -> (what its tests need, the command that runs them); .ci/run runs every tier.
 TIERS = {
-    "slow": ("the longest real-model tests", "python -m pytest -m slow"),
+    "slow": ("the longest tests: real-model checks and whole sweeps", "python -m pytest -m slow"),
     "slurm": ("root and Debian's SLURM packages", "python -m pytest -m slurm"),
     "rpc": ("an RPC build of llama-cpp-python", ".venv-rpc/bin/python -m pytest -m rpc tests/test_rpc.py"),
 }

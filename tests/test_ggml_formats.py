@@ -176,6 +176,7 @@ def test_storage_and_labels(importance):
     assert make_format("bf16", imatrix="x.gguf").imatrix is None  # unused parameters reset
 
 
+@pytest.mark.slow
 def test_sweep_records_fallback_and_sizes_and_refuses_misuse(tiny_model, tmp_path, env):
     """End to end on the tiny model (rows of 64 and 128: every 256-block type falls back)."""
     import subprocess

@@ -66,6 +66,7 @@ def test_expert_each_sweep_of_one_layer(moe_models, tmp_path, env):
     assert (tmp_path / "plots" / "experts_damage_vs_routing.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_activation_per_expert_and_shared_expert(moe_models, tmp_path, env):
     """qwen2moe (shared expert): the rows of ffn_moe_down routed to one expert, per_tensor scale of that expert
     alone, and the shared expert's output node; the never-routed expert rounds no row."""

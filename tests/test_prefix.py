@@ -114,6 +114,7 @@ def test_the_sweep_settles_its_stages_once_for_every_job(models, tmp_path, wikit
     assert all(list(cfg.run.prefix_starts) == [] for cfg, _ in plan([*args, "metrics.generate=true"]).points)
 
 
+@pytest.mark.slow
 def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext, capsys):
     """Where the FLOPs say a stage may pay, one window is timed (blocks and head apart) and kept in the cache: the
     next plan reads it; --plan shows what reuse saves and what it costs."""
@@ -140,6 +141,7 @@ def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext,
     assert strict.plan.starts == () and "below run.prefix_min_gain=0.99" in strict.line()
 
 
+@pytest.mark.slow
 def test_a_gemma3_stage_of_global_blocks_only_is_never_loaded(smollm2, tmp_path, env):
     """gemma3 with llama.cpp's built-in pattern (every 6th block global): a stage at block 5 holds only a global
     block, on which llama.cpp aborts the process. The plan leaves it out, a given stage there falls back with the
@@ -300,6 +302,7 @@ def table(directory) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, env, smollm2):
     """Bit-identical per-window NLL, KL and top-1 with reuse on and off, for weights and activations; a stage that
     cannot match (planted: the stage of another model) falls back to the full decode, with the reason."""
@@ -335,6 +338,7 @@ def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, e
     assert (on[on["kind"] == "activation"]["hook_calls"] == 3).all()  # once per window, as without reuse
 
 
+@pytest.mark.slow
 def test_native_quantized_weights_reuse_the_prefix_through_their_delta(models, tmp_path, env):
     """In the native container a norm (F32) is written in the stage and a Q4_1 matmul gets its delta there (the
     stage keeps the file's types): both bit-identical to the full decode. With model.native_weights=copy the matmul

@@ -214,6 +214,7 @@ def execute_notebook(results, recipe, tmp_path):
     return nb
 
 
+@pytest.mark.slow
 def test_joint_points_measure_a_recipe_inside_a_sweep(swept, tmp_path):
     """fmt=recipe applies a recipe's types at once (no file built): one tensor of it reproduces that tensor's single
     measurement exactly (residual 0), a block's and the whole file's joint damage are set against the sum of their
@@ -271,6 +272,7 @@ def spec_sha(out):
     return hashlib.sha256((out / "recipe.json").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_joint_point_mistakes_are_one_line_errors(swept, tmp_path):
     model, runs, env = swept
     out = tmp_path / "r"

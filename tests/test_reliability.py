@@ -128,6 +128,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tiny_model, tmp_path,
     assert "FAILED" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_sweeps_into_the_same_runs_dir_at_once(tiny_model, tmp_path, env):
     common = ["data.n_windows=6", "kind=activation", "tensor=l_out", f"run.store={tmp_path / 'store'}"]
     grids = [["layer=0,1,2", "fmt=bf16,int8"], ["layer=1,2", "fmt=int8,fp16"]]  # they share two points
@@ -161,6 +162,7 @@ def test_sweep_dir_carries_the_launching_process_id():
         assert cfg.hydra.sweep.dir.endswith(f"_{os.getpid()}")
 
 
+@pytest.mark.slow
 def test_model_file_unchanged_by_every_kind_of_run(tiny_model, tmp_path, env):
     before = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     for container in ("f32", "native"):

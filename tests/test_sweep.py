@@ -127,6 +127,7 @@ def test_sequential_sweep_writes_one_row_per_point_and_loads_the_model_once(tiny
     pd.testing.assert_frame_equal(read_table(tmp_path / "sweep2")[REQUIRED_COLUMNS], df[REQUIRED_COLUMNS])
 
 
+@pytest.mark.slow
 def test_early_stopping_is_recorded_and_stored_apart_from_full_points(tiny_model, tmp_path, env):
     # a rule that stops points whose ΔNLL is confidently below 2e-3 nats: rounding the residual stream to bf16 moves
     # ΔNLL by ~1e-4 per window, so 2 windows settle it; zeroing it moves ΔNLL by 0.02-0.11 nats from window to
