@@ -8,8 +8,8 @@ Neither real model is obtainable offline. The tokenizer is SmolLM2's (the embedd
 tokens (with the merges that stay inside them); the output layer is untied, as in both real models. Too big for CI:
 run by hand, then delete the files (the 7B's F16 file is 13.5 GB, removed after quantizing unless --keep-f16).
 
-    python bench/shaped_model.py tinyllama /tmp/tinyllama-shaped.gguf            # Q4_K_M, ~0.7 GB
-    python bench/shaped_model.py 7b /tmp/llama7b-shaped.gguf --preset Q4_K_M     # ~4 GB; needs ~18 GB free disk
+    python -m bench.models.shaped_model tinyllama /tmp/tinyllama-shaped.gguf            # Q4_K_M, ~0.7 GB
+    python -m bench.models.shaped_model 7b /tmp/llama7b-shaped.gguf --preset Q4_K_M     # ~4 GB; needs ~18 GB free disk
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ The two tables are compared bit for bit: per-window sums of NLL, KL and top-1, P
 
 Timing: run on an otherwise idle machine only (two llama.cpp processes on the same cores slow each other ~10x).
 
-    python bench/shaped_model.py tinyllama /tmp/tinyllama-shaped.gguf   # the TinyLlama-shaped 1.1B model
-    python bench/prefix_reuse.py --models embedded,/tmp/tinyllama-shaped.gguf [--windows 8] [--threads N]
-    python bench/prefix_reuse.py --layers 2 --windows 2                # a quick check: the last 2 layers only
+    python -m bench.models.shaped_model tinyllama /tmp/tinyllama-shaped.gguf   # the TinyLlama-shaped 1.1B model
+    python -m bench.perf.prefix_reuse --models embedded,/tmp/tinyllama-shaped.gguf [--windows 8] [--threads N]
+    python -m bench.perf.prefix_reuse --layers 2 --windows 2                # a quick check: the last 2 layers only
 """
 
 from __future__ import annotations

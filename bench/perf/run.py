@@ -1,6 +1,6 @@
 """Speed and memory of the scorer and of sweeps, side by side with llama.cpp's own llama-perplexity.
 
-    python bench/run.py [--quick] [--llama-perplexity PATH] [--threads N]
+    python -m bench.perf.run [--quick] [--llama-perplexity PATH] [--threads N]
 
 Every figure is measured in this invocation, on this machine; ratios compare runs made minutes apart on the same
 machine. --quick (smaller slices, fewer points) takes about three minutes once llama-perplexity is built.
@@ -27,6 +27,7 @@ from sweep.quant.targets import resolve
 from sweep.reference import open_reference
 from sweep.run import run_point
 from sweep.scoring.perplexity import score
+from sweep.scoring.text import embedded_text_path
 from sweep.session import Session
 from sweep.store.records import Store
 
@@ -189,8 +190,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small slices and few points (about three minutes)")
     ap.add_argument("--llama-perplexity", help="path of a llama-perplexity binary (default: build one)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or
-                    str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+    ap.add_argument("--text", default=os.environ.get("SWEEP_WIKITEXT") or str(embedded_text_path()),
+                    help="the text (default: the embedded WikiText-2, or SWEEP_WIKITEXT)")
     args = ap.parse_args()
     binary = llama_perplexity.find(args.llama_perplexity)
     n_windows, n_points = (4, 3) if args.quick else (16, 10)
