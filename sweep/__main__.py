@@ -15,11 +15,11 @@ from omegaconf import DictConfig
 from hydra_plugins.sweep_launchers.slurm_launcher import SlurmLauncher
 from hydra_plugins.sweep_sweeper.grid_sweeper import GridSweeper
 
-from .config import CONF_DIR  # (importing it registers the schemas)
 from .errors import exit_on_user_error
-from .grid import check_composes
-from .job import run_job
-from .session import Sessions
+from .pipeline.config import CONF_DIR  # (importing it registers the schemas)
+from .pipeline.grid import check_composes
+from .pipeline.job import run_job
+from .pipeline.session import Sessions
 
 # Hydra finds plugins by walking the hydra_plugins namespace on sys.path; an editable install's import hook hides this
 # project's part of it outside the project's directory, so the sweep registers its own by hand as well.

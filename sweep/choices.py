@@ -1,5 +1,5 @@
-"""The fixed sets of values that the configuration (sweep/config.py) and the layers below it share: an Enum each,
-so that the Hydra config rejects other values at composition."""
+"""The fixed sets of values that the configuration (sweep/pipeline/config.py) and the packages below it share: an
+Enum each, so that the Hydra config rejects other values at composition."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Choice(str, Enum):
 
 
 class Container(Choice):
-    auto = "auto"  # f32 where it fits with room in memory and on disk, else native (sweep/capacity.py)
+    auto = "auto"  # f32 where it fits with room in memory and on disk, else native (sweep/llama/capacity.py)
     f32 = "f32"  # every tensor dequantized to F32 once (cached): the reference for sensitivity
     native = "native"  # the file as it is: quantized kernels (requantized activations: a noise floor)
 

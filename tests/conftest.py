@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sweep.config import compose
 from sweep.llama.model_file import embedded_model_path
+from sweep.pipeline.config import compose
 from sweep.scoring.text import embedded_text_path
 from sweep.testing.tiny_model import write_tiny_model
 

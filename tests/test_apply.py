@@ -12,10 +12,10 @@ from sweep.errors import SweepError
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings, f32_container, write_gguf_copy
 from sweep.llama.model_file import model_info, sha256
+from sweep.pipeline.point import record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import record, run_point
 from sweep.scoring.perplexity import score
 
 N_CTX = 64

@@ -14,7 +14,7 @@ import pytest
 from test_sweep import run_sweep, tiny_args
 
 from sweep.errors import SweepError
-from sweep.grid import plan
+from sweep.pipeline.grid import plan
 from sweep.testing.tiny_model import write_tiny_model
 
 # Per architecture: the weights and graph nodes swept, and the GGUF/graph name of each for layer 0.

@@ -7,10 +7,10 @@ import pytest
 from test_sweep import tiny_args
 
 from sweep import capacity, planning
+from sweep.cluster.preflight import checks
 from sweep.errors import SweepError
-from sweep.grid import plan
 from sweep.llama.model_file import model_info
-from sweep.preflight import checks
+from sweep.pipeline.grid import plan
 
 
 def grid(tiny_model, tmp_path, wikitext, *axes):

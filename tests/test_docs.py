@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+import sweep.commands.score_model  # noqa: F401  (likewise for `sweep score`)
 import sweep.imatrix.compute  # noqa: F401  (registers the imatrix config's schema, as `sweep imatrix` does)
-import sweep.score  # noqa: F401  (likewise for `sweep score`)
-from sweep.config import compose
-from sweep.grid import _config_dir, expand
-from sweep.prefix_clean import parser as prefix_clean_parser
+from sweep.commands.prefix_clean import parser as prefix_clean_parser
+from sweep.commands.rpc_server import parse_args as rpc_server_args
+from sweep.pipeline.config import compose
+from sweep.pipeline.grid import _config_dir, expand
 from sweep.recipe.command import parse_args as recipe_args
 from sweep.report.__main__ import parse_args as report_args
-from sweep.rpc_server import parse_args as rpc_server_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -82,7 +82,7 @@ def test_every_shown_command_parses(page, line):
     if tool in NEED_ARGUMENTS and not args:  # `sweep recipe` named in the prose: nothing to parse
         return
     if tool in ("formats", "--help") or "--help" in args:  # seconds: run it
-        proc = subprocess.run([sys.executable, "-m", "sweep.cli", *([tool] if tool else []), *args], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "sweep.commands.cli", *([tool] if tool else []), *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
         return

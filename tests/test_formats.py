@@ -479,7 +479,7 @@ def test_config_group_is_the_registry():
     from hydra.core.config_store import ConfigStore
     from hydra.errors import ConfigCompositionException
 
-    import sweep.config  # noqa: F401  (registers the group)
+    import sweep.pipeline.config  # noqa: F401  (registers the group)
 
     assert sorted(ConfigStore.instance().list("fmt")) == sorted(f"{n}.yaml" for n in FORMATS)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -496,7 +496,7 @@ def test_config_group_is_the_registry():
 
 
 def test_docs_tables_are_the_registry():
-    """docs/formats.md shows the tables `python -m sweep.formats` prints: paste its output there after adding a
+    """docs/formats.md shows the tables `sweep formats` prints: paste its output there after adding a
     format."""
     from sweep.quant.formats import markdown_ggml_table, markdown_table
 

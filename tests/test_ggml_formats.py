@@ -159,7 +159,7 @@ def test_storage_and_labels(importance):
     assert ggml_types.storage(with_imatrix, TENSORS[0], (384, 256), "F32")["imatrix_used"] is True
     assert ggml_types.storage(with_imatrix, "token_embd.weight", (10, 256), "F32")["imatrix_used"] is False
     # a point over several tensors (a joint point) names the ones the imatrix lacks
-    from sweep.run import storage_columns
+    from sweep.pipeline.point import storage_columns
 
     both = [ggml_types.storage(with_imatrix, n, (384, 256), "F32") for n in (TENSORS[0], "token_embd.weight")]
     assert storage_columns(both, 0.0)["imatrix_missing"] == "token_embd.weight"

@@ -1,8 +1,6 @@
-"""Imports run one way. Every module of the package is parsed (function-level imports included) and the test fails
-on any circle between modules and on a layer violation:
-  * the pipeline's lower packages (llama, quant, scoring, store) never import the orchestration at the top (config,
-    grid, planning, job, run, session, reference, gencheck), nor the recipe, the imatrix, the report or the commands;
-  * nothing but those tools and the commands imports the recipe, the imatrix, the report or the command line;
+"""Imports run one way: the packages of sweep/ stand in one order (docs/architecture.md), and a module imports only
+from its own package or from packages below it. Every module is parsed (function-level imports included) and the
+test fails on an import against the order (so on any circle between packages), on a circle between modules, and:
   * only sweep/llama/ imports llama_cpp;
   * an import inside a function defers llama_cpp, matplotlib or scipy only, and says why (everything else is
     module-level)."""
@@ -18,13 +16,23 @@ import pytest
 import sweep
 
 PACKAGE = Path(sweep.__file__).parent
-LOWER = ("sweep.llama", "sweep.quant", "sweep.scoring", "sweep.store")
-TOOLS = ("sweep.recipe", "sweep.imatrix", "sweep.report")
-COMMANDS = ("sweep.cli", "sweep.__main__", "sweep.score", "sweep.formats", "sweep.rpc_server")
+# The packages, lowest first: the basics, then the pipeline's stages from the C library up to the commands.
+ORDER = (
+    ("sweep", "sweep.errors", "sweep.choices", "sweep.cores", "sweep.files"),  # basics: what every package may use
+    ("sweep.llama",),  # llama.cpp: the one owner of llama_cpp, and what llama.cpp needs in bytes
+    ("sweep.quant",),  # which format, which tensor, how it is applied
+    ("sweep.scoring",),  # the text, its windows, the metrics
+    ("sweep.store",),  # records, keys, the table, atomic files
+    ("sweep.prefix",),  # prefix reuse: its plan, stage files, residuals
+    ("sweep.pipeline",),  # config -> grid -> costs -> job -> point
+    ("sweep.cluster",),  # the launchers' side: the checks before launch, SLURM's time limit and incomplete sweeps
+    ("sweep.report",),  # the table, ranked and plotted
+    ("sweep.recipe", "sweep.imatrix"),  # the tools built on sweeps
+    ("sweep.commands", "sweep.__main__", "sweep.testing"),  # the command line; tiny models for tests and benchmarks
+)
 DEFERRABLE = ("llama_cpp", "matplotlib", "scipy")  # slow or heavy libraries a command may not need
 # our modules that load them at import: sweep/llama/ (llama_cpp), the figures (matplotlib)
 DEFERRABLE_MODULES = ("sweep.llama", "sweep.report.plots")
-BASE = ("sweep", "sweep.errors", "sweep.choices", "sweep.cores")  # what every layer may use
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -106,6 +114,13 @@ def in_any(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or (p != "sweep" and module.startswith(p + ".")) for p in prefixes)
 
 
+def rank(module: str) -> tuple[int, str]:
+    """The module's place in ORDER and its package's name."""
+    found = [(i, p) for i, packages in enumerate(ORDER) for p in packages if in_any(module, (p,))]
+    assert found, f"{module} is in no package of ORDER: add its package there and to docs/architecture.md"
+    return max(found, key=lambda f: len(f[1]))
+
+
 def violations(root: Path) -> list[str]:
     found = imports(root)
     graph = {m: set() for m in found}
@@ -125,11 +140,10 @@ def violations(root: Path) -> list[str]:
             if target is None or target == module:
                 continue
             graph[module].add(target)
-            if in_any(module, LOWER) and not in_any(target, LOWER + BASE):
-                problems.append(f"{where} imports {target}: the pipeline's lower packages never import the layers "
-                                f"above them")
-            if in_any(target, TOOLS + COMMANDS) and not in_any(module, TOOLS + COMMANDS):
-                problems.append(f"{where} imports {target}: only the tools and the commands import these")
+            (mine, package), (theirs, other) = rank(module), rank(target)
+            if theirs > mine:
+                problems.append(f"{where} imports {target}: {package} stands below {other} in the package order "
+                                f"(tests/test_imports.py ORDER, docs/architecture.md)")
     problems += [f"import circle: {' -> '.join(c)}" for c in cycles(graph)]
     return problems
 
@@ -139,23 +153,31 @@ def test_imports_run_one_way():
     assert not problems, "\n".join(problems)
 
 
-def test_a_circle_is_found(tmp_path):
-    """The check itself: a copy of the package where the metrics import the module that runs a point (which imports
-    the metrics)."""
+def planted(tmp_path, module: str, line: str) -> list[str]:
+    """The violations of a copy of the package with `line` appended to `module` (a path under sweep/)."""
     copy = tmp_path / "sweep"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    metrics = copy / "scoring" / "metrics.py"
-    metrics.write_text(metrics.read_text() + "\nfrom ..run import run_point  # noqa\n")
-    circles = [p for p in violations(copy) if p.startswith("import circle:")]
-    assert circles and "sweep.run" in circles[0] and "sweep.scoring.metrics" in circles[0], circles
+    path = copy / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa\n")
+    return violations(copy)
 
 
-@pytest.mark.parametrize("line, why", [("from sweep.recipe import command", "only the tools and the commands"),
-                                       ("import llama_cpp", "only sweep/llama/"),
-                                       ("from sweep.run import run_point", "lower packages never import")])
-def test_a_layer_violation_is_found(tmp_path, line, why):
-    copy = tmp_path / "sweep"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    metrics = copy / "scoring" / "metrics.py"
-    metrics.write_text(metrics.read_text() + f"\n{line}  # noqa\n")
-    assert any(why in p for p in violations(copy))
+def test_a_circle_inside_a_package_is_found(tmp_path):
+    """The window math imports the perplexity protocol, which imports the window math: one package, so only the
+    circle check sees it."""
+    circles = [p for p in planted(tmp_path, "scoring/window_math.py", "from .perplexity import score")
+               if p.startswith("import circle:")]
+    assert circles and "sweep.scoring.window_math" in circles[0] and "sweep.scoring.perplexity" in circles[0], circles
+
+
+@pytest.mark.parametrize("module, line, why", [
+    # a package-level circle: the pipeline imports the scoring, and now the scoring the pipeline
+    ("scoring/metrics.py", "from ..pipeline.point import run_point",
+     "sweep.scoring stands below sweep.pipeline in the package order"),
+    ("llama/vocab.py", "from ..store.records import Store", "sweep.llama stands below sweep.store"),
+    ("pipeline/job.py", "from sweep.commands import cli", "sweep.pipeline stands below sweep.commands"),
+    ("scoring/metrics.py", "import llama_cpp", "only sweep/llama/"),
+])
+def test_an_import_against_the_order_is_found(tmp_path, module, line, why):
+    problems = planted(tmp_path, module, line)
+    assert any(why in p for p in problems), problems

@@ -11,12 +11,12 @@ from conftest import make_cfg
 from scipy import stats
 from scipy.special import logsumexp
 
+from sweep.pipeline.point import record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.apply import applied
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
 from sweep.report.ranking import format_ranking
-from sweep.run import record, run_point
 from sweep.scoring.generation import Completion, first_departure
 from sweep.scoring.metrics import EarlyStop, StopRule, blocked_stderr, delta_nll_p, summarize
 from sweep.scoring.window_math import BaselineWindow, WindowMath

@@ -12,11 +12,11 @@ from conftest import make_cfg
 
 from sweep.llama import container
 from sweep.llama.quantize import dequantized_weight
+from sweep.pipeline.point import record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.apply import applied
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import record, run_point
 from sweep.store.records import Store
 
 N_CTX = 64

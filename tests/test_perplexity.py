@@ -14,7 +14,7 @@ from conftest import make_cfg
 from sweep.errors import SweepError
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings
-from sweep.reference import open_reference
+from sweep.pipeline.reference import open_reference
 from sweep.scoring.perplexity import score
 from sweep.scoring.window_math import WindowMath
 from sweep.scoring.windows import make_windows

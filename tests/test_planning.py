@@ -13,8 +13,8 @@ from test_sweep import run_sweep, tiny_args
 from sweep import __main__ as cli
 from sweep import planning
 from sweep.errors import SweepError
-from sweep.grid import plan
 from sweep.llama.model_file import model_info
+from sweep.pipeline.grid import plan
 
 N_CTX, N_CHUNKS = 64, 3  # tiny_args' slice
 SCORED = N_CTX // 2 - 1

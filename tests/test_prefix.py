@@ -1,4 +1,4 @@
-"""Prefix reuse (sweep/scoring/prefix.py): stage files decoded from the captured residual stream give the full model's
+"""Prefix reuse (sweep/prefix/reuse.py): stage files decoded from the captured residual stream give the full model's
 logits bit for bit on the tiny llama, qwen2 and gemma3 models; a sweep gives the same table with and without reuse;
 a stage that cannot match falls back to the full decode, and every fallback says why."""
 
@@ -15,18 +15,16 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
 
 from sweep import planning
-from sweep.cli import main as cli_main
-from sweep.grid import plan
+from sweep.commands.cli import main as cli_main
 from sweep.llama.container import compute_settings
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_check import probe_stage, stage_refusal
 from sweep.llama.stage_file import write_stage_file
 from sweep.llama.stage_view import StageView
-from sweep.quant.formats import make_format
-from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import run_point
-from sweep.scoring.prefix import (
+from sweep.pipeline.grid import plan
+from sweep.pipeline.point import run_point
+from sweep.pipeline.reference import open_reference
+from sweep.prefix.reuse import (
     RESIDUALS_DIR,
     STAGES_DIR,
     Prefixes,
@@ -37,7 +35,9 @@ from sweep.scoring.prefix import (
     stage_path,
     writes_weights,
 )
-from sweep.scoring.stage_plan import MARGIN, StageCosts, decoded_blocks, plan_stages, spread_starts
+from sweep.prefix.solve import MARGIN, StageCosts, decoded_blocks, plan_stages, spread_starts
+from sweep.quant.formats import make_format
+from sweep.quant.targets import resolve
 from sweep.store import readahead
 from sweep.testing.tiny_model import Q, write_tiny_model
 

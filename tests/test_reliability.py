@@ -17,9 +17,9 @@ from gguf import GGUFWriter
 from test_sweep import ROOT, read_table, run_sweep, tiny_args
 
 from sweep.llama.model_file import resolve_model_path
+from sweep.pipeline.point import describe, record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import describe, record, run_point
 from sweep.scoring.perplexity import score
 
 
@@ -87,8 +87,8 @@ def test_bad_input_is_one_line_nonzero_exit_and_nothing_written(case, tmp_path, 
 
 
 def test_score_command_has_the_same_one_line_errors(tmp_path, env):
-    proc = subprocess.run([sys.executable, "-m", "sweep.score", "model.path=/models/nope.gguf"], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "sweep.commands.score_model", "model.path=/models/nope.gguf"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == \
         "error: model file not found: /models/nope.gguf (set model.path=/path/to/model.gguf)"
 
@@ -155,7 +155,7 @@ def test_two_sweeps_into_the_same_runs_dir_at_once(tiny_model, tmp_path, env):
 def test_sweep_dir_carries_the_launching_process_id():
     from hydra import compose, initialize_config_dir
 
-    from sweep.config import CONF_DIR
+    from sweep.pipeline.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
@@ -204,7 +204,7 @@ def test_kill_9_of_a_joblib_sweep_then_rerun(tiny_model, tmp_path, env):
 def test_the_rpc_server_binds_to_loopback_unless_told_otherwise(env, monkeypatch, capsys):
     """llama.cpp's RPC protocol has no authentication: any other address is one line and exit 2 without
     --allow-remote, and with it llama.cpp's own warning is printed before anything is served."""
-    proc = subprocess.run([sys.executable, "-m", "sweep.rpc_server", "0.0.0.0:50052"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sweep.commands.rpc_server", "0.0.0.0:50052"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr

@@ -1,4 +1,4 @@
-"""llama.cpp's RPC backend: a real server process (`python -m sweep.rpc_server`) on 127.0.0.1 holds the offloaded
+"""llama.cpp's RPC backend: a real server process (`sweep rpc-server`) on 127.0.0.1 holds the offloaded
 layers' weights and activations, and every read or write of them crosses a socket.
 
 These tests need llama-cpp-python built with CMAKE_ARGS="-DGGML_RPC=ON" (.ci/run builds it in .venv-rpc):
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from conftest import make_cfg
 
-from sweep.job import job_key, run_job
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings, f32_container
 from sweep.llama.rpc import has_rpc
-from sweep.session import Sessions
+from sweep.pipeline.job import job_key, run_job
+from sweep.pipeline.session import Sessions
 
 pytestmark = pytest.mark.rpc
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +40,13 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m sweep.rpc_server` in its own process, stopped by its PID."""
+    """`sweep rpc-server` in its own process, stopped by its PID."""
 
     def __init__(self, log: Path, port: int | None = None):
         self.endpoint = f"127.0.0.1:{port or free_port()}"
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweep.rpc_server", self.endpoint, "--threads", "1"],
-                                     cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweep.commands.rpc_server", self.endpoint,
+                                      "--threads", "1"], cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         host, port_s = self.endpoint.split(":")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -179,7 +179,7 @@ def test_no_server_is_one_line_before_any_job(tiny_model, tmp_path, env):
     proc = run_sweep(sweep_args(tiny_model, tmp_path, f"127.0.0.1:{free_port()}", "layer=0"), env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: no RPC server answers at 127.0.0.1:") and "sweep.rpc_server" in lines[0]
+    assert lines[0].startswith("error: no RPC server answers at 127.0.0.1:") and "sweep.commands.rpc_server" in lines[0]
     assert not (tmp_path / "store").exists() and not (tmp_path / "sweep").exists()
 
 

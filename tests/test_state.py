@@ -15,10 +15,10 @@ import numpy as np
 from conftest import make_cfg
 
 import sweep
+from sweep.pipeline.point import record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import record, run_point
 from sweep.store.records import Store, gather, write_record
 
 # (module, name) -> why it is allowed to live at module level
@@ -36,7 +36,8 @@ ALLOWED = {
     ("sweep.llama.rpc", "_abort_installed"): "ggml's abort callback is process-wide: installed once per process",
     ("sweep.quant.recipe_types", "_read"): "a pure memo of a recipe.json's per-tensor map, keyed by (path, size, "
                                            "mtime)",
-    ("sweep.capacity", "_sizes"): "a pure memo of a GGUF's tensor sizes and metadata, keyed by (path, size, mtime)",
+    ("sweep.llama.capacity", "_sizes"): "a pure memo of a GGUF's tensor sizes and metadata, keyed by (path, size, "
+                                        "mtime)",
 }
 
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sweep.config import CONF_DIR
 from sweep.errors import SweepError
-from sweep.grid import plan
-from sweep.job import cores_for_this_job
+from sweep.pipeline.config import CONF_DIR
+from sweep.pipeline.grid import plan
+from sweep.pipeline.job import cores_for_this_job
 from sweep.scoring.metrics import EarlyStop, StopRule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ from sweep import run as run_module
 from sweep.errors import SweepError
 from sweep.llama.backend import PROBE_TOKENS, Backend
 from sweep.llama.container import compute_settings, runtime_identity
+from sweep.pipeline.point import baseline_score, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
 from sweep.quant.targets import Target, advertised_nodes, resolve
-from sweep.reference import open_reference
-from sweep.run import baseline_score, run_point
 from sweep.store.records import Store
 
 N_CTX = 64

@@ -15,12 +15,12 @@ from conftest import make_cfg
 from scipy.special import logsumexp
 
 from sweep.errors import SweepError
-from sweep.gencheck import generation_mode
-from sweep.grid import plan
+from sweep.pipeline.grid import plan
+from sweep.pipeline.point import record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import record, run_point
+from sweep.scoring.generation import generation_mode
 from sweep.scoring.window_math import BaselineWindow, StoredLogits, WindowMath
 from sweep.store.records import Store
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sweep.config import compose
-from sweep.job import run_job
 from sweep.llama.backend import Backend
 from sweep.llama.container import compute_settings, f32_container
 from sweep.llama.model_file import embedded_model_path
+from sweep.pipeline.config import compose
+from sweep.pipeline.job import run_job
+from sweep.pipeline.session import Sessions
 from sweep.scoring.text import embedded_text_path
-from sweep.session import Sessions
 
 # (container, kind, tensor, layer, fmt): a weight point, an activation point, a GGUF-type point, and the native
 # container's weight point (a copy with the target in F32)

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from bench import llama_perplexity
-from sweep.config import compose
 from sweep.imatrix.compute import collect
 from sweep.llama import quantize as be
 from sweep.llama.container import dequantized
+from sweep.pipeline.config import compose
+from sweep.pipeline.reference import open_reference
 from sweep.quant import ggml_types
 from sweep.quant.imatrix_file import Imatrix, read
-from sweep.reference import open_reference
 from sweep.scoring.text import embedded_text_path
 
 

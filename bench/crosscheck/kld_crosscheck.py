@@ -17,12 +17,12 @@ import tempfile
 from pathlib import Path
 
 from bench import llama_perplexity
-from sweep.config import compose
 from sweep.llama.container import write_gguf_copy
+from sweep.pipeline.config import compose
+from sweep.pipeline.point import record, run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import record, run_point
 from sweep.scoring.text import embedded_text_path
 
 

@@ -27,11 +27,11 @@ import numpy as np
 
 from bench import llama_perplexity
 from bench.crosscheck import imatrix_crosscheck
-from sweep.config import compose
 from sweep.imatrix.compute import collect
 from sweep.llama.model_file import embedded_model_path, model_info
+from sweep.pipeline.config import compose
+from sweep.pipeline.reference import open_reference
 from sweep.quant.imatrix_file import Imatrix, read
-from sweep.reference import open_reference
 from sweep.scoring.text import embedded_text_path
 from sweep.testing.tiny_model import MOE_ARCHITECTURES, write_tiny_model
 

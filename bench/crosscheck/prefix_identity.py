@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sweep.config import compose
-from sweep.job import prefix_settings
 from sweep.llama.container import default_cache_dir
+from sweep.pipeline.config import compose
+from sweep.pipeline.job import prefix_settings
+from sweep.pipeline.point import run_point
+from sweep.pipeline.reference import open_reference
+from sweep.prefix.reuse import STAGES_DIR
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import run_point
-from sweep.scoring.prefix import STAGES_DIR
 from sweep.scoring.text import embedded_text_path
 
 POINTS = (("weight", "ffn_down"), ("activation", "l_out"))

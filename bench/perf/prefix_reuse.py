@@ -37,12 +37,12 @@ import numpy as np
 import pandas as pd
 
 from bench.perf.vocab import model_for
-from sweep.config import compose
-from sweep.grid import plan as grid_plan
 from sweep.llama.container import container_path, default_cache_dir
 from sweep.llama.model_file import model_info, resolve_model_path, sha256
 from sweep.llama.stage_file import write_stage_file
-from sweep.scoring.prefix import STAGES_DIR, note_io_speed, stage_file_path
+from sweep.pipeline.config import compose
+from sweep.pipeline.grid import plan as grid_plan
+from sweep.prefix.reuse import STAGES_DIR, note_io_speed, stage_file_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_out": ("kind=activation",

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 from bench import llama_perplexity
-from sweep.config import compose
+from sweep.pipeline.config import compose
+from sweep.pipeline.point import run_point
+from sweep.pipeline.reference import open_reference
+from sweep.pipeline.session import Session
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import run_point
 from sweep.scoring.perplexity import score
 from sweep.scoring.text import embedded_text_path
-from sweep.session import Session
 from sweep.store.records import Store
 
 ROOT = Path(__file__).resolve().parents[2]

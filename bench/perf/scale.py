@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import llama_perplexity
-from sweep.capacity import gb
+from sweep.llama.capacity import gb
 from sweep.llama.container import compute_settings
 from sweep.llama.model_file import model_info
 from sweep.scoring.text import embedded_text_path

@@ -38,14 +38,14 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from scipy.special import logsumexp
 
-from sweep.config import compose
 from sweep.llama.container import container_path, default_cache_dir
 from sweep.llama.model_file import embedded_model_path
+from sweep.pipeline.config import compose
+from sweep.pipeline.point import run_point
+from sweep.pipeline.reference import open_reference
 from sweep.quant.apply import applied
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.reference import open_reference
-from sweep.run import run_point
 from sweep.scoring import window_math
 from sweep.store.records import Store
 

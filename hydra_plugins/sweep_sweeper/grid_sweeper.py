@@ -1,9 +1,9 @@
 """The sweep's Hydra sweeper, a plugin of Hydra's public Sweeper interface (Hydra takes plugins from the
 `hydra_plugins` namespace only; selected by conf/hydra/sweeper/grid.yaml).
 
-Before any job starts, every point of the grid is composed and validated against its model (sweep/grid.py: a
+Before any job starts, every point of the grid is composed and validated against its model (sweep/pipeline/grid.py: a
 mistake is one `error:` line and exit status 2, with nothing written), `layer=each` becomes one job per block, and
-the store's disk is checked (sweep/planning.py). With `hydra.sweeper.plan=true` (`sweep plan ...`, or `--plan`) it
+the store's disk is checked (sweep/pipeline/costs.py). With `hydra.sweeper.plan=true` (`sweep plan ...`, or `--plan`) it
 prints what the sweep would cost and launches nothing. Otherwise the jobs go to the configured launcher in the order
 Hydra's basic sweeper would give them.
 """
@@ -37,11 +37,11 @@ class GridSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # deferred: Hydra imports every plugin when any Hydra app starts; the sweep's modules load llama.cpp
+        from sweep.cluster.preflight import run_checks
         from sweep.cluster.time_limit import set_time_limit
         from sweep.errors import exit_on_user_error
-        from sweep.grid import plan
-        from sweep.planning import print_grid_plan
-        from sweep.preflight import run_checks
+        from sweep.pipeline.costs import print_grid_plan
+        from sweep.pipeline.grid import plan
 
         # Hydra's own overrides (the sweep directory, the launcher) are part of what is validated, not of a job.
         hydra_overrides = list(self.config.hydra.overrides.hydra)
@@ -49,7 +49,7 @@ class GridSweeper(Sweeper):
         if self.plan:
             exit_on_user_error(print_grid_plan, exit_on_user_error(plan, overrides))
             return []
-        # a launcher that runs the jobs elsewhere: the checks too (sweep/preflight.py), so no model is loaded here
+        # a launcher that runs the jobs elsewhere: the checks too (sweep/cluster/preflight.py): no model loaded here
         elsewhere = not str(self.config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher")
         launch, minutes = exit_on_user_error(run_checks, overrides, hydra_overrides, elsewhere)
         set_time_limit(self.launcher, minutes)

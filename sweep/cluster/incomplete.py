@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..store.files import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 INCOMPLETE_FILE = "incomplete.json"
 EXIT_INCOMPLETE = 1

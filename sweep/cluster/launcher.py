@@ -5,8 +5,8 @@ the launching node.
   cancelled, killed, or timed out more than `max_num_timeout` times) out of `launch()`: Hydra's end-of-sweep
   callback never runs and no table is written. Here every task is waited for; the tasks without a result are listed
   in the sweep dir (sweep/cluster/incomplete.py) and the sweep ends with the table of what finished.
-- The generation check of `metrics.generate=top:N` (sweep/gencheck.py) needs the model; it runs as one more task
-  through the same executor once the points are known, not in the launching process.
+- The generation check of `metrics.generate=top:N` (sweep/pipeline/gencheck.py) needs the model; it runs as one more
+  task through the same executor once the points are known, not in the launching process.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from ..gencheck import check_worst, generation_mode
+from ..pipeline.gencheck import check_worst
+from ..scoring.generation import generation_mode
 from ..store.records import gather
 from .incomplete import write_missing
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 from ..cores import available_cores
-from ..grid import Plan
-from ..planning import Costs, launcher_kind, time_one_window
+from ..pipeline.costs import Costs, launcher_kind, time_one_window
+from ..pipeline.grid import Plan
 
 TIMEOUT_FLAG = "hydra.launcher.timeout_min="
 MARGIN_FACTOR = 3  # x the estimate: nodes slower than this machine, several tasks on one node

@@ -22,13 +22,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from tqdm import tqdm
 
-from .. import config
-from ..cli import hydra_command
 from ..errors import SweepError
 from ..llama.backend import Backend
 from ..llama.ggml_tensor import GGML_OP_MUL_MAT_ID, MatMul
+from ..pipeline import config
+from ..pipeline.config import hydra_command
+from ..pipeline.reference import open_reference
 from ..quant.imatrix_file import Imatrix, write_gguf
-from ..reference import open_reference
 
 
 @dataclass

@@ -165,7 +165,7 @@ class Backend:
     # and the observer is called with the `MatMul` (ggml_tensor.py) of each wanted node once computed.
     matmul_observer = None
     # When set: `wants(name)` is asked for every node, and `(name, data, output_mask)` called with the data of each
-    # wanted node once computed (sweep/scoring/routing.py reads the MoE expert ids and router probabilities this way);
+    # wanted node once computed (sweep/llama/routing.py reads the MoE expert ids and router probabilities this way);
     # output_mask: the decoded window's logit mask, None outside `decode_window` (generation).
     routing_observer = None
 

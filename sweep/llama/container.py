@@ -18,7 +18,7 @@ import numpy as np
 from .. import __version__
 from ..choices import Container
 from ..errors import SweepError
-from ..store.files import atomic_path
+from ..files import atomic_path
 from .backend import ComputeSettings, llama_cpp_version, system_info
 from .model_file import sha256
 from .rpc import parse_endpoints

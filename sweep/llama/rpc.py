@@ -111,7 +111,7 @@ def check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             pass
     except OSError as e:
         raise SweepError(f"no RPC server answers at {endpoint} ({e.strerror or e}): start one there with "
-                         f"`python -m sweep.rpc_server {endpoint}` (or llama.cpp's rpc-server), or fix model.rpc"
+                         f"`sweep rpc-server {endpoint}` (or llama.cpp's rpc-server), or fix model.rpc"
                          ) from None
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store.files import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .backend import ComputeSettings
 from .embd import EmbeddingBackend
 from .model_file import gguf_reader

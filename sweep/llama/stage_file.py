@@ -1,5 +1,5 @@
 """Stage files: a GGUF holding only blocks S..N-1 of a model, renumbered from 0, for prefix reuse
-(sweep/scoring/prefix.py).
+(sweep/prefix/reuse.py).
 
 Fed the full model's residual stream after block S-1 (`l_out-(S-1)`) as input embeddings, a stage computes the
 remaining blocks as the full model does. What makes that true for llama.cpp's loader:
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SweepError
-from ..store.files import atomic_path
+from ..files import atomic_path
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # llama.cpp's `load_swa_pattern(ml, period, dense_first)` per architecture (src/models/*.cpp), used when the file has

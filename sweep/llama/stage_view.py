@@ -1,5 +1,5 @@
 """A stage model seen as the full model: what scoring and `quant.apply` use in place of a Backend when a point
-reuses the unperturbed prefix (sweep/scoring/prefix.py).
+reuses the unperturbed prefix (sweep/prefix/reuse.py).
 
 Names stay the full model's on this side: a weight `blk.L.x` is the stage's `blk.(L-S).x`, a node `l_out-L` the
 stage's `l_out-(L-S)`, so targets, proofs, recipes and importance matrices never see the stage's numbering. A window

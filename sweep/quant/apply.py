@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..llama.quantize import dequantized_weight, rows_reader
+from ..llama.routing import tracking
 from ..llama.weight_delta import WeightDelta
-from ..scoring.routing import tracking
 from .experts import layer_of, round_expert_rows, round_experts
 from .formats import Format
 from .ggml_types import storage
@@ -170,7 +170,7 @@ def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof
     proof = Proof()
 
     def hook(name: str, x: np.ndarray) -> np.ndarray:
-        if target.experts:  # the rows routed to the experts, from this decode's routing (sweep/scoring/routing.py)
+        if target.experts:  # the rows routed to the experts, from this decode's routing (sweep/llama/routing.py)
             ids = backend.routing_observer.current[layer_of(name)][:, :x.shape[1]]  # the selected experts
             y, touched = round_expert_rows(x, ids, target.experts, fmt)
             proof.add(x[touched], y[touched])

@@ -3,7 +3,7 @@
 A MoE block stores its experts as 3-D stacks (`ffn_{gate,up,down}_exps`: experts x rows x columns) and computes
 per-expert activations as tokens x selected experts x features (`ffn_moe_gate`, `ffn_moe_down`, ...: row (t, j)
 belongs to the j-th expert selected for token t). `expert=K` applies the format to slice K of a stack, or to the
-activation rows routed to expert K in that very decode (sweep/scoring/routing.py reads the routing); a granularity
+activation rows routed to expert K in that very decode (sweep/llama/routing.py reads the routing); a granularity
 is per expert (a per-tensor scale of one expert is that expert's). Nothing here is per architecture: stacks are found
 by shape (3-D, one matrix per expert of `<arch>.expert_count`), expert rows by the probe's node shapes.
 """

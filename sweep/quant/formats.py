@@ -6,8 +6,8 @@ format; the input is never modified. Make one with `make_format(name, **params)`
 
 Adding a format is one `FormatSpec` in `_SPECS` below: its name, what it computes (`doc`), the parameters it takes,
 whether it applies to weights and/or activations, its bits per element and its quantize function. Everything else
-iterates over `FORMATS`: the Hydra group `fmt=` (sweep/config.py), labels, store keys, the table in docs/formats.md
-(`python -m sweep.formats` prints it; a test keeps that page equal to it) and the property tests. The GGUF quant
+iterates over `FORMATS`: the Hydra group `fmt=` (sweep/pipeline/config.py), labels, store keys, the table in
+docs/formats.md (`sweep formats` prints it; a test keeps that page equal to it) and the property tests. The GGUF quant
 types (q8_0 ... q1_0) are registry entries generated from ggml's type list (sweep/quant/ggml_types.py): weights only,
 parameter `imatrix`, bits per weight from ggml.
 
@@ -152,7 +152,7 @@ PARAMS: dict[str, Param] = {
 @dataclass(frozen=True)
 class FormatSpec:
     name: str  # what `fmt=` takes
-    doc: str  # what it computes, one line (the table in docs/formats.md, `python -m sweep.formats`)
+    doc: str  # what it computes, one line (the table in docs/formats.md, `sweep formats`)
     quantize: Callable[..., np.ndarray]  # (x: a float32 copy, fmt, tensor=, threads=) -> float32, x's shape
     params: tuple[str, ...] = ()  # the parameters it takes (of PARAMS), in label order
     granularity: Granularity = Granularity.per_row  # the default, if it takes `granularity`
@@ -426,7 +426,7 @@ def _defaults(spec: FormatSpec) -> str:
 
 
 def markdown_table() -> str:
-    """The table of the formats in docs/formats.md (`python -m sweep.formats` prints it)."""
+    """The table of the formats in docs/formats.md (`sweep formats` prints it)."""
     rows = ["| `fmt` | what it computes | parameters (defaults) | label | applies to | bits |",
             "|---|---|---|---|---|---|"]
     for s in FORMATS.values():

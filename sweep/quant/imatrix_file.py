@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SweepError
-from ..store.files import atomic_path
+from ..files import atomic_path
 
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 

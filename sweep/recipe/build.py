@@ -15,10 +15,10 @@ from pathlib import Path
 from gguf import LlamaFileType
 
 from ..errors import SweepError
+from ..files import atomic_write_bytes
 from ..llama.gguf_reader import gguf_tensor_table
 from ..llama.quantize import ggml_type_facts, llama_quantize_file
 from ..quant.imatrix_file import load, provenance
-from ..store.files import atomic_write_bytes
 from .export import read_recipe_txt, type_id
 
 # llama.cpp's own mixes (enum llama_ftype in include/llama.h, gguf's LlamaFileType): the presets a recipe is compared

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from ..errors import SweepError
+from ..files import atomic_write_bytes
 from ..quant.ggml_types import TYPES, ggml_type_by_name
-from ..store.files import atomic_write_bytes
 from .sizes import SourceModel
 from .solve import Recipe
 

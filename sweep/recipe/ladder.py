@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SweepError
-from ..store.files import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .build import IMATRIX_LADDER, LADDER, NEED_IMATRIX, PRESETS, build_and_check, preset_file, stored_types
 from .export import pattern_for, write_recipe
 from .loop import LoopSettings, closed_loop

@@ -33,8 +33,8 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import SweepError
+from ..files import atomic_write_bytes
 from ..scoring.metrics import RANKABLE
-from ..store.files import atomic_write_bytes
 from .export import write_recipe
 from .solve import Recipe, make_recipe
 

@@ -24,14 +24,14 @@ import numpy as np
 from scipy import stats
 
 from ..errors import SweepError
+from ..files import atomic_write_bytes
 from ..llama.container import compute_settings, runtime_identity
-from ..run import per_token
+from ..pipeline.point import per_token
+from ..pipeline.session import Session
 from ..scoring.metrics import RANKABLE, summarize
 from ..scoring.perplexity import Score, score
 from ..scoring.text import load_text
 from ..scoring.windows import Windows, make_windows
-from ..session import Session
-from ..store.files import atomic_write_bytes
 from .build import preset_file, stored_types
 
 log = logging.getLogger("sweep.recipe")

@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from ..cluster.incomplete import EXIT_INCOMPLETE, missing_line, read_missing
 from ..cluster.launcher import checks_generation_in_a_task
-from ..gencheck import check_worst, generation_mode
+from ..pipeline.gencheck import check_worst
+from ..scoring.generation import generation_mode
 from ..store.records import gather, write_table
 from .ranking import format_ranking
 

@@ -21,7 +21,7 @@ def ranking(df: pd.DataFrame, metric: str = "kld_mean", top: int | None = 20) ->
             "delta_ppl_stderr", *tests, "stopped_early", "ppl",
             "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
             "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved",  # GGUF-type points
-            "routed_tokens", "router_share", "routing_changed"]  # MoE models (sweep/scoring/routing.py)
+            "routed_tokens", "router_share", "routing_changed"]  # MoE models (sweep/llama/routing.py)
     out = measured[[c for c in dict.fromkeys(cols) if c and c in measured]].reset_index(drop=True)
     out.index += 1
     return out if top is None else out.head(top)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..errors import SweepError
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -45,3 +47,22 @@ def compare(runs: list[Completion], bases: list[Completion]) -> dict:
         "generations": json.dumps([{"prompt": r.prompt, "text": r.text, "baseline_text": b.text, "departs_at": d}
                                    for r, b, d in zip(runs, bases, departures)], ensure_ascii=False),
     }
+
+
+def generation_mode(value) -> int | None:
+    """metrics.generate as the number of points that get the check: None for every point (true), 0 for none
+    (false), N for `top:N`. Raises SweepError for anything else."""
+    if isinstance(value, bool):
+        return None if value else 0
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return None if text == "true" else 0
+    if text.startswith("top:"):
+        try:
+            n = int(text[4:])
+        except ValueError:
+            n = -1
+        if n >= 1:
+            return n
+    raise SweepError(f"metrics.generate={value!r} must be true (every point), false (none) or top:N (the N "
+                     f"worst points by metrics.rank_by, checked after the sweep; e.g. top:5)")

@@ -1,6 +1,6 @@
 """Reading files into the page cache ahead of their use, in a background thread.
 
-Prefix reuse loads one stage file after another (sweep/scoring/prefix.py); a stage file not in the page cache
+Prefix reuse loads one stage file after another (sweep/prefix/reuse.py); a stage file not in the page cache
 (written long ago, larger than the memory left, or evicted by the machine's reclaim) is read by page faults while
 llama.cpp maps and first decodes it, at a fraction of the disk's sequential speed. Reading the next stage's file
 while the current stage decodes hides that. The read is a plain sequential read() into one small buffer: the

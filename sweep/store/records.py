@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control
 
+from ..files import atomic_write_bytes, temporary_beside
 from ..scoring.metrics import METRICS
-from .files import atomic_write_bytes, temporary_beside
 
 RECORD_FILE = "record.json"
 DONE = ("ok", "no-op", "diverged")  # a "failed" point is retried when the sweep runs again
@@ -170,3 +170,17 @@ def write_table(df: pd.DataFrame, directory: Path) -> tuple[Path, Path]:
     atomic_write_bytes(parquet, buf.getvalue())
     atomic_write_bytes(csv, df.to_csv(index=False).encode())
     return parquet, csv
+
+
+def baseline_key(model_sha256: str, container: str, matched, data_sha256: str, n_ctx: int, n_windows: int,
+                 runtime: dict) -> str:
+    """The key of a baseline, in memory and in the store (the planner asks it too, to count stored baselines)."""
+    return point_key(kind="baseline", model_sha256=model_sha256, container=container, matched=sorted(matched),
+                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime)
+
+
+def completions_key(model_sha256: str, container: str, matched, n_ctx: int, prompts: tuple[str, ...],
+                    max_new_tokens: int, runtime: dict) -> str:
+    """The key of a model's unperturbed completions: n_ctx is in it, since a small context shortens them."""
+    return point_key(kind="completions", model_sha256=model_sha256, container=container, matched=sorted(matched),
+                     n_ctx=n_ctx, prompts=list(prompts), max_new_tokens=max_new_tokens, runtime=runtime)

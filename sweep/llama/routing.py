@@ -130,7 +130,7 @@ def routing_columns(summary: dict, changed: tuple[dict[int, int], int] | None, n
 
 def baseline_routing(session, backend, windows, matched: tuple[str, ...], n_used: int) -> RoutingTracker:
     """The unperturbed routing of the scored windows on `backend`: decoded once per loaded model (and matched
-    copy), kept with the session (nothing of a session outlives it, sweep/session.py)."""
+    copy), kept with the session (nothing of a session outlives it, sweep/pipeline/session.py)."""
     key = (str(backend.path), tuple(sorted(matched)), windows.n_ctx, windows.n_windows)
     if key not in session.routing:
         with tracking(backend, n_used) as tracker:

@@ -1,12 +1,12 @@
-"""`python -m sweep.score [overrides]`: perplexity of the reference model as configured, no perturbation."""
+"""`sweep score [overrides]`: perplexity of the reference model as configured, no perturbation."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from .cli import hydra_command
-from .reference import open_reference
-from .scoring.perplexity import score
+from ..pipeline.config import hydra_command
+from ..pipeline.reference import open_reference
+from ..scoring.perplexity import score
 
 
 def run_score(cfg: DictConfig) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .capacity import settled
-from .cores import available_cores
-from .llama.backend import Backend
-from .llama.container import compute_settings, container_path
-from .llama.model_file import ModelInfo, model_info, resolve_model_path, sha256
-from .scoring.text import Text, load_text
-from .scoring.windows import Windows, make_windows
+from ..cores import available_cores
+from ..llama.backend import Backend
+from ..llama.capacity import settled
+from ..llama.container import compute_settings, container_path
+from ..llama.model_file import ModelInfo, model_info, resolve_model_path, sha256
+from ..scoring.text import Text, load_text
+from ..scoring.windows import Windows, make_windows
 from .session import Session, Sessions
 
 

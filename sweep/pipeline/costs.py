@@ -25,23 +25,23 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import capacity
-from .capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes, nearest_existing
-from .cores import available_cores
-from .errors import SweepError
+from ..cores import available_cores
+from ..errors import SweepError
+from ..llama import capacity
+from ..llama.capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes, nearest_existing
+from ..llama.container import compute_settings, default_cache_dir, runtime_identity
+from ..llama.model_file import model_info, resolve_model_path, sha256
+from ..prefix.reuse import disk_bytes, unwritten_stages
+from ..scoring.generation import complete
+from ..scoring.perplexity import score
+from ..scoring.text import load_text
+from ..scoring.windows import make_windows
+from ..store.records import Store, baseline_key
 from .grid import Plan
 from .grid import plan as grid_plan
 from .job import cores_for_this_job, job_key, prefix_settings
-from .llama.container import compute_settings, default_cache_dir, runtime_identity
-from .llama.model_file import model_info, resolve_model_path, sha256
-from .run import matched_targets
-from .scoring.generation import complete
-from .scoring.perplexity import score
-from .scoring.prefix import disk_bytes, unwritten_stages
-from .scoring.text import load_text
-from .scoring.windows import make_windows
-from .session import Session, baseline_key
-from .store.records import Store
+from .point import matched_targets
+from .session import Session
 
 RECORD_BYTES = 6_000  # one point's record.json (written twice: the store and the job's directory)
 
@@ -81,7 +81,7 @@ class Group:
     recompute: bool = False  # metrics.baseline_logits=recompute: no logits on disk, a baseline decode per point
     n_todo: int = 0  # its points not yet in the store
     n_new_baselines: int = 0  # its baselines not yet in the store
-    # prefix reuse (sweep/scoring/prefix.py): stage files and residuals in the cache, the largest stage loaded
+    # prefix reuse (sweep/prefix/reuse.py): stage files and residuals in the cache, the largest stage loaded
     prefix_dir: Path | None = None
     prefix_bytes: int = 0
     prefix_model_bytes: int = 0
@@ -382,7 +382,7 @@ def render(c: Costs, text_path) -> str:
             lines.append(f"              F32 container to build once: {gb(g.model_bytes)} in {g.container_path.parent}")
         if g.prefix_bytes:
             lines.append(f"              prefix reuse: stage files and residuals up to {gb(g.prefix_bytes)} in "
-                         f"{g.prefix_dir} (python -m sweep.prefix_clean removes them; run.prefix_reuse=false: none)")
+                         f"{g.prefix_dir} (sweep prefix-clean removes them; run.prefix_reuse=false: none)")
         if g.copy_bytes:
             lines.append(f"              native weight points: each runs on a temporary copy of up to "
                          f"{gb(g.copy_bytes)} in {tempfile.gettempdir()} (deleted after the point)")
@@ -451,7 +451,7 @@ def _launcher_lines(c: Costs) -> list[str]:
     for g in c.groups:
         if g.container_missing:  # every job that starts before it exists would build its own copy
             lines.append(f"              the F32 container is not built yet: jobs starting at once would each "
-                         f"write {gb(g.model_bytes)}; build it first (python -m sweep.score data.n_windows=2 "
+                         f"write {gb(g.model_bytes)}; build it first (sweep score data.n_windows=2 "
                          f"model.path=...)")
     if c.timings and c.launcher != "joblib":
         t, g = c.timings[0], c.groups[0]

@@ -1,5 +1,5 @@
 """What the sweep checks before its first job: the whole grid validated and expanded (grid.py), what it will cost
-against the disk and the memory (planning.py), a SLURM task's time limit (cluster/time_limit.py).
+against the disk and the memory (costs.py), a SLURM task's time limit (cluster/time_limit.py).
 
 The checks load the model (its graph's nodes, one window timed). With the basic launcher the jobs then run in the
 same process, which loads the model anyway, so the checks run there too. With any other launcher they run in a
@@ -11,9 +11,9 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
-from .cluster.time_limit import time_limit
-from .grid import plan
-from .planning import check_resources, costs
+from ..pipeline.costs import check_resources, costs
+from ..pipeline.grid import plan
+from .time_limit import time_limit
 
 
 def checks(overrides: list[str], hydra_overrides: list[str]) -> tuple[list[list[str]], int | None]:

@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
-
-import hydra
-from omegaconf import DictConfig
-
-from .config import CONF_DIR, compose
-from .errors import exit_on_user_error
 
 # name -> (module whose main() runs it, what it does); the sweep itself takes no name
 COMMANDS = {
     "plan": ("sweep.__main__", "what the sweep AXIS=VALUES... would cost (points, disk, memory, time); runs nothing"),
-    "score": ("sweep.score", "perplexity of the reference model as configured, no perturbation"),
+    "score": ("sweep.commands.score_model", "perplexity of the reference model as configured, no perturbation"),
     "report": ("sweep.report.__main__", "rebuild the results table, the ranking and the figures from sweep dirs"),
     "recipe": ("sweep.recipe.command", "a mixed-precision recipe from finished sweeps; build and validate its GGUF"),
     "imatrix": ("sweep.imatrix.compute", "llama.cpp's importance matrix, computed inside llama.cpp's own graph"),
-    "formats": ("sweep.formats", "the tables of the formats fmt= accepts"),
-    "rpc-server": ("sweep.rpc_server", "serve this machine's devices to llama.cpp's RPC backend (model.rpc=HOST:PORT)"),
-    "prefix-clean": ("sweep.prefix_clean", "remove prefix reuse's stage files and residuals from the cache"),
+    "formats": ("sweep.commands.list_formats", "the tables of the formats fmt= accepts"),
+    "rpc-server": ("sweep.commands.rpc_server",
+                   "serve this machine's devices to llama.cpp's RPC backend (model.rpc=HOST:PORT)"),
+    "prefix-clean": ("sweep.commands.prefix_clean", "remove prefix reuse's stage files and residuals from the cache"),
 }
 USAGE = """usage: sweep [AXIS=VALUES ...]         the sensitivity sweep (python -m sweep): one job per point of the grid
        sweep COMMAND [ARGS ...]
@@ -55,23 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     status = tool.main(rest) if name in ("report", "recipe", "rpc-server", "prefix-clean") else tool.main()
     if status:
         sys.exit(status)
-
-
-def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """A `python -m sweep.<tool>` entry point: `run` on the config `conf/<config_name>.yaml` composes, a user
-    error as one line."""
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
-    def app(cfg: DictConfig) -> None:
-        exit_on_user_error(run, cfg)
-
-    def main() -> None:
-        overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
-        if overrides == sys.argv[1:]:  # no Hydra flag (--help, --cfg, ...): bad values are one line, not Hydra's
-            exit_on_user_error(compose, overrides, config_name)
-        app()
-
-    return main
 
 
 if __name__ == "__main__":

@@ -13,22 +13,22 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .capacity import settled
-from .cores import available_cores
-from .gencheck import generation_mode
-from .llama.container import compute_settings, default_cache_dir, runtime_identity
-from .llama.model_file import model_info, resolve_model_path, sha256
-from .llama.rpc import on_server_lost
-from .quant.experts import label as expert_label
-from .quant.experts import parse_experts
-from .quant.formats import make_format
-from .quant.targets import parse_layers, resolve
+from ..cores import available_cores
+from ..llama.capacity import settled
+from ..llama.container import compute_settings, default_cache_dir, runtime_identity
+from ..llama.model_file import model_info, resolve_model_path, sha256
+from ..llama.rpc import on_server_lost
+from ..prefix.reuse import PrefixSettings
+from ..quant.experts import label as expert_label
+from ..quant.experts import parse_experts
+from ..quant.formats import make_format
+from ..quant.targets import parse_layers, resolve
+from ..scoring.generation import generation_mode
+from ..scoring.metrics import EarlyStop, StopRule
+from ..store.records import RECORD_FILE, Store, point_key, write_record
+from .point import describe, record, run_point
 from .reference import load_inputs, open_reference
-from .run import describe, record, run_point
-from .scoring.metrics import EarlyStop, StopRule
-from .scoring.prefix import PrefixSettings
 from .session import Sessions
-from .store.records import RECORD_FILE, Store, point_key, write_record
 
 log = logging.getLogger(__name__)
 

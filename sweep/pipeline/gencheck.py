@@ -21,37 +21,17 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .errors import SweepError
-from .quant.apply import applied
-from .quant.formats import make_format
-from .quant.targets import resolve
+from ..quant.apply import applied
+from ..quant.formats import make_format
+from ..quant.targets import resolve
+from ..scoring.generation import compare, complete
+from ..scoring.metrics import worst_first
+from ..store.records import RECORD_FILE, find_records, point_key, read_record, write_record
+from .point import baseline_completions, point_backend
 from .reference import open_reference
-from .run import baseline_completions, point_backend
-from .scoring.generation import compare, complete
-from .scoring.metrics import worst_first
 from .session import Sessions
-from .store.records import RECORD_FILE, find_records, point_key, read_record, write_record
 
 log = logging.getLogger(__name__)
-
-
-def generation_mode(value) -> int | None:
-    """metrics.generate as the number of points that get the check: None for every point (true), 0 for none
-    (false), N for `top:N`. Raises SweepError for anything else."""
-    if isinstance(value, bool):
-        return None if value else 0
-    text = str(value).strip().lower()
-    if text in ("true", "false"):
-        return None if text == "true" else 0
-    if text.startswith("top:"):
-        try:
-            n = int(text[4:])
-        except ValueError:
-            n = -1
-        if n >= 1:
-            return n
-    raise SweepError(f"metrics.generate={value!r} must be true (every point), false (none) or top:N (the N "
-                     f"worst points by metrics.rank_by, checked after the sweep; e.g. top:5)")
 
 
 def worst_keys(df: pd.DataFrame, metric: str, n: int) -> list[str]:

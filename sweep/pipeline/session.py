@@ -19,28 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .llama.backend import Backend, ComputeSettings
-from .scoring.perplexity import Score, score
-from .scoring.prefix import Prefixes
-from .scoring.window_math import WindowMath
-from .scoring.windows import Windows
-from .store.records import Store, point_key
+from ..llama.backend import Backend, ComputeSettings
+from ..prefix.reuse import Prefixes
+from ..scoring.perplexity import Score, score
+from ..scoring.window_math import WindowMath
+from ..scoring.windows import Windows
+from ..store.records import Store
 
 log = logging.getLogger(__name__)
-
-
-def baseline_key(model_sha256: str, container: str, matched, data_sha256: str, n_ctx: int, n_windows: int,
-                 runtime: dict) -> str:
-    """The key of a baseline, in memory and in the store (the planner asks it too, to count stored baselines)."""
-    return point_key(kind="baseline", model_sha256=model_sha256, container=container, matched=sorted(matched),
-                     data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime)
-
-
-def completions_key(model_sha256: str, container: str, matched, n_ctx: int, prompts: tuple[str, ...],
-                    max_new_tokens: int, runtime: dict) -> str:
-    """The key of a model's unperturbed completions: n_ctx is in it, since a small context shortens them."""
-    return point_key(kind="completions", model_sha256=model_sha256, container=container, matched=sorted(matched),
-                     n_ctx=n_ctx, prompts=list(prompts), max_new_tokens=max_new_tokens, runtime=runtime)
 
 
 class Session:
@@ -55,7 +41,7 @@ class Session:
         self._tokens: dict[str, np.ndarray] = {}
         self._baselines: dict[str, Score] = {}
         self._completions: dict[str, list] = {}
-        # MoE: the unperturbed routing of the scored windows, by (model copy, windows) (sweep/scoring/routing.py)
+        # MoE: the unperturbed routing of the scored windows, by (model copy, windows) (sweep/llama/routing.py)
         self.routing: dict[tuple, object] = {}
         # Prefix reuse: the stages of this model, their captured residuals and identity verdicts (scoring/prefix.py)
         self.prefixes = Prefixes()

@@ -1,4 +1,4 @@
-"""`python -m sweep.prefix_clean [--cache-dir DIR] [--dry-run]`: remove prefix reuse's stage files and captured
+"""`sweep prefix-clean [--cache-dir DIR] [--dry-run]`: remove prefix reuse's stage files and captured
 residuals (`<cache>/stages/`, `<cache>/prefix/`; docs/prefix.md). The F32 containers and the store are kept. The next
 sweep that reuses a prefix writes what it needs again."""
 
@@ -8,9 +8,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .errors import SweepError, exit_on_user_error
-from .llama.container import default_cache_dir
-from .scoring.prefix import RESIDUALS_DIR, STAGES_DIR
+from ..errors import SweepError, exit_on_user_error
+from ..llama.container import default_cache_dir
+from ..prefix.reuse import RESIDUALS_DIR, STAGES_DIR
 
 
 def clean(cache_dir: Path, dry_run: bool = False) -> int:

@@ -13,22 +13,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .llama.backend import Backend
-from .llama.container import runtime_identity, tensors_to_f32
-from .quant.apply import Proof, Unperturbed, applied
-from .quant.experts import label as expert_label
-from .quant.formats import Format
-from .quant.recipe_types import read as read_recipe
-from .quant.targets import Target
+from ..llama.backend import Backend
+from ..llama.container import runtime_identity, tensors_to_f32
+from ..llama.routing import baseline_routing, changed_tokens, never_routed, routing_columns, tracking
+from ..prefix.reuse import PrefixSettings, Reuse, choose
+from ..quant.apply import Proof, Unperturbed, applied
+from ..quant.experts import label as expert_label
+from ..quant.formats import Format
+from ..quant.recipe_types import read as read_recipe
+from ..quant.targets import Target
+from ..scoring.additivity import prediction_columns
+from ..scoring.generation import compare, complete
+from ..scoring.metrics import RANKABLE, StopRule, Tokens, summarize
+from ..scoring.perplexity import Score, score
+from ..store.records import Store, baseline_key, completions_key
 from .reference import Reference
-from .scoring.additivity import prediction_columns
-from .scoring.generation import compare, complete
-from .scoring.metrics import RANKABLE, StopRule, Tokens, summarize
-from .scoring.perplexity import Score, score
-from .scoring.prefix import PrefixSettings, Reuse, choose
-from .scoring.routing import baseline_routing, changed_tokens, never_routed, routing_columns, tracking
-from .session import baseline_key, completions_key
-from .store.records import Store
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +90,8 @@ class Outcome:
     generation: dict | None = None
     decode_seconds: float = 0.0  # inside llama_decode: scoring, generation, and a baseline if computed here
     baseline_logits: str = "store"  # "store": paired with stored baseline logits; "recompute": decoded alongside
-    routing: dict | None = None  # MoE: the routing columns (sweep/scoring/routing.py)
-    prefix: Reuse | None = None  # prefix reuse: the stage decoded, or why the full model (sweep/scoring/prefix.py)
+    routing: dict | None = None  # MoE: the routing columns (sweep/llama/routing.py)
+    prefix: Reuse | None = None  # prefix reuse: the stage decoded, or why the full model (sweep/prefix/reuse.py)
 
 
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
@@ -101,7 +100,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
               prefix: PrefixSettings | None = None) -> Outcome:
     """baseline_logits="recompute" (with kld): no stored baseline logits; each window is decoded unperturbed, its
     logits kept in memory, then decoded perturbed (twice the decode, no disk). The numbers equal the stored mode's.
-    prefix: reuse the unperturbed prefix (sweep/scoring/prefix.py); None decodes the full model."""
+    prefix: reuse the unperturbed prefix (sweep/prefix/reuse.py); None decodes the full model."""
     t0 = time.perf_counter()
     decoding_before = ref.backend.decode_seconds
     with point_backend(ref, target) as (full, matched):

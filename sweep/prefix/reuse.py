@@ -11,8 +11,8 @@ Per session (`Prefixes`, held by `session.Session`):
     full model's bit for bit before any point uses it; otherwise every point of that stage falls back to the full
     decode and its record says why.
 `choose` decides per point and says why not in the record's `prefix_reuse` / `prefix_reason` columns. The stages'
-first blocks (`run.prefix_starts`) are chosen before launch from the sweep's layers (stage_plan.py), at most
-`run.prefix_stages` of them; `python -m sweep.prefix_clean` removes the cache.
+first blocks (`run.prefix_starts`) are chosen before launch from the sweep's layers (solve.py), at most
+`run.prefix_stages` of them; `sweep prefix-clean` removes the cache.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SweepError
+from ..files import atomic_path, atomic_write_bytes
 from ..llama.backend import PROBE_TOKENS
 from ..llama.container import runtime_identity
 from ..llama.embd import EmbeddingBackend
 from ..llama.stage_check import probe_stage, stage_refusal
 from ..llama.stage_file import write_stage_file
 from ..llama.stage_view import StageView, node_in_stage
-from ..store.files import atomic_path, atomic_write_bytes
 from ..store.readahead import ReadAhead
 from ..store.records import point_key
-from .stage_plan import spread_starts
+from .solve import spread_starts
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def residuals_key_of(model_sha256: str, container: str, data_sha256: str, n_ctx:
                      data_sha256=data_sha256, n_ctx=n_ctx, n_windows=n_windows, runtime=runtime_identity(settings))
 
 
-# ---- measured I/O speeds of stage files, for the plan (stage_plan.py) -------------------------------------------
+# ---- measured I/O speeds of stage files, for the plan (solve.py) -------------------------------------------
 
 IO_SPEEDS = "io-speeds.json"  # in <cache>/stages/: bytes per second of the last stage written and loaded here
 DEFAULT_SPEEDS = {"write": 250e6, "load": 1e9}  # before any was measured: a slow disk, conservatively

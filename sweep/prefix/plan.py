@@ -1,6 +1,6 @@
 """Before launch: the stages each model of a sweep decodes from (run.prefix_starts), chosen from the layers and
-windows of its points in seconds and bytes (the plan itself: sweep/scoring/stage_plan.py), as
-model.container=auto is settled once for every job (sweep/capacity.py).
+windows of its points in seconds and bytes (the plan itself: sweep/prefix/solve.py), as
+model.container=auto is settled once for every job (sweep/llama/capacity.py).
 
 The seconds, per model file, container, window size and threads:
   * first a screen from the model's FLOPs (its matrices x tokens, the head x scored rows): when even with free
@@ -24,15 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .capacity import gb, gguf_sizes, nearest_existing, need
-from .cores import available_cores, available_memory
-from .gencheck import generation_mode
-from .llama.backend import Backend
-from .llama.block_timing import blocks_and_head_seconds
-from .llama.container import compute_settings, default_cache_dir, f32_container_path, runtime_identity
-from .llama.model_file import sha256
-from .llama.stage_check import stage_refusal
-from .scoring.prefix import (
+from ..cores import available_cores, available_memory
+from ..files import atomic_write_bytes
+from ..llama.backend import Backend
+from ..llama.block_timing import blocks_and_head_seconds
+from ..llama.capacity import gb, gguf_sizes, nearest_existing, need
+from ..llama.container import compute_settings, default_cache_dir, f32_container_path, runtime_identity
+from ..llama.model_file import sha256
+from ..llama.stage_check import stage_refusal
+from ..scoring.generation import generation_mode
+from ..scoring.text import load_text
+from ..scoring.window_math import BaselineWindow, WindowMath
+from ..store.records import Store, baseline_key, point_key
+from .reuse import (
     STAGES_DIR,
     disk_bytes,
     io_speeds,
@@ -41,12 +45,7 @@ from .scoring.prefix import (
     static_fallback,
     unwritten_stages,
 )
-from .scoring.stage_plan import MARGIN, StageCosts, StagePlan, plan_stages
-from .scoring.text import load_text
-from .scoring.window_math import BaselineWindow, WindowMath
-from .session import baseline_key
-from .store.files import atomic_write_bytes
-from .store.records import Store, point_key
+from .solve import MARGIN, StageCosts, StagePlan, plan_stages
 
 TIMING_WINDOWS = 2  # what timing a window costs (a load and the window): a plan must promise more to be timed
 PROBE_S = 0.75  # a child process that starts and imports llama_cpp (stage_check.probe_stage: 0.76 s with a load)

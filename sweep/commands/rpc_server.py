@@ -1,4 +1,4 @@
-"""`python -m sweep.rpc_server HOST:PORT [--threads N] [--cpu]`: serve this machine's device to llama.cpp's RPC
+"""`sweep rpc-server HOST:PORT [--threads N] [--cpu]`: serve this machine's device to llama.cpp's RPC
 clients (a sweep with model.rpc=HOST:PORT, or llama.cpp's own tools with --rpc), until killed.
 
 It serves the machine's GPUs when llama-cpp-python was built with one, else (or with --cpu) its CPU -- through
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-from .cores import available_cores
-from .errors import exit_on_user_error
-from .llama.rpc import serve
+from ..cores import available_cores
+from ..errors import exit_on_user_error
+from ..llama.rpc import serve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sweep.rpc_server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sweep rpc-server", description=__doc__.split("\n\n")[0])
     p.add_argument("endpoint", help="HOST:PORT to listen on, e.g. 127.0.0.1:50052")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--cpu", action="store_true", help="serve the CPU even when a GPU is present")

@@ -21,28 +21,28 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
-from .capacity import auto_container
+from ..errors import SweepError
+from ..llama.backend import Backend, tokens_of
+from ..llama.capacity import auto_container
+from ..llama.container import compute_settings
+from ..llama.model_file import ModelInfo, model_info, resolve_model_path
+from ..prefix.plan import settle_starts
+from ..quant import ggml_types
+from ..quant.experts import refuse_unquantized_type
+from ..quant.formats import make_format
+from ..quant.targets import Target, resolve
+from ..scoring.generation import generation_mode
+from ..scoring.metrics import RANKABLE
+from ..scoring.text import load_text
+from ..scoring.windows import make_windows
 from .config import CONF_DIR, compose, hydra_error_line
-from .errors import SweepError
-from .gencheck import generation_mode
-from .llama.backend import Backend, tokens_of
-from .llama.container import compute_settings
-from .llama.model_file import ModelInfo, model_info, resolve_model_path
-from .prefix_plan import settle_starts
-from .quant import ggml_types
-from .quant.experts import refuse_unquantized_type
-from .quant.formats import make_format
-from .quant.targets import Target, resolve
-from .scoring.metrics import RANKABLE
-from .scoring.text import load_text
-from .scoring.windows import make_windows
 
 
 @dataclass
 class Plan:
     jobs: list[list[str]]  # the override list of every job, in launch order
     launch: list[list[str]] = field(default_factory=list)  # the same without Hydra's own overrides: what is launched
-    # What the checks learned, for `planning.py` (what the sweep will cost): each job's composed config and
+    # What the checks learned, for `costs.py` (what the sweep will cost): each job's composed config and
     # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_windows).
     points: list[tuple[DictConfig, Target]] = field(default_factory=list)
     launcher: DictConfig | None = None
@@ -100,7 +100,7 @@ class _Checker:
         return self.n_windows[(str(cfg.model.path), cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows))]
 
     def check(self, cfg) -> Target:
-        """What composition cannot check (choices and types it does: sweep/config.py)."""
+        """What composition cannot check (choices and types it does: sweep/pipeline/config.py)."""
         fmt = make_format(**cfg.fmt)
         generation_mode(cfg.metrics.generate)
         if not 0 < cfg.metrics.alpha < 1:

@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cores import available_memory
-from .llama.container import default_cache_dir
-from .llama.model_file import gguf_reader, model_info, resolve_model_path, sha256
+from ..cores import available_memory
+from .container import default_cache_dir
+from .model_file import gguf_reader, model_info, resolve_model_path, sha256
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings

@@ -1,4 +1,4 @@
-"""Which stages a sweep's layers call for (prefix reuse: sweep/scoring/prefix.py), planned in seconds and bytes.
+"""Which stages a sweep's layers call for (prefix reuse: sweep/prefix/reuse.py), planned in seconds and bytes.
 
 A point whose first perturbed block is L decodes blocks S..N-1 of the latest stage S <= L, or all N blocks when no
 stage starts at or before L. What reuse saves is block time only: every window still goes through the output head

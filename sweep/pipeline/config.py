@@ -9,17 +9,20 @@ Tests and benchmarks compose the real configuration with `compose(overrides)`, a
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .choices import Choice, Container, Kind, NativeWeights
-from .errors import SweepError
-from .quant.formats import FORMATS, Granularity
-from .scoring.metrics import RANKABLE, EarlyStop
+from ..choices import Choice, Container, Kind, NativeWeights
+from ..errors import SweepError, exit_on_user_error
+from ..quant.formats import FORMATS, Granularity
+from ..scoring.metrics import RANKABLE, EarlyStop
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -55,7 +58,7 @@ class DataConfig:
 @dataclass
 class FormatConfig:
     """One option of the group `fmt=` per format of sweep.quant.formats.FORMATS (stored by register(), no yaml files);
-    what each computes: `python -m sweep.formats` or the table in docs/formats.md. A parameter a format does not take is
+    what each computes: `sweep formats` or the table in docs/formats.md. A parameter a format does not take is
     validated, then ignored."""
 
     name: str = MISSING
@@ -107,7 +110,7 @@ class RunConfig:
     # reuse only where it makes the sweep's decode at least this much shorter: below that, the stage held beside
     # the model (memory) and its files (disk) are not worth it
     prefix_min_gain: float = 0.15
-    # the stages' first blocks; null: chosen before launch from the sweep's layers and windows (stage_plan.py)
+    # the stages' first blocks; null: chosen before launch from the sweep's layers and windows (solve.py)
     prefix_starts: Optional[list[int]] = None
 
 
@@ -172,3 +175,20 @@ def hydra_error_line(e: BaseException) -> str:
     if cause is not None and str(cause).strip():
         text += ": " + str(cause).strip().splitlines()[0]
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
+    """A `python -m sweep.<tool>` entry point: `run` on the config `conf/<config_name>.yaml` composes, a user
+    error as one line."""
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        exit_on_user_error(run, cfg)
+
+    def main() -> None:
+        overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+        if overrides == sys.argv[1:]:  # no Hydra flag (--help, --cfg, ...): bad values are one line, not Hydra's
+            exit_on_user_error(compose, overrides, config_name)
+        app()
+
+    return main
