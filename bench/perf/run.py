@@ -4,7 +4,7 @@
 
 Every figure is measured in this invocation, on this machine; ratios compare runs made minutes apart on the same
 machine. --quick (smaller slices, fewer points) takes about three minutes once llama-perplexity is built.
-The last line is `throughput ratio (sweep / llama-perplexity): X.XX`.
+The last line is `throughput ratio (sweep / llama-perplexity, the median round, the lower container): X.XX`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def row(*cells, widths=(44, 18, 18, 12)):
 def throughput(binary: Path, text: str, n_windows: int, threads: int, rounds: int) -> float:
     """Tokens/s of the scorer and of llama-perplexity, in alternating rounds (ours, theirs, ours, ...) with the model
     loaded once on our side: on a shared VM the speed of both drifts by +-10% over minutes, so one run of each,
-    minutes apart, compared the machine's drift as much as the scorers. The ratio is of the medians."""
+    minutes apart, compared the machine's drift as much as the scorers. The ratio is the median of the rounds' own
+    ratios (each ours over the llama-perplexity run right after it): a drift over the rounds cancels within a pair;
+    the ratio of the two medians is printed beside it."""
     print(f"\n## Scorer vs llama-perplexity ({n_windows} windows of 512, {threads} threads, {rounds} alternating "
           f"rounds; load and tokenization excluded from both)")
     row("model", "llama-perplexity", "sweep", "ratio")
@@ -69,12 +71,12 @@ def throughput(binary: Path, text: str, n_windows: int, threads: int, rounds: in
                                                    settings=ref.backend.settings))
         our_tps = statistics.median(o.tokens_per_second for o in ours)
         their_tps = statistics.median(n_windows * 512 / t["score_seconds"] for t in theirs)
-        ratio = our_tps / their_tps
+        paired = [o.tokens_per_second * t["score_seconds"] / (n_windows * 512) for o, t in zip(ours, theirs)]
+        ratio = statistics.median(paired)
         ratios.append(ratio)
-        per_round = ", ".join(f"{o.tokens_per_second * t['score_seconds'] / (n_windows * 512):.3f}"
-                              for o, t in zip(ours, theirs))
         row(f"{ref.source.name[:20]} [{container}] tokens/s", f"{their_tps:.1f}", f"{our_tps:.1f}", f"{ratio:.3f}")
-        row(f"   per round: {per_round}", "", "", "")
+        row(f"   per round: {', '.join(f'{r:.3f}' for r in paired)}; ratio of the medians "
+            f"{our_tps / their_tps:.3f}", "", "", "")
         same = f"PPL {ours[-1].ppl:.4f} vs {theirs[-1]['ppl']:.4f}"
         row(f"   {same}" + ("  (identical)" if round(ours[-1].ppl, 4) == theirs[-1]["ppl"] else "  (DIFFERENT)"),
             "", "", "")
@@ -197,7 +199,7 @@ def main() -> None:
     n_windows, n_points = (4, 3) if args.quick else (16, 10)
     print(f"# sweep benchmark on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {'quick' if args.quick else 'full'}")
-    ratio = throughput(binary, args.text, n_windows, args.threads, 5 if args.quick else 9)
+    ratio = throughput(binary, args.text, n_windows, args.threads, 7 if args.quick else 9)
     overhead(args.text, n_windows, args.threads, n_points)
     if not args.quick:
         reuse_vs_reload(args.text, 4, args.threads, n_points)
@@ -206,7 +208,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             splits(args.text, 8, "range(0,8)", Path(tmp))
         scaling(args.text, args.threads, [2, 4, 8, 16])
-    print(f"\nthroughput ratio (sweep / llama-perplexity): {ratio:.2f}")
+    print(f"\nthroughput ratio (sweep / llama-perplexity, the median round, the lower container): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from ..errors import SweepError, exit_on_user_error
 from ..quant.formats import FORMATS, Granularity
 from ..scoring.metrics import RANKABLE, EarlyStop
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 class BaselineLogits(Choice):

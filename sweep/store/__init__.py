@@ -1,1 +1,2 @@
-"""The store: records and their keys, the gathered results table (records), atomic files (files)."""
+"""The store: records and their keys, baselines, the gathered results table (records), read-ahead of stored
+baselines (readahead)."""
