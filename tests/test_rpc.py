@@ -179,7 +179,7 @@ def test_no_server_is_one_line_before_any_job(tiny_model, tmp_path, env):
     proc = run_sweep(sweep_args(tiny_model, tmp_path, f"127.0.0.1:{free_port()}", "layer=0"), env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: no RPC server answers at 127.0.0.1:") and "sweep.commands.rpc_server" in lines[0]
+    assert lines[0].startswith("error: no RPC server answers at 127.0.0.1:") and "sweep rpc-server" in lines[0]
     assert not (tmp_path / "store").exists() and not (tmp_path / "sweep").exists()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module whose main() runs it, what it does); the sweep itself takes no name
+# name -> (module whose main(argv) runs it, what it does); the sweep itself takes no name
 COMMANDS = {
     "plan": ("sweep.__main__", "what the sweep AXIS=VALUES... would cost (points, disk, memory, time); runs nothing"),
     "score": ("sweep.commands.score_model", "perplexity of the reference model as configured, no perturbation"),
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     tool = importlib.import_module(COMMANDS[name][0])  # by name: `sweep --help` loads no tool (nor llama.cpp)
     if name == "plan":
         return tool.main([*rest, tool.PLAN_FLAG], prog="sweep plan")
-    sys.argv = [f"sweep {name}", *rest]  # the Hydra tools read it
-    status = tool.main(rest) if name in ("report", "recipe", "rpc-server", "prefix-clean") else tool.main()
+    sys.argv = [f"sweep {name}", *rest]  # the program name in Hydra's and argparse's messages
+    status = tool.main(rest)
     if status:
         sys.exit(status)
 

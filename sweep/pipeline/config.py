@@ -177,15 +177,17 @@ def hydra_error_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """A `python -m sweep.<tool>` entry point: `run` on the config `conf/<config_name>.yaml` composes, a user
-    error as one line."""
+def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[list[str] | None], None]:
+    """A command's `main(argv)` over a Hydra app: `run` on the config `conf/<config_name>.yaml` composes, a user
+    error as one line. Hydra reads its arguments from sys.argv, so an argv given is put there first."""
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def app(cfg: DictConfig) -> None:
         exit_on_user_error(run, cfg)
 
-    def main() -> None:
+    def main(argv: list[str] | None = None) -> None:
+        if argv is not None:
+            sys.argv = [sys.argv[0], *argv]
         overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
         if overrides == sys.argv[1:]:  # no Hydra flag (--help, --cfg, ...): bad values are one line, not Hydra's
             exit_on_user_error(compose, overrides, config_name)
