@@ -11,9 +11,9 @@ import pytest
 from test_sweep import run_sweep, tiny_args
 
 from sweep import __main__ as cli
-from sweep import planning
 from sweep.errors import SweepError
 from sweep.llama.model_file import model_info
+from sweep.pipeline import costs as planning
 from sweep.pipeline.grid import plan
 
 N_CTX, N_CHUNKS = 64, 3  # tiny_args' slice

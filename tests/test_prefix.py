@@ -14,13 +14,13 @@ from conftest import make_cfg
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
 
-from sweep import planning
 from sweep.commands.cli import main as cli_main
 from sweep.llama.container import compute_settings
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_check import probe_stage, stage_refusal
 from sweep.llama.stage_file import write_stage_file
 from sweep.llama.stage_view import StageView
+from sweep.pipeline import costs as planning
 from sweep.pipeline.grid import plan
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference

@@ -26,8 +26,8 @@ ALLOWED = {
     ("sweep.llama.backend", "_recent_errors"): "llama.cpp's log callback is process-wide: the last errors it reported",
     ("sweep.llama.backend", "_initialised"): "llama_backend_init runs once per process",
     ("sweep.llama.model_file", "_read_info"): "a pure memo of the file's header, keyed by (path, size, mtime)",
-    ("sweep.llama.model_file", "_reader"): "a pure memo of the file's parsed GGUF (read-only), keyed by (path, size, "
-                                           "mtime)",
+    ("sweep.llama.model_file", "_header"): "a pure memo of the file's metadata and tensor table (read-only), keyed by "
+                                           "(path, size, mtime)",
     ("sweep.llama.model_file", "_sha256"): "a pure memo of the file's hash, keyed by (path, size, mtime)",
     ("sweep.quant.imatrix_file", "_load"): "a pure memo of the file's contents, keyed by (path, size, mtime)",
     ("sweep.llama.rpc", "_rpc_lib"): "the RPC backend's library, loaded once per process like libggml itself",

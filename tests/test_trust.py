@@ -8,10 +8,10 @@ import pytest
 from conftest import make_cfg
 from gguf import GGUFReader
 
-from sweep import run as run_module
 from sweep.errors import SweepError
 from sweep.llama.backend import PROBE_TOKENS, Backend
 from sweep.llama.container import compute_settings, runtime_identity
+from sweep.pipeline import point as run_module
 from sweep.pipeline.point import baseline_score, run_point
 from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format

@@ -14,9 +14,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..cores import available_memory
 from .container import default_cache_dir
-from .model_file import gguf_reader, model_info, resolve_model_path, sha256
+from .model_file import header, model_info, resolve_model_path, sha256
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
@@ -26,9 +28,9 @@ DISK_ROOM = 0.9  # ... and the container to build at most this share of the cach
 
 @functools.lru_cache(maxsize=8)
 def _sizes(path: str, size: int, mtime: float) -> tuple[int, dict[str, tuple[int, int]], dict]:
-    reader = gguf_reader(Path(path))
-    tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
-    return size, tensors, {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.")}
+    h = header(Path(path))
+    tensors = {t.name: (t.nbytes, int(np.prod(t.ne))) for t in h.tensors}
+    return size, tensors, {k: v for k, v in h.meta.items() if not k.startswith("tokenizer.")}
 
 
 def gguf_sizes(path: Path) -> tuple[int, dict[str, tuple[int, int]], dict]:

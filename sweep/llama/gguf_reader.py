@@ -123,3 +123,81 @@ def quantized_header_bytes(path: Path, ftype: int, metadata: list[tuple[str, str
         return int(libggml.gguf_get_meta_size(ctx))
     finally:
         libggml.gguf_free(ctx)
+
+
+# ---- the header: metadata and tensor table through ggml's reader (a tokenizer's arrays are never parsed in Python) -
+
+for _fn, _args, _res in [
+    ("gguf_get_n_kv", [ctypes.c_void_p], ctypes.c_int64),
+    ("gguf_get_key", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+    ("gguf_get_kv_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+    ("gguf_get_arr_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
+    ("gguf_get_arr_n", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
+    ("gguf_get_arr_data", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_void_p),
+    ("gguf_get_arr_str", [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t], ctypes.c_char_p),
+    ("gguf_get_val_data", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_void_p),
+    ("gguf_get_val_str", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
+    ("ggml_type_name", [ctypes.c_int], ctypes.c_char_p),
+]:
+    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+
+# enum gguf_type (ggml/include/gguf.h) -> numpy dtype; 7 is bool, 8 string, 9 array
+_GGUF_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+                7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_NOT_PARSED = "tokenizer."  # arrays under these keys (vocabularies, merges: 262k entries) keep only their length
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF file's metadata and tensor table, read by ggml's own reader: values as Python scalars, strings and
+    lists (what gguf-py's `contents()` gives), except the tokenizer's arrays, of which only the length is kept."""
+
+    meta: dict  # key -> value (tokenizer arrays left out)
+    array_lengths: dict[str, int]  # every array key -> its number of elements
+    tensors: tuple[GGUFTensorInfo, ...]
+
+    def type_name(self, tensor: GGUFTensorInfo) -> str:
+        """The ggml type's name as gguf-py spells it ("Q4_1", "F32", "BF16")."""
+        from gguf import GGMLQuantizationType  # deferred: gguf-py's import is only needed for the name
+
+        try:
+            return GGMLQuantizationType(tensor.type_id).name
+        except ValueError:  # a type newer than gguf-py: ggml's own name
+            return libggml.ggml_type_name(tensor.type_id).decode().upper()
+
+
+def _value(ctx, i: int, kind: int, key: str):
+    if kind == _GGUF_STRING:
+        return libggml.gguf_get_val_str(ctx, i).decode("utf-8", errors="replace")
+    if kind != _GGUF_ARRAY:
+        dtype = np.dtype(_GGUF_DTYPES[kind])
+        return np.frombuffer(ctypes.string_at(libggml.gguf_get_val_data(ctx, i), dtype.itemsize), dtype)[0].item()
+    n, item = int(libggml.gguf_get_arr_n(ctx, i)), int(libggml.gguf_get_arr_type(ctx, i))
+    if key.startswith(_NOT_PARSED):
+        return None
+    if item == _GGUF_STRING:
+        return [libggml.gguf_get_arr_str(ctx, i, k).decode("utf-8", errors="replace") for k in range(n)]
+    dtype = np.dtype(_GGUF_DTYPES[item])
+    return np.frombuffer(ctypes.string_at(libggml.gguf_get_arr_data(ctx, i), n * dtype.itemsize), dtype).tolist()
+
+
+def gguf_header(path: Path) -> GGUFHeader:
+    """The metadata and tensor table of a GGUF file (milliseconds where gguf-py's reader takes seconds on a
+    tokenizer's arrays); a file ggml cannot read is one SweepError line."""
+    ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise SweepError(f"cannot read GGUF file {path}: ggml's reader refuses it (is it complete and uncorrupted?)")
+    try:
+        meta, lengths = {}, {}
+        for i in range(libggml.gguf_get_n_kv(ctx)):
+            key, kind = libggml.gguf_get_key(ctx, i).decode(), int(libggml.gguf_get_kv_type(ctx, i))
+            if kind == _GGUF_ARRAY:
+                lengths[key] = int(libggml.gguf_get_arr_n(ctx, i))
+            value = _value(ctx, i, kind, key)
+            if value is not None:
+                meta[key] = value
+    finally:
+        libggml.gguf_free(ctx)
+    tensors, _, _ = gguf_tensor_table(path)
+    return GGUFHeader(meta, lengths, tuple(tensors))

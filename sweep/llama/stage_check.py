@@ -25,7 +25,7 @@ import numpy as np
 from ..files import atomic_write_bytes
 from .backend import ComputeSettings
 from .embd import EmbeddingBackend
-from .model_file import gguf_reader
+from .model_file import header
 from .stage_file import effective_swa_pattern
 
 PROBE_TIMEOUT_S = 600  # a load that takes longer is not worth waiting for: the points decode the full model
@@ -34,16 +34,16 @@ PROBE_TIMEOUT_S = 600  # a load that takes longer is not worth waiting for: the 
 def sliding_layers(path: Path) -> list[bool] | None:
     """Per block, whether llama.cpp gives it sliding-window attention (the file's per-layer array, else the
     architecture's built-in period), or None for a model without sliding windows."""
-    from gguf import GGUFValueType, Keys
+    from gguf import Keys
 
-    reader = gguf_reader(path)
-    arch = reader.get_field(Keys.General.ARCHITECTURE).contents()
-    n_layers = int(reader.get_field(Keys.LLM.BLOCK_COUNT.format(arch=arch)).contents())
-    pattern = reader.get_field(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch))
-    if pattern is not None and pattern.types[0] == GGUFValueType.ARRAY:
-        flags = [bool(v) for v in pattern.contents()]
+    h = header(path)
+    arch = h.meta[Keys.General.ARCHITECTURE]
+    n_layers = int(h.meta[Keys.LLM.BLOCK_COUNT.format(arch=arch)])
+    pattern = h.meta.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch))
+    if isinstance(pattern, list):
+        flags = [bool(v) for v in pattern]
         return flags if len(flags) == n_layers else None
-    scalars = {f.name: f.contents() for f in reader.fields.values() if f.types and f.types[0] != GGUFValueType.ARRAY}
+    scalars = {k: v for k, v in h.meta.items() if k not in h.array_lengths}
     return effective_swa_pattern(arch, n_layers, scalars)
 
 
