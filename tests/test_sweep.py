@@ -14,10 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from sweep.errors import SweepError
 from sweep.pipeline.config import CONF_DIR
-from sweep.pipeline.grid import plan
+from sweep.pipeline.config import compose as sweep_compose
+from sweep.pipeline.grid import JobComposer, plan
 from sweep.pipeline.job import cores_for_this_job
 from sweep.scoring.metrics import EarlyStop, StopRule
 
@@ -50,6 +52,26 @@ def test_config_composes_as_a_sweep_by_default():
         assert (cfg.tensor, cfg.fmt.name, cfg.model.container, cfg.data.n_ctx) == ("ffn_norm", "bf16", "auto", 512)
         cfg = compose("config", overrides=["fmt=int8", "fmt.granularity=per_tensor"])
         assert (cfg.fmt.name, cfg.fmt.granularity) == ("int8", "per_tensor")
+
+
+def test_each_job_is_composed_as_hydra_composes_it(tiny_model, wikitext):
+    """The grid's fast composition (one Hydra compose per choice of config groups, the other values set on a copy)
+    gives every job exactly the configuration of Hydra's own compose; what it cannot set goes through compose."""
+    base = [f"model.path={tiny_model}", f"data.path={wikitext}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        groups = set(compose("config", return_hydra_config=True).hydra.runtime.choices)
+    composer = JobComposer(groups)
+    jobs = [[*base, f"layer={layer}", f"fmt={fmt}", f"kind={kind}", "tensor=ffn_down"]
+            for layer in (0, 2) for fmt in ("bf16", "int8", "q4_K") for kind in ("weight", "activation")]
+    jobs += [[*base, "fmt=int8", "fmt.granularity=per_tensor", "layer=1", "data.n_ctx=64", "run.prefix_starts=[1,2]"],
+             [*base, "fmt=fp8_e4m3", "layer=null", "model.container=native", "metrics.generate=top:2"],
+             [*base, "+run.note=x"],  # an added key: through Hydra's compose
+             [*base, "run.thredas=2"]]  # a typo the schema refuses: Hydra's compose says so, in one line
+    for job in jobs[:-1]:
+        assert OmegaConf.to_container(composer(job)) == OmegaConf.to_container(sweep_compose(job)), job
+    assert len(composer.composed) == 4  # bf16, int8, q4_K, fp8_e4m3: one Hydra compose each
+    with pytest.raises(SweepError, match="bad configuration.*thredas"):
+        composer(jobs[-1])
 
 
 def test_plan_expands_the_grid_and_layer_each(tiny_model, wikitext):

@@ -8,6 +8,7 @@ This also expands `layer=each` to one job per block of the model.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import tempfile
@@ -157,16 +158,17 @@ def plan(overrides: list[str]) -> Plan:
     with _config_dir():
         base = compose(fixed, with_hydra=True)
         params = [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items()]
+        composer = JobComposer(set(base.hydra.runtime.choices))
         jobs = expand(parser.parse_overrides(params + list(overrides)))
-        each = [*_each("expert", jobs, checker), *_each("layer", jobs, checker)]
+        each = [*_each("expert", jobs, checker, composer), *_each("layer", jobs, checker, composer)]
         if each:
             jobs = expand(parser.parse_overrides(params + list(overrides) + each))
         points = []
         for job in jobs:
-            cfg = compose(job)
+            cfg = composer(job)
             if str(cfg.model.container) == "auto":  # settled here once, so that every job runs in the same one
                 job.append(f"model.container={checker.container(cfg, base.hydra.launcher)}")
-                cfg = compose(job)
+                cfg = composer(job)
             points.append((cfg, checker.check(cfg)))
         stages = settle_starts(jobs, points, lambda cfg: checker.info(cfg.model.path), checker.windows)
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
@@ -179,18 +181,50 @@ def plan(overrides: list[str]) -> Plan:
     return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows, stages)
 
 
+class JobComposer:
+    """Each job's configuration as `compose(job)` gives it, in about 1 ms instead of 80: Hydra composes once per
+    choice of config groups (fmt=, model=, hydra/launcher=, ...), and the job's other values are set on a copy as
+    Hydra sets them after the defaults list (OmegaConf.update, checked by the schema). A grid of thousands of points
+    is checked in seconds. Anything else -- `+key`, `~key`, `key@package`, a value the schema refuses -- goes
+    through Hydra's compose, which says what is wrong in its own words."""
+
+    def __init__(self, groups: set[str]):
+        self.groups = groups  # the config groups (the base config's hydra.runtime.choices)
+        self.parser = OverridesParser.create()
+        self.composed: dict[tuple[str, ...], DictConfig] = {}
+
+    def __call__(self, job: list[str]) -> DictConfig:
+        try:
+            parsed = self.parser.parse_overrides(job)
+        except Exception:
+            return compose(job)
+        if any(o.is_add() or o.is_delete() or o.is_force_add() or o.package is not None for o in parsed):
+            return compose(job)
+        choice = tuple(o.input_line for o in parsed if o.key_or_group in self.groups)
+        if choice not in self.composed:
+            self.composed[choice] = compose(list(choice))
+        cfg = copy.deepcopy(self.composed[choice])
+        try:
+            for o in parsed:
+                if o.key_or_group not in self.groups:
+                    OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        except Exception:
+            return compose(job)
+        return cfg
+
+
 # AXIS=each: one job per value 0..N-1, N read from the model: (ModelInfo field, what one is called, their plural)
 _EACH = {"layer": ("n_layers", "block", "layers"), "expert": ("n_experts", "expert", "experts")}
 
 
-def _each(axis: str, jobs: list[list[str]], checker) -> list[str]:
+def _each(axis: str, jobs: list[list[str]], checker, composer: JobComposer) -> list[str]:
     """[`AXIS=0,1,...`] for the jobs that ask for `AXIS=each` (layer: the model's blocks, expert: its experts per
     layer); [] when none does."""
     asking = [job for job in jobs if f"{axis}=each" in job]
     if not asking:
         return []
     field_name, noun, plural = _EACH[axis]
-    infos = [checker.info(compose(job).model.path) for job in asking]
+    infos = [checker.info(composer(job).model.path) for job in asking]
     counts = {getattr(info, field_name) for info in infos}
     if counts == {0}:
         raise SweepError(f"{axis}=each needs a Mixture-of-Experts model; {infos[0].path.name} has no expert_count: "
