@@ -59,9 +59,15 @@ def stage_refusal(path: Path, start: int) -> str | None:
     return None
 
 
-def probe_stage(path: Path, n_ctx: int, threads: int, settings) -> str | None:
+def probe_stage(path: Path, n_ctx: int, threads: int, settings: ComputeSettings) -> str | None:
     """None when a child process loads the stage file with these settings and decodes from embeddings; else why
-    not, in one line. Kept beside the file for the same file (size, mtime) and settings."""
+    not, in one line. Kept beside the file for the same file (size, mtime) and settings.
+
+    The child runs on the CPU whatever the sweep's devices (the same cache type and flash attention): this process
+    holds the GPU's memory, and an RPC server serves one client at a time -- a child connecting to the servers this
+    process holds would wait for ever. What the probe guards against (llama.cpp's asserts while it builds the
+    model's cache) does not depend on the device."""
+    settings = ComputeSettings(settings.kv_type, settings.flash_attn, 0, ())
     memo = Path(f"{path}.probe.json")
     st = path.stat()
     ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "n_ctx": n_ctx, "settings": settings.as_dict()}
