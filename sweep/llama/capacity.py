@@ -9,14 +9,17 @@ delta of a quantized tensor: sweep/quant/apply.py).
 
 from __future__ import annotations
 
-import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf import Keys
+
+from ..choices import LauncherKind, launcher_kind
 from ..cores import available_memory
-from .container import default_cache_dir
-from .model_file import gguf_reader, model_info, resolve_model_path, sha256
+from ..files import file_memo
+from .container import f32_container_path
+from .model_file import gguf_reader, model_info, resolve_model_path
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
@@ -24,17 +27,13 @@ ROOM = 0.8  # auto takes the F32 container only where one job needs at most this
 DISK_ROOM = 0.9  # ... and the container to build at most this share of the cache's free disk
 
 
-@functools.lru_cache(maxsize=8)
-def _sizes(path: str, size: int, mtime: float) -> tuple[int, dict[str, tuple[int, int]], dict]:
-    reader = gguf_reader(Path(path))
-    tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
-    return size, tensors, {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.")}
-
-
+@file_memo(maxsize=8)
 def gguf_sizes(path: Path) -> tuple[int, dict[str, tuple[int, int]], dict]:
     """File size, {tensor: (bytes stored, elements)}, and the metadata fields, read without loading the model."""
-    st = Path(path).stat()
-    return _sizes(str(path), st.st_size, st.st_mtime)
+    reader = gguf_reader(path)
+    tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
+    return path.stat().st_size, tensors, {f.name: f.contents() for f in reader.fields.values()
+                                          if not f.name.startswith("tokenizer.")}
 
 
 def as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:

