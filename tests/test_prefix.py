@@ -14,13 +14,15 @@ from conftest import make_cfg
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
 
-from sweep import planning
 from sweep.commands.cli import main as cli_main
+from sweep.llama.cache import RESIDUALS, STAGES, residuals_file
 from sweep.llama.container import compute_settings
+from sweep.llama.gguf_names import block_name, block_of, in_block, split_block
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_check import probe_stage, stage_refusal
-from sweep.llama.stage_file import write_stage_file
+from sweep.llama.stage_file import stage_name, write_stage_file
 from sweep.llama.stage_view import StageView
+from sweep.pipeline import costs as planning
 from sweep.pipeline.grid import plan
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
@@ -48,6 +50,17 @@ WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_n
 def models(tmp_path_factory, smollm2):
     d = tmp_path_factory.mktemp("prefix-models")
     return {arch: write_tiny_model(d / f"{arch}.gguf", smollm2, arch=arch) for arch in ("llama", "qwen2", "gemma3")}
+
+
+def test_a_tensor_name_says_its_block():
+    assert [block_of(n) for n in ("blk.0.attn_q.weight", "blk.27.ffn_down_exps.weight", "blk.3.attn_q.bias")] == \
+        [0, 27, 3]
+    assert [block_of(n) for n in ("token_embd.weight", "output.weight", "output_norm.weight", "blk.x.y", "blk")] == \
+        [None] * 5
+    assert split_block("blk.12.ffn_up.weight") == (12, "ffn_up.weight") and split_block("output.weight") is None
+    assert block_name(12, "ffn_up.weight") == "blk.12.ffn_up.weight" and in_block("blk.1.attn_k.bias") == "attn_k.bias"
+    assert stage_name("blk.12.ffn_up.weight", 10) == "blk.2.ffn_up.weight" and stage_name("output.weight", 10) == \
+        "output.weight"
 
 
 def test_stages_without_a_plan_are_spread_over_the_blocks():

@@ -43,15 +43,15 @@ def as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:
 
 def kv_bytes(meta: dict, arch: str, n_ctx: int, kv_type: str) -> int:
     def first(key, default):
-        value = meta.get(f"{arch}.{key}", default)
+        value = meta.get(key.format(arch=arch), default)
         return max(value) if isinstance(value, list) else value
 
-    n_layers = int(first("block_count", 0))
-    n_head = int(first("attention.head_count", 1)) or 1
-    n_head_kv = int(first("attention.head_count_kv", n_head))
-    n_embd = int(first("embedding_length", 0))
-    k = int(first("attention.key_length", n_embd // n_head))
-    v = int(first("attention.value_length", n_embd // n_head))
+    n_layers = int(first(Keys.LLM.BLOCK_COUNT, 0))
+    n_head = int(first(Keys.Attention.HEAD_COUNT, 1)) or 1
+    n_head_kv = int(first(Keys.Attention.HEAD_COUNT_KV, n_head))
+    n_embd = int(first(Keys.LLM.EMBEDDING_LENGTH, 0))
+    k = int(first(Keys.Attention.KEY_LENGTH, n_embd // n_head))
+    v = int(first(Keys.Attention.VALUE_LENGTH, n_embd // n_head))
     return n_ctx * n_layers * n_head_kv * (k + v) * KV_BYTES[kv_type]
 
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from gguf import Keys
+from omegaconf import DictConfig
 
+from ..choices import LauncherKind, launcher_kind
 from ..cores import available_cores
 from ..errors import SweepError
 from ..llama import capacity
@@ -254,7 +256,7 @@ def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_byt
     if not starts:
         return
     cache = settings.cache_dir
-    n_embd = int(meta.get(f"{info.arch}.embedding_length", 0))
+    n_embd = int(meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=info.arch), 0))
     f32 = cfg.model.container == "f32"
     missing = unwritten_stages(cache, sha256(group.source), cfg.model.container, starts)
     stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32,

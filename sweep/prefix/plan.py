@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -23,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
 from ..cores import available_cores, available_memory
 from ..files import atomic_write_bytes
 from ..llama.backend import Backend
 from ..llama.block_timing import blocks_and_head_seconds
+from ..llama.cache import cache_root, profile_file, residuals_file
 from ..llama.capacity import gb, gguf_sizes, nearest_existing, need
-from ..llama.container import compute_settings, default_cache_dir, f32_container_path, runtime_identity
+from ..llama.container import compute_settings, f32_container_path, runtime_identity
+from ..llama.gguf_names import block_of
 from ..llama.model_file import sha256
 from ..llama.stage_check import stage_refusal
 from ..scoring.generation import generation_mode
@@ -49,7 +51,6 @@ from .solve import MARGIN, StageCosts, StagePlan, plan_stages
 
 TIMING_WINDOWS = 2  # what timing a window costs (a load and the window): a plan must promise more to be timed
 PROBE_S = 0.75  # a child process that starts and imports llama_cpp (stage_check.probe_stage: 0.76 s with a load)
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -188,10 +189,10 @@ def window_flops(info, tensors: dict, meta: dict, n_ctx: int) -> tuple[float, fl
     token, attention over the window's causal half, the output matrix times the scored rows."""
     arch, n = info.arch, info.n_layers
     matrices = sum(elements for name, (_, elements) in tensors.items()
-                   if _BLOCK.match(name) and len(info.tensor_shapes.get(name, ())) >= 2)
-    width = _first(meta, f"{arch}.embedding_length")
-    heads = _first(meta, f"{arch}.attention.head_count") or 1
-    key_len = _first(meta, f"{arch}.attention.key_length") or width // heads
+                   if block_of(name) is not None and len(info.tensor_shapes.get(name, ())) >= 2)
+    width = _first(meta, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
+    heads = _first(meta, Keys.Attention.HEAD_COUNT.format(arch=arch)) or 1
+    key_len = _first(meta, Keys.Attention.KEY_LENGTH.format(arch=arch)) or width // heads
     attention = 2 * 2 * heads * key_len * n_ctx * n_ctx / 2
     head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     head = 2 * tensors.get(head_name, (0, info.n_vocab * width))[1] * (n_ctx - 1 - n_ctx // 2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +30,10 @@ import numpy as np
 from ..errors import SweepError
 from ..files import atomic_path, atomic_write_bytes
 from ..llama.backend import PROBE_TOKENS
+from ..llama.cache import io_speeds_file, residuals_file, residuals_meta_file, stage_file
 from ..llama.container import runtime_identity
 from ..llama.embd import EmbeddingBackend
+from ..llama.gguf_names import block_of
 from ..llama.stage_check import probe_stage, stage_refusal
 from ..llama.stage_file import write_stage_file
 from ..llama.stage_view import StageView, node_in_stage
@@ -453,10 +454,8 @@ def disk_bytes(tensors: dict[str, tuple[int, int]], n_layers: int, n_embd: int, 
         stored, n = tensors[name]
         return 4 * n if f32 else stored
 
-    layer = {name: int(m.group(1)) if (m := _BLOCK_LAYER.match(name)) else n_layers for name in tensors}
+    layer = {name: n_layers if (block := block_of(name)) is None else block for name in tensors}
     stages = sum(header_bytes + sum(size(name) for name in tensors if layer[name] >= s)  # globals: n_layers
                  for s in starts)
     return stages, len(starts) * n_windows * n_ctx * n_embd * 4
 
-
-_BLOCK_LAYER = re.compile(r"^blk\.(\d+)\.")
