@@ -86,8 +86,7 @@ def need(source: Path, container: str, arch: str, n_vocab: int, n_ctx: int) -> N
 def memory_limit(launcher_cfg=None, available: int | None = None) -> tuple[int | None, str]:
     """The memory one job may use, and where the figure comes from: a SLURM task's mem_gb, else what is available
     on this machine (`available`, or read now)."""
-    mem_gb = launcher_cfg.get("mem_gb") if launcher_cfg is not None and "SlurmLauncher" in \
-        str(launcher_cfg.get("_target_", "")) else None
+    mem_gb = launcher_cfg.get("mem_gb") if launcher_kind(launcher_cfg) == LauncherKind.slurm else None
     if mem_gb:
         return int(mem_gb * 2**30), f"hydra.launcher.mem_gb={mem_gb}"
     return available if available is not None else available_memory(), "available on this machine now"

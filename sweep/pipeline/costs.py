@@ -127,13 +127,18 @@ class Costs:
     free_bytes: int
     records_bytes: int
     container_bytes_same_disk: int  # F32 containers to build on the store's file system
-    launcher: str  # "sequential" | "joblib" | "slurm" | "submitit_local"
+    launcher: LauncherKind
     launcher_cfg: DictConfig | None
     threads: int  # per job
     concurrent_jobs: int
     available_memory: int | None
     timings: list[Timing] = field(default_factory=list)
     stages: list = field(default_factory=list)  # prefix reuse's plan per model, both sides (prefix_plan.Settled)
+
+    @property
+    def sequential(self) -> bool:
+        """One process runs the jobs one after another: the basic launcher (another one is taken for it)."""
+        return self.launcher in (LauncherKind.basic, LauncherKind.other)
 
     @property
     def logits_bytes(self) -> int:
@@ -154,26 +159,16 @@ class Costs:
 
 # ---- the figures ---------------------------------------------------------------------------------------------
 
-def launcher_kind(launcher_cfg) -> str:
-    target = str((launcher_cfg or {}).get("_target_", ""))
-    if "Joblib" in target:
-        return "joblib"
-    if "SlurmLauncher" in target:
-        return "slurm"
-    if "LocalLauncher" in target:
-        return "submitit_local"
-    return "sequential"
-
-
 def costs(plan: Plan) -> Costs:
     """Every figure of the plan except the time (which needs a decode): cheap enough for every sweep."""
     first = plan.points[0][0]
     store = Store(Path(first.run.store))
     kind = launcher_kind(plan.launcher)
     cores = available_cores()
-    threads = int(first.run.threads or cores_for_this_job(plan.launcher if kind != "sequential" else None))
+    sequential = kind in (LauncherKind.basic, LauncherKind.other)  # as Costs.sequential
+    threads = int(first.run.threads or cores_for_this_job(None if sequential else plan.launcher))
     concurrent = 1
-    if kind == "joblib":
+    if kind == LauncherKind.joblib:
         n_jobs = int(plan.launcher.get("n_jobs") or 1)
         concurrent = cores if n_jobs < 0 else min(n_jobs, len(plan.points))
 
@@ -414,8 +409,8 @@ def render(c: Costs, text_path) -> str:
         generating += (g.n_todo + g.n_new_baselines) * t.generation_s
         total += t.load_s + score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
     if c.timings:
-        where = "on this machine" if c.launcher in ("sequential", "joblib") else "of compute in all, at this " \
-            "machine's speed"
+        on_this_machine = c.sequential or c.launcher == LauncherKind.joblib
+        where = "on this machine" if on_this_machine else "of compute in all, at this machine's speed"
         lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} {where} (an estimate: "
                      f"load + {todo} point{plural(todo)} + {len(new)} baseline{plural(len(new))} x "
                      f"{c.groups[0].n_windows} windows"
@@ -438,11 +433,11 @@ def render(c: Costs, text_path) -> str:
 
 def _launcher_lines(c: Costs) -> list[str]:
     mem = gb(c.job_memory)
-    if c.launcher == "sequential":
+    if c.sequential:
         return [f"  launcher    sequential: one process, {c.threads} thread{plural(c.threads)}, the model loaded "
                 f"once"]
     cfg = c.launcher_cfg or {}
-    if c.launcher == "joblib":
+    if c.launcher == LauncherKind.joblib:
         lines = [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} thread{plural(c.threads)} per "
                  f"job, ~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]
     else:
@@ -455,7 +450,7 @@ def _launcher_lines(c: Costs) -> list[str]:
             lines.append(f"              the F32 container is not built yet: jobs starting at once would each "
                          f"write {gb(g.model_bytes)}; build it first (sweep score data.n_windows=2 "
                          f"model.path=...)")
-    if c.timings and c.launcher != "joblib":
+    if c.timings and c.launcher != LauncherKind.joblib:
         t, g = c.timings[0], c.groups[0]
         task = t.load_s + g.n_windows * t.point_window_s + t.generation_s
         lines.append(f"              per task ~{duration(task)} (load + one point), plus "
