@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from test_sweep import tiny_args
 
-from sweep import capacity, planning
 from sweep.cluster.preflight import checks
 from sweep.errors import SweepError
+from sweep.llama import capacity
 from sweep.llama.model_file import model_info
+from sweep.pipeline import costs as planning
 from sweep.pipeline.grid import plan
 
 

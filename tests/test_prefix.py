@@ -27,12 +27,9 @@ from sweep.pipeline.grid import plan
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
 from sweep.prefix.reuse import (
-    RESIDUALS_DIR,
-    STAGES_DIR,
     Prefixes,
     PrefixSettings,
     residuals_key,
-    residuals_path,
     stage_for,
     stage_path,
     writes_weights,
@@ -142,7 +139,7 @@ def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext,
             f"data.path={wikitext}"]
     (settled,) = plan(args).stages
     assert "timed now" in settled.costs.source and settled.costs.block_s > 0 and settled.costs.head_s > 0
-    assert len(list((cache / STAGES_DIR).glob("profile-*.json"))) == 1
+    assert len(list((cache / STAGES).glob("profile-*.json"))) == 1
     again = plan(args).stages[0]
     assert "timed before" in again.costs.source and again.costs.block_s == settled.costs.block_s
     out = planning.render(planning.costs(plan(args)), wikitext)
@@ -247,7 +244,7 @@ def test_the_next_stage_is_read_ahead(models, wikitext, cache_dir, monkeypatch):
             for start in (1, 2):  # writes both stage files and the residuals
                 assert isinstance(prefixes.view(ref, start, (1, 2), cache_dir), StageView)
             ahead = prefixes._ahead
-            files = {s: [stage_path(cache_dir, ref, s), residuals_path(cache_dir, residuals_key(ref), s)]
+            files = {s: [stage_path(cache_dir, ref, s), residuals_file(cache_dir, residuals_key(ref), s)]
                      for s in (1, 2)}
             for current, expected in ((None, files[1]), (None, []), (1, files[2]), (1, []), (2, [])):
                 ahead.done.clear()
@@ -322,7 +319,7 @@ def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, e
     model = models["llama"]
     env = {**env, "SWEEP_CACHE": str(tmp_path / "cache")}
     other = write_tiny_model(tmp_path / "other.gguf", smollm2, seed=1)
-    planted = tmp_path / "cache" / STAGES_DIR / f"{sha256(model)}.f32.stage2.gguf"
+    planted = tmp_path / "cache" / STAGES / f"{sha256(model)}.f32.stage2.gguf"
     planted.parent.mkdir(parents=True)
     write_stage_file(other, planted, 2)
     axes = ("layer=0,1,2", "fmt=int8", "metrics.generate=false", "run.threads=1", "run.prefix_starts=[1,2]")
@@ -387,7 +384,7 @@ def test_plan_counts_stage_files_and_residuals(tiny_model, tmp_path, env, wikite
     residuals = 2 * 3 * 64 * 64 * 4  # stages 1 and 2 x 3 windows x 64 tokens x n_embd 64 x float32
     assert group.prefix_dir == cache and group.prefix_bytes > residuals
     run_sweep(tiny_args(tiny_model, tmp_path, *axes), env)
-    written = sum(f.stat().st_size for d in (STAGES_DIR, RESIDUALS_DIR) for f in (cache / d).glob("*.*")
+    written = sum(f.stat().st_size for d in (STAGES, RESIDUALS) for f in (cache / d).glob("*.*")
                   if f.suffix in (".gguf", ".npy"))
     assert abs(written - group.prefix_bytes) < 0.01 * written, (written, group.prefix_bytes)
     assert group.prefix_model_bytes > 0 and f"prefix reuse: stage files and residuals up to " \

@@ -97,7 +97,7 @@ def choose(source: Path, arch: str, n_vocab: int, n_ctx: int, cache_dir: Path | 
     """model.container=auto: ("f32" | "native", why, in words)."""
     f32 = need(source, "f32", arch, n_vocab, n_ctx)
     limit, where = memory_limit(launcher_cfg)
-    built = (Path(cache_dir) if cache_dir else default_cache_dir()) / "containers" / f"{sha256(source)}.f32.gguf"
+    built = f32_container_path(source, cache_dir)
     if not built.exists():
         free = _free_disk(built.parent)
         if f32.model > DISK_ROOM * free:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes
 from .backend import ComputeSettings
+from .cache import probe_file
 from .embd import EmbeddingBackend
 from .model_file import gguf_reader
 from .stage_file import effective_swa_pattern
@@ -62,7 +63,7 @@ def stage_refusal(path: Path, start: int) -> str | None:
 def probe_stage(path: Path, n_ctx: int, threads: int, settings) -> str | None:
     """None when a child process loads the stage file with these settings and decodes from embeddings; else why
     not, in one line. Kept beside the file for the same file (size, mtime) and settings."""
-    memo = Path(f"{path}.probe.json")
+    memo = probe_file(path)
     st = path.stat()
     ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "n_ctx": n_ctx, "settings": settings.as_dict()}
     try:

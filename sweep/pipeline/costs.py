@@ -31,7 +31,7 @@ from ..cores import available_cores
 from ..errors import SweepError
 from ..llama import capacity
 from ..llama.capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes, nearest_existing
-from ..llama.container import compute_settings, default_cache_dir, runtime_identity
+from ..llama.container import compute_settings, f32_container_path, runtime_identity
 from ..llama.model_file import model_info, resolve_model_path, sha256
 from ..prefix.reuse import disk_bytes, unwritten_stages
 from ..scoring.generation import complete
@@ -195,8 +195,7 @@ def costs(plan: Plan) -> Costs:
         if group is None:
             cpath = None
             if cfg.model.container == "f32":
-                cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
-                cpath = cache / "containers" / f"{sha256(source)}.f32.gguf"
+                cpath = f32_container_path(source, cfg.model.cache_dir)
             group = groups[gkey] = Group(
                 source, cfg.model.container, n_ctx, n_windows, info.n_vocab,
                 as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,

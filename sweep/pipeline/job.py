@@ -14,8 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..cores import available_cores
+from ..llama.cache import cache_root
 from ..llama.capacity import settled
-from ..llama.container import compute_settings, default_cache_dir, runtime_identity
+from ..llama.container import compute_settings, runtime_identity
 from ..llama.model_file import model_info, resolve_model_path, sha256
 from ..llama.rpc import on_server_lost
 from ..prefix.reuse import PrefixSettings
@@ -121,9 +122,9 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
 def prefix_settings(cfg: DictConfig) -> PrefixSettings:
     """run.prefix_reuse / run.prefix_stages / run.prefix_starts; stages and residuals are cached where the F32
     containers are."""
-    cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
-    starts = cfg.run.get("prefix_starts")
-    return PrefixSettings(bool(cfg.run.get("prefix_reuse", True)), int(cfg.run.get("prefix_stages", 8)), cache,
+    cache = cache_root(cfg.model.cache_dir)
+    starts = cfg.run.prefix_starts
+    return PrefixSettings(bool(cfg.run.prefix_reuse), int(cfg.run.prefix_stages), cache,
                           None if starts is None else tuple(int(s) for s in starts))
 
 

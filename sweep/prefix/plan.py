@@ -39,11 +39,9 @@ from ..scoring.text import load_text
 from ..scoring.window_math import BaselineWindow, WindowMath
 from ..store.records import Store, baseline_key, point_key
 from .reuse import (
-    STAGES_DIR,
     disk_bytes,
     io_speeds,
     residuals_key_of,
-    residuals_path,
     static_fallback,
     unwritten_stages,
 )
@@ -124,7 +122,7 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
 def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settled:
     """The stages of one model: screened by FLOPs, then planned on a timed window."""
     n, container, n_ctx = info.n_layers, str(cfg.model.container), int(cfg.data.n_ctx)
-    source, cache = info.path, _cache_dir(cfg)
+    source, cache = info.path, cache_root(cfg.model.cache_dir)
     file_bytes, tensors, meta = gguf_sizes(source)
     f32 = container == "f32"
     header = file_bytes - sum(b for b, _ in tensors.values())
@@ -263,7 +261,7 @@ def _profile_path(cfg, info, container: str, settings, threads: int, cache: Path
     as_is = not _loaded_file(info, container, cache).exists()
     key = point_key(kind="decode-profile", model_sha256=sha256(info.path), container=container, timed_as_is=as_is,
                     n_ctx=int(cfg.data.n_ctx), threads=threads, runtime=runtime_identity(settings))
-    return Path(cache) / STAGES_DIR / f"profile-{key}.json"
+    return profile_file(cache, key)
 
 
 def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings, starts: list[int]) -> int:
@@ -275,9 +273,6 @@ def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings
     if not (Store(Path(cfg.run.store)).root / "baselines" / f"{bkey}.npz").exists():
         return 0
     rkey = residuals_key_of(sha, container, text, n_ctx, n_windows, settings)
-    cache = _cache_dir(cfg)
-    return 0 if all(residuals_path(cache, rkey, s).exists() for s in starts if s > 0) else n_windows
+    cache = cache_root(cfg.model.cache_dir)
+    return 0 if all(residuals_file(cache, rkey, s).exists() for s in starts if s > 0) else n_windows
 
-
-def _cache_dir(cfg) -> Path:
-    return Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
