@@ -119,7 +119,7 @@ def auto_container(cfg, launcher_cfg=None) -> tuple[str, str]:
     if str(cfg.model.container) != "auto":
         return str(cfg.model.container), "model.container"
     info = model_info(resolve_model_path(cfg.model.path))
-    return choose(info.path, info.arch, info.n_vocab, int(cfg.data.n_ctx), cfg.model.get("cache_dir"), launcher_cfg,
+    return choose(info.path, info.arch, info.n_vocab, int(cfg.data.n_ctx), cfg.model.cache_dir, launcher_cfg,
                   offloaded=bool(cfg.model.n_gpu_layers))
 
 

@@ -188,7 +188,7 @@ def costs(plan: Plan) -> Costs:
             texts[data_key] = load_text(cfg.data.path).sha256
         n_ctx = int(cfg.data.n_ctx)
         n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_windows))]
-        recompute = OmegaConf.select(cfg, "metrics.baseline_logits", default="store") == "recompute"
+        recompute = cfg.metrics.baseline_logits == "recompute"
         settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
         gkey = (source, cfg.model.container, n_ctx, n_windows)
         group = groups.get(gkey)
@@ -243,7 +243,7 @@ def costs(plan: Plan) -> Costs:
 
 def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_bytes: int) -> None:
     """Prefix reuse's disk (stage files not yet written, residuals) and the largest stage held beside the model."""
-    if not cfg.run.get("prefix_reuse", True) or info.n_experts:
+    if not cfg.run.prefix_reuse or info.n_experts:
         return
     settings = prefix_settings(cfg)
     starts = settings.starts_for(info.n_layers)

@@ -63,7 +63,7 @@ class _Checker:
 
     def container(self, cfg, launcher) -> str:
         """model.container=auto's choice for this job's model and window, said once per model."""
-        key = (str(cfg.model.path), int(cfg.data.n_ctx), cfg.model.get("cache_dir"), bool(cfg.model.n_gpu_layers))
+        key = (str(cfg.model.path), int(cfg.data.n_ctx), cfg.model.cache_dir, bool(cfg.model.n_gpu_layers))
         if key not in self.containers:
             chosen, why = auto_container(cfg, launcher)
             print(f"model.container=auto: {chosen} for {self.info(cfg.model.path).path.name} ({why})", flush=True)

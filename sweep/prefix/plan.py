@@ -94,8 +94,8 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
     info_of(cfg) -> ModelInfo; windows_of(cfg) -> the windows a point of cfg scores. Says the choice once per model."""
     groups: dict[tuple, list] = {}
     for job, (cfg, target) in zip(jobs, points):
-        if cfg.run.prefix_reuse and cfg.run.get("prefix_starts") is None:
-            key = (str(cfg.model.path), str(cfg.model.container), cfg.model.get("cache_dir"))
+        if cfg.run.prefix_reuse and cfg.run.prefix_starts is None:
+            key = (str(cfg.model.path), str(cfg.model.container), cfg.model.cache_dir)
             groups.setdefault(key, []).append((job, cfg, target))
     settled = []
     for members in groups.values():
@@ -103,7 +103,7 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
         info = info_of(cfg0)
         first_layers: dict[int, float] = {}
         for _, cfg, target in members:
-            if target.layers and static_fallback(info.n_experts, bool(cfg.fmt.get("recipe")),
+            if target.layers and static_fallback(info.n_experts, bool(cfg.fmt.recipe),
                                                  generation_mode(cfg.metrics.generate) is None) is None:
                 first = min(target.layers)
                 first_layers[first] = first_layers.get(first, 0) + windows_of(cfg)
