@@ -15,7 +15,9 @@ import tarfile
 from importlib.metadata import version
 from pathlib import Path
 
-CACHE = Path(os.environ.get("SWEEP_CACHE") or Path.home() / ".cache" / "sweep") / "llama-perplexity"
+from sweep.llama.cache import cache_root
+
+CACHE = cache_root() / "llama-perplexity"
 
 
 def build(cache: Path = CACHE, targets: tuple[str, ...] = ("llama-perplexity",)) -> Path:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from hydra_plugins.sweep_launchers.slurm_launcher import SlurmLauncher
 from hydra_plugins.sweep_sweeper.grid_sweeper import GridSweeper
 
+from .choices import LauncherKind, launcher_kind
 from .errors import exit_on_user_error
 from .pipeline.config import CONF_DIR  # (importing it registers the schemas)
 from .pipeline.grid import check_composes
@@ -41,7 +42,7 @@ def sweep_app(sessions: Sessions):
         try:
             return run_job(cfg, sessions, Path(hc.runtime.output_dir), hc.launcher)
         finally:
-            if not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+            if launcher_kind(hc.launcher) != LauncherKind.basic:
                 sessions.close()
 
     return sweep_job

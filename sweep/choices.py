@@ -32,3 +32,28 @@ class NativeWeights(Choice):
 class Kind(Choice):
     weight = "weight"
     activation = "activation"
+
+
+class LauncherKind(Choice):
+    """Who runs a sweep's jobs (`launcher_kind`)."""
+
+    basic = "basic"  # Hydra's BasicLauncher (or no launcher): one job after another, in the sweep's own process
+    joblib = "joblib"  # hydra/launcher=parallel (hydra-joblib-launcher): processes on this machine
+    slurm = "slurm"  # hydra/launcher=slurm: SLURM array tasks through submitit (hydra_plugins/sweep_launchers)
+    submitit_local = "submitit_local"  # hydra/launcher=submitit_local: submitit's processes on this machine
+    other = "other"  # any other launcher: the jobs run elsewhere, nothing else known
+
+
+# The launchers by their class's name, the last part of `_target_`: Hydra's, hydra-joblib-launcher's, and
+# hydra-submitit-launcher's two, whose executor (`_EXECUTOR`: "slurm", "local") each names a kind. Ours subclasses
+# submitit's SlurmLauncher under the same name and executor.
+_KIND_OF_CLASS = {"BasicLauncher": LauncherKind.basic, "JoblibLauncher": LauncherKind.joblib,
+                  "SlurmLauncher": LauncherKind.slurm, "LocalLauncher": LauncherKind.submitit_local}
+
+
+def launcher_kind(launcher_cfg) -> LauncherKind:
+    """The kind of the launcher `hydra.launcher` configures (None, or one without `_target_`: the basic one)."""
+    target = str((launcher_cfg or {}).get("_target_") or "")
+    if not target:
+        return LauncherKind.basic
+    return _KIND_OF_CLASS.get(target.rpartition(".")[2], LauncherKind.other)

@@ -1,13 +1,18 @@
 """Files that appear whole or not at all: written under a temporary name beside their destination, then renamed
-(atomic on POSIX). A reader never sees half a record, half a table or half a GGUF; a failure leaves nothing."""
+(atomic on POSIX). A reader never sees half a record, half a table or half a GGUF; a failure leaves nothing.
+And what is read from a file, once per process while it is unchanged (`file_memo`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def temporary_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -41,3 +46,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def file_memo(maxsize: int) -> Callable[[Callable[[Path], T]], Callable[[str | os.PathLike], T]]:
+    """`f(path)` computed once per process while the file is unchanged: a pure function of a file's contents,
+    memoised (least recently used, `maxsize` entries) by the path as given, the file it resolves to, its size and
+    its modification time, so that a file rewritten in place is read again. A path that cannot be stat'ed is not
+    memoised: `f` says what is wrong with it. `f` gets the path as a Path."""
+
+    def decorate(f: Callable[[Path], T]) -> Callable[[str | os.PathLike], T]:
+        @functools.lru_cache(maxsize=maxsize)
+        def memo(path: Path, resolved: str, size: int, mtime_ns: int) -> T:
+            return f(path)
+
+        @functools.wraps(f)
+        def read(path: str | os.PathLike) -> T:
+            path = Path(path)
+            try:
+                st = path.stat()
+            except OSError:
+                return f(path)
+            return memo(path, str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+        read.file_memo = memo  # its cache_info() and cache_clear()
+        return read
+
+    return decorate

@@ -11,9 +11,12 @@ import pytest
 from test_sweep import run_sweep, tiny_args
 
 from sweep import __main__ as cli
+from sweep.choices import launcher_kind
+from sweep.cluster.launcher import checks_generation_in_a_task
 from sweep.errors import SweepError
 from sweep.llama.model_file import model_info
 from sweep.pipeline import costs as planning
+from sweep.pipeline.config import compose
 from sweep.pipeline.grid import plan
 
 N_CTX, N_CHUNKS = 64, 3  # tiny_args' slice
@@ -152,3 +155,15 @@ def test_joblib_jobs_share_the_cores_and_add_up_their_memory(tiny_model, tmp_pat
     assert (c.launcher, c.concurrent_jobs, c.threads) == ("joblib", 2, max(1, cores // 2))
     c.available_memory = int(1.5 * c.job_memory)
     assert planning.memory_warnings(c)[0].startswith("2 jobs at once x about ")  # one fits, two do not
+
+
+@pytest.mark.parametrize("launcher, kind, task_checks", [
+    (None, "basic", False), ("parallel", "joblib", False), ("slurm", "slurm", True),
+    ("submitit_slurm", "slurm", False), ("submitit_local", "submitit_local", False)])
+def test_the_launcher_kind_comes_from_its_class(launcher, kind, task_checks):
+    """One mapping from hydra.launcher to what runs the jobs; only ours of the SLURM launchers runs the generation
+    check as a task (its class says so)."""
+    cfg = compose([f"hydra/launcher={launcher}"] if launcher else [], with_hydra=True).hydra.launcher
+    assert launcher_kind(cfg) == kind
+    assert checks_generation_in_a_task(cfg) is task_checks
+    assert launcher_kind(None) == "basic" and launcher_kind({"_target_": "elsewhere.RayLauncher"}) == "other"

@@ -15,22 +15,21 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
 
 from sweep.commands.cli import main as cli_main
+from sweep.llama.cache import RESIDUALS, STAGES, residuals_file
 from sweep.llama.container import compute_settings
+from sweep.llama.gguf_names import block_name, block_of, in_block, split_block
 from sweep.llama.model_file import sha256
 from sweep.llama.stage_check import probe_stage, stage_refusal
-from sweep.llama.stage_file import write_stage_file
+from sweep.llama.stage_file import stage_name, write_stage_file
 from sweep.llama.stage_view import StageView
 from sweep.pipeline import costs as planning
 from sweep.pipeline.grid import plan
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
 from sweep.prefix.reuse import (
-    RESIDUALS_DIR,
-    STAGES_DIR,
     Prefixes,
     PrefixSettings,
     residuals_key,
-    residuals_path,
     stage_for,
     stage_path,
     writes_weights,
@@ -48,6 +47,17 @@ WINDOW_COLUMNS = ["window_dnll", "window_kld", "window_top1", "window_baseline_n
 def models(tmp_path_factory, smollm2):
     d = tmp_path_factory.mktemp("prefix-models")
     return {arch: write_tiny_model(d / f"{arch}.gguf", smollm2, arch=arch) for arch in ("llama", "qwen2", "gemma3")}
+
+
+def test_a_tensor_name_says_its_block():
+    assert [block_of(n) for n in ("blk.0.attn_q.weight", "blk.27.ffn_down_exps.weight", "blk.3.attn_q.bias")] == \
+        [0, 27, 3]
+    assert [block_of(n) for n in ("token_embd.weight", "output.weight", "output_norm.weight", "blk.x.y", "blk")] == \
+        [None] * 5
+    assert split_block("blk.12.ffn_up.weight") == (12, "ffn_up.weight") and split_block("output.weight") is None
+    assert block_name(12, "ffn_up.weight") == "blk.12.ffn_up.weight" and in_block("blk.1.attn_k.bias") == "attn_k.bias"
+    assert stage_name("blk.12.ffn_up.weight", 10) == "blk.2.ffn_up.weight" and stage_name("output.weight", 10) == \
+        "output.weight"
 
 
 def test_stages_without_a_plan_are_spread_over_the_blocks():
@@ -129,7 +139,7 @@ def test_a_timed_window_plans_the_stages_and_is_kept(models, tmp_path, wikitext,
             f"data.path={wikitext}"]
     (settled,) = plan(args).stages
     assert "timed now" in settled.costs.source and settled.costs.block_s > 0 and settled.costs.head_s > 0
-    assert len(list((cache / STAGES_DIR).glob("profile-*.json"))) == 1
+    assert len(list((cache / STAGES).glob("profile-*.json"))) == 1
     again = plan(args).stages[0]
     assert "timed before" in again.costs.source and again.costs.block_s == settled.costs.block_s
     out = planning.render(planning.costs(plan(args)), wikitext)
@@ -234,7 +244,7 @@ def test_the_next_stage_is_read_ahead(models, wikitext, cache_dir, monkeypatch):
             for start in (1, 2):  # writes both stage files and the residuals
                 assert isinstance(prefixes.view(ref, start, (1, 2), cache_dir), StageView)
             ahead = prefixes._ahead
-            files = {s: [stage_path(cache_dir, ref, s), residuals_path(cache_dir, residuals_key(ref), s)]
+            files = {s: [stage_path(cache_dir, ref, s), residuals_file(cache_dir, residuals_key(ref), s)]
                      for s in (1, 2)}
             for current, expected in ((None, files[1]), (None, []), (1, files[2]), (1, []), (2, [])):
                 ahead.done.clear()
@@ -309,7 +319,7 @@ def test_a_sweep_gives_the_same_table_with_and_without_reuse(models, tmp_path, e
     model = models["llama"]
     env = {**env, "SWEEP_CACHE": str(tmp_path / "cache")}
     other = write_tiny_model(tmp_path / "other.gguf", smollm2, seed=1)
-    planted = tmp_path / "cache" / STAGES_DIR / f"{sha256(model)}.f32.stage2.gguf"
+    planted = tmp_path / "cache" / STAGES / f"{sha256(model)}.f32.stage2.gguf"
     planted.parent.mkdir(parents=True)
     write_stage_file(other, planted, 2)
     axes = ("layer=0,1,2", "fmt=int8", "metrics.generate=false", "run.threads=1", "run.prefix_starts=[1,2]")
@@ -374,7 +384,7 @@ def test_plan_counts_stage_files_and_residuals(tiny_model, tmp_path, env, wikite
     residuals = 2 * 3 * 64 * 64 * 4  # stages 1 and 2 x 3 windows x 64 tokens x n_embd 64 x float32
     assert group.prefix_dir == cache and group.prefix_bytes > residuals
     run_sweep(tiny_args(tiny_model, tmp_path, *axes), env)
-    written = sum(f.stat().st_size for d in (STAGES_DIR, RESIDUALS_DIR) for f in (cache / d).glob("*.*")
+    written = sum(f.stat().st_size for d in (STAGES, RESIDUALS) for f in (cache / d).glob("*.*")
                   if f.suffix in (".gguf", ".npy"))
     assert abs(written - group.prefix_bytes) < 0.01 * written, (written, group.prefix_bytes)
     assert group.prefix_model_bytes > 0 and f"prefix reuse: stage files and residuals up to " \

@@ -6,6 +6,7 @@ with the reason; dynamically, running real points in-process leaves every module
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 from concurrent.futures import Executor
@@ -15,6 +16,7 @@ import numpy as np
 from conftest import make_cfg
 
 import sweep
+from sweep.files import file_memo
 from sweep.pipeline.point import record, run_point
 from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
@@ -25,19 +27,10 @@ from sweep.store.records import Store, gather, write_record
 ALLOWED = {
     ("sweep.llama.backend", "_recent_errors"): "llama.cpp's log callback is process-wide: the last errors it reported",
     ("sweep.llama.backend", "_initialised"): "llama_backend_init runs once per process",
-    ("sweep.llama.model_file", "_read_info"): "a pure memo of the file's header, keyed by (path, size, mtime)",
-    ("sweep.llama.model_file", "_header"): "a pure memo of the file's metadata and tensor table (read-only), keyed by "
-                                           "(path, size, mtime)",
-    ("sweep.llama.model_file", "_sha256"): "a pure memo of the file's hash, keyed by (path, size, mtime)",
-    ("sweep.quant.imatrix_file", "_load"): "a pure memo of the file's contents, keyed by (path, size, mtime)",
     ("sweep.llama.rpc", "_rpc_lib"): "the RPC backend's library, loaded once per process like libggml itself",
     ("sweep.llama.backend", "_blas"): "numpy's BLAS libraries (threadpoolctl's handle), process-wide like the "
                                       "libraries themselves",
     ("sweep.llama.rpc", "_abort_installed"): "ggml's abort callback is process-wide: installed once per process",
-    ("sweep.quant.recipe_types", "_read"): "a pure memo of a recipe.json's per-tensor map, keyed by (path, size, "
-                                           "mtime)",
-    ("sweep.llama.capacity", "_sizes"): "a pure memo of a GGUF's tensor sizes and metadata, keyed by (path, size, "
-                                        "mtime)",
 }
 
 
@@ -53,6 +46,8 @@ def test_no_module_caches_pools_or_rebound_globals():
         for name, value in vars(mod).items():
             if getattr(value, "__module__", mod.__name__) != mod.__name__ and not isinstance(value, (dict, list, set)):
                 continue  # imported from elsewhere: checked in its own module
+            if hasattr(value, "file_memo"):
+                continue  # sweep.files.file_memo: a pure memo of what a file holds, keyed by its identity and mtime
             cached = hasattr(value, "cache_info")  # functools.cache / lru_cache
             if cached or isinstance(value, (Executor, np.ndarray)):
                 found.append((mod.__name__, name))
@@ -100,3 +95,32 @@ def test_a_closed_reference_keeps_nothing(tiny_model, wikitext, cache_dir, tmp_p
         out = run_point(again, resolve(*target_args, again.info), make_format("int8"), progress=False)
     assert out.baseline is not first_baseline  # not served from the closed session
     np.testing.assert_array_equal(out.baseline.nll, first_baseline.nll)
+
+
+def test_a_file_memo_reads_the_file_again_once_it_changed(tmp_path):
+    """file_memo: one read per unchanged file; a new size or a new mtime reads it again; a missing file is not
+    memoised."""
+    reads = []
+
+    @file_memo(maxsize=4)
+    def words(path: Path) -> list[str]:
+        reads.append(path)
+        return path.read_text().split()
+
+    f = tmp_path / "f.txt"
+    f.write_text("a b")
+    assert words(f) == ["a", "b"] and words(str(f)) == ["a", "b"] and len(reads) == 1  # not before it changes
+    f.write_text("a b c")  # a new size
+    assert words(f) == ["a", "b", "c"] and len(reads) == 2
+    st = f.stat()
+    f.write_text("x y z")  # the same size, a new mtime
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert words(f) == ["x", "y", "z"] and len(reads) == 3
+    assert words(f) == ["x", "y", "z"] and len(reads) == 3
+    missing = tmp_path / "missing.txt"
+    for _ in range(2):
+        try:
+            words(missing)
+        except FileNotFoundError:
+            pass
+    assert reads[-2:] == [missing, missing]  # tried each time: the function says what is wrong

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sweep.llama.container import default_cache_dir
+from sweep.llama.cache import CONTAINERS, STAGES, cache_root
 from sweep.pipeline.config import compose
 from sweep.pipeline.job import prefix_settings
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
-from sweep.prefix.reuse import STAGES_DIR
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.scoring.text import embedded_text_path
@@ -45,9 +44,9 @@ def main() -> int:
     # a cache of its own for the residuals (the F32 containers and stage files are shared): they are read during
     # this run's baseline, as in a first sweep
     work = Path(tempfile.mkdtemp(prefix="prefix-identity-"))
-    for sub in ("containers", STAGES_DIR):
-        (default_cache_dir() / sub).mkdir(parents=True, exist_ok=True)
-        (work / sub).symlink_to(default_cache_dir() / sub)
+    for sub in (CONTAINERS, STAGES):
+        (cache_root() / sub).mkdir(parents=True, exist_ok=True)
+        (work / sub).symlink_to(cache_root() / sub)
     cfg = compose([f"model.container={args.container}", f"data.path={args.text}", f"data.n_windows={args.windows}",
                    f"run.threads={args.threads}", "run.progress=false", f"model.cache_dir={work}",
                    *([f"model.path={args.model}"] if args.model else [])])

@@ -37,12 +37,13 @@ import numpy as np
 import pandas as pd
 
 from bench.perf.vocab import model_for
-from sweep.llama.container import container_path, default_cache_dir
+from sweep.llama.cache import CONTAINERS, STAGES, cache_root, stage_file
+from sweep.llama.container import container_path
 from sweep.llama.model_file import model_info, resolve_model_path, sha256
 from sweep.llama.stage_file import write_stage_file
 from sweep.pipeline.config import compose
 from sweep.pipeline.grid import plan as grid_plan
-from sweep.prefix.reuse import STAGES_DIR, note_io_speed, stage_file_path
+from sweep.prefix.reuse import note_io_speed
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = {"weight ffn_down": ("kind=weight", "tensor=ffn_down"), "activation l_out": ("kind=activation",
@@ -65,7 +66,7 @@ def prepare_stages(overrides: list[str], cache: Path) -> list[int]:
         source = resolve_model_path(cfg.model.path)
         loaded = container_path(source, str(cfg.model.container), cache)
         for s in starts:
-            path = stage_file_path(cache, sha256(source), str(cfg.model.container), s)
+            path = stage_file(cache, sha256(source), str(cfg.model.container), s)
             if not path.exists():
                 print(f"  writing stage {s} of {source.name} ({cfg.model.container}) -> {path}", flush=True)
                 t0 = time.perf_counter()
@@ -91,7 +92,7 @@ def sweep(model: str, axes, layers: str, reuse: bool, args, work: Path, cache: P
     # run pays its capture, as a first sweep does
     own = work / name / "cache"
     own.mkdir(parents=True)
-    for sub in ("containers", STAGES_DIR):
+    for sub in (CONTAINERS, STAGES):
         (cache / sub).mkdir(parents=True, exist_ok=True)
         (own / sub).symlink_to(cache / sub)
     log = work / name / "sweep.log"
@@ -148,7 +149,7 @@ def main() -> None:
                                               "temporary one)")
     args = ap.parse_args()
     sweeps = {label: SWEEPS[label] for label in args.sweeps.split(",")}
-    cache = default_cache_dir()
+    cache = cache_root()
     figures = []
     with tempfile.TemporaryDirectory(prefix="prefix-reuse-") if args.keep is None else nullcontext(args.keep) as tmp:
         for model in args.models.split(","):

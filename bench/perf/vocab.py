@@ -38,7 +38,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from scipy.special import logsumexp
 
-from sweep.llama.container import container_path, default_cache_dir
+from sweep.llama.cache import cache_root
+from sweep.llama.container import container_path
 from sweep.llama.model_file import embedded_model_path
 from sweep.pipeline.config import compose
 from sweep.pipeline.point import run_point
@@ -74,7 +75,7 @@ def model_for(n_vocab: int, shape: str = "tiny") -> Path:
     if n_vocab == 49152 and shape == "tiny":
         return embedded_model_path()
     name = f"tiny-llama-v{n_vocab}-e640.gguf" if shape == "tiny" else f"gemma3-270m-shaped-v{n_vocab}.gguf"
-    path = default_cache_dir() / "bench-models" / name
+    path = cache_root() / "bench-models" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")

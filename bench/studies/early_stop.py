@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sweep.llama.cache import cache_root
 from sweep.scoring.metrics import RANKABLE, EarlyStop, StopRule, delta_nll_p
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,8 +163,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--simulate", action="store_true", help="the statistics of early stopping, simulated (seconds)")
     ap.add_argument("--quick", action="store_true", help="10 layers, 8 windows")
-    ap.add_argument("--store", type=Path, default=Path(os.environ.get("SWEEP_CACHE") or Path.home() / ".cache/sweep")
-                    / "bench-store", help="point store (kept between invocations)")
+    ap.add_argument("--store", type=Path, default=cache_root() / "bench-store",
+                    help="point store (kept between invocations)")
     args = ap.parse_args()
     if args.simulate:
         return simulate()

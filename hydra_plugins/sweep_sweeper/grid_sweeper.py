@@ -37,6 +37,7 @@ class GridSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # deferred: Hydra imports every plugin when any Hydra app starts; the sweep's modules load llama.cpp
+        from sweep.choices import LauncherKind, launcher_kind
         from sweep.cluster.preflight import run_checks
         from sweep.cluster.time_limit import set_time_limit
         from sweep.errors import exit_on_user_error
@@ -50,7 +51,7 @@ class GridSweeper(Sweeper):
             exit_on_user_error(print_grid_plan, exit_on_user_error(plan, overrides))
             return []
         # a launcher that runs the jobs elsewhere: the checks too (sweep/cluster/preflight.py): no model loaded here
-        elsewhere = not str(self.config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher")
+        elsewhere = launcher_kind(self.config.hydra.launcher) != LauncherKind.basic
         launch, minutes = exit_on_user_error(run_checks, overrides, hydra_overrides, elsewhere)
         set_time_limit(self.launcher, minutes)
         sweep_dir = Path(self.config.hydra.sweep.dir)

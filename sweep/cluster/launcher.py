@@ -20,9 +20,11 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
+from hydra.utils import get_class
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
+from ..choices import LauncherKind, launcher_kind
 from ..pipeline.gencheck import check_worst
 from ..scoring.generation import generation_mode
 from ..store.records import gather
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 
 # submitit's own executor parameters (not sbatch's), passed to AutoExecutor under the cluster's prefix
 EXECUTOR_INIT_KEYS = {"max_num_timeout"}
-LAUNCHER_TARGET = "hydra_plugins.sweep_launchers.slurm_launcher.SlurmLauncher"
 
 
 def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -111,6 +112,12 @@ def check_worst_points(sweep_dir: str, metric: str, n: int) -> None:
 
 
 def checks_generation_in_a_task(launcher_cfg: Any) -> bool:
-    """Whether this launcher runs the generation check as a task of its own (the callback then only gathers)."""
-    target = str(launcher_cfg.get("_target_", "")) if launcher_cfg is not None else ""
-    return target == LAUNCHER_TARGET
+    """Whether this launcher runs the generation check as a task of its own (the callback then only gathers): its
+    class says so (ours, hydra_plugins/sweep_launchers; not hydra-submitit-launcher's own)."""
+    if launcher_kind(launcher_cfg) != LauncherKind.slurm:
+        return False
+    try:
+        launcher_class = get_class(str(launcher_cfg._target_))  # imported already: Hydra imports every plugin
+    except Exception:  # not a class that can be imported here: not ours
+        return False
+    return bool(getattr(launcher_class, "RUNS_GENERATION_CHECK", False))

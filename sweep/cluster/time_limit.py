@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 
+from ..choices import LauncherKind, launcher_kind
 from ..cores import available_cores
-from ..pipeline.costs import Costs, launcher_kind, time_one_window
+from ..pipeline.costs import Costs, time_one_window
 from ..pipeline.grid import Plan
 
 TIMEOUT_FLAG = "hydra.launcher.timeout_min="
@@ -30,7 +31,7 @@ def task_seconds(grid: Plan, c: Costs) -> float:
 
 def time_limit(grid: Plan, c: Costs, hydra_overrides: list[str]) -> int | None:
     """The minutes of a SLURM sweep whose command line sets no `hydra.launcher.timeout_min`; None otherwise."""
-    if launcher_kind(grid.launcher) != "slurm" or any(a.startswith(TIMEOUT_FLAG) for a in hydra_overrides):
+    if launcher_kind(grid.launcher) != LauncherKind.slurm or any(a.startswith(TIMEOUT_FLAG) for a in hydra_overrides):
         return None
     estimate = task_seconds(grid, c)
     minutes = math.ceil(MARGIN_FACTOR * estimate / 60) + MARGIN_MINUTES

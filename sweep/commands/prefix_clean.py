@@ -9,15 +9,13 @@ import shutil
 from pathlib import Path
 
 from ..errors import SweepError, exit_on_user_error
-from ..llama.container import default_cache_dir
-from ..prefix.reuse import RESIDUALS_DIR, STAGES_DIR
+from ..llama.cache import cache_root, prefix_dirs
 
 
 def clean(cache_dir: Path, dry_run: bool = False) -> int:
     """Remove the two directories; returns the bytes freed (or that would be)."""
     freed = 0
-    for sub in (STAGES_DIR, RESIDUALS_DIR):
-        d = cache_dir / sub
+    for d in prefix_dirs(cache_dir):
         if not d.exists():
             continue
         if not d.is_dir():
@@ -42,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    exit_on_user_error(clean, args.cache_dir or default_cache_dir(), args.dry_run)
+    exit_on_user_error(clean, cache_root(args.cache_dir), args.dry_run)
     return 0
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..errors import SweepError
 from ..llama.backend import Backend
 from ..llama.ggml_tensor import GGML_OP_MUL_MAT_ID, MatMul
+from ..llama.gguf_names import block_of
 from ..pipeline import config
 from ..pipeline.config import hydra_command
 from ..pipeline.reference import open_reference
@@ -53,7 +54,7 @@ class Collector:
             return True
         if not m.x_is_f32 or m.x_ne[1] < 16:  # llama-imatrix ignores small batches and non-F32 inputs
             return False
-        return m.weight.startswith("blk.") or (self.process_output and m.weight == "output.weight")
+        return block_of(m.weight) is not None or (self.process_output and m.weight == "output.weight")
 
     def __call__(self, m: MatMul) -> None:
         if m.x is None:

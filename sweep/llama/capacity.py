@@ -9,16 +9,18 @@ delta of a quantized tensor: sweep/quant/apply.py).
 
 from __future__ import annotations
 
-import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
+from ..choices import LauncherKind, launcher_kind
 from ..cores import available_memory
-from .container import default_cache_dir
-from .model_file import header, model_info, resolve_model_path, sha256
+from ..files import file_memo
+from .container import f32_container_path
+from .model_file import header, model_info, resolve_model_path
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
@@ -26,17 +28,12 @@ ROOM = 0.8  # auto takes the F32 container only where one job needs at most this
 DISK_ROOM = 0.9  # ... and the container to build at most this share of the cache's free disk
 
 
-@functools.lru_cache(maxsize=8)
-def _sizes(path: str, size: int, mtime: float) -> tuple[int, dict[str, tuple[int, int]], dict]:
-    h = header(Path(path))
-    tensors = {t.name: (t.nbytes, int(np.prod(t.ne))) for t in h.tensors}
-    return size, tensors, {k: v for k, v in h.meta.items() if not k.startswith("tokenizer.")}
-
-
+@file_memo(maxsize=8)
 def gguf_sizes(path: Path) -> tuple[int, dict[str, tuple[int, int]], dict]:
     """File size, {tensor: (bytes stored, elements)}, and the metadata fields, read without loading the model."""
-    st = Path(path).stat()
-    return _sizes(str(path), st.st_size, st.st_mtime)
+    h = header(path)
+    tensors = {t.name: (t.nbytes, int(np.prod(t.ne))) for t in h.tensors}
+    return Path(path).stat().st_size, tensors, {k: v for k, v in h.meta.items() if not k.startswith("tokenizer.")}
 
 
 def as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:
@@ -46,15 +43,15 @@ def as_f32(file_bytes: int, tensors: dict[str, tuple[int, int]], names) -> int:
 
 def kv_bytes(meta: dict, arch: str, n_ctx: int, kv_type: str) -> int:
     def first(key, default):
-        value = meta.get(f"{arch}.{key}", default)
+        value = meta.get(key.format(arch=arch), default)
         return max(value) if isinstance(value, list) else value
 
-    n_layers = int(first("block_count", 0))
-    n_head = int(first("attention.head_count", 1)) or 1
-    n_head_kv = int(first("attention.head_count_kv", n_head))
-    n_embd = int(first("embedding_length", 0))
-    k = int(first("attention.key_length", n_embd // n_head))
-    v = int(first("attention.value_length", n_embd // n_head))
+    n_layers = int(first(Keys.LLM.BLOCK_COUNT, 0))
+    n_head = int(first(Keys.Attention.HEAD_COUNT, 1)) or 1
+    n_head_kv = int(first(Keys.Attention.HEAD_COUNT_KV, n_head))
+    n_embd = int(first(Keys.LLM.EMBEDDING_LENGTH, 0))
+    k = int(first(Keys.Attention.KEY_LENGTH, n_embd // n_head))
+    v = int(first(Keys.Attention.VALUE_LENGTH, n_embd // n_head))
     return n_ctx * n_layers * n_head_kv * (k + v) * KV_BYTES[kv_type]
 
 
@@ -89,8 +86,7 @@ def need(source: Path, container: str, arch: str, n_vocab: int, n_ctx: int) -> N
 def memory_limit(launcher_cfg=None, available: int | None = None) -> tuple[int | None, str]:
     """The memory one job may use, and where the figure comes from: a SLURM task's mem_gb, else what is available
     on this machine (`available`, or read now)."""
-    mem_gb = launcher_cfg.get("mem_gb") if launcher_cfg is not None and "SlurmLauncher" in \
-        str(launcher_cfg.get("_target_", "")) else None
+    mem_gb = launcher_cfg.get("mem_gb") if launcher_kind(launcher_cfg) == LauncherKind.slurm else None
     if mem_gb:
         return int(mem_gb * 2**30), f"hydra.launcher.mem_gb={mem_gb}"
     return available if available is not None else available_memory(), "available on this machine now"
@@ -101,7 +97,7 @@ def choose(source: Path, arch: str, n_vocab: int, n_ctx: int, cache_dir: Path | 
     """model.container=auto: ("f32" | "native", why, in words)."""
     f32 = need(source, "f32", arch, n_vocab, n_ctx)
     limit, where = memory_limit(launcher_cfg)
-    built = (Path(cache_dir) if cache_dir else default_cache_dir()) / "containers" / f"{sha256(source)}.f32.gguf"
+    built = f32_container_path(source, cache_dir)
     if not built.exists():
         free = _free_disk(built.parent)
         if f32.model > DISK_ROOM * free:
@@ -123,7 +119,7 @@ def auto_container(cfg, launcher_cfg=None) -> tuple[str, str]:
     if str(cfg.model.container) != "auto":
         return str(cfg.model.container), "model.container"
     info = model_info(resolve_model_path(cfg.model.path))
-    return choose(info.path, info.arch, info.n_vocab, int(cfg.data.n_ctx), cfg.model.get("cache_dir"), launcher_cfg,
+    return choose(info.path, info.arch, info.n_vocab, int(cfg.data.n_ctx), cfg.model.cache_dir, launcher_cfg,
                   offloaded=bool(cfg.model.n_gpu_layers))
 
 

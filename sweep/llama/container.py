@@ -9,7 +9,6 @@ made once per source file and cached under its SHA-256. F32 holds every format t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..choices import Container
 from ..errors import SweepError
 from ..files import atomic_path
 from .backend import ComputeSettings, llama_cpp_version, system_info
+from .cache import cache_root, container_file
 from .model_file import sha256
 from .rpc import parse_endpoints
 
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 # A tensor transform gets (name, dequantized float32 data) and returns the new float32 data.
 Transform = Callable[[str, np.ndarray], np.ndarray]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SWEEP_CACHE") or Path.home() / ".cache" / "sweep")
 
 
 def dequantized(tensor) -> np.ndarray:
@@ -90,12 +86,12 @@ def write_gguf_copy(
     return dst
 
 
-def f32_container_path(src: Path, cache_dir: Path | None = None) -> Path:
+def f32_container_path(src: Path, cache_dir: str | Path | None = None) -> Path:
     """Where the F32 container of `src` is cached (built or not)."""
-    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "containers" / f"{sha256(src)}.f32.gguf"
+    return container_file(cache_root(cache_dir), sha256(src))
 
 
-def f32_container(src: Path, cache_dir: Path | None = None) -> Path:
+def f32_container(src: Path, cache_dir: str | Path | None = None) -> Path:
     """The whole model with every tensor in F32, cached by the source file's SHA-256."""
     dst = f32_container_path(src, cache_dir)
     if not dst.exists():
@@ -134,7 +130,7 @@ def runtime_identity(settings: ComputeSettings) -> dict:
             "sweep_version": __version__}
 
 
-def container_path(src: Path, container: str, cache_dir: Path | None = None) -> Path:
+def container_path(src: Path, container: str, cache_dir: str | Path | None = None) -> Path:
     """The file the backend loads for `model.container`."""
     if container == "native":
         return src

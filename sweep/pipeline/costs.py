@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from gguf import Keys
+from omegaconf import DictConfig
 
+from ..choices import LauncherKind, launcher_kind
 from ..cores import available_cores
 from ..errors import SweepError
 from ..llama import capacity
 from ..llama.capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes, nearest_existing
-from ..llama.container import compute_settings, default_cache_dir, runtime_identity
+from ..llama.container import compute_settings, f32_container_path, runtime_identity
 from ..llama.model_file import model_info, resolve_model_path, sha256
 from ..prefix.reuse import disk_bytes, unwritten_stages
 from ..scoring.generation import complete
@@ -125,13 +127,18 @@ class Costs:
     free_bytes: int
     records_bytes: int
     container_bytes_same_disk: int  # F32 containers to build on the store's file system
-    launcher: str  # "sequential" | "joblib" | "slurm" | "submitit_local"
+    launcher: LauncherKind
     launcher_cfg: DictConfig | None
     threads: int  # per job
     concurrent_jobs: int
     available_memory: int | None
     timings: list[Timing] = field(default_factory=list)
     stages: list = field(default_factory=list)  # prefix reuse's plan per model, both sides (prefix_plan.Settled)
+
+    @property
+    def sequential(self) -> bool:
+        """One process runs the jobs one after another: the basic launcher (another one is taken for it)."""
+        return self.launcher in (LauncherKind.basic, LauncherKind.other)
 
     @property
     def logits_bytes(self) -> int:
@@ -152,26 +159,16 @@ class Costs:
 
 # ---- the figures ---------------------------------------------------------------------------------------------
 
-def launcher_kind(launcher_cfg) -> str:
-    target = str((launcher_cfg or {}).get("_target_", ""))
-    if "Joblib" in target:
-        return "joblib"
-    if "SlurmLauncher" in target:
-        return "slurm"
-    if "LocalLauncher" in target:
-        return "submitit_local"
-    return "sequential"
-
-
 def costs(plan: Plan) -> Costs:
     """Every figure of the plan except the time (which needs a decode): cheap enough for every sweep."""
     first = plan.points[0][0]
     store = Store(Path(first.run.store))
     kind = launcher_kind(plan.launcher)
     cores = available_cores()
-    threads = int(first.run.threads or cores_for_this_job(plan.launcher if kind != "sequential" else None))
+    sequential = kind in (LauncherKind.basic, LauncherKind.other)  # as Costs.sequential
+    threads = int(first.run.threads or cores_for_this_job(None if sequential else plan.launcher))
     concurrent = 1
-    if kind == "joblib":
+    if kind == LauncherKind.joblib:
         n_jobs = int(plan.launcher.get("n_jobs") or 1)
         concurrent = cores if n_jobs < 0 else min(n_jobs, len(plan.points))
 
@@ -191,15 +188,14 @@ def costs(plan: Plan) -> Costs:
             texts[data_key] = load_text(cfg.data.path).sha256
         n_ctx = int(cfg.data.n_ctx)
         n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_windows))]
-        recompute = OmegaConf.select(cfg, "metrics.baseline_logits", default="store") == "recompute"
+        recompute = cfg.metrics.baseline_logits == "recompute"
         settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
         gkey = (source, cfg.model.container, n_ctx, n_windows)
         group = groups.get(gkey)
         if group is None:
             cpath = None
             if cfg.model.container == "f32":
-                cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
-                cpath = cache / "containers" / f"{sha256(source)}.f32.gguf"
+                cpath = f32_container_path(source, cfg.model.cache_dir)
             group = groups[gkey] = Group(
                 source, cfg.model.container, n_ctx, n_windows, info.n_vocab,
                 as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,
@@ -247,14 +243,14 @@ def costs(plan: Plan) -> Costs:
 
 def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_bytes: int) -> None:
     """Prefix reuse's disk (stage files not yet written, residuals) and the largest stage held beside the model."""
-    if not cfg.run.get("prefix_reuse", True) or info.n_experts:
+    if not cfg.run.prefix_reuse or info.n_experts:
         return
     settings = prefix_settings(cfg)
     starts = settings.starts_for(info.n_layers)
     if not starts:
         return
     cache = settings.cache_dir
-    n_embd = int(meta.get(f"{info.arch}.embedding_length", 0))
+    n_embd = int(meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=info.arch), 0))
     f32 = cfg.model.container == "f32"
     missing = unwritten_stages(cache, sha256(group.source), cfg.model.container, starts)
     stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32,
@@ -412,8 +408,8 @@ def render(c: Costs, text_path) -> str:
         generating += (g.n_todo + g.n_new_baselines) * t.generation_s
         total += t.load_s + score_s + (g.n_todo + g.n_new_baselines) * t.generation_s
     if c.timings:
-        where = "on this machine" if c.launcher in ("sequential", "joblib") else "of compute in all, at this " \
-            "machine's speed"
+        on_this_machine = c.sequential or c.launcher == LauncherKind.joblib
+        where = "on this machine" if on_this_machine else "of compute in all, at this machine's speed"
         lines.append(f"  time        ~{duration(total / max(1, c.concurrent_jobs))} {where} (an estimate: "
                      f"load + {todo} point{plural(todo)} + {len(new)} baseline{plural(len(new))} x "
                      f"{c.groups[0].n_windows} windows"
@@ -436,11 +432,11 @@ def render(c: Costs, text_path) -> str:
 
 def _launcher_lines(c: Costs) -> list[str]:
     mem = gb(c.job_memory)
-    if c.launcher == "sequential":
+    if c.sequential:
         return [f"  launcher    sequential: one process, {c.threads} thread{plural(c.threads)}, the model loaded "
                 f"once"]
     cfg = c.launcher_cfg or {}
-    if c.launcher == "joblib":
+    if c.launcher == LauncherKind.joblib:
         lines = [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} thread{plural(c.threads)} per "
                  f"job, ~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]
     else:
@@ -453,7 +449,7 @@ def _launcher_lines(c: Costs) -> list[str]:
             lines.append(f"              the F32 container is not built yet: jobs starting at once would each "
                          f"write {gb(g.model_bytes)}; build it first (sweep score data.n_windows=2 "
                          f"model.path=...)")
-    if c.timings and c.launcher != "joblib":
+    if c.timings and c.launcher != LauncherKind.joblib:
         t, g = c.timings[0], c.groups[0]
         task = t.load_s + g.n_windows * t.point_window_s + t.generation_s
         lines.append(f"              per task ~{duration(task)} (load + one point), plus "

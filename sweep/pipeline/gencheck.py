@@ -88,7 +88,7 @@ def check_point(cfg, key: str, sessions: Sessions) -> dict:
     if cached is not None:
         return cached
     ref = open_reference(OmegaConf.merge(cfg, {"run": {"progress": False}}), sessions=sessions)
-    target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes, cfg.get("expert", "all"))
+    target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes, cfg.expert)
     fmt = make_format(**cfg.fmt)
     with point_backend(ref, target) as (backend, matched):
         expected = baseline_completions(backend, ref, matched, prompts, max_new)

@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
+from ..choices import LauncherKind, launcher_kind
 from ..errors import SweepError
 from ..llama.backend import Backend, tokens_of
 from ..llama.capacity import auto_container
@@ -63,7 +64,7 @@ class _Checker:
 
     def container(self, cfg, launcher) -> str:
         """model.container=auto's choice for this job's model and window, said once per model."""
-        key = (str(cfg.model.path), int(cfg.data.n_ctx), cfg.model.get("cache_dir"), bool(cfg.model.n_gpu_layers))
+        key = (str(cfg.model.path), int(cfg.data.n_ctx), cfg.model.cache_dir, bool(cfg.model.n_gpu_layers))
         if key not in self.containers:
             chosen, why = auto_container(cfg, launcher)
             print(f"model.container=auto: {chosen} for {self.info(cfg.model.path).path.name} ({why})", flush=True)
@@ -260,8 +261,7 @@ def _config_dir():
 def check_rpc_launcher(points, launcher) -> None:
     """An RPC server serves one client at a time (llama.cpp's rpc_serve_client loop): parallel jobs on the same
     servers would only wait for each other, each holding the model in the servers' memory in turn."""
-    target = str(launcher.get("_target_", "")) if launcher is not None else ""
-    if any(cfg.model.get("rpc") for cfg, _ in points) and target and not target.endswith("BasicLauncher"):
+    if any(cfg.model.rpc for cfg, _ in points) and launcher_kind(launcher) != LauncherKind.basic:
         raise SweepError("model.rpc runs with the sequential launcher only (an RPC server serves one client at a "
                          "time, so parallel jobs would queue on it): drop hydra/launcher=...")
 

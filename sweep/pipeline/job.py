@@ -14,8 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..cores import available_cores
+from ..llama.cache import cache_root
 from ..llama.capacity import settled
-from ..llama.container import compute_settings, default_cache_dir, runtime_identity
+from ..llama.container import compute_settings, runtime_identity
 from ..llama.model_file import model_info, resolve_model_path, sha256
 from ..llama.rpc import on_server_lost
 from ..prefix.reuse import PrefixSettings
@@ -74,8 +75,7 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
         try:
             with on_server_lost(lost):
                 ref = open_reference(cfg, inputs, sessions)
-                target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes,
-                                 cfg.get("expert", "all"))
+                target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes, cfg.expert)
                 prompts = tuple(cfg.metrics.prompts) if generate_here else ()
                 out = run_point(ref, target, fmt, cfg.run.progress, store, kld=cfg.metrics.kld, prompts=prompts,
                                 max_new_tokens=cfg.metrics.max_new_tokens, stop=stop,
@@ -102,7 +102,7 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
     fmt = make_format(**cfg.fmt)
     # metrics.generate: true checks every point in its job; top:N only the worst, after the sweep (gencheck.py)
     generate_here = generation_mode(cfg.metrics.generate) is None
-    expert = parse_experts(cfg.get("expert", "all"), model_info(resolve_model_path(cfg.model.path)))
+    expert = parse_experts(cfg.expert, model_info(resolve_model_path(cfg.model.path)))
     return point_key(model_sha256=model_sha256, container=cfg.model.container, data_sha256=data_sha256,
                      n_ctx=cfg.data.n_ctx, n_windows=cfg.data.n_windows, kind=cfg.kind, tensor=cfg.tensor,
                      layers=layers, fmt=fmt.key_fields(), kld=cfg.metrics.kld, alpha=cfg.metrics.alpha,
@@ -121,9 +121,9 @@ def job_key(cfg: DictConfig, model_sha256: str, data_sha256: str, layers: tuple[
 def prefix_settings(cfg: DictConfig) -> PrefixSettings:
     """run.prefix_reuse / run.prefix_stages / run.prefix_starts; stages and residuals are cached where the F32
     containers are."""
-    cache = Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()
-    starts = cfg.run.get("prefix_starts")
-    return PrefixSettings(bool(cfg.run.get("prefix_reuse", True)), int(cfg.run.get("prefix_stages", 8)), cache,
+    cache = cache_root(cfg.model.cache_dir)
+    starts = cfg.run.prefix_starts
+    return PrefixSettings(bool(cfg.run.prefix_reuse), int(cfg.run.prefix_stages), cache,
                           None if starts is None else tuple(int(s) for s in starts))
 
 
@@ -151,6 +151,6 @@ def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict
 
 def _expert_label(cfg, inputs) -> str:
     try:
-        return expert_label(parse_experts(cfg.get("expert", "all"), inputs.info))
+        return expert_label(parse_experts(cfg.expert, inputs.info))
     except Exception:  # the point failed; its label must not fail too
-        return str(cfg.get("expert", "all"))
+        return str(cfg.expert)

@@ -73,8 +73,7 @@ def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None 
     owner), else loaded for this reference alone (closed with it)."""
     inputs = inputs or load_inputs(cfg)  # the text first: a missing text fails fast
     cfg = settled(cfg)  # model.container=auto outside a sweep (which settles it before its jobs: grid.py)
-    cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else None
-    file = container_path(inputs.source, cfg.model.container, cache_dir)
+    file = container_path(inputs.source, cfg.model.container, cfg.model.cache_dir)
     threads = int(cfg.run.threads or available_cores())
     settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
     n_ctx = int(cfg.data.n_ctx)

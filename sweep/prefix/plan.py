@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -23,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
 from ..cores import available_cores, available_memory
 from ..files import atomic_write_bytes
 from ..llama.backend import Backend
 from ..llama.block_timing import blocks_and_head_seconds
+from ..llama.cache import cache_root, profile_file, residuals_file
 from ..llama.capacity import gb, gguf_sizes, nearest_existing, need
-from ..llama.container import compute_settings, default_cache_dir, f32_container_path, runtime_identity
+from ..llama.container import compute_settings, f32_container_path, runtime_identity
+from ..llama.gguf_names import block_of
 from ..llama.model_file import sha256
 from ..llama.stage_check import stage_refusal
 from ..scoring.generation import generation_mode
@@ -37,11 +39,9 @@ from ..scoring.text import load_text
 from ..scoring.window_math import BaselineWindow, WindowMath
 from ..store.records import Store, baseline_key, point_key
 from .reuse import (
-    STAGES_DIR,
     disk_bytes,
     io_speeds,
     residuals_key_of,
-    residuals_path,
     static_fallback,
     unwritten_stages,
 )
@@ -49,7 +49,6 @@ from .solve import MARGIN, StageCosts, StagePlan, plan_stages
 
 TIMING_WINDOWS = 2  # what timing a window costs (a load and the window): a plan must promise more to be timed
 PROBE_S = 0.75  # a child process that starts and imports llama_cpp (stage_check.probe_stage: 0.76 s with a load)
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,8 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
     info_of(cfg) -> ModelInfo; windows_of(cfg) -> the windows a point of cfg scores. Says the choice once per model."""
     groups: dict[tuple, list] = {}
     for job, (cfg, target) in zip(jobs, points):
-        if cfg.run.prefix_reuse and cfg.run.get("prefix_starts") is None:
-            key = (str(cfg.model.path), str(cfg.model.container), cfg.model.get("cache_dir"))
+        if cfg.run.prefix_reuse and cfg.run.prefix_starts is None:
+            key = (str(cfg.model.path), str(cfg.model.container), cfg.model.cache_dir)
             groups.setdefault(key, []).append((job, cfg, target))
     settled = []
     for members in groups.values():
@@ -104,7 +103,7 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
         info = info_of(cfg0)
         first_layers: dict[int, float] = {}
         for _, cfg, target in members:
-            if target.layers and static_fallback(info.n_experts, bool(cfg.fmt.get("recipe")),
+            if target.layers and static_fallback(info.n_experts, bool(cfg.fmt.recipe),
                                                  generation_mode(cfg.metrics.generate) is None) is None:
                 first = min(target.layers)
                 first_layers[first] = first_layers.get(first, 0) + windows_of(cfg)
@@ -123,7 +122,7 @@ def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, window
 def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settled:
     """The stages of one model: screened by FLOPs, then planned on a timed window."""
     n, container, n_ctx = info.n_layers, str(cfg.model.container), int(cfg.data.n_ctx)
-    source, cache = info.path, _cache_dir(cfg)
+    source, cache = info.path, cache_root(cfg.model.cache_dir)
     file_bytes, tensors, meta = gguf_sizes(source)
     f32 = container == "f32"
     header = file_bytes - sum(b for b, _ in tensors.values())
@@ -188,10 +187,10 @@ def window_flops(info, tensors: dict, meta: dict, n_ctx: int) -> tuple[float, fl
     token, attention over the window's causal half, the output matrix times the scored rows."""
     arch, n = info.arch, info.n_layers
     matrices = sum(elements for name, (_, elements) in tensors.items()
-                   if _BLOCK.match(name) and len(info.tensor_shapes.get(name, ())) >= 2)
-    width = _first(meta, f"{arch}.embedding_length")
-    heads = _first(meta, f"{arch}.attention.head_count") or 1
-    key_len = _first(meta, f"{arch}.attention.key_length") or width // heads
+                   if block_of(name) is not None and len(info.tensor_shapes.get(name, ())) >= 2)
+    width = _first(meta, Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
+    heads = _first(meta, Keys.Attention.HEAD_COUNT.format(arch=arch)) or 1
+    key_len = _first(meta, Keys.Attention.KEY_LENGTH.format(arch=arch)) or width // heads
     attention = 2 * 2 * heads * key_len * n_ctx * n_ctx / 2
     head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     head = 2 * tensors.get(head_name, (0, info.n_vocab * width))[1] * (n_ctx - 1 - n_ctx // 2)
@@ -262,7 +261,7 @@ def _profile_path(cfg, info, container: str, settings, threads: int, cache: Path
     as_is = not _loaded_file(info, container, cache).exists()
     key = point_key(kind="decode-profile", model_sha256=sha256(info.path), container=container, timed_as_is=as_is,
                     n_ctx=int(cfg.data.n_ctx), threads=threads, runtime=runtime_identity(settings))
-    return Path(cache) / STAGES_DIR / f"profile-{key}.json"
+    return profile_file(cache, key)
 
 
 def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings, starts: list[int]) -> int:
@@ -274,9 +273,6 @@ def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings
     if not (Store(Path(cfg.run.store)).root / "baselines" / f"{bkey}.npz").exists():
         return 0
     rkey = residuals_key_of(sha, container, text, n_ctx, n_windows, settings)
-    cache = _cache_dir(cfg)
-    return 0 if all(residuals_path(cache, rkey, s).exists() for s in starts if s > 0) else n_windows
+    cache = cache_root(cfg.model.cache_dir)
+    return 0 if all(residuals_file(cache, rkey, s).exists() for s in starts if s > 0) else n_windows
 
-
-def _cache_dir(cfg) -> Path:
-    return Path(cfg.model.cache_dir) if cfg.model.get("cache_dir") else default_cache_dir()

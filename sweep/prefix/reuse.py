@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +30,10 @@ import numpy as np
 from ..errors import SweepError
 from ..files import atomic_path, atomic_write_bytes
 from ..llama.backend import PROBE_TOKENS
+from ..llama.cache import io_speeds_file, residuals_file, residuals_meta_file, stage_file
 from ..llama.container import runtime_identity
 from ..llama.embd import EmbeddingBackend
+from ..llama.gguf_names import block_of
 from ..llama.stage_check import probe_stage, stage_refusal
 from ..llama.stage_file import write_stage_file
 from ..llama.stage_view import StageView, node_in_stage
@@ -43,7 +44,6 @@ from .solve import spread_starts
 log = logging.getLogger(__name__)
 
 OK, FALLBACK, OFF = "ok", "fallback", "off"
-RESIDUALS_DIR, STAGES_DIR = "prefix", "stages"
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class Prefixes:
         if self._ahead_of == (key, later[0]):
             return
         self._ahead_of = (key, later[0])
-        self._ahead.start([stage_path(cache_dir, ref, later[0]), residuals_path(cache_dir, key, later[0])])
+        self._ahead.start([stage_path(cache_dir, ref, later[0]), residuals_file(cache_dir, key, later[0])])
 
     def view(self, ref, start: int, starts: tuple[int, ...], cache_dir: Path,
              baseline: Callable[[], object] | None = None, writable: bool = False) -> StageView | str:
@@ -186,7 +186,7 @@ class Prefixes:
             meta, decoded = capture(ref, starts, cache_dir, key, baseline)
             self.extra_windows += decoded
             if (key, start) not in self._residuals:
-                self._residuals[(key, start)] = np.load(residuals_path(cache_dir, key, start), mmap_mode="r")
+                self._residuals[(key, start)] = np.load(residuals_file(cache_dir, key, start), mmap_mode="r")
             stage = self._stage(ref, start, cache_dir, writable)
             if isinstance(stage, str):  # the child process that loaded it first did not survive
                 self.verdicts[checked] = stage
@@ -283,14 +283,13 @@ def residuals_key_of(model_sha256: str, container: str, data_sha256: str, n_ctx:
 
 # ---- measured I/O speeds of stage files, for the plan (solve.py) -------------------------------------------
 
-IO_SPEEDS = "io-speeds.json"  # in <cache>/stages/: bytes per second of the last stage written and loaded here
 DEFAULT_SPEEDS = {"write": 250e6, "load": 1e9}  # before any was measured: a slow disk, conservatively
 
 
 def io_speeds(cache_dir: Path) -> dict[str, float]:
     """Bytes per second a stage file was last written and loaded at in this cache (defaults where not measured)."""
     try:
-        kept = json.loads((Path(cache_dir) / STAGES_DIR / IO_SPEEDS).read_text())
+        kept = json.loads(io_speeds_file(cache_dir).read_text())
         return {k: float(kept.get(k) or v) for k, v in DEFAULT_SPEEDS.items()}
     except (OSError, ValueError, AttributeError):
         return dict(DEFAULT_SPEEDS)
@@ -302,26 +301,18 @@ def note_io_speed(cache_dir: Path, what: str, n_bytes: int, seconds: float) -> N
     speeds = io_speeds(cache_dir)
     speeds[what] = n_bytes / seconds
     try:
-        atomic_write_bytes(Path(cache_dir) / STAGES_DIR / IO_SPEEDS, json.dumps(speeds).encode())
+        atomic_write_bytes(io_speeds_file(cache_dir), json.dumps(speeds).encode())
     except OSError:
         pass  # a read-only cache: the plan keeps its defaults
 
 
-def residuals_path(cache_dir: Path, key: str, start: int) -> Path:
-    return Path(cache_dir) / RESIDUALS_DIR / f"{key}.l_out-{start - 1}.npy"
-
-
 def stage_path(cache_dir: Path, ref, start: int) -> Path:
-    return stage_file_path(cache_dir, ref.model_sha256, ref.container, start)
-
-
-def stage_file_path(cache_dir: Path, model_sha256: str, container: str, start: int) -> Path:
-    return Path(cache_dir) / STAGES_DIR / f"{model_sha256}.{container}.stage{start}.gguf"
+    return stage_file(cache_dir, ref.model_sha256, ref.container, start)
 
 
 def unwritten_stages(cache_dir: Path, model_sha256: str, container: str, starts) -> tuple[int, ...]:
     """The starts whose stage files are not in the cache yet (what a sweep would write)."""
-    return tuple(s for s in starts if not stage_file_path(cache_dir, model_sha256, container, s).exists())
+    return tuple(s for s in starts if not stage_file(cache_dir, model_sha256, container, s).exists())
 
 
 class _NotDecoded(Exception):
@@ -335,9 +326,9 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
     `baseline()` decodes the windows; when it decodes nothing (computed before, or stored), in a decode of the
     windows of their own -- or, with `only_with_baseline`, not at all. Returns the metadata and the windows decoded
     for this alone."""
-    meta_path = Path(cache_dir) / RESIDUALS_DIR / f"{key}.json"
+    meta_path = residuals_meta_file(cache_dir, key)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    todo = [s for s in starts if not residuals_path(cache_dir, key, s).exists()]
+    todo = [s for s in starts if not residuals_file(cache_dir, key, s).exists()]
     if not todo and meta:
         return meta, 0
     full, w = ref.backend, ref.windows
@@ -403,7 +394,7 @@ class _memmaps:
     """One .npy file per stage, written through memory maps and renamed into place only when all are complete."""
 
     def __init__(self, cache_dir: Path, key: str, starts, shape):
-        self.targets = {s: residuals_path(cache_dir, key, s) for s in starts}
+        self.targets = {s: residuals_file(cache_dir, key, s) for s in starts}
         self.shape = shape
         self._paths = []
 
@@ -453,10 +444,8 @@ def disk_bytes(tensors: dict[str, tuple[int, int]], n_layers: int, n_embd: int, 
         stored, n = tensors[name]
         return 4 * n if f32 else stored
 
-    layer = {name: int(m.group(1)) if (m := _BLOCK_LAYER.match(name)) else n_layers for name in tensors}
+    layer = {name: n_layers if (block := block_of(name)) is None else block for name in tensors}
     stages = sum(header_bytes + sum(size(name) for name in tensors if layer[name] >= s)  # globals: n_layers
                  for s in starts)
     return stages, len(starts) * n_windows * n_ctx * n_embd * 4
 
-
-_BLOCK_LAYER = re.compile(r"^blk\.(\d+)\.")

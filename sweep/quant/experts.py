@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from ..errors import SweepError
 from ..llama.backend import PROBE_TOKENS
 from ..llama.ggml_tensor import GGML_TYPE_F32
+from ..llama.gguf_names import in_block
 from ..llama.model_file import ModelInfo
 from .ggml_types import is_ggml, quantizable
 from .indices import parse_indices
@@ -71,7 +72,7 @@ def check_target(kind: str, tensor: str, names: Sequence[str], experts: tuple[in
         return
     if kind == "weight":
         bad = [n for n in names if not is_expert_stack(n, info)]
-        stacks = sorted({re.sub(r"^blk\.\d+\.|\.weight$", "", n) for n in info.tensor_types
+        stacks = sorted({in_block(n).removesuffix(".weight") for n in info.tensor_types
                          if is_expert_stack(n, info)})
         if bad:
             raise SweepError(f"expert={label(experts)}: weight {tensor!r} ({bad[0]}) is not a stack of experts; "

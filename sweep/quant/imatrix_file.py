@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SweepError
-from ..files import atomic_path
+from ..files import atomic_path, file_memo
 
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 
@@ -143,16 +142,11 @@ def write_gguf(path: Path | str, im: Imatrix) -> Path:
     return path
 
 
-def load(path: Path | str) -> dict[str, np.ndarray]:
-    """The importance values per weight name, as llama-quantize hands them to the quantizer (cached per file)."""
-    p = Path(path)
-    st = p.stat() if p.exists() else None
-    return _load(str(p.resolve()), st.st_size if st else -1, st.st_mtime if st else -1.0)
-
-
-@lru_cache(maxsize=4)
-def _load(path: str, size: int, mtime: float) -> dict[str, np.ndarray]:
-    return read(path).importance()
+@file_memo(maxsize=4)
+def load(path: Path) -> dict[str, np.ndarray]:
+    """The importance values per weight name, as llama-quantize hands them to the quantizer (cached per file; its
+    messages name the file resolved)."""
+    return read(path.resolve()).importance()
 
 
 def provenance(path: Path | str) -> list[tuple[str, str | int]]:

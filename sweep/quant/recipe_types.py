@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SweepError
+from ..files import file_memo
 from .ggml_types import GGML_NAME
 
 FLOAT_FORMATS = {"f32": "none", "f16": "fp16", "bf16": "bf16"}  # a recipe's float types as sweep formats
@@ -53,19 +53,9 @@ class RecipeFile:
 _OURS = {ggml: name for name, ggml in GGML_NAME.items()}  # a ggml type's name -> the sweep format of that type
 
 
-def read(path: str | Path) -> RecipeFile:
+@file_memo(maxsize=8)
+def read(p: Path) -> RecipeFile:
     """recipe.json, validated; a bad or missing file is one SweepError line."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        st = None
-    return _read(str(p), str(p.resolve()), st.st_size if st else -1, st.st_mtime_ns if st else -1)
-
-
-@lru_cache(maxsize=8)
-def _read(path: str, resolved: str, size: int, mtime_ns: int) -> RecipeFile:
-    p = Path(path)
     hint = "give the recipe.json that `python -m sweep.recipe` wrote (fmt.recipe=DIR/recipe.json)"
     try:
         raw = p.read_bytes()

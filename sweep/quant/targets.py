@@ -13,14 +13,12 @@ from dataclasses import dataclass, replace
 from ..choices import Kind
 from ..errors import SweepError
 from ..llama.backend import PROBE_TOKENS
+from ..llama.gguf_names import block_name, block_of, in_block
 from ..llama.model_file import ModelInfo
 from . import experts as moe
 from .indices import parse_indices
 
 _LAYER_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
-# A weight's short name is its GGUF name without the block prefix and without ".weight"; any other tensor keeps its
-# suffix (qwen2's `blk.N.attn_q.bias` is `attn_q.bias`), so biases can be targeted too and never pass for weights.
-_BLOCK_WEIGHT = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<base>.+?)(\.weight)?$")
 # Graph nodes that are not meaningful targets: views/permutes of named nodes, unnamed nodes, KV-cache views.
 _NOT_A_TARGET = re.compile(r"\(|^node_\d+$|^cache_|^leaf_")
 
@@ -65,18 +63,20 @@ def parse_layers(layer, n_layers: int) -> tuple[int, ...]:
 
 
 def block_weight_names(info: ModelInfo) -> list[str]:
-    """Short names of the weights found in the model's blocks (from the GGUF, not from a list per architecture)."""
-    names = {m["base"] for n in info.tensor_types if (m := _BLOCK_WEIGHT.match(n))}
+    """Short names of the weights found in the model's blocks (from the GGUF, not from a list per architecture).
+    A weight's short name is its GGUF name without the block and without ".weight"; any other tensor keeps its
+    suffix (qwen2's `blk.N.attn_q.bias` is `attn_q.bias`), so biases can be targeted too and never pass for weights."""
+    names = {in_block(n).removesuffix(".weight") for n in info.tensor_types if block_of(n) is not None}
     return sorted(names)
 
 
 def global_weight_names(info: ModelInfo) -> list[str]:
-    return sorted(n.removesuffix(".weight") for n in info.tensor_types if not n.startswith("blk."))
+    return sorted(n.removesuffix(".weight") for n in info.tensor_types if block_of(n) is None)
 
 
-def _tensor_name(prefix: str, short: str, info: ModelInfo) -> str:
-    """The GGUF name of a short name: `attn_q` -> `blk.3.attn_q.weight`, `attn_q.bias` -> `blk.3.attn_q.bias`."""
-    return f"{prefix}{short}.weight" if f"{prefix}{short}.weight" in info.tensor_types else f"{prefix}{short}"
+def _tensor_name(name: str, info: ModelInfo) -> str:
+    """The GGUF name of a short name: `blk.3.attn_q` -> `blk.3.attn_q.weight`, `blk.3.attn_q.bias` as it is."""
+    return f"{name}.weight" if f"{name}.weight" in info.tensor_types else name
 
 
 def block_node_names(node_names: Iterable[str]) -> list[str]:
@@ -142,14 +142,13 @@ def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Ta
     valid = (f"block tensors: {', '.join(block)}; outside the blocks (layer=null): {', '.join(outside)}; "
              f"{ALL}: every tensor of the blocks given, or of the file with layer=null")
     if tensor == ALL:
-        in_blocks = {f"blk.{i}." for i in layers}
-        names = tuple(n for n in info.tensor_types
-                      if not layers or (m := _BLOCK_WEIGHT.match(n)) and f"blk.{m['layer']}." in in_blocks)
+        in_blocks = set(layers)
+        names = tuple(n for n in info.tensor_types if not layers or block_of(n) in in_blocks)
         return Target("weight", ALL, layers, names)
     if tensor in outside and tensor not in block:
         if layers:
             raise SweepError(f"weight {tensor!r} is not in a block: set layer=null for it ({valid})")
-        return Target("weight", tensor, (), (_tensor_name("", tensor, info),))
+        return Target("weight", tensor, (), (_tensor_name(tensor, info),))
     if tensor not in block:
         hint = ""
         if tensor == "output" and "token_embd.weight" in info.tensor_types:
@@ -157,7 +156,7 @@ def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Ta
         raise SweepError(f"unknown weight tensor {tensor!r} in {info.path.name}{hint}; {valid}")
     if not layers:
         raise SweepError(f"weight {tensor!r} lives in every block: give layer=N, layer=[..] or layer=all")
-    names = tuple(_tensor_name(f"blk.{i}.", tensor, info) for i in layers)
+    names = tuple(_tensor_name(block_name(i, tensor), info) for i in layers)
     missing = [n for n in names if n not in info.tensor_types]
     if missing:
         raise SweepError(f"{info.path.name} has no tensor {missing[0]}; {valid}")

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,13 +33,13 @@ from scipy import stats
 
 from ..errors import SweepError
 from ..files import atomic_write_bytes
+from ..llama.gguf_names import block_of
 from ..scoring.metrics import RANKABLE
 from .export import write_recipe
 from .solve import Recipe, make_recipe
 
 log = logging.getLogger("sweep.recipe")
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 OUTSIDE = "outside"  # the chunk of covered tensors outside the blocks (token_embd, output)
 
 
@@ -57,21 +56,20 @@ def chunks(tensors, blocks: int) -> dict[str, list[int] | None]:
     """Joint points' chunks of covered tensors: label -> block numbers (None: the tensors outside the blocks)."""
     if blocks < 1:
         raise SweepError(f"--loop-blocks {blocks}: give at least 1 block per joint point")
-    nums = sorted({int(m.group(1)) for t in tensors if (m := _BLOCK.match(t))})
+    nums = sorted({b for t in tensors if (b := block_of(t)) is not None})
     out: dict[str, list[int] | None] = {}
     for i in range(0, len(nums), blocks):
         part = nums[i:i + blocks]
         out[f"blk {part[0]}" if len(part) == 1 else f"blk {part[0]}-{part[-1]}"] = part
-    if any(not _BLOCK.match(t) for t in tensors):
+    if any(block_of(t) is None for t in tensors):
         out[OUTSIDE] = None
     return out
 
 
 def chunk_of(tensor: str, parts: dict[str, list[int] | None]) -> str:
-    m = _BLOCK.match(tensor)
-    if not m:
+    n = block_of(tensor)
+    if n is None:
         return OUTSIDE
-    n = int(m.group(1))
     return next(label for label, nums in parts.items() if nums is not None and n in nums)
 
 

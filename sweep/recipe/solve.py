@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SweepError
+from ..llama.gguf_names import block_of
 from .sizes import SourceModel, padded
 from .table import Table, check_complete
-
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 @dataclass
@@ -112,8 +111,8 @@ def group_key(name: str, patterns: list[str]) -> str:
     """The group a tensor belongs to: the first --group pattern it matches, per block; else itself."""
     for p in patterns:
         if re.search(p, name):
-            m = _BLOCK.match(name)
-            return f"{p}@{m.group(1) if m else '-'}"
+            block = block_of(name)
+            return f"{p}@{'-' if block is None else block}"
     return name
 
 

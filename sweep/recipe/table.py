@@ -8,7 +8,6 @@ in, and the slice it was measured on (validation must stay off those windows).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import SweepError
+from ..llama.gguf_names import split_block
 from ..llama.model_file import embedded_model_path
 from ..scoring.metrics import RANKABLE
 from ..store.records import gather
@@ -135,10 +135,10 @@ def measure_command(missing: list[tuple[str, str]], table: Table) -> str:
     """The sweep that measures the missing (tensor, type) points (those already in its store are reused)."""
     layers, tensors, outside = [], [], []
     for name, _ in missing:
-        m = re.match(r"^blk\.(\d+)\.(.+)\.weight$", name)
-        if m:
-            layers.append(int(m.group(1)))
-            tensors.append(m.group(2))
+        split = split_block(name)
+        if split is not None and split[1].endswith(".weight"):
+            layers.append(split[0])
+            tensors.append(split[1].removesuffix(".weight"))
         else:
             outside.append(name.removesuffix(".weight"))
     fmts = ",".join(dict.fromkeys(ty for _, ty in missing))
