@@ -67,12 +67,8 @@ def test_weights_are_restored_after_a_run(tiny_ref):
 ])
 def test_activation_is_read_back_equal_to_the_format_of_what_llama_computed(tiny_ref, node, fmt, last_rows):
     target = resolve("activation", node, [0, 2], tiny_ref.info, tiny_ref.backend.nodes)
-    tiny_ref.backend.read_back = []
-    try:
+    with tiny_ref.backend.reading_back() as seen:
         out = run_point(tiny_ref, target, fmt, progress=False)
-        seen = tiny_ref.backend.read_back
-    finally:
-        tiny_ref.backend.read_back = None
     assert out.status == "ok"
     assert len(seen) == out.proof.hook_calls == tiny_ref.windows.n_windows * len(target.names)
     assert {name for name, *_ in seen} == set(target.names)

@@ -1,7 +1,7 @@
 """The importance matrix: collected from the eval callback as llama-imatrix collects it, and llama.cpp's file forms.
 
 Independent check of the statistic: the input of blk.L.attn_q / attn_k / attn_v is the graph node attn_norm-L and
-the input of blk.L.ffn_gate / ffn_up is ffn_norm-L, read here through the activation hook (a different path of
+the input of blk.L.ffn_gate / ffn_up is ffn_norm-L, read here through a node observer (a different path of
 the backend); their squared columns summed over the tokens must equal the collector's sums.
 (The cross-check against llama-imatrix itself is bench/crosscheck/imatrix_crosscheck.py.)
 """
@@ -37,10 +37,9 @@ def test_collector_sums_squared_inputs_of_every_block_matmul(tiny_model, windows
             x = x.astype(np.float64)
             seen[name] = seen.get(name, 0) + (x * x).sum(axis=0)
 
-        b.hooked_nodes = frozenset((n, 0) for n in b.nodes if n.startswith(("attn_norm-", "ffn_norm-")))
-        b.activation_hook = hook
-        for w in windows:
-            b.decode_window(w, np.ones(N_CTX, dtype=np.int8))
+        with b.observe_nodes({(n, 0) for n in b.nodes if n.startswith(("attn_norm-", "ffn_norm-"))}, hook):
+            for w in windows:
+                b.decode_window(w, np.ones(N_CTX, dtype=np.int8))
         n_layers = b.n_layers
     names = {f"blk.{i}.{t}.weight" for i in range(n_layers)
              for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}

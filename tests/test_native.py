@@ -40,8 +40,7 @@ def test_the_delta_is_exactly_what_the_matmul_adds(native_ref):
 
     nodes = {("ffn_swiglu-1", 0), ("ffn_out-1", 0), ("l_out-0", 0)}
     tokens, mask = native_ref.windows.tokens[0], native_ref.windows.output_mask
-    b.hooked_nodes, b.activation_hook = frozenset(nodes), keep
-    try:
+    with b.observe_nodes(nodes, keep):
         b.decode_window(tokens, mask)
         before = dict(seen)
         fmt = make_format("int4")
@@ -50,8 +49,6 @@ def test_the_delta_is_exactly_what_the_matmul_adds(native_ref):
         after = dict(seen)
         b.decode_window(tokens, mask)  # the delta is gone with the block
         again = dict(seen)
-    finally:
-        b.hooked_nodes, b.activation_hook = frozenset(), None
     w = dequantized_weight(b, name)
     delta = fmt(w, tensor=name) - w
     assert np.array_equal(before["l_out-0"], after["l_out-0"])
@@ -126,16 +123,13 @@ def test_an_expert_of_a_quantized_moe_stack_through_its_delta(tmp_path_factory, 
         name = target.names[0]
         assert not b.holds_f32(name)
         seen = {}
-        b.hooked_nodes = frozenset({("ffn_moe_swiglu-1", 0), ("ffn_moe_down-1", 0)})
-        b.activation_hook = lambda node, x: seen.__setitem__(node, x.copy())
-        try:
+        with b.observe_nodes({("ffn_moe_swiglu-1", 0), ("ffn_moe_down-1", 0)},
+                             lambda node, x: seen.__setitem__(node, x.copy())):
             tokens, mask = ref.windows.tokens[0], ref.windows.output_mask
             b.decode_window(tokens, mask)
             before = dict(seen)
             with applied(b, target, fmt) as proof:
                 b.decode_window(tokens, mask)
-        finally:
-            b.hooked_nodes, b.activation_hook = frozenset(), None
         w = dequantized_weight(b, name)[1]
         delta = (fmt(w.copy(), tensor=name) - w).astype(np.float64)
         moved = (seen["ffn_moe_down-1"].astype(np.float64) - before["ffn_moe_down-1"]).reshape(-1, w.shape[0])

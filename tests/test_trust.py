@@ -121,12 +121,8 @@ def test_a_point_whose_hook_ran_a_wrong_number_of_times_fails_with_that_reason(f
 def test_per_token_means_one_row_per_token_on_3d_nodes(f32_ref):
     target = resolve("activation", "Qcur@rope", 1, f32_ref.info, f32_ref.backend.nodes)
     fmt = make_format("int8", granularity="per_token")
-    f32_ref.backend.read_back = []
-    try:
+    with f32_ref.backend.reading_back() as seen:
         run_point(f32_ref, target, fmt, progress=False)
-        seen = f32_ref.backend.read_back
-    finally:
-        f32_ref.backend.read_back = None
     for _, computed, _written, read_back in seen:
         assert computed.ndim == 3
         rows = computed.reshape(computed.shape[0], -1)

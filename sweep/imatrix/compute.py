@@ -1,8 +1,9 @@
 """`python -m sweep.imatrix [overrides] out=PATH`: an importance matrix computed on the text, as llama-imatrix does.
 
-For every matrix multiplication of the model (the backend's matmul observer: the context's eval callback sees each
-MUL_MAT / MUL_MAT_ID node once computed), the sum over tokens of the squared input activations per column, and the
-number of tokens, per weight tensor. The rules are tools/imatrix/imatrix.cpp's of the vendored llama.cpp:
+For every matrix multiplication of the model (a matmul observer of the backend, `Backend.observe_matmuls`: the
+context's eval callback sees each MUL_MAT / MUL_MAT_ID node once computed), the sum over tokens of the squared input
+activations per column, and the number of tokens, per weight tensor. The rules are tools/imatrix/imatrix.cpp's of
+the vendored llama.cpp:
   * MUL_MAT nodes count only when their input has >= 16 rows, is F32, and the weight is a block tensor (`blk.*`;
     `output.weight` too with process_output=true); MUL_MAT_ID nodes always, per routed expert;
   * sums accumulate in float32, row after row (the same rounding as llama-imatrix's loop);
@@ -95,13 +96,10 @@ class Collector:
 def collect(backend: Backend, windows: np.ndarray, process_output: bool = False, progress: bool = True) -> Collector:
     """Decode every window with all logits requested, collecting llama-imatrix's statistic."""
     col = Collector(process_output)
-    backend.matmul_observer = col
-    try:
+    with backend.observe_matmuls(col):
         everything = np.ones(windows.shape[1], dtype=np.int8)
         for w in tqdm(windows, desc="imatrix", unit="window", disable=not progress):
             backend.decode_window(w, everything)
-    finally:
-        backend.matmul_observer = None
     return col
 
 

@@ -3,8 +3,9 @@ that talks to llama.cpp.
 
 It offers three mechanisms and no policy:
   * `decode_window`: one window of tokens in, the logits of the requested positions out;
-  * an activation hook: a function called with the data of chosen graph nodes right after llama.cpp computed
-    them, whose return value is written back before anything downstream reads it (the context's eval callback);
+  * observers and replacements of graph nodes, called with a node's data right after llama.cpp computed it (a
+    replacement's result is written back before anything downstream reads it): the context's eval callback,
+    registered through context managers that stack (observe.py);
   * weight access: read/write of the model's weight tensors in place (model loaded without mmap: `writable_weights`;
     a model memory-mapped from its file loads faster and can only be read).
 Reads and writes go through ggml_backend_tensor_get/set, never through `tensor->data`, so GPU backends work too.
@@ -18,7 +19,6 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +28,11 @@ from llama_cpp._ggml import libggml
 from threadpoolctl import ThreadpoolController
 
 from ..errors import SweepError
-from .ggml_tensor import (
-    GGML_TYPE_F32,
-    GGML_TYPE_I32,
-    MATMUL_OPS,
-    GGMLTensor,
-    TensorPtr,
-    matmul_view,
-)
+from .ggml_tensor import GGML_TYPE_F32, GGMLTensor
+from .observe import NodeHooks, read_f32, shape_of, write_f32
 from .rpc import offload_devices, placement
 from .vocab import tokenize
-from .weight_delta import WeightDelta, add_delta, consumed_weight
+from .weight_delta import consumed_weight
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +136,6 @@ def tokens_of(path: Path, text: str) -> np.ndarray:
         llama_cpp.llama_model_free(model)
 
 
-ActivationHook = Callable[[str, np.ndarray], "np.ndarray | None"]
-
-
 @functools.cache
 def _blas():
     return ThreadpoolController().select(user_api="blas")
@@ -158,20 +149,14 @@ def one_blas_thread():
     return _blas().limit(limits=1)
 
 
-class Backend:
-    """One model and one context of `n_ctx` tokens, reusable across many perturbations."""
-
-    # When set: `wants(MatMul without data)` is asked for every MUL_MAT / MUL_MAT_ID node before it is scheduled,
-    # and the observer is called with the `MatMul` (ggml_tensor.py) of each wanted node once computed.
-    matmul_observer = None
-    # When set: `wants(name)` is asked for every node, and `(name, data, output_mask)` called with the data of each
-    # wanted node once computed (sweep/llama/routing.py reads the MoE expert ids and router probabilities this way);
-    # output_mask: the decoded window's logit mask, None outside `decode_window` (generation).
-    routing_observer = None
+class Backend(NodeHooks):
+    """One model and one context of `n_ctx` tokens, reusable across many perturbations. Its eval callback and the
+    observers and replacements registered with it: NodeHooks (observe.py)."""
 
     def __init__(self, path: Path, n_ctx: int, n_threads: int, *, settings: ComputeSettings,
                  writable_weights: bool = False):
         _init_once()
+        self._init_hooks()
         self.path, self.n_ctx, self.n_threads, self.settings = Path(path), n_ctx, n_threads, settings
         self.writable = writable_weights
         mparams = llama_cpp.llama_model_default_params()
@@ -226,17 +211,9 @@ class Backend:
             b.seq_id[k][0] = 0
         self._b_pos[:] = np.arange(n_ctx, dtype=np.int32)
 
-        # Hook state: which node occurrences (name, index) to hand to `activation_hook`.
-        self.hooked_nodes: frozenset[tuple[str, int]] = frozenset()
-        self._seen: dict[str, int] = {}  # occurrences of each name so far in the current decode
-        self.activation_hook: ActivationHook | None = None
-        self.hook_error: BaseException | None = None
-        # When a list, every hooked node is read back after the write: (name, computed, written, read back).
-        self.read_back: list | None = None
-        self.output_mask = None  # the mask of the window being decoded (routing_observer)
+        # the logit mask of the window being decoded, None outside `decode_window` (generation); routing.py reads it
+        self.output_mask = None
         self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
-        # Weight points on quantized tensors: (fmt(W) - W)·x added to every consumer's output (weight_delta.py)
-        self.weight_deltas: dict[str, WeightDelta] = {}
         self.consumers: dict[str, int] = {}  # per weight, the nodes of one decode that multiply by / gather it
         # Filled by the probe decode: every node of the graph and every weight tensor reachable from it.
         self._collect = False
@@ -294,7 +271,7 @@ class Backend:
 
     def generate_greedy(self, prompt: np.ndarray, max_new: int) -> list[int]:
         """Greedy continuation of `prompt` (a fresh sequence), stopping at end-of-generation or `max_new` tokens.
-        Hooks and weight changes apply as in scoring."""
+        Observers, replacements and weight changes apply as in scoring."""
         self._check_open()
         n = len(prompt)
         if n + max_new > self.n_ctx:
@@ -327,18 +304,16 @@ class Backend:
 
     def _decode(self) -> None:
         """llama_decode of the prepared batch; time spent inside it is added to `decode_seconds`."""
-        self.hook_error = None
-        self._seen = {}
+        self._new_decode()
         t0 = time.perf_counter()
         with one_blas_thread():
             rc = llama_cpp.llama_decode(self.ctx, self._batch)
         self.decode_seconds += time.perf_counter() - t0
-        if self.hook_error is not None:
-            raise self.hook_error
+        self._raise_hook_error()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
-    # ---- graph introspection and the activation hook -------------------------------------------------------
+    # ---- graph introspection --------------------------------------------------------------------------------
 
     @property
     def node_names(self) -> set[str]:
@@ -356,82 +331,22 @@ class Backend:
             self._collect = False
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
-    def _on_eval(self, t_ptr, ask, user_data):
-        t = ctypes.cast(t_ptr, TensorPtr).contents
-        name = t.name.decode("utf-8", "replace")
-        if ask:
-            index = self._seen.get(name, 0)
-            self._seen[name] = index + 1
-            if self._collect:
-                op = (libggml.ggml_op_desc(t_ptr) or b"?").decode().lower()
-                self.nodes.setdefault(name, []).append(
-                    NodeOccurrence(name, index, op, self._shape(t),
-                                   t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else "",
-                                   t.type))
-                if (used := consumed_weight(t)) and _WEIGHT_NAME.match(used):
-                    self.consumers[used] = self.consumers.get(used, 0) + 1
-                for src in t.src:
-                    if src:
-                        sname = src.contents.name.decode("utf-8", "replace")
-                        if _WEIGHT_NAME.match(sname):
-                            self._weights[sname] = ctypes.addressof(src.contents)
-                            copies = self._copies.setdefault(sname, [])
-                            if self._weights[sname] not in copies:
-                                copies.append(self._weights[sname])
-            observe = self.matmul_observer is not None and t.op in MATMUL_OPS \
-                and self.matmul_observer.wants(matmul_view(t, with_data=False))
-            routed = self.routing_observer is not None and self.routing_observer.wants(name)
-            delta = bool(self.weight_deltas) and consumed_weight(t) in self.weight_deltas
-            return (name, index) in self.hooked_nodes or observe or routed or delta
-        try:
-            if self.weight_deltas and (used := consumed_weight(t)) in self.weight_deltas:
-                add_delta(t_ptr, t, self.weight_deltas[used])
-            if self.matmul_observer is not None and t.op in MATMUL_OPS:
-                m = matmul_view(t, with_data=False)
-                if self.matmul_observer.wants(m):
-                    self.matmul_observer(matmul_view(t))
-            if self.routing_observer is not None and self.routing_observer.wants(name) and \
-                    libggml.ggml_is_contiguous(t_ptr) and t.type in (GGML_TYPE_F32, GGML_TYPE_I32):
-                x = np.empty(self._shape(t), dtype=np.int32 if t.type == GGML_TYPE_I32 else np.float32)
-                libggml.ggml_backend_tensor_get(t_ptr, x.ctypes.data, 0, x.nbytes)
-                self.routing_observer(name, x, self.output_mask)
-            if (name, self._seen[name] - 1) in self.hooked_nodes:  # the node just asked for is this one
-                self._run_hook(t_ptr, t, name)
-        except BaseException as e:  # an exception cannot cross the C boundary: stop the decode, re-raise later
-            self.hook_error = e
-            return False
-        return True
-
-    def _run_hook(self, t_ptr, t: GGMLTensor, name: str) -> None:
-        if self.activation_hook is None:
-            return
-        x = self._get(t_ptr, t, name)
-        y = self.activation_hook(name, x)
-        if y is not None:
-            self._set(t_ptr, t, name, y)
-            if self.read_back is not None:
-                self.read_back.append((name, x, y, self._get(t_ptr, t, name)))
-
-    @staticmethod
-    def _shape(t: GGMLTensor) -> tuple[int, ...]:
-        ne = [int(n) for n in t.ne]
-        while len(ne) > 1 and ne[-1] == 1:
-            ne.pop()
-        return tuple(reversed(ne))  # ggml ne (fastest first) -> numpy row-major shape
-
-    def _get(self, t_ptr, t: GGMLTensor, name: str) -> np.ndarray:
-        if t.type != GGML_TYPE_F32 or not libggml.ggml_is_contiguous(t_ptr):
-            raise SweepError(f"tensor {name!r} is not a contiguous F32 tensor (ggml type {t.type}); "
-                             f"only F32 tensors can be fake-quantized in place")
-        x = np.empty(self._shape(t), dtype=np.float32)
-        libggml.ggml_backend_tensor_get(t_ptr, x.ctypes.data, 0, x.nbytes)
-        return x
-
-    def _set(self, t_ptr, t: GGMLTensor, name: str, y: np.ndarray) -> None:
-        y = np.ascontiguousarray(y, dtype=np.float32)
-        if y.shape != self._shape(t):
-            raise ValueError(f"shape {y.shape} written to {name!r} of shape {self._shape(t)}")
-        libggml.ggml_backend_tensor_set(t_ptr, y.ctypes.data, 0, y.nbytes)
+    def _collect_node(self, t_ptr, t: GGMLTensor, name: str, index: int) -> None:
+        """The probe's record of one node (every occurrence, its op and shape) and of the weights it reads."""
+        op = (libggml.ggml_op_desc(t_ptr) or b"?").decode().lower()
+        self.nodes.setdefault(name, []).append(
+            NodeOccurrence(name, index, op, shape_of(t),
+                           t.view_src.contents.name.decode("utf-8", "replace") if t.view_src else "", t.type))
+        if (used := consumed_weight(t)) and _WEIGHT_NAME.match(used):
+            self.consumers[used] = self.consumers.get(used, 0) + 1
+        for src in t.src:
+            if src:
+                sname = src.contents.name.decode("utf-8", "replace")
+                if _WEIGHT_NAME.match(sname):
+                    self._weights[sname] = ctypes.addressof(src.contents)
+                    copies = self._copies.setdefault(sname, [])
+                    if self._weights[sname] not in copies:
+                        copies.append(self._weights[sname])
 
     # ---- weights --------------------------------------------------------------------------------------------
 
@@ -455,7 +370,7 @@ class Backend:
 
     def read_weight(self, name: str) -> np.ndarray:
         ptr, t = self._weight(name)
-        return self._get(ptr, t, name)
+        return read_f32(ptr, t, name)
 
     def holds_f32(self, name: str) -> bool:
         """Whether llama.cpp holds the weight in F32, the one type fake-quantized values can be written into."""
@@ -464,7 +379,7 @@ class Backend:
     def weight_layout(self, name: str) -> tuple[int, tuple[int, ...]]:
         """The ggml type llama.cpp holds the weight in, and its numpy shape."""
         t = self._weight(name)[1]
-        return int(t.type), self._shape(t)
+        return int(t.type), shape_of(t)
 
     def write_weight(self, name: str, data: np.ndarray) -> None:
         if not self.writable:  # the weights are read-only pages of the file: writing would crash the process
@@ -472,7 +387,7 @@ class Backend:
                                f"writable_weights=True to write {name}")
         ptr, t = self._weight(name)
         for addr in self._copies.get(name, [ctypes.addressof(t)]):  # every copy llama.cpp loaded
-            self._set(ctypes.c_void_p(addr), GGMLTensor.from_address(addr), name, data)
+            write_f32(ctypes.c_void_p(addr), GGMLTensor.from_address(addr), name, data)
 
     def weight_copies(self, name: str) -> int:
         """How many tensors llama.cpp loaded under this name (2: a tied embedding with its output offloaded)."""

@@ -26,14 +26,10 @@ def blocks_and_head_seconds(backend: Backend, n_tokens: int) -> tuple[float, flo
     mask[n // 2:n - 1] = 1
     tokens = np.full(n, backend.bos if backend.bos >= 0 else 0, np.int32)
     at: list[float] = []
-    backend.hooked_nodes = frozenset({(name, 0)})
-    backend.activation_hook = lambda _name, _x: at.append(time.perf_counter())
-    try:
+    with backend.observe_nodes({(name, 0)}, lambda _name, _x: at.append(time.perf_counter())):
         t0 = time.perf_counter()
         logits = backend.decode_window(tokens, mask)
         t1 = time.perf_counter()
-    finally:
-        backend.hooked_nodes, backend.activation_hook = frozenset(), None
     if not at:
         return None
     return at[0] - t0, t1 - at[0], logits

@@ -3,8 +3,8 @@
 A MoE block (llama.cpp src/llama-graph.cpp, build_moe_ffn) computes the router's probabilities (`ffn_moe_probs-N`,
 float, tokens x experts), sorts them (`ffn_moe_argsort-N`, integer expert ids, best first) and keeps the first
 expert_used_count ids of each token (`ffn_moe_topk-N`, a view of the argsort). Both nodes are read through the eval
-callback (`Backend.routing_observer`), so the counts are those of the decode that was scored -- with the point's
-perturbation applied -- not a re-computation.
+callback (a node observer, `Backend.observe_nodes` in sweep/llama/observe.py), so the counts are those of the decode
+that was scored -- with the point's perturbation applied -- not a re-computation.
 
 Only scored tokens count (the logit mask of the window: positions n_ctx/2 .. n_ctx-2); in the last block llama.cpp
 computes only those rows, elsewhere every token's row, and the mask picks the scored ones.
@@ -25,7 +25,7 @@ _ROUTING_NODE = re.compile(rf"^(?P<base>{ARGSORT}|{PROBS})-(?P<layer>\d+)$")
 
 class RoutingTracker:
     """The routing of every decode while installed: `current[layer]` holds the expert ids, best first (tokens x
-    experts; the first n_used are the selected ones), of the decode in progress (what a per-expert activation hook
+    experts; the first n_used are the selected ones), of the decode in progress (what a per-expert activation point
     needs), and the scored tokens' ids and router probabilities are collected per layer, in decode order, for the
     record."""
 
@@ -84,14 +84,13 @@ def _scored_rows(rows: np.ndarray, output_mask: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def tracking(backend, n_used: int) -> Iterator[RoutingTracker]:
-    """Within the block, `backend` reports its routing to the tracker yielded."""
+def tracking(backend, n_used: int, counting: bool = True) -> Iterator[RoutingTracker]:
+    """Within the block, `backend` reports its routing to the tracker yielded (`counting`: False keeps only the
+    decode in progress's ids, `current`). Trackers stack: each one sees every decode of its block."""
     tracker = RoutingTracker(n_used)
-    previous, backend.routing_observer = backend.routing_observer, tracker
-    try:
+    tracker.counting = counting
+    with backend.observe_nodes(tracker.wants, lambda name, data: tracker(name, data, backend.output_mask)):
         yield tracker
-    finally:
-        backend.routing_observer = previous
 
 
 def changed_tokens(run: RoutingTracker, base: RoutingTracker) -> tuple[dict[int, int], int]:

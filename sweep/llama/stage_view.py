@@ -9,7 +9,7 @@ of tokens is decoded from the residual stream the baseline captured for it (`l_o
 from __future__ import annotations
 
 import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
 
 import numpy as np
 
@@ -61,17 +61,13 @@ class Renamed(MutableMapping):
 class StageView:
     """The stage backend starting at block `start`, fed `residuals[i]` (n_ctx x n_embd) for window i."""
 
-    routing_observer = None  # MoE points never reuse a prefix (their routing is tracked on the full model)
-    matmul_observer = None  # it would see the stage's numbering: no point that needs one decodes a stage
-    # slots: setting any other attribute (an observer, a Backend field) fails loudly instead of doing nothing
-    __slots__ = ("stage", "start", "residuals", "_index", "_hooked", "_hook")
+    # slots: setting any other attribute (a Backend field) fails loudly instead of doing nothing
+    __slots__ = ("stage", "start", "residuals", "_index")
 
     def __init__(self, stage: EmbeddingBackend, start: int, residuals: np.ndarray, windows: np.ndarray):
         self.stage, self.start, self.residuals = stage, start, residuals
         # a window is known by its tokens: scoring hands over tokens, the residuals are stored by window index
         self._index = {w.tobytes(): i for i, w in reversed(list(enumerate(windows)))}
-        self._hooked: frozenset = frozenset()
-        self._hook = None
 
     # what scoring reads
     n_ctx = property(lambda self: self.stage.n_ctx)
@@ -113,25 +109,27 @@ class StageView:
     weight_deltas = property(lambda self: Renamed(self.stage.weight_deltas, self.start))
     consumers = property(lambda self: Renamed(self.stage.consumers, self.start))
 
-    # the activation hook, by the full model's node names
-    @property
-    def hooked_nodes(self) -> frozenset:
-        return self._hooked
+    # node observers and replacements (sweep/llama/observe.py), by the full model's node names; MoE points, whose
+    # routing is tracked, never reuse a prefix
+    def observe_nodes(self, nodes, fn: Callable):
+        return self.stage.observe_nodes(self._in_stage(nodes), self._in_model(fn))
 
-    @hooked_nodes.setter
-    def hooked_nodes(self, nodes) -> None:
-        self._hooked = frozenset(nodes)
-        self.stage.hooked_nodes = frozenset((node_in_stage(n, self.start), i) for n, i in self._hooked)
+    def replace_nodes(self, nodes: Collection[tuple[str, int]], fn: Callable):
+        return self.stage.replace_nodes(self._in_stage(nodes), self._in_model(fn))
 
-    @property
-    def activation_hook(self):
-        return self._hook
+    def replacements_paused(self):
+        return self.stage.replacements_paused()
 
-    @activation_hook.setter
-    def activation_hook(self, hook) -> None:
-        self._hook = hook
-        self.stage.activation_hook = None if hook is None else \
-            (lambda name, x: hook(node_in_model(name, self.start), x))
+    def observe_matmuls(self, observer):
+        raise TypeError("a stage's matmuls carry the stage's weight names: no point that observes them decodes a stage")
+
+    def _in_stage(self, nodes):
+        if callable(nodes):
+            return lambda name: nodes(node_in_model(name, self.start))
+        return frozenset((node_in_stage(n, self.start), i) for n, i in nodes)
+
+    def _in_model(self, fn: Callable) -> Callable:
+        return lambda name, x: fn(node_in_model(name, self.start), x)
 
     def placement(self) -> dict:
         return self.stage.placement()

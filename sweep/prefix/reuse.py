@@ -134,8 +134,8 @@ def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: Prefix
 
 def writes_weights(full, target) -> bool:
     """Whether the point writes weights in place (those llama.cpp holds in F32): only then is its stage loaded into
-    writable memory. Quantized weights are perturbed through a delta and activations by the hook; their stages are
-    memory-mapped from the file, which loads in about half the time."""
+    writable memory. Quantized weights are perturbed through a delta and activations by a node replacement; their
+    stages are memory-mapped from the file, which loads in about half the time."""
     if target.kind != "weight":
         return False
     try:
@@ -346,9 +346,7 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
                     arrays[nodes[name][0]][seen[name]] = x
                 seen[name] += 1
 
-            full.hooked_nodes = frozenset((name, i) for name, (_, i) in nodes.items())
-            full.activation_hook = keep
-            try:
+            with full.observe_nodes({(name, i) for name, (_, i) in nodes.items()}, keep):
                 if baseline is not None:
                     base = baseline()
                 if set(seen.values()) != {w.n_windows}:  # the baseline was not decoded here: decode for the rows
@@ -358,8 +356,6 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
                     for tokens in w.tokens:
                         full.decode_window(tokens, mask)
                     decoded += w.n_windows
-            finally:
-                full.hooked_nodes, full.activation_hook = frozenset(), None
     if "window0_logits_sha256" not in meta:
         # the reference: the baseline's own logits, those every point is paired with; without them (metrics.kld=
         # false) the full model's window 0 decoded as points decode it, no node observed

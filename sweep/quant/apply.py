@@ -1,15 +1,16 @@
 """How to apply a format to a target inside the loaded model, and the proof that it was applied.
 
 Weights are rewritten in place and restored on exit (the model stays loaded for the next point); activations are
-rounded by the backend's eval-callback hook during every decode. Either way a `Proof` counts what changed, so a
-perturbation that changed nothing is reported as a no-op instead of as "insensitive".
+rounded during every decode by a node replacement (`Backend.replace_nodes`, sweep/llama/observe.py). Either way a
+`Proof` counts what changed, so a perturbation that changed nothing is reported as a no-op instead of as
+"insensitive".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -168,29 +169,26 @@ def rounded_by_rows(read, shape: tuple[int, ...], own: Format, name: str, thread
 @contextmanager
 def _activations_applied(backend, target: Target, fmt: Format) -> Iterator[Proof]:
     proof = Proof()
+    with ExitStack() as stack:
+        # experts: the rows routed to them, from each decode's routing, read by a tracker of the point's own (beside
+        # any other: trackers stack, sweep/llama/routing.py) that keeps only the decode in progress
+        router = stack.enter_context(tracking(backend, 0, counting=False)) if target.experts else None
 
-    def hook(name: str, x: np.ndarray) -> np.ndarray:
-        if target.experts:  # the rows routed to the experts, from this decode's routing (sweep/llama/routing.py)
-            ids = backend.routing_observer.current[layer_of(name)][:, :x.shape[1]]  # the selected experts
-            y, touched = round_expert_rows(x, ids, target.experts, fmt)
-            proof.add(x[touched], y[touched])
+        def rounded(name: str, x: np.ndarray) -> np.ndarray:
+            if router is not None:
+                ids = router.current[layer_of(name)][:, :x.shape[1]]  # the selected experts
+                y, touched = round_expert_rows(x, ids, target.experts, fmt)
+                proof.add(x[touched], y[touched])
+                return y
+            # Rows are tokens on every node: a 3-D node (tokens x heads x head size) is rounded as tokens x
+            # features, so per_token means the same on Qcur as on l_out (never per token and head).
+            rows = x.reshape(x.shape[0], -1) if x.ndim > 2 and target.token_rows else x
+            y = fmt(rows).reshape(x.shape)
+            proof.add(x, y)
             return y
-        # Rows are tokens on every node: a 3-D node (tokens x heads x head size) is rounded as tokens x features,
-        # so per_token means the same on Qcur as on l_out (never per token and head).
-        rows = x.reshape(x.shape[0], -1) if x.ndim > 2 and target.token_rows else x
-        y = fmt(rows).reshape(x.shape)
-        proof.add(x, y)
-        return y
 
-    backend.hooked_nodes, backend.activation_hook = target.nodes, hook
-    try:
-        if target.experts and backend.routing_observer is None:  # the hook needs each decode's routing
-            with tracking(backend, 0):
-                yield proof
-        else:
-            yield proof
-    finally:
-        backend.hooked_nodes, backend.activation_hook = frozenset(), None
+        stack.enter_context(backend.replace_nodes(target.nodes, rounded))
+        yield proof
 
 
 # ---- metrics.baseline_logits=recompute: the baseline window is decoded alongside each perturbed one -------------
@@ -200,7 +198,7 @@ class Unperturbed:
 
     Weights: F32 originals (read before `applied`) are written for the block and the rounded values (read once,
     at the first switch) after it, both exact copies; quantized weights' deltas are detached for the block.
-    Activations: the hook is detached for the block, so it
+    Activations: the backend's node replacements are paused for the block (its observers go on), so the point
     neither rounds nor counts there (the proof counts the perturbed decodes only, as in the stored mode).
     """
 
@@ -212,12 +210,8 @@ class Unperturbed:
     def __call__(self) -> Iterator[None]:
         b = self.backend
         if self.target.kind != "weight":
-            nodes, hook = b.hooked_nodes, b.activation_hook
-            b.hooked_nodes, b.activation_hook = frozenset(), None
-            try:
+            with b.replacements_paused():
                 yield
-            finally:
-                b.hooked_nodes, b.activation_hook = nodes, hook
             return
         # quantized weights: their deltas are detached for the block; F32 ones are written back and forth
         deltas = {n: b.weight_deltas.pop(n) for n in self.target.names if n in b.weight_deltas}

@@ -42,7 +42,7 @@ class Target:
 
     @property
     def nodes(self) -> frozenset[tuple[str, int]]:
-        """The (name, occurrence) pairs the activation hook rounds."""
+        """The (name, occurrence) pairs an activation point replaces (apply.py)."""
         return frozenset(zip(self.names, self.occurrences))
 
     @property
