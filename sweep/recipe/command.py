@@ -123,11 +123,14 @@ def run(args: argparse.Namespace) -> dict:
     txt, js = write_recipe(args.out, recipe, source, recipe_meta(args, table, types, size_from))
     print(summary(args, recipe, budget, kind, size_from))
     print(f"wrote {txt} and {js}")
-    result = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
+    result: dict[str, object] = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
+    built = None
     if args.build:
-        result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args))
+        built = result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args))
     if args.validate:
-        result["validation"] = validate(table, source_path, recipe, result["built"], imatrix, out_dir=args.out,
+        if built is None:  # (check_arguments refuses --validate without --build)
+            raise SweepError("--validate scores the built file: add --build OUT.gguf")
+        result["validation"] = validate(table, source_path, recipe, built, imatrix, out_dir=args.out,
                                         presets=[p.strip() for p in args.presets.split(",") if p.strip()],
                                         heldout_windows=args.heldout_windows, threads=threads(args),
                                         other_text=other_text)
