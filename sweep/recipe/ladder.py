@@ -45,7 +45,7 @@ class Rung:
     scores: dict[str, FileScore] = field(default_factory=dict)  # "recipe"/"preset" -> FileScore
 
 
-def ladder_sizes(text: str | None, imatrix) -> list[str]:
+def ladder_sizes(text: str | None, imatrix: Path | None) -> list[str]:
     """--sizes's names (checked), or every size of the ladder (the IQ2/IQ3 mixes too with an importance matrix)."""
     if text is None:
         return [*(IMATRIX_LADDER if imatrix else ()), *LADDER]
