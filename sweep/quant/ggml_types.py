@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -27,9 +27,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..cores import available_cores
 from ..errors import SweepError
 from .imatrix_file import load
-
-if TYPE_CHECKING:
-    from .formats import Format
 
 
 @dataclass(frozen=True)
@@ -132,7 +129,7 @@ def needs_imatrix(name: str, tensor: str | None = None) -> bool:
     return True
 
 
-def fake_quant(x: np.ndarray, fmt: Format, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
+def fake_quant(x: np.ndarray, fmt, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
     """x (float32, rows = last axis) stored in fmt's ggml type and read back, by ggml's own code."""
     from ..llama import quantize  # deferred: listing and validating formats needs no llama.cpp library
 
@@ -167,7 +164,7 @@ class Storage(TypedDict, total=False):
     bytes_orig: int  # in its type in the user's file
 
 
-def storage(fmt: Format, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> Storage:
+def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> Storage:
     """What `tensor` of `shape` occupies in `fmt` (and in its original file type): type actually used, bytes."""
     n = int(np.prod(shape)) if shape else 1
     n_per_row = shape[-1] if shape else 1
@@ -189,7 +186,7 @@ def storage(fmt: Format, tensor: str, shape: tuple[int, ...], orig_type: str | N
     return info
 
 
-def check_kind(fmt: Format, kind: str) -> None:
+def check_kind(fmt, kind: str) -> None:
     """A format on a kind it does not apply to (a GGUF type or a recipe on activations) fails before its target is
     looked for."""
     if kind not in fmt.applies_to and is_ggml(fmt.name):
@@ -201,7 +198,7 @@ def check_kind(fmt: Format, kind: str) -> None:
                          f"add kind={fmt.applies_to[0]}")
 
 
-def preflight(fmt: Format, kind: str, names: tuple[str, ...]) -> None:
+def preflight(fmt, kind: str, names: tuple[str, ...]) -> None:
     """Before any job: a format on a kind it does not apply to (a GGUF type on activations), or a GGUF type that
     needs an importance matrix without one, fails here; a recipe, for the format of each of its tensors."""
     check_kind(fmt, kind)
