@@ -131,7 +131,7 @@ def quantized_header_bytes(path: Path, ftype: int, metadata: Sequence[tuple[str,
 
 # ---- the header: metadata and tensor table through ggml's reader (a tokenizer's arrays are never parsed in Python) -
 
-for _fn, _args, _res in [
+_declare([
     ("gguf_get_n_kv", [ctypes.c_void_p], ctypes.c_int64),
     ("gguf_get_key", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
     ("gguf_get_kv_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
@@ -142,8 +142,7 @@ for _fn, _args, _res in [
     ("gguf_get_val_data", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_void_p),
     ("gguf_get_val_str", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
     ("ggml_type_name", [ctypes.c_int], ctypes.c_char_p),
-]:
-    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+])
 
 # enum gguf_type (ggml/include/gguf.h) -> numpy dtype; 7 is bool, 8 string, 9 array
 _GGUF_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
