@@ -10,9 +10,17 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar, cast
 
 T = TypeVar("T")
+
+
+class FileMemo(Protocol[T]):
+    """A function of a file memoised by `file_memo`; its `file_memo` is the lru_cache (cache_info, cache_clear)."""
+
+    file_memo: functools._lru_cache_wrapper[T]
+
+    def __call__(self, path: str | os.PathLike, /) -> T: ...
 
 
 def temporary_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -48,13 +56,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def file_memo(maxsize: int) -> Callable[[Callable[[Path], T]], Callable[[str | os.PathLike], T]]:
+def file_memo(maxsize: int) -> Callable[[Callable[[Path], T]], FileMemo[T]]:
     """`f(path)` computed once per process while the file is unchanged: a pure function of a file's contents,
     memoised (least recently used, `maxsize` entries) by the path as given, the file it resolves to, its size and
     its modification time, so that a file rewritten in place is read again. A path that cannot be stat'ed is not
     memoised: `f` says what is wrong with it. `f` gets the path as a Path."""
 
-    def decorate(f: Callable[[Path], T]) -> Callable[[str | os.PathLike], T]:
+    def decorate(f: Callable[[Path], T]) -> FileMemo[T]:
         @functools.lru_cache(maxsize=maxsize)
         def memo(path: Path, resolved: str, size: int, mtime_ns: int) -> T:
             return f(path)
@@ -68,7 +76,8 @@ def file_memo(maxsize: int) -> Callable[[Callable[[Path], T]], Callable[[str | o
                 return f(path)
             return memo(path, str(path.resolve()), st.st_size, st.st_mtime_ns)
 
-        read.file_memo = memo  # its cache_info() and cache_clear()
-        return read
+        memoised = cast("FileMemo[T]", read)  # a function with an attribute: what the Protocol says
+        memoised.file_memo = memo  # its cache_info() and cache_clear()
+        return memoised
 
     return decorate

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +29,7 @@ class GridSweeper(Sweeper):
         self.params = params  # read back from the config by grid.plan, with the command line's axes
         self.plan = plan
         self.config: DictConfig | None = None
-        self.launcher = None
+        self.launcher: Launcher | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -44,24 +45,27 @@ class GridSweeper(Sweeper):
         from sweep.pipeline.costs import print_grid_plan
         from sweep.pipeline.grid import plan
 
+        config, launcher = self.config, self.launcher
+        if config is None or launcher is None:
+            raise RuntimeError("the sweeper sweeps after Hydra's setup()")
         # Hydra's own overrides (the sweep directory, the launcher) are part of what is validated, not of a job.
-        hydra_overrides = list(self.config.hydra.overrides.hydra)
+        hydra_overrides = list(config.hydra.overrides.hydra)
         overrides = [*hydra_overrides, *arguments]
         if self.plan:
             exit_on_user_error(print_grid_plan, exit_on_user_error(plan, overrides))
             return []
         # a launcher that runs the jobs elsewhere: the checks too (sweep/cluster/preflight.py): no model loaded here
-        elsewhere = launcher_kind(self.config.hydra.launcher) != LauncherKind.basic
+        elsewhere = launcher_kind(config.hydra.launcher) != LauncherKind.basic
         launch, minutes = exit_on_user_error(run_checks, overrides, hydra_overrides, elsewhere)
-        set_time_limit(self.launcher, minutes)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+        set_time_limit(launcher, minutes)
+        sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        OmegaConf.save(config, sweep_dir / "multirun.yaml")
         size = self.max_batch_size or len(launch)
         returns, first = [], 0
         for start in range(0, len(launch), size):
             batch = launch[start:start + size]
-            results = self.launcher.launch(batch, initial_job_idx=first)
+            results = launcher.launch(batch, initial_job_idx=first)
             for r in results:
                 _ = r.return_value  # a failed job raises here, as with Hydra's basic sweeper
             first += len(batch)

@@ -62,6 +62,8 @@ class Collector:
             raise SweepError(f"{m.weight}: input activations are not F32")
         ne0 = m.x_ne[0]
         if m.op == GGML_OP_MUL_MAT_ID:
+            if m.ids is None:
+                raise SweepError(f"{m.weight}: the expert ids were not read")
             n_as = m.weight_ne[2]
             sums, counts = self._entry(m.weight, n_as, ne0, per_expert=True)
             n_tokens, n_ids = m.ids.shape
@@ -84,7 +86,7 @@ class Collector:
         if not np.isfinite(sums).all():
             raise SweepError(f"non-finite activations in {m.weight}")
 
-    def _entry(self, name: str, n_mat: int, ne0: int, per_expert: bool):
+    def _entry(self, name: str, n_mat: int, ne0: int, per_expert: bool) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.sums:
             self.sums[name] = np.zeros((n_mat, ne0), dtype=np.float32)
             self.counts[name] = np.zeros(n_mat if per_expert else 1, dtype=np.int64)

@@ -86,9 +86,15 @@ def strided(t: GGMLTensor, dtype) -> np.ndarray:
                                            strides=tuple(reversed(nb))).copy()
 
 
+def _ne(t: GGMLTensor) -> tuple[int, int, int, int]:
+    """A tensor's ne (ggml's GGML_MAX_DIMS = 4 dimensions)."""
+    n0, n1, n2, n3 = (int(n) for n in t.ne)
+    return n0, n1, n2, n3
+
+
 def matmul_view(t: GGMLTensor, with_data: bool = True) -> MatMul:
     w, x = t.src[0].contents, t.src[1].contents
     f32 = x.type == GGML_TYPE_F32
     ids = strided(t.src[2].contents, np.int32)[0, 0] if with_data and t.op == GGML_OP_MUL_MAT_ID else None
-    return MatMul(int(t.op), w.name.decode("utf-8", "replace"), tuple(int(n) for n in w.ne),
-                  tuple(int(n) for n in x.ne), f32, strided(x, np.float32) if with_data and f32 else None, ids)
+    return MatMul(int(t.op), w.name.decode("utf-8", "replace"), _ne(w), _ne(x), f32,
+                  strided(x, np.float32) if with_data and f32 else None, ids)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from llama_cpp._ggml import libggml
 
 from ..errors import SweepError
 from .ggml_tensor import GGML_MAX_DIMS
-from .quantize import _kv_value
+from .quantize import _kv_str
 
 
 class _GGUFInitParams(ctypes.Structure):
@@ -21,7 +22,13 @@ class _GGUFInitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
-for _fn, _args, _res in [
+def _declare(signatures: list[tuple[str, list[type], type | None]]) -> None:
+    """Declare libggml functions' C signatures: (name, argument types, result type or None for void)."""
+    for fn, args, res in signatures:
+        getattr(libggml, fn).argtypes, getattr(libggml, fn).restype = args, res
+
+
+_declare([
     ("gguf_init_from_file", [ctypes.c_char_p, _GGUFInitParams], ctypes.c_void_p),
     ("gguf_free", [ctypes.c_void_p], None),
     ("gguf_find_tensor", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
@@ -30,8 +37,7 @@ for _fn, _args, _res in [
     ("gguf_get_tensor_ne", [ctypes.c_void_p, ctypes.c_int64], ctypes.POINTER(ctypes.c_int64)),
     ("gguf_get_tensor_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
     ("gguf_get_tensor_size", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_size_t),
-]:
-    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+])
 
 
 def read_gguf_tensor(path: Path, name: str) -> tuple[int, tuple[int, ...], np.ndarray]:
@@ -56,12 +62,11 @@ def read_gguf_tensor(path: Path, name: str) -> tuple[int, tuple[int, ...], np.nd
     return type_id, tuple(reversed(shape)), np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
 
 
-for _fn, _args, _res in [
+_declare([
     ("gguf_get_n_tensors", [ctypes.c_void_p], ctypes.c_int64),
     ("gguf_get_tensor_name", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
     ("gguf_get_alignment", [ctypes.c_void_p], ctypes.c_size_t),
-]:
-    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+])
 
 
 @dataclass(frozen=True)
@@ -93,16 +98,15 @@ def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
         libggml.gguf_free(ctx)
 
 
-for _fn, _args, _res in [
+_declare([
     ("gguf_set_val_u32", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32], None),
     ("gguf_set_val_str", [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p], None),
     ("gguf_remove_key", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int64),
     ("gguf_get_meta_size", [ctypes.c_void_p], ctypes.c_size_t),
-]:
-    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+])
 
 
-def quantized_header_bytes(path: Path, ftype: int, metadata: list[tuple[str, str | int]] = ()) -> int:
+def quantized_header_bytes(path: Path, ftype: int, metadata: Sequence[tuple[str, str | int]] = ()) -> int:
     """Bytes before the tensor data in the file llama_model_quantize writes from `path`: the source's metadata with
     the keys src/llama-quant.cpp sets (general.quantization_version, general.file_type, the kv overrides:
     `metadata`) and removes (split.*), measured by ggml's own gguf writer (tensor infos do not change size with the
@@ -113,11 +117,11 @@ def quantized_header_bytes(path: Path, ftype: int, metadata: list[tuple[str, str
     try:
         libggml.gguf_set_val_u32(ctx, b"general.quantization_version", 2)  # GGML_QNT_VERSION
         libggml.gguf_set_val_u32(ctx, b"general.file_type", ftype)
-        for key in (b"split.no", b"split.count", b"split.tensors.count"):
-            libggml.gguf_remove_key(ctx, key)
+        for split_key in (b"split.no", b"split.count", b"split.tensors.count"):
+            libggml.gguf_remove_key(ctx, split_key)
         for key, value in metadata:
             if isinstance(value, str):
-                libggml.gguf_set_val_str(ctx, key.encode(), _kv_value(value).encode())
+                libggml.gguf_set_val_str(ctx, key.encode(), _kv_str(value).encode())
             else:
                 libggml.gguf_set_val_u32(ctx, key.encode(), abs(int(value)))
         return int(libggml.gguf_get_meta_size(ctx))
@@ -127,7 +131,7 @@ def quantized_header_bytes(path: Path, ftype: int, metadata: list[tuple[str, str
 
 # ---- the header: metadata and tensor table through ggml's reader (a tokenizer's arrays are never parsed in Python) -
 
-for _fn, _args, _res in [
+_declare([
     ("gguf_get_n_kv", [ctypes.c_void_p], ctypes.c_int64),
     ("gguf_get_key", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
     ("gguf_get_kv_type", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int),
@@ -138,8 +142,7 @@ for _fn, _args, _res in [
     ("gguf_get_val_data", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_void_p),
     ("gguf_get_val_str", [ctypes.c_void_p, ctypes.c_int64], ctypes.c_char_p),
     ("ggml_type_name", [ctypes.c_int], ctypes.c_char_p),
-]:
-    getattr(libggml, _fn).argtypes, getattr(libggml, _fn).restype = _args, _res
+])
 
 # enum gguf_type (ggml/include/gguf.h) -> numpy dtype; 7 is bool, 8 string, 9 array
 _GGUF_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,

@@ -8,8 +8,10 @@ Signatures: ggml/include/ggml.h and include/llama.h of the llama.cpp vendored by
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp
 import numpy as np
@@ -18,6 +20,9 @@ from llama_cpp._ggml import libggml
 from ..errors import SweepError
 from .backend import _init_once, _recent_errors
 from .ggml_tensor import GGML_TYPE_F32
+
+if TYPE_CHECKING:
+    from .stage_view import Decoder
 
 GGML_TYPE_COUNT = 43  # enum ggml_type's GGML_TYPE_COUNT in that ggml.h
 
@@ -135,13 +140,13 @@ def ggml_dequantize(data: np.ndarray, type_id: int, shape: tuple[int, ...], n_th
     return out.reshape(shape)
 
 
-def dequantized_weight(backend, name: str) -> np.ndarray:
+def dequantized_weight(backend: Decoder, name: str) -> np.ndarray:
     """A weight of any type as float32, dequantized by ggml's own `to_float` from the bytes llama.cpp holds."""
     type_id, shape = backend.weight_layout(name)
     return ggml_dequantize(backend.read_weight_raw(name), type_id, shape, backend.n_threads)
 
 
-def rows_reader(backend, name: str):
+def rows_reader(backend: Decoder, name: str) -> Callable[[int, int], np.ndarray]:
     """A function (a, b) -> rows a..b-1 of a weight (its last axis a row) as float32, dequantized by ggml from the
     bytes llama.cpp holds, read once: a large tensor is never whole in float32."""
     type_id, shape = backend.weight_layout(name)
@@ -158,13 +163,14 @@ def rows_reader(backend, name: str):
 _KV_STR_BYTES = 127  # llama_model_kv_override.val_str is char[128]; llama-quantize strncpy's 127 bytes
 
 
-def _kv_value(value: str | int) -> str | int:
-    return value.encode()[:_KV_STR_BYTES].decode(errors="ignore") if isinstance(value, str) else int(value)
+def _kv_str(value: str) -> str:
+    """A string value as llama.cpp's kv override keeps it (its first 127 bytes, no broken character)."""
+    return value.encode()[:_KV_STR_BYTES].decode(errors="ignore")
 
 
 def llama_quantize_file(src: Path, dst: Path, overrides: list[tuple[str, int]], ftype: int = 7, pure: bool = True,
                         imatrix: dict[str, np.ndarray] | None = None, n_threads: int = 1,
-                        metadata: list[tuple[str, str | int]] = ()) -> None:
+                        metadata: Sequence[tuple[str, str | int]] = ()) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`, what llama-quantize runs) from `src` to `dst`, with
     per-tensor type overrides (regex pattern -> ggml type, first match wins) and importance data per tensor name
     (the values llama-quantize passes: sums / counts). The overrides apply only when `ftype` is a quantized type
@@ -173,29 +179,32 @@ def llama_quantize_file(src: Path, dst: Path, overrides: list[tuple[str, int]], 
     _init_once()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread, params.ftype, params.pure = n_threads, ftype, pure
-    keep = []  # the C side reads these during the call: keep them referenced
+    keep: list[object] = []  # the C side reads these during the call: keep them referenced
     if metadata:
         kv = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # zero-filled: the last key is empty
         for i, (key, value) in enumerate(metadata):
             kv[i].key = key.encode()
+            union: llama_cpp.llama_model_kv_override_value = kv[i].value  # type: ignore[assignment]  # stub: a scalar
             if isinstance(value, str):
-                kv[i].tag, kv[i].value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, _kv_value(value).encode()
+                kv[i].tag, union.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, _kv_str(value).encode()
             else:
-                kv[i].tag, kv[i].value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
+                kv[i].tag, union.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
         keep.append(kv)
         params.kv_overrides = kv
     tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
     for i, (pattern, type_id) in enumerate(overrides):
-        keep.append(pattern.encode())
-        tt[i].pattern, tt[i].type = keep[-1], type_id
+        encoded = pattern.encode()
+        keep.append(encoded)
+        tt[i].pattern, tt[i].type = encoded, type_id
     tt[len(overrides)].pattern = None
     params.tt_overrides = tt
     if imatrix:
         im = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(imatrix.items()):
             v = np.ascontiguousarray(values, dtype=np.float32)
-            keep += [name.encode(), v]
-            im[i].name, im[i].data, im[i].size = keep[-2], v.ctypes.data_as(_FloatPtr), v.size
+            encoded = name.encode()
+            keep += [encoded, v]
+            im[i].name, im[i].data, im[i].size = encoded, v.ctypes.data_as(_FloatPtr), v.size
         im[len(imatrix)].name = None
         params.imatrix = im
     _recent_errors.clear()

@@ -42,6 +42,8 @@ class RoutingTracker:
 
     def __call__(self, name: str, data: np.ndarray, output_mask: np.ndarray | None) -> None:
         m = _ROUTING_NODE.match(name)
+        if m is None:  # the backend hands over only the nodes it `wants`
+            raise ValueError(f"graph node {name!r} is not a routing node")
         layer = int(m["layer"])
         rows = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
         if m["base"] == ARGSORT:
@@ -72,7 +74,8 @@ class RoutingTracker:
             chosen = np.take_along_axis(probs, ids, axis=1) if probs is not None else None
             total = float(chosen.sum()) if chosen is not None else 0.0
             out[str(layer)] = {str(k): {"routed_tokens": int((ids == k).any(axis=1).sum()),
-                                        "router_share": float(chosen[ids == k].sum() / total) if total else None}
+                                        "router_share": float(chosen[ids == k].sum() / total)
+                                        if chosen is not None and total else None}
                                for k in experts}
         return out
 

@@ -200,7 +200,7 @@ def placement(weight_buffers: list[tuple[str, int]]) -> dict:
     device)."""
     devs = [(name, buffer_device(buf)) for name, buf in weight_buffers]
     labels = {d: device_label(d) for d in {d for _, d in devs}}  # once per device: an RPC device answers remotely
-    used = sorted((d for d in labels if d is not None), key=labels.get)
+    used = sorted((d for d in labels if d is not None), key=lambda d: labels[d])
     return {"devices": "; ".join(device_info(d).describe() for d in used),
             "layer_devices": layer_map([(name, labels[d]) for name, d in devs])}
 

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = json.loads(settings)
     rpc = tuple(s for s in kw.get("rpc", "").split(",") if s)
     cs = ComputeSettings(kw["kv_type"], kw["flash_attn"], int(kw["n_gpu_layers"]), rpc)
-    with EmbeddingBackend(Path(path), int(n_ctx), int(threads), settings=cs) as stage:
+    stage = EmbeddingBackend(Path(path), int(n_ctx), int(threads), settings=cs)
+    with stage:
         n = min(8, stage.n_ctx)
         stage.decode_rows(np.zeros((n, stage.n_embd), np.float32), np.ones(n, np.int8))
     return 0

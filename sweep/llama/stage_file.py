@@ -16,12 +16,16 @@ Whatever this misses, the identity check before use catches (the stage's logits 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import SweepError
 from ..files import atomic_path
 from .gguf_names import block_name, split_block
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 # llama.cpp's `load_swa_pattern(ml, period, dense_first)` per architecture (src/models/*.cpp), used when the file has
 # no per-layer array: layer il slides unless il % period == period - 1 (dense_first: unless il % period == 0).
@@ -44,14 +48,22 @@ def effective_swa_pattern(arch: str, n_layers: int, fields: dict) -> list[bool] 
     return [period == 0 or il % period < period - 1 for il in range(n_layers)]
 
 
+def _value(reader: GGUFReader, key: str, path: Path) -> Any:
+    """The value of a metadata key the file must have."""
+    field = reader.get_field(key)
+    if field is None:
+        raise SweepError(f"GGUF metadata key {key!r} missing in {path}: not a llama.cpp language model?")
+    return field.contents()
+
+
 def write_stage_file(src: Path, dst: Path, start: int) -> Path:
     """Write the stage of `src` that starts at block `start` to `dst` (atomically); `src` is only read."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
 
     reader = GGUFReader(src)
-    arch = reader.get_field(Keys.General.ARCHITECTURE).contents()
+    arch = _value(reader, Keys.General.ARCHITECTURE, src)
     block_count = Keys.LLM.BLOCK_COUNT.format(arch=arch)
-    n_layers = int(reader.get_field(block_count).contents())
+    n_layers = int(_value(reader, block_count, src))
     if not 0 < start < n_layers:
         raise SweepError(f"a stage of {src.name} must start inside its blocks (1..{n_layers - 1}), not at {start}")
     scalars = {f.name: f.contents() for f in reader.fields.values() if f.types and f.types[0] != GGUFValueType.ARRAY}

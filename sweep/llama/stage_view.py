@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, MutableMapping
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
 from .embd import EmbeddingBackend
 from .gguf_names import block_name, split_block
 from .stage_file import stage_name
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 _NODE = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
 
@@ -133,3 +137,7 @@ class StageView:
 
     def placement(self) -> dict:
         return self.stage.placement()
+
+
+# What scoring and quant.apply decode with: the full model, or a stage of it seen as the full model.
+Decoder: TypeAlias = "Backend | StageView"

@@ -36,6 +36,13 @@ class WeightDelta:
     on_call: Callable[[], None] | None = None
 
     @property
+    def whole(self) -> np.ndarray:
+        """`matrix`, for a node that uses the whole weight (MUL_MAT, GET_ROWS)."""
+        if self.matrix is None:
+            raise RuntimeError("the delta of an expert stack has no whole matrix")
+        return self.matrix
+
+    @property
     def nbytes(self) -> int:
         return (self.matrix.nbytes if self.matrix is not None else 0) + sum(d.nbytes for d in self.experts.values())
 
@@ -60,10 +67,10 @@ def add_delta(t_ptr, t: GGMLTensor, d: WeightDelta) -> None:
     y = _output(t_ptr, t)  # numpy (ne3, ne2, ne1, ne0)
     if t.op == GGML_OP_GET_ROWS:  # y[token] = W[ids[token]]
         ids = strided(t.src[1].contents, np.int32).reshape(-1)
-        y.reshape(-1, y.shape[-1])[:] += d.matrix[ids]
+        y.reshape(-1, y.shape[-1])[:] += d.whole[ids]
     elif t.op == GGML_OP_MUL_MAT:  # y = x @ W.T over every leading axis
         x = strided(t.src[1].contents, np.float32)
-        y.reshape(-1, y.shape[-1])[:] += x.reshape(-1, x.shape[-1]) @ d.matrix.T
+        y.reshape(-1, y.shape[-1])[:] += x.reshape(-1, x.shape[-1]) @ d.whole.T
     else:  # MUL_MAT_ID: y[token, slot] = x[token, slot or 0] @ W[ids[token, slot]].T
         x = strided(t.src[1].contents, np.float32)[0]  # (tokens, 1 or slots, n_in)
         ids = strided(t.src[2].contents, np.int32)[0, 0]  # (tokens, slots)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,8 +21,11 @@ from ..llama.routing import tracking
 from ..llama.weight_delta import WeightDelta
 from .experts import layer_of, round_expert_rows, round_experts
 from .formats import Format
-from .ggml_types import storage
+from .ggml_types import Storage, storage
 from .targets import Target
+
+if TYPE_CHECKING:
+    from ..llama.stage_view import Decoder
 
 CHUNK = 1 << 18  # elements per pass over a weight (2 MB in float64): the temporaries stay small
 
@@ -38,7 +42,7 @@ class Proof:
     # weights kept quantized (the native container): node outputs corrected by (fmt(W) - W)·x (llama/weight_delta.py)
     delta_calls: int = 0
     # weights: per tensor, what it occupies in the format (type actually used, fallback, bytes; ggml_formats.storage)
-    storage: list = field(default_factory=list)
+    storage: list[Storage] = field(default_factory=list)
 
     def add(self, before: np.ndarray, after: np.ndarray, call: bool = True) -> None:
         """Count one application (`call`; False: a part of one, counted by the caller)."""
@@ -91,7 +95,7 @@ class Proof:
 
 
 @contextmanager
-def applied(backend, target: Target, fmt: Format, orig_types: dict[str, str] | None = None) -> Iterator[Proof]:
+def applied(backend: Decoder, target: Target, fmt: Format, orig_types: dict[str, str] | None = None) -> Iterator[Proof]:
     """Within the block, `backend` computes with `fmt` applied to `target`; afterwards it is as before.
     `orig_types`: the weights' types in the user's file (GGUF names), for the storage figures of the proof."""
     if target.kind == "weight":
@@ -103,10 +107,11 @@ def applied(backend, target: Target, fmt: Format, orig_types: dict[str, str] | N
 
 
 @contextmanager
-def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str, str]) -> Iterator[Proof]:
+def _weights_applied(backend: Decoder, target: Target, fmt: Format, orig_types: dict[str, str]) -> Iterator[Proof]:
     """F32 weights are rewritten in place; quantized ones (the native container) stay as the file stores them and
     the backend adds (fmt(W) - W)·x to every node that uses them (sweep/llama/weight_delta.py)."""
-    proof, originals = Proof(), {}
+    proof = Proof()
+    originals: dict[str, np.ndarray] = {}  # the F32 weights rewritten in place, as they were
 
     def counted() -> None:
         proof.delta_calls += 1
@@ -133,6 +138,7 @@ def _weights_applied(backend, target: Target, fmt: Format, orig_types: dict[str,
                 if not in_place:
                     rounded -= original  # the delta, in place: one more tensor-sized buffer at most
             if in_place:
+                assert original is not None  # read above, whenever in_place
                 originals[name] = original
                 backend.write_weight(name, rounded)
             else:
@@ -202,7 +208,7 @@ class Unperturbed:
     neither rounds nor counts there (the proof counts the perturbed decodes only, as in the stored mode).
     """
 
-    def __init__(self, backend, target: Target, originals: dict[str, np.ndarray]):
+    def __init__(self, backend: Decoder, target: Target, originals: dict[str, np.ndarray]):
         self.backend, self.target, self.originals = backend, target, originals
         self._perturbed: dict[str, np.ndarray] | None = None
 

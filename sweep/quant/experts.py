@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from ..errors import SweepError
-from ..llama.backend import PROBE_TOKENS
+from ..llama.backend import PROBE_TOKENS, NodeOccurrence
 from ..llama.ggml_tensor import GGML_TYPE_F32
 from ..llama.gguf_names import in_block
 from ..llama.model_file import ModelInfo
 from .ggml_types import is_ggml, quantizable
 from .indices import parse_indices
+
+if TYPE_CHECKING:
+    from .formats import Format
 
 ALL, EACH = "all", "each"
 # The float nodes that decide the routing, in graph order (llama-graph.cpp, build_moe_ffn): what to target instead of
@@ -58,7 +62,7 @@ def is_expert_stack(name: str, info: ModelInfo) -> bool:
     return bool(info.n_experts) and len(ne) == 3 and ne[2] == info.n_experts
 
 
-def expert_row_node(occurrence, info: ModelInfo) -> bool:
+def expert_row_node(occurrence: NodeOccurrence, info: ModelInfo) -> bool:
     """An activation whose rows belong to experts: tokens x selected experts x features in the probe."""
     shape = occurrence.shape
     return bool(info.n_experts_used) and len(shape) == 3 and shape[0] == PROBE_TOKENS and \
@@ -66,7 +70,7 @@ def expert_row_node(occurrence, info: ModelInfo) -> bool:
 
 
 def check_target(kind: str, tensor: str, names: Sequence[str], experts: tuple[int, ...], info: ModelInfo,
-                 occurrences: Sequence = ()) -> None:
+                 occurrences: Sequence[NodeOccurrence] = ()) -> None:
     """expert=K on a tensor that has no experts: one line naming the ones that do."""
     if not experts:
         return
@@ -78,14 +82,14 @@ def check_target(kind: str, tensor: str, names: Sequence[str], experts: tuple[in
             raise SweepError(f"expert={label(experts)}: weight {tensor!r} ({bad[0]}) is not a stack of experts; "
                              f"expert stacks of {info.path.name}: {', '.join(stacks)} (or drop expert=)")
     else:
-        bad = [o for o in occurrences if not expert_row_node(o, info)]
-        if bad:
-            raise SweepError(f"expert={label(experts)}: graph node {bad[0].name!r} ({bad[0].describe}) has no rows "
-                             f"per expert; nodes that do are tokens x {info.n_experts_used} selected experts x "
+        rowless = [o for o in occurrences if not expert_row_node(o, info)]
+        if rowless:
+            raise SweepError(f"expert={label(experts)}: graph node {rowless[0].name!r} ({rowless[0].describe}) has no "
+                             f"rows per expert; nodes that do are tokens x {info.n_experts_used} selected experts x "
                              f"features, e.g. ffn_moe_gate, ffn_moe_up, ffn_moe_down (or drop expert=)")
 
 
-def refuse_integer_node(base: str, layers: tuple[int, ...], nodes: Mapping[str, Sequence]) -> None:
+def refuse_integer_node(base: str, layers: tuple[int, ...], nodes: Mapping[str, Sequence[NodeOccurrence]]) -> None:
     """A node of integer expert ids (argsort, top-k) cannot be rounded: refused with the float nodes that decide
     the routing, before the view check would point from the top-k view to its integer argsort. `base`: the node's
     name without its `@` selector."""
@@ -99,7 +103,7 @@ def refuse_integer_node(base: str, layers: tuple[int, ...], nodes: Mapping[str, 
                              f"{', '.join(floats)} -- target those (e.g. tensor={floats[0]})")
 
 
-def refuse_unquantized_type(fmt, names: Sequence[str], info: ModelInfo) -> None:
+def refuse_unquantized_type(fmt: Format, names: Sequence[str], info: ModelInfo) -> None:
     """A GGUF type on a tensor llama.cpp's quantizer keeps as it is (routers, norms, 1-D tensors: the rule of
     ggml_types.quantizable): its size in that type would be false, so it is refused before any job."""
     if not is_ggml(fmt.name):
@@ -112,7 +116,7 @@ def refuse_unquantized_type(fmt, names: Sequence[str], info: ModelInfo) -> None:
                          f"it out")
 
 
-def round_experts(original: np.ndarray, experts: tuple[int, ...], own, name: str, threads: int) -> np.ndarray:
+def round_experts(original: np.ndarray, experts: tuple[int, ...], own: Format, name: str, threads: int) -> np.ndarray:
     """The stack with slices `experts` in the format and the others untouched. A GGUF type is applied to the whole
     stack and the slices taken (ggml quantizes row by row, with the imatrix row of each expert: exactly what it
     stores for that expert); any other format to each slice alone, so its scales are that expert's."""
@@ -127,7 +131,8 @@ def round_experts(original: np.ndarray, experts: tuple[int, ...], own, name: str
     return rounded
 
 
-def round_expert_rows(x: np.ndarray, ids: np.ndarray, experts: tuple[int, ...], fmt) -> tuple[np.ndarray, np.ndarray]:
+def round_expert_rows(x: np.ndarray, ids: np.ndarray, experts: tuple[int, ...],
+                      fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     """An activation of tokens x selected experts x features with the rows routed to each expert of `experts`
     rounded, expert by expert (a per-tensor scale is that expert's); `ids` the decode's selected ids (tokens x
     n_used). Returns the new array and the mask of the rows touched."""
@@ -144,4 +149,8 @@ def round_expert_rows(x: np.ndarray, ids: np.ndarray, experts: tuple[int, ...], 
 
 
 def layer_of(node_name: str) -> int:
-    return int(_LAYER.search(node_name).group(1))
+    """The layer of a per-layer node (`ffn_moe_gate-3` -> 3)."""
+    m = _LAYER.search(node_name)
+    if m is None:
+        raise ValueError(f"graph node {node_name!r} is not per layer (no -N suffix)")
+    return int(m.group(1))

@@ -107,14 +107,16 @@ class PerGroup:
         return self.size
 
 
-_BLOCKS = {Granularity.per_tensor: PerTensor(), Granularity.per_row: PerRow(), Granularity.per_token: PerToken()}
+Block = PerTensor | PerRow | PerToken | PerGroup  # the elements that share one scale
+_BLOCKS: dict[Granularity, Block] = {Granularity.per_tensor: PerTensor(), Granularity.per_row: PerRow(),
+                                     Granularity.per_token: PerToken()}
 
 
 # --- the parameters a format can take: each validated, labelled and documented once ------------------------------
 
 
-def _positive_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+def _positive_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(v > 0)
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,16 @@ class FormatSpec:
         unscaled = "scaled" in self.params and not fmt.scaled
         return tuple(p for p in self.params if not (unscaled and p == "granularity"))
 
+    @property
+    def max_code(self) -> float:
+        """qmax, for the families that have one (integer grids, fp8, mxfp4)."""
+        assert self.qmax is not None, f"format {self.name} has no qmax"
+        return self.qmax
+
     def codes(self) -> np.ndarray:
         """Every finite value an element can take, in units of the scale (float64, ascending)."""
         if self.integer:
-            return np.arange(-self.qmax, self.qmax + 1, dtype=np.float64)
+            return np.arange(-self.max_code, self.max_code + 1, dtype=np.float64)
         storage = np.dtype(f"uint{8 * np.dtype(self.element).itemsize}")  # e2m1's 4 bits take a byte
         v = np.arange(2 ** ml_dtypes.finfo(self.element).bits, dtype=storage).view(self.element).astype(np.float64)
         return np.unique(v[np.isfinite(v)])
@@ -222,7 +230,7 @@ class Format:
         return "/".join([self.name, *(p for p in parts if p is not None)])
 
     @property
-    def block(self) -> PerTensor | PerRow | PerToken | PerGroup | None:
+    def block(self) -> Block | None:
         """The elements that share one scale; None: no scale (casts, GGUF types: ggml's blocks are its own)."""
         uses = self.spec.uses(self)
         if "group_size" in uses:
@@ -263,6 +271,8 @@ class Format:
 
     def recipe_file(self) -> RecipeFile:
         """fmt=recipe: the recipe.json as a per-tensor map (read once per file version)."""
+        if self.recipe is None:
+            raise SweepError(f"{self.label} names no recipe (fmt.recipe=PATH)")
         return read_recipe(self.recipe)
 
     def key_fields(self) -> dict:
@@ -276,8 +286,10 @@ class Format:
 
 def _block_len(x: np.ndarray, fmt: Format) -> int:
     """Length of the blocks that share one scale; x.reshape(-1, block_len) puts one block per row."""
-    n = fmt.block.block_len(x.shape)
-    if isinstance(fmt.block, PerGroup) and (x.shape[-1] if x.ndim else 1) % n:
+    block = fmt.block
+    assert block is not None, f"{fmt.label} has no scale, so no blocks"
+    n = block.block_len(x.shape)
+    if isinstance(block, PerGroup) and (x.shape[-1] if x.ndim else 1) % n:
         raise SweepError(
             f"{fmt.label}: last axis of length {x.shape[-1] if x.ndim else 1} (shape {x.shape}) is not divisible by "
             f"group_size {fmt.group_size}; choose a group_size that divides it"
@@ -306,43 +318,43 @@ def _dequantize(x: np.ndarray, b: np.ndarray, scale: np.ndarray, qmax: float, gr
 # --- one quantize function per family: the constants come from the spec -------------------------------------------
 
 
-def _identity(x, fmt, **_):
+def _identity(x: np.ndarray, fmt: Format, **_: object) -> np.ndarray:
     return x
 
 
-def _zeros(x, fmt, **_):
+def _zeros(x: np.ndarray, fmt: Format, **_: object) -> np.ndarray:
     return np.zeros_like(x)
 
 
-def _cast(x, fmt, **_):
+def _cast(x: np.ndarray, fmt: Format, **_: object) -> np.ndarray:
     with np.errstate(over="ignore"):  # IEEE overflow to +-inf is the documented behaviour, not an accident
         return x.astype(fmt.spec.element).astype(np.float32)
 
 
-def _integer_grid(x, fmt, **_):
+def _integer_grid(x: np.ndarray, fmt: Format, **_: object) -> np.ndarray:
     s = fmt.spec
     b, amax = _blocks_amax(x, fmt)
-    return _dequantize(x, b, amax / s.qmax, s.qmax, lambda v: np.rint(v).astype(s.element))
+    return _dequantize(x, b, amax / s.max_code, s.max_code, lambda v: np.rint(v).astype(s.element))
 
 
-def _fp8(x, fmt, **_):
+def _fp8(x: np.ndarray, fmt: Format, **_: object) -> np.ndarray:
     s = fmt.spec
     if fmt.block is None:  # scaled=false: a saturating cast; NaN passes clip
-        return np.clip(x, -s.qmax, s.qmax).astype(s.element).astype(np.float32)
+        return np.clip(x, -s.max_code, s.max_code).astype(s.element).astype(np.float32)
     b, amax = _blocks_amax(x, fmt)
-    return _dequantize(x, b, amax / s.qmax, s.qmax, lambda v: v.astype(s.element))
+    return _dequantize(x, b, amax / s.max_code, s.max_code, lambda v: v.astype(s.element))
 
 
-def _mx(x, fmt, **_):
+def _mx(x: np.ndarray, fmt: Format, **_: object) -> np.ndarray:
     s = fmt.spec
     b, amax = _blocks_amax(x, fmt)
     # floor(log2(amax)) exactly: frexp gives amax = m * 2**e with m in [0.5, 1). 2 = emax of e2m1 (max 6 = 1.5 * 2**2).
     # The lower clamp keeps X inside E8M0's range (2**-127); only amax in [2**-126, 2**-125) needs it.
     scale = np.where(amax > 0, np.maximum(np.ldexp(1.0, np.frexp(amax)[1] - 1 - 2), 2.0**-127), 0.0)
-    return _dequantize(x, b, scale, s.qmax, lambda v: v.astype(s.element))
+    return _dequantize(x, b, scale, s.max_code, lambda v: v.astype(s.element))
 
 
-def _recipe(x, fmt, tensor=None, threads=None):
+def _recipe(x: np.ndarray, fmt: Format, tensor: str | None = None, threads: int | None = None) -> np.ndarray:
     if tensor is None:
         raise SweepError(f"{fmt.label} gives each tensor its own type: name the tensor")
     return fmt.for_tensor(tensor)(x, tensor=tensor, threads=threads)
@@ -414,7 +426,8 @@ def make_format(name: str, **params) -> Format:
 
 
 def _defaults(spec: FormatSpec) -> str:
-    d = Format(spec.name, **{p: "required" for p in spec.requires})
+    required: dict[str, Any] = {p: "required" for p in spec.requires}  # the required parameters are paths (str)
+    d = Format(spec.name, **required)
 
     def one(p: str) -> str:
         v = getattr(d, p)
@@ -443,10 +456,11 @@ def markdown_table() -> str:
 def markdown_ggml_table() -> str:
     """The table of the GGUF quant types in docs/formats.md, two to a row (¹: needs an importance matrix; ²: ggml
     names it otherwise)."""
-    def mark(s: FormatSpec) -> str:
-        return (" ¹" if s.ggml.needs_imatrix else "") + (" ²" if ggml_types.GGML_NAME[s.name] != s.name else "")
+    def mark(s: FormatSpec, t: ggml_types.GGMLType) -> str:
+        return (" ¹" if t.needs_imatrix else "") + (" ²" if ggml_types.GGML_NAME[s.name] != s.name else "")
 
-    cells = [f"| `{s.name}`{mark(s)} | {s.bits:g} | {s.ggml.block_size} |" for s in FORMATS.values() if s.ggml]
+    cells = [f"| `{s.name}`{mark(s, s.ggml)} | {s.bits:g} | {s.ggml.block_size} |" for s in FORMATS.values()
+             if s.ggml is not None]
     half = (len(cells) + 1) // 2
     right = cells[half:] + ["| | | |"] * (2 * half - len(cells))
     head = ["| `fmt` | bits/weight | block | | `fmt` | bits/weight | block |", "|---|---|---|---|---|---|---|"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -151,14 +152,27 @@ def fake_quant(x: np.ndarray, fmt, tensor: str | None = None, threads: int | Non
     return quantize.ggml_dequantize(data, got.type_id, shape, n).reshape(x.shape)
 
 
-def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> dict:
+class Storage(TypedDict, total=False):
+    """What one tensor occupies in a format (a proof's `storage` entries)."""
+
+    tensor: str
+    n_elements: int
+    ggml_type: str | None  # the GGUF type used (None: not a GGUF type)
+    fallback_from: str | None  # the GGUF type asked for, where its blocks did not fit the rows
+    bytes: float
+    imatrix_used: bool  # the importance matrix covers this tensor
+    bytes_orig: int  # in its type in the user's file
+
+
+def storage(fmt, tensor: str, shape: tuple[int, ...], orig_type: str | None) -> Storage:
     """What `tensor` of `shape` occupies in `fmt` (and in its original file type): type actually used, bytes."""
     n = int(np.prod(shape)) if shape else 1
     n_per_row = shape[-1] if shape else 1
-    info = {"tensor": tensor, "n_elements": n, "ggml_type": None, "fallback_from": None}
+    info: Storage = {"tensor": tensor, "n_elements": n, "ggml_type": None, "fallback_from": None}
     if is_ggml(fmt.name):
         got, asked = type_for_rows(fmt.name, n_per_row)
-        info.update(ggml_type=got.name, fallback_from=asked, bytes=n // got.block_size * got.type_size)
+        info["ggml_type"], info["fallback_from"] = got.name, asked
+        info["bytes"] = n // got.block_size * got.type_size
         if fmt.imatrix:  # a tensor the imatrix does not cover is quantized without one, as llama.cpp does: say so
             info["imatrix_used"] = tensor in load(fmt.imatrix)
     else:  # the format's nominal bits per element (unchanged: the file's) and its scales (sweep/quant/formats.py)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from ..choices import Kind
 from ..errors import SweepError
-from ..llama.backend import PROBE_TOKENS
+from ..llama.backend import PROBE_TOKENS, NodeOccurrence
 from ..llama.gguf_names import block_name, block_of, in_block
 from ..llama.model_file import ModelInfo
 from . import experts as moe
@@ -88,12 +88,12 @@ def global_node_names(node_names: Iterable[str]) -> list[str]:
     return sorted(n for n in node_names if not _NOT_A_TARGET.search(n) and not _LAYER_SUFFIX.match(n))
 
 
-def computed(occurrences: Sequence) -> list:
+def computed(occurrences: Sequence[NodeOccurrence]) -> list[NodeOccurrence]:
     """The occurrences that compute values; a view shares memory with its source, so rounding it rounds twice."""
     return [o for o in occurrences if not o.view]
 
 
-def specs(base: str, occurrences: Sequence) -> list[tuple[str, object]]:
+def specs(base: str, occurrences: Sequence[NodeOccurrence]) -> list[tuple[str, NodeOccurrence]]:
     """How to name each computed node of one name: `base` when it is the only one, else `base@op`, or `base@k`
     where two share an op as well."""
     nodes = computed(occurrences)
@@ -103,13 +103,13 @@ def specs(base: str, occurrences: Sequence) -> list[tuple[str, object]]:
     return [(f"{base}{SELECTOR}{o.op if ops.count(o.op) == 1 else k}", o) for k, o in enumerate(nodes)]
 
 
-def advertised_nodes(nodes: Mapping[str, Sequence], layer: int = 0) -> list[tuple[str, object]]:
+def advertised_nodes(nodes: Mapping[str, Sequence[NodeOccurrence]], layer: int = 0) -> list[tuple[str, NodeOccurrence]]:
     """Every activation target of one block: (spec, occurrence) by name -- the node list of docs/formats.md."""
     return [(spec, o) for base in block_node_names(nodes) if f"{base}-{layer}" in nodes
             for spec, o in specs(base, nodes[f"{base}-{layer}"])]
 
 
-def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, Sequence] | None = None,
+def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, Sequence[NodeOccurrence]] | None = None,
             expert="all") -> Target:
     """The concrete tensors/nodes for one point of the grid; raises SweepError naming the valid choices.
 
@@ -163,14 +163,14 @@ def _resolve_weight(tensor: str, layers: tuple[int, ...], info: ModelInfo) -> Ta
     return Target("weight", tensor, layers, names)
 
 
-def _resolve_activation(tensor: str, layers: tuple[int, ...], nodes: Mapping[str, Sequence]) -> Target:
+def _resolve_activation(tensor: str, layers: tuple[int, ...], nodes: Mapping[str, Sequence[NodeOccurrence]]) -> Target:
     base, _, selector = tensor.partition(SELECTOR)
     block, outside = block_node_names(nodes), global_node_names(nodes)
     valid = f"per-layer nodes: {', '.join(block)}; outside the blocks (layer=null): {', '.join(outside)}"
     if not layers:
         if base not in outside:
             raise SweepError(f"unknown graph node {base!r} outside the blocks; {valid}")
-        names = (base,)
+        names: tuple[str, ...] = (base,)
     else:
         names = tuple(f"{base}-{i}" for i in layers)
         missing = [n for n in names if n not in nodes]
@@ -182,7 +182,7 @@ def _resolve_activation(tensor: str, layers: tuple[int, ...], nodes: Mapping[str
     return Target("activation", tensor, layers, names, tuple(o.index for o in chosen), token_rows)
 
 
-def _one_node(base: str, selector: str, name: str, occurrences: Sequence):
+def _one_node(base: str, selector: str, name: str, occurrences: Sequence[NodeOccurrence]) -> NodeOccurrence:
     """Exactly one computed node of `name`, as `selector` says; else an error listing the occurrences."""
     options = specs(base, occurrences)
     listed = "; ".join(f"{spec}: {o.describe}" for spec, o in options)

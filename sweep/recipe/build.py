@@ -20,6 +20,7 @@ from ..llama.gguf_reader import gguf_tensor_table
 from ..llama.quantize import ggml_type_facts, llama_quantize_file
 from ..quant.imatrix_file import load, provenance
 from .export import read_recipe_txt, type_id
+from .solve import Recipe
 
 # llama.cpp's own mixes (enum llama_ftype in include/llama.h, gguf's LlamaFileType): the presets a recipe is compared
 # with, by name. The ladder's sizes, smallest first (sweep/recipe/ladder.py); the IQ2/IQ3 mixes store types that
@@ -111,7 +112,8 @@ def stored_types(path: Path) -> dict[str, tuple[str, int]]:
     return {i.name: (ggml_type_facts(i.type_id)["name"], i.nbytes) for i in infos}
 
 
-def build_and_check(recipe, source_path: Path, dst: Path, txt: Path, js: Path, imatrix, threads: int) -> Path:
+def build_and_check(recipe: Recipe, source_path: Path, dst: Path, txt: Path, js: Path, imatrix: Path | None,
+                    threads: int) -> Path:
     """The GGUF built from recipe.txt as llama-quantize reads it, every tensor's type and bytes checked; recipe.json
     gets the built file's path and size."""
     lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read

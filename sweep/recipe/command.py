@@ -27,8 +27,8 @@ from .export import write_recipe
 from .heldout import check_long_enough, read_heldout_text
 from .ladder import ladder_sizes, run_ladder
 from .sizes import SourceModel, check_type, parse_size
-from .solve import budget_bytes, make_recipe, missing_measurements
-from .table import check_complete, read_table
+from .solve import Recipe, budget_bytes, make_recipe, missing_measurements
+from .table import Table, check_complete, read_table
 from .validate import validate
 
 log = logging.getLogger("sweep.recipe")
@@ -72,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_source(table) -> Path:
+def default_source(table: Table) -> Path:
     # the model the records name (its path when measured), else the embedded one, if it is the same file
     candidates = [Path(table.model_path)] if table.model_path else []
     candidates.append(embedded_model_path())
@@ -84,7 +84,7 @@ def default_source(table) -> Path:
                      "export with --source")
 
 
-def resolve_size(text: str, args, source: Path, imatrix) -> tuple[int, str]:
+def resolve_size(text: str, args: argparse.Namespace, source: Path, imatrix: Path | None) -> tuple[int, str]:
     """Bytes of the --size budget, and where they came from."""
     if text in PRESETS:
         f = preset_file(args.out, source, text, imatrix, threads(args))
@@ -123,11 +123,14 @@ def run(args: argparse.Namespace) -> dict:
     txt, js = write_recipe(args.out, recipe, source, recipe_meta(args, table, types, size_from))
     print(summary(args, recipe, budget, kind, size_from))
     print(f"wrote {txt} and {js}")
-    result = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
+    result: dict[str, object] = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
+    built = None
     if args.build:
-        result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args))
+        built = result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args))
     if args.validate:
-        result["validation"] = validate(table, source_path, recipe, result["built"], imatrix, out_dir=args.out,
+        if built is None:  # (check_arguments refuses --validate without --build)
+            raise SweepError("--validate scores the built file: add --build OUT.gguf")
+        result["validation"] = validate(table, source_path, recipe, built, imatrix, out_dir=args.out,
                                         presets=[p.strip() for p in args.presets.split(",") if p.strip()],
                                         heldout_windows=args.heldout_windows, threads=threads(args),
                                         other_text=other_text)
@@ -168,7 +171,7 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
     return types
 
 
-def check_before_writing(args: argparse.Namespace, table, source: SourceModel, types: list[str]) -> None:
+def check_before_writing(args: argparse.Namespace, table: Table, source: SourceModel, types: list[str]) -> None:
     """Every measurement the solver needs is in the tables, and --build would not overwrite the source."""
     check_complete(table, missing_measurements(table, source, types))
     if args.build:
@@ -177,7 +180,7 @@ def check_before_writing(args: argparse.Namespace, table, source: SourceModel, t
             raise SweepError(f"--build {args.build} is the source model: choose another path")
 
 
-def recipe_meta(args: argparse.Namespace, table, types: list[str], size_from: str | None) -> dict:
+def recipe_meta(args: argparse.Namespace, table: Table, types: list[str], size_from: str | None) -> dict:
     """What recipe.json says about how it was made and what the tables were measured on."""
     return {"command": "python -m sweep.recipe " + shlex.join(sys.argv[1:]), "metric": args.metric,
             "types": types, "groups": args.group, "default_type": args.default_type, "budget_from": size_from or
@@ -188,7 +191,7 @@ def recipe_meta(args: argparse.Namespace, table, types: list[str], size_from: st
             "imatrix": str(args.imatrix) if args.imatrix else None}
 
 
-def summary(args: argparse.Namespace, recipe, budget: int, kind: str, size_from: str | None) -> str:
+def summary(args: argparse.Namespace, recipe: Recipe, budget: int, kind: str, size_from: str | None) -> str:
     return (f"recipe: {len([c for c in recipe.choices if c.type_asked])} measured tensors, predicted "
             f"{args.metric} {recipe.damage:.4g} ± {recipe.damage_stderr:.2g} (sum of single-tensor damages), "
             f"predicted file {recipe.predicted_file_bytes} bytes ({recipe.predicted_file_bytes / 1e6:.3f} MB), "
@@ -197,7 +200,7 @@ def summary(args: argparse.Namespace, recipe, budget: int, kind: str, size_from:
             f"solver: {recipe.solver.get('message', 'trivial')}")
 
 
-def _counts(recipe) -> dict[str, int]:
+def _counts(recipe: Recipe) -> dict[str, int]:
     out: dict[str, int] = {}
     for c in recipe.choices:
         out[c.type_stored] = out.get(c.type_stored, 0) + 1

@@ -12,6 +12,7 @@ same held-out windows (and `--heldout-text`'s), paired with the source in F32: o
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -20,11 +21,14 @@ from pathlib import Path
 
 from ..errors import SweepError
 from ..files import atomic_write_bytes
+from ..scoring.text import Text
 from .build import IMATRIX_LADDER, LADDER, NEED_IMATRIX, PRESETS, build_and_check, preset_file, stored_types
 from .export import pattern_for, write_recipe
 from .loop import LoopSettings, closed_loop
-from .solve import make_recipe
-from .validate import References, compute_identity, file_row, paired
+from .sizes import SourceModel
+from .solve import Recipe, make_recipe
+from .table import Table
+from .validate import FileScore, Paired, References, compute_identity, file_row, paired
 
 log = logging.getLogger("sweep.recipe")
 
@@ -34,14 +38,14 @@ class Rung:
     size: str
     preset: Path | None = None
     preset_bytes: int | None = None
-    recipe: object | None = None
+    recipe: Recipe | None = None
     built: Path | None = None
     note: str | None = None  # why there is no recipe at this size
     loop: dict | None = None
-    scores: dict = field(default_factory=dict)  # "recipe"/"preset" -> FileScore
+    scores: dict[str, FileScore] = field(default_factory=dict)  # "recipe"/"preset" -> FileScore
 
 
-def ladder_sizes(text: str | None, imatrix) -> list[str]:
+def ladder_sizes(text: str | None, imatrix: Path | None) -> list[str]:
     """--sizes's names (checked), or every size of the ladder (the IQ2/IQ3 mixes too with an importance matrix)."""
     if text is None:
         return [*(IMATRIX_LADDER if imatrix else ()), *LADDER]
@@ -58,8 +62,8 @@ def preset_defaults(preset: Path) -> list[str]:
     return [f"{pattern_for(n)}={t}" for n, (t, _) in stored_types(preset).items()]
 
 
-def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix, meta: dict, threads: int,
-               other_text=None) -> dict:
+def run_ladder(args: argparse.Namespace, table: Table, source: SourceModel, source_path: Path, types: list[str],
+               imatrix: Path | None, meta: dict, threads: int, other_text: Text | None = None) -> dict:
     sizes = ladder_sizes(args.sizes, imatrix)
     loop_sizes = set(ladder_sizes(args.loop_sizes, imatrix)) if args.loop_sizes else set()
     per_file = args.heldout_windows * (2 if other_text is not None else 1) + table.n_windows
@@ -110,11 +114,12 @@ def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix
     if not [r for r in rungs if r.recipe is not None]:
         raise SweepError(f"no size of {', '.join(sizes)} is reachable with candidates {','.join(types)}: add "
                          f"smaller --types (q2_K, q3_K, iq4_xs) or measure more tensors")
-    report = {"metric": table.metric, "imatrix": str(imatrix) if imatrix else None, "types": types,
+    report: dict[str, object] = {"metric": table.metric, "imatrix": str(imatrix) if imatrix else None, "types": types,
               "rungs": [_rung_json(r) for r in rungs]}
     if args.validate and built:
         with References(table, source_path, args.out, args.heldout_windows, threads, other_text) as refs:
             for r in built:
+                assert r.recipe is not None and r.built is not None and r.preset is not None  # (built: all three)
                 n = r.recipe.n_elements
                 r.scores = {"recipe": refs.score("recipe", r.built, n), "preset": refs.score(r.size, r.preset, n)}
             report.update(refs.describe())
@@ -128,26 +133,27 @@ def run_ladder(args, table, source, source_path: Path, types: list[str], imatrix
     return {"rungs": rungs, "report": report}
 
 
-def _rung_json(r: Rung) -> dict:
-    out = {"size": r.size, "preset": str(r.preset) if r.preset else None, "preset_bytes": r.preset_bytes,
-           "note": r.note, "loop": r.loop}
+def _rung_json(r: Rung) -> dict[str, object]:
+    out: dict[str, object] = {"size": r.size, "preset": str(r.preset) if r.preset else None,
+                              "preset_bytes": r.preset_bytes, "note": r.note, "loop": r.loop}
     if r.recipe is not None:
         out.update(recipe_predicted=r.recipe.damage, recipe_bytes_predicted=r.recipe.predicted_file_bytes,
                    recipe_dir=str(Path(r.built).parent) if r.built else None)
     if r.scores:
         rec, pre = r.scores["recipe"], r.scores["preset"]
-        out.update(recipe=file_row(rec), preset_row=file_row(pre))
-        out["recipe_minus_preset"] = paired(rec.window_damage, pre.window_damage)  # KLD: per-window means
-        out["recipe_minus_preset_other_text"] = paired(rec.other_damage, pre.other_damage)
-        out["verdict"] = verdict(out["recipe"]["kld_ci95"], out["preset_row"]["kld_ci95"], out["recipe_minus_preset"])
-        if out["recipe_minus_preset_other_text"]:
-            out["verdict_other_text"] = verdict(out["recipe"]["other_text"]["kld_ci95"],
-                                                out["preset_row"]["other_text"]["kld_ci95"],
-                                                out["recipe_minus_preset_other_text"])
+        rec_row, pre_row = file_row(rec), file_row(pre)
+        diff = paired(rec.window_damage, pre.window_damage)  # KLD: per-window means
+        diff_other = paired(rec.other_damage, pre.other_damage)
+        out.update(recipe=rec_row, preset_row=pre_row, recipe_minus_preset=diff,
+                   recipe_minus_preset_other_text=diff_other)
+        out["verdict"] = verdict(rec_row["kld_ci95"], pre_row["kld_ci95"], diff)
+        if diff_other:
+            out["verdict_other_text"] = verdict(rec_row["other_text"]["kld_ci95"], pre_row["other_text"]["kld_ci95"],
+                                                diff_other)
     return out
 
 
-def verdict(recipe_ci, preset_ci, diff: dict | None) -> str:
+def verdict(recipe_ci: tuple[float, float], preset_ci: tuple[float, float], diff: Paired | None) -> str:
     """Recipe vs preset in words, from the KLD intervals and the paired difference's."""
     if recipe_ci[1] < preset_ci[0]:
         return "recipe better, intervals apart"
@@ -209,7 +215,8 @@ def format_ladder(report: dict) -> str:
                 lines.append(f"{r['size']:<8} {label:<7} {row['file_bytes']:>11,} PPL {x['ppl']:8.4f} ± "
                              f"{x['ppl_stderr']:.4f} KLD {x['kld_mean']:.4e} {_ci(x['kld_ci95'])} top-1 "
                              f"{100 * x['top1_agree']:6.2f} {_ci(x['top1_ci95'], 100, '.2f')} {d_s}")
-        lines.append(f"reference on it: PPL {first['recipe']['other_text']['ref_ppl']:.4f}")
+        if first is not None:
+            lines.append(f"reference on it: PPL {first['recipe']['other_text']['ref_ppl']:.4f}")
     return "\n".join(lines)
 
 

@@ -24,8 +24,10 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -36,11 +38,36 @@ from ..files import atomic_write_bytes
 from ..llama.gguf_names import block_of
 from ..scoring.metrics import RANKABLE
 from .export import write_recipe
-from .solve import Recipe, make_recipe
+from .sizes import SourceModel
+from .solve import Choice, Recipe, make_recipe
+from .table import Table
 
 log = logging.getLogger("sweep.recipe")
 
 OUTSIDE = "outside"  # the chunk of covered tensors outside the blocks (token_embd, output)
+
+
+class JointPoint(TypedDict):
+    """One joint point of an iteration: measured, raw and corrected prediction, the paired residual."""
+    chunk: str  # a chunk's label, or "whole"
+    tensors: int
+    measured: float
+    predicted_raw: float
+    predicted: float
+    residual: float
+    stderr: float
+    ci95: tuple[float, float]
+    agrees: bool  # ci95 holds 0
+
+
+class Iteration(TypedDict):
+    """One iteration of the loop, as loop.json records it."""
+    iteration: int
+    alpha_used: dict[str, float]
+    predicted_raw: float
+    changed: list[str]
+    points: list[JointPoint]
+    joint_points_spent: int
 
 
 @dataclass(frozen=True)
@@ -52,7 +79,7 @@ class LoopSettings:
     store: Path | None = None  # where the joint sweeps keep the baseline (default: next to the iterations)
 
 
-def chunks(tensors, blocks: int) -> dict[str, list[int] | None]:
+def chunks(tensors: Iterable[str], blocks: int) -> dict[str, list[int] | None]:
     """Joint points' chunks of covered tensors: label -> block numbers (None: the tensors outside the blocks)."""
     if blocks < 1:
         raise SweepError(f"--loop-blocks {blocks}: give at least 1 block per joint point")
@@ -73,7 +100,7 @@ def chunk_of(tensor: str, parts: dict[str, list[int] | None]) -> str:
     return next(label for label, nums in parts.items() if nums is not None and n in nums)
 
 
-def stop_reason(points: list[dict], repeated: bool, spent: int, cost: int, budget: int) -> str | None:
+def stop_reason(points: list[JointPoint], repeated: bool, spent: int, cost: int, budget: int) -> str | None:
     """Why the loop stops now (None: go on). `points`: the last iteration's (each with its residual's 95% interval
     `ci95`), empty before the first; `repeated`: the recipe just solved was measured before; `cost`: joint points of
     the next iteration."""
@@ -86,7 +113,7 @@ def stop_reason(points: list[dict], repeated: bool, spent: int, cost: int, budge
     return None
 
 
-def scaled_table(table, alpha: dict[str, float], parts: dict) -> object:
+def scaled_table(table: Table, alpha: dict[str, float], parts: dict[str, list[int] | None]) -> Table:
     """The tables with every tensor's damages scaled by its chunk's factor."""
     rows = {}
     for key, m in table.rows.items():
@@ -96,7 +123,7 @@ def scaled_table(table, alpha: dict[str, float], parts: dict) -> object:
     return dataclasses.replace(table, rows=rows)
 
 
-def fit_alpha(history: list[dict]) -> dict[str, float]:
+def fit_alpha(history: list[Iteration]) -> dict[str, float]:
     """Per chunk: the least-squares factor through the origin of measured on raw predicted, over all iterations."""
     num: dict[str, float] = {}
     den: dict[str, float] = {}
@@ -123,7 +150,8 @@ def joint_recipe(recipe: Recipe) -> Recipe:
                                                 dataclasses.replace(c, type_stored="f32") for c in recipe.choices])
 
 
-def measure(recipe_json: Path, table, parts: dict, settings: LoopSettings, out: Path) -> pd.DataFrame:
+def measure(recipe_json: Path, table: Table, parts: dict[str, list[int] | None], settings: LoopSettings,
+            out: Path) -> pd.DataFrame:
     """The joint points of one iteration, by the sweep itself (`fmt=recipe`), on the tables' windows."""
     layers = [f"[{','.join(map(str, nums))}]" for nums in parts.values() if nums is not None]
     layer_axis = ",".join((["null"] if len(parts) > 1 or OUTSIDE in parts else []) + layers)
@@ -146,18 +174,22 @@ def measure(recipe_json: Path, table, parts: dict, settings: LoopSettings, out: 
     return pd.read_parquet(out / "results.parquet")
 
 
-def iteration_points(df: pd.DataFrame, recipe: Recipe, parts: dict, alpha: dict[str, float], metric: str) -> list:
+def iteration_points(df: pd.DataFrame, recipe: Recipe, parts: dict[str, list[int] | None], alpha: dict[str, float],
+                     metric: str) -> list[JointPoint]:
     """Each joint point: measured, raw and corrected prediction, and the residual paired over windows."""
     win_col = RANKABLE[metric].window_column
+    if win_col is None:
+        raise SweepError(f"the closed loop pairs residuals over windows: {metric} has no per-window values")
     choice = {c.tensor: c for c in recipe.choices if c.type_asked is not None}
-    points = []
+    points: list[JointPoint] = []
     for r in df.itertuples(index=False):
         names = [n for n in str(r.targets).split(",") if n in choice]
+        windows = {n: _windows(choice[n]) for n in names}
         label = "whole" if str(r.layers) == "-" else chunk_of(names[0], parts)
         measured_w = RANKABLE[metric].damage(np.asarray(getattr(r, win_col), float))
-        raw_w = np.sum([choice[n].windows for n in names], axis=0)
+        raw_w = np.sum([windows[n] for n in names], axis=0)
         if label == "whole":
-            corr_w = np.sum([alpha.get(chunk_of(n, parts), 1.0) * choice[n].windows for n in names], axis=0)
+            corr_w = np.sum([alpha.get(chunk_of(n, parts), 1.0) * windows[n] for n in names], axis=0)
         else:
             corr_w = alpha.get(label, 1.0) * raw_w
         mean, se, ci = _interval(measured_w - corr_w)
@@ -167,6 +199,13 @@ def iteration_points(df: pd.DataFrame, recipe: Recipe, parts: dict, alpha: dict[
     return sorted(points, key=lambda p: (p["chunk"] != "whole", p["chunk"]))
 
 
+def _windows(c: Choice) -> np.ndarray:
+    """A covered tensor's per-window damages (the tables of a per-window metric have them)."""
+    if c.windows is None:
+        raise SweepError(f"{c.tensor} at {c.type_stored}: its measurement has no per-window values")
+    return c.windows
+
+
 def _changes(before: Recipe | None, after: Recipe) -> list[str]:
     if before is None:
         return []
@@ -174,22 +213,25 @@ def _changes(before: Recipe | None, after: Recipe) -> list[str]:
     return [f"{n}: {old[n]}->{t}" for n, t in after.types().items() if old.get(n) != t]
 
 
-def closed_loop(table, source, types: list[str], budget: int, defaults, groups, out_dir: Path, meta: dict,
-                settings: LoopSettings) -> tuple[Recipe, dict]:
+def closed_loop(table: Table, source: SourceModel, types: list[str], budget: int, defaults: str | list[str],
+                groups: list[str] | None, out_dir: Path, meta: dict, settings: LoopSettings) -> tuple[Recipe, dict]:
     """The corrected recipe and the loop's record (every iteration: predicted, measured, residual with its
     interval, what changed), also written to out_dir/loop.json."""
     parts = chunks(table.tensors, settings.blocks)
     cost = len(parts) + (1 if len(parts) > 1 or OUTSIDE in parts else 0)
     alpha: dict[str, float] = {}
-    history: list[dict] = []
+    history: list[Iteration] = []
     seen: set[frozenset] = set()
-    spent, previous, points = 0, None, []
+    spent = 0
+    previous: Recipe | None = None
+    points: list[JointPoint] = []
     while True:
         recipe = make_recipe(scaled_table(table, alpha, parts) if alpha else table, source, types, budget, "file",
                              defaults, groups)
         key = frozenset(recipe.types().items())
         why = stop_reason(points, key in seen, spent, cost, settings.budget)
         if why == "agree":  # the recipe just measured holds: keep it
+            assert previous is not None  # (agreeing points were measured on it)
             recipe = previous
         if why:
             break
@@ -218,11 +260,12 @@ def closed_loop(table, source, types: list[str], budget: int, defaults, groups, 
     return recipe, record
 
 
-def _first(history, table, source, types, budget, defaults, groups) -> Recipe | None:
+def _first(history: list[Iteration], table: Table, source: SourceModel, types: list[str], budget: int,
+           defaults: str | list[str], groups: list[str] | None) -> Recipe | None:
     return make_recipe(table, source, types, budget, "file", defaults, groups) if history else None
 
 
-def _with_raw_damages(recipe: Recipe, table) -> Recipe:
+def _with_raw_damages(recipe: Recipe, table: Table) -> Recipe:
     """The recipe's choices with the tables' own (uncorrected) damages, so raw predictions stay raw."""
     choices = []
     for c in recipe.choices:
@@ -235,7 +278,7 @@ def _with_raw_damages(recipe: Recipe, table) -> Recipe:
                                damage=float(sum(c.damage for c in choices if c.type_asked is not None)))
 
 
-def _print_iteration(it: dict, where: str) -> None:
+def _print_iteration(it: Iteration, where: str) -> None:
     changed = ", ".join(it["changed"][:6]) + (" ..." if len(it["changed"]) > 6 else "") if it["changed"] else "-"
     factors = ", ".join(f"{c} {a:.3f}" for c, a in sorted(it["alpha_used"].items()))
     print(f"closed loop iteration {it['iteration']} ({where}): predicted {it['predicted_raw']:.4g} (sum of singles); "

@@ -14,6 +14,7 @@ general.quantization_version and general.file_type to the source's) plus the pad
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -58,7 +59,7 @@ class SourceTensor:
 class SourceModel:
     """The tensors of the GGUF a recipe is built from (read with ggml's own gguf reader)."""
 
-    def __init__(self, path: Path, metadata: list[tuple[str, str | int]] = ()):
+    def __init__(self, path: Path, metadata: Sequence[tuple[str, str | int]] = ()):
 
         self.path = Path(path)
         infos, self.source_header_bytes, self.alignment = gguf_tensor_table(self.path)

@@ -204,8 +204,9 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
     every.sort(key=lambda c: order[c.tensor])
     tensor_bytes = {c.tensor: c.bytes for c in every}
     damage = float(sum(c.damage for c in chosen))
-    same = per_window and all(w is not None and len(w) == len(per_window[0]) for w in per_window)
-    window_sum = np.sum(per_window, axis=0) if same else None  # all measured on the same windows
+    measured = [w for w in per_window if w is not None]
+    same = bool(measured) and len(measured) == len(per_window) and all(len(w) == len(measured[0]) for w in measured)
+    window_sum = np.sum(measured, axis=0) if same else None  # all measured on the same windows
     if window_sum is not None and len(window_sum) > 1:
         stderr = float(np.std(window_sum, ddof=1) / math.sqrt(len(window_sum)))
     else:  # no per-window values: as if independent (tensors measured on the same windows are correlated)
@@ -215,8 +216,8 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
 
 
 def budget_bytes(size: int | None, bpw: float | None, source: SourceModel) -> tuple[int, str]:
-    if (size is None) == (bpw is None):
-        raise SweepError("give one budget: --size (e.g. 90MB, a GGUF file, or a preset such as Q4_K_M) or --bpw")
-    if size is not None:
+    if size is not None and bpw is None:
         return int(size), "file"
-    return int(math.floor(bpw * source.n_elements / 8)), "tensors"
+    if bpw is not None and size is None:
+        return int(math.floor(bpw * source.n_elements / 8)), "tensors"
+    raise SweepError("give one budget: --size (e.g. 90MB, a GGUF file, or a preset such as Q4_K_M) or --bpw")

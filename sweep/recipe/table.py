@@ -67,9 +67,9 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     """Single-tensor weight points of the given sweep directories (or record files)."""
     if metric not in RANKABLE:
         raise SweepError(f"--metric {metric!r}: choose among {', '.join(RANKABLE)}")
-    for r in runs:
-        if not Path(r).exists():
-            raise SweepError(f"{r} does not exist: give sweep directories (hydra.sweep.dir) or record files")
+    for run in runs:
+        if not Path(run).exists():
+            raise SweepError(f"{run} does not exist: give sweep directories (hydra.sweep.dir) or record files")
     df = gather(runs)
     if df.empty:
         raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (docs/recipes.md: "
@@ -95,7 +95,7 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     win_col = RANKABLE[metric].window_column
     # the same point measured twice (another slice, a rerun): the one with more windows wins, then the newest
     df = df.assign(_n=df["n_windows"].astype(int)).sort_values(["_n", "finished_at"])
-    paths = df["model_path"].dropna() if "model_path" in df else ()
+    paths = df["model_path"].dropna() if "model_path" in df else pd.Series(dtype=object)
     table = Table(metric, {}, model=str(df["model"].iloc[0]), model_sha256=str(df["model_sha256"].iloc[0]),
                   model_path=str(paths.iloc[-1]) if len(paths) else None,
                   container=str(df["container"].iloc[0]), n_ctx=int(df["n_ctx"].max()),
@@ -104,21 +104,22 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
                   imatrix=imatrix, data_source=str(df["data_source"].iloc[0]),
                   data_sha256=str(df["data_sha256"].iloc[0]))
     for r in df.itertuples(index=False):
-        key = (r.targets, r.ggml_type)
+        tensor, stored, fmt = str(r.targets), str(r.ggml_type), str(r.fmt)  # strings in every record kept above
+        key = (tensor, stored)
         if r.status == "diverged":
             table.diverged.add(key)
             table.rows.pop(key, None)
             continue
         value = getattr(r, metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise SweepError(f"{r.targets} {r.fmt}: the record has no {metric} (measured with metrics.kld=false?): "
+            raise SweepError(f"{tensor} {fmt}: the record has no {metric} (measured with metrics.kld=false?): "
                              f"choose --metric delta_nll or rerun with KL")
         windows = None
         w = getattr(r, win_col, None) if win_col else None
         if isinstance(w, (list, np.ndarray)) and len(w):
             windows = damage_of(metric, np.asarray(w, float))
         se = getattr(r, stderr_col) if stderr_col else math.nan
-        table.rows[key] = Measurement(r.targets, r.fmt, r.ggml_type, float(damage_of(metric, float(value))),
+        table.rows[key] = Measurement(tensor, fmt, stored, float(damage_of(metric, float(value))),
                                       float(se) if se is not None and pd.notna(se) else math.nan, windows)
         table.diverged.discard(key)
     return table

@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from scipy import stats
@@ -30,9 +31,11 @@ from ..pipeline.point import per_token
 from ..pipeline.session import Session
 from ..scoring.metrics import RANKABLE, summarize
 from ..scoring.perplexity import Score, score
-from ..scoring.text import load_text
+from ..scoring.text import Text, load_text
 from ..scoring.windows import Windows, make_windows
 from .build import preset_file, stored_types
+from .solve import Recipe
+from .table import Table
 
 log = logging.getLogger("sweep.recipe")
 
@@ -46,13 +49,27 @@ class FileScore:
     file_bytes: int
     n_elements: int
     heldout: dict  # metrics.summarize output + ppl
-    window_damage: np.ndarray  # held-out per-window mean damage (the table's metric)
+    window_damage: np.ndarray | None  # held-out per-window mean damage (the table's metric, if a token mean)
     sweep_window_damage: np.ndarray | None  # on the sweep's windows
     predicted: float | None
     predicted_windows: np.ndarray | None
     uncovered: list[str]  # quantized tensors the tables do not cover (not in the prediction), as name=type
     other: dict | None = None  # on the other text (--heldout-text): metrics.summarize output + ppl
     other_damage: np.ndarray | None = None  # its per-window damage
+
+
+class Paired(TypedDict):
+    """A paired difference over windows: its mean, standard error and 95% t-interval."""
+    diff: float
+    stderr: float
+    ci95: tuple[float, float]
+
+
+class Versus(Paired, total=False):
+    """A file against another (`versus`): the paired difference, and where known the predicted one and the other
+    text's."""
+    predicted_diff: float
+    other_text: Paired
 
 
 def _t_ci(mean: float, se: float, n: int) -> tuple[float, float]:
@@ -72,7 +89,7 @@ def _score_file(path: Path, windows: Windows, ref: Score, n_ctx: int, threads: i
         return score(s.backend, windows, progress=False, desc=desc, reference=ref, math=s.math)
 
 
-def predicted_for(types: dict[str, str], table) -> tuple[float | None, np.ndarray | None, list[str]]:
+def predicted_for(types: dict[str, str], table: Table) -> tuple[float | None, np.ndarray | None, list[str]]:
     """Sum of the tables' single-tensor damages for the file's types; tensors the tables do not cover (or not in
     that type) are listed apart. None when any covered tensor lacks its type's measurement."""
     total, windows, uncovered = 0.0, None, []
@@ -107,8 +124,8 @@ class References:
     windows of another text (`--heldout-text`: a recipe tuned on one text, seen on another). Logits of the
     held-out sets live in memory-mapped files in `out_dir`, removed on close."""
 
-    def __init__(self, table, source_path: Path, out_dir: Path, heldout_windows: int, threads: int,
-                 other_text=None):
+    def __init__(self, table: Table, source_path: Path, out_dir: Path, heldout_windows: int, threads: int,
+                 other_text: Text | None = None):
         self.table, self.threads, self.n_ctx = table, threads, table.n_ctx
         self._files: list[Path] = []
         text = load_text(table.data_source)
@@ -192,8 +209,8 @@ def _summary(run: Score, ref: Score) -> dict:
     return out
 
 
-def validate(table, source_path: Path, recipe, built: Path, imatrix, *, out_dir: Path, presets: list[str],
-             heldout_windows: int, threads: int, other_text=None) -> dict:
+def validate(table: Table, source_path: Path, recipe: Recipe, built: Path, imatrix: Path | None, *, out_dir: Path,
+             presets: list[str], heldout_windows: int, threads: int, other_text: Text | None = None) -> dict:
     """Score the built file and llama.cpp's `presets` (built from the same source) on `heldout_windows` windows
     after the tables' own (and on another text's windows, when given), and write the report into `out_dir`."""
     with References(table, source_path, out_dir, heldout_windows, threads, other_text) as refs:
@@ -215,7 +232,7 @@ def compute_identity(threads: int) -> dict:
             "kernels": "llama.cpp's native quantized matmul kernels (CPU), weights as built"}
 
 
-def paired(a: np.ndarray | None, b: np.ndarray | None) -> dict | None:
+def paired(a: np.ndarray | None, b: np.ndarray | None) -> Paired | None:
     """Mean of the per-window differences a - b, its standard error and 95% t-interval."""
     if a is None or b is None or len(a) != len(b):
         return None
@@ -242,24 +259,26 @@ def file_row(r: FileScore) -> dict:
         row["predicted"] = r.predicted
         row["uncovered_in_prediction"] = r.uncovered
         sw = r.sweep_window_damage
-        if r.predicted_windows is not None and sw is not None and len(sw) == len(r.predicted_windows):
-            res = paired(sw, r.predicted_windows)
+        # (paired: None unless both were measured, on as many windows)
+        if sw is not None and (res := paired(sw, r.predicted_windows)) is not None:
             row["residual_sweep_windows"] = {"measured": float(sw.mean()), "residual": res["diff"],
                                              "stderr": res["stderr"], "ci95": res["ci95"]}
         pred_se = float(r.predicted_windows.std(ddof=1) / math.sqrt(len(r.predicted_windows))) \
             if r.predicted_windows is not None and len(r.predicted_windows) > 1 else math.nan
         m_se = float(r.window_damage.std(ddof=1) / math.sqrt(n))
         se = math.sqrt(m_se ** 2 + pred_se ** 2)
-        res = float(r.window_damage.mean()) - r.predicted
-        row["residual_heldout"] = {"residual": res, "stderr": se, "ci95": (res - 1.96 * se, res + 1.96 * se)}
+        residual = float(r.window_damage.mean()) - r.predicted
+        row["residual_heldout"] = {"residual": residual, "stderr": se,
+                                   "ci95": (residual - 1.96 * se, residual + 1.96 * se)}
     return row
 
 
-def versus(r: FileScore, base: FileScore) -> dict | None:
+def versus(r: FileScore, base: FileScore) -> Versus | None:
     """r - base, paired per window, on the held-out windows (and on the other text's)."""
-    out = paired(r.window_damage, base.window_damage)
-    if out is None:
+    held_out = paired(r.window_damage, base.window_damage)
+    if held_out is None:
         return None
+    out = Versus(**held_out)
     if r.predicted is not None and base.predicted is not None and set(r.uncovered) == set(base.uncovered):
         # both files leave the same tensors outside the tables: the difference is all predicted
         out["predicted_diff"] = r.predicted - base.predicted

@@ -54,8 +54,8 @@ def format_ranking(df: pd.DataFrame, metric: str = DEFAULT_METRIC, top: int = 20
     lines = [f"most sensitive first by {metric}{' (ΔPPL ± stderr beside)' if ppl_beside else ''} ({len(ranked)} of "
              f"{n_measured} measured points; ± paired stderr; * ΔNLL q <= {alpha:g}: Benjamini-Hochberg false "
              f"discovery rate over the {n_tested} ok points{note}):"]
-    for i, r in ranked.iterrows():
-        lines.append(_row(i, r, metric, stderr, alpha, ppl_beside))
+    for rank, (_, r) in enumerate(ranked.iterrows(), start=1):  # (ranking's index is the rank: 1, 2, ...)
+        lines.append(_row(rank, r, metric, stderr, alpha, ppl_beside))
     for status in ("no-op", "failed"):
         sub = df[df["status"] == status]
         if len(sub):

@@ -23,7 +23,7 @@ def prediction_columns(recipe: RecipeFile, names: tuple[str, ...], measured: np.
     covered = {n: p for n, p in planned.items() if p.damage is not None}
     # quantized tensors the tables never measured (token_embd at a default type): in the point, not in the prediction
     outside = [f"{n}={p.type}" for n, p in planned.items() if p.damage is None and p.type not in FLOAT_FORMATS]
-    predicted = float(sum(p.damage for p in covered.values()))
+    predicted = float(sum(p.damage for p in covered.values() if p.damage is not None))  # (all of them)
     out = {"additivity_metric": recipe.metric, "predicted": predicted, "predicted_tensors": len(covered),
            "not_predicted": ",".join(outside) or None}
     windows = [p.windows for p in covered.values()]

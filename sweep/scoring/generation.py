@@ -7,9 +7,14 @@ and where it first departed.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import SweepError
+
+if TYPE_CHECKING:
+    from ..llama.backend import Backend
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,7 @@ class Completion:
     text: str
 
 
-def complete(backend, prompts, max_new: int) -> list[Completion]:
+def complete(backend: Backend, prompts: Iterable[str], max_new: int) -> list[Completion]:
     out = []
     for prompt in prompts:
         tokens = backend.tokenize(backend.chat_prompt(prompt), add_special=True)

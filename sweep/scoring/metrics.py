@@ -158,7 +158,7 @@ def summarize(per_token: Tokens, alpha: float, stopped_early: bool = False) -> d
         if any(q not in per_token for q in m.inputs):
             continue
         out[m.column] = m.value(per_token)
-        if m.stderr:
+        if m.stderr and m.stderr_value is not None:  # (given together)
             out[m.stderr] = m.stderr_value(per_token)
         if m.test and n_windows > 1:
             p = math.nan if stopped_early else float(delta_nll_p(per_token[m.per_token].mean(axis=1)))

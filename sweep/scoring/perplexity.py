@@ -12,12 +12,16 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from math import exp, sqrt
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .window_math import BaselineWindow, StoredLogits, WindowMath
 from .windows import Windows
+
+if TYPE_CHECKING:
+    from ..llama.stage_view import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,8 @@ class Score:
                 f"({self.n_windows} windows, {self.n_tokens} tokens, {self.n_ctx} ctx)")
 
 
-def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring", keep_logits=None,
+def score(backend: Decoder, windows: Windows, progress: bool = True, desc: str = "scoring",
+          keep_logits: np.ndarray | None = None,
           reference: Score | None = None, settled: Callable[[Score], bool] | None = None,
           unperturbed: Callable[[], AbstractContextManager] | None = None,
           math: WindowMath | None = None) -> Score:
@@ -91,11 +96,14 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
     lse = np.empty((n, m), dtype=np.float64)
     argmax = np.empty((n, m), dtype=np.int32)
     recompute = unperturbed is not None and reference is None
+    base: dict[str, np.ndarray] = {}  # recompute: the baseline's nll, lse and argmax
     if recompute:
         base = {k: np.empty((n, m), dtype=v.dtype) for k, v in (("nll", nll), ("lse", lse), ("argmax", argmax))}
     with_kl = recompute or (reference is not None and reference.logits is not None)
     kld = np.empty((n, m), dtype=np.float64) if with_kl else None
-    ref_logits = reference.logits if with_kl and not recompute else None
+    # a stored baseline's logits (set exactly when with_kl and not recompute)
+    ref_logits: np.ndarray | StoredLogits | None = \
+        reference.logits if reference is not None and with_kl and not recompute else None
     if isinstance(ref_logits, np.memmap):
         ref_logits = StoredLogits(ref_logits)
     writer = _LogitsWriter(keep_logits) if isinstance(keep_logits, np.memmap) else None
@@ -110,14 +118,19 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     with nullcontext(math) if math is not None else WindowMath(backend.n_threads) as window_math, bar:
         kept = window_math.window_buffer(m, backend.n_vocab) if recompute else None
+        paired: BaselineWindow | None
         for i, window in enumerate(windows.tokens):
             if recompute:
+                assert unperturbed is not None and kept is not None  # recompute: both given above
                 with unperturbed():
                     b = window_math(backend.decode_window(window, mask), targets[i], kept)
                 base["nll"][i], base["lse"][i], base["argmax"][i] = b["nll"], b["lse"], b["argmax"]
                 paired = BaselineWindow(kept, base["lse"][i], base["nll"][i])
             else:
-                paired = BaselineWindow(ref_logits[i], reference.lse[i], reference.nll[i]) if with_kl else None
+                paired = None
+                if ref_logits is not None:  # with_kl
+                    assert reference is not None and reference.lse is not None  # a baseline scored with its logits
+                    paired = BaselineWindow(ref_logits[i], reference.lse[i], reference.nll[i])
                 if isinstance(ref_logits, StoredLogits):
                     ref_logits.will_need(i)
             logits = backend.decode_window(window, mask)
@@ -126,7 +139,7 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
             keep = keep_logits[i] if keep_logits is not None and writer is None else None
             w = window_math(logits, targets[i], keep, paired)
             nll[i], lse[i], argmax[i] = w["nll"], w["lse"], w["argmax"]
-            if with_kl:
+            if kld is not None:  # with_kl
                 kld[i] = w["kld"]
             if not np.isfinite(nll[i]).all():  # NaN/inf logits: the rest would only repeat it
                 pos = windows.first + int(np.argmin(np.isfinite(nll[i])))
@@ -137,7 +150,7 @@ def score(backend, windows: Windows, progress: bool = True, desc: str = "scoring
             bar.set_postfix_str(f"ppl {exp(nll[: i + 1].mean()):.4f}")
             if settled is not None and i + 1 < n:
                 so_far = Score(nll[: i + 1], windows.n_ctx, time.perf_counter() - t0, argmax=argmax[: i + 1],
-                               lse=lse[: i + 1], kld=kld[: i + 1] if with_kl else None, stopped_early=True,
+                               lse=lse[: i + 1], kld=kld[: i + 1] if kld is not None else None, stopped_early=True,
                                baseline=baseline_so_far(i + 1))
                 if settled(so_far):
                     log.info("%s: settled after %d of %d windows", desc, i + 1, n)
@@ -154,10 +167,12 @@ class _LogitsWriter:
 
     def __init__(self, array: np.memmap):
         self.offset, self.shape = int(array.offset), array.shape
-        self._fd = os.open(str(array.filename), os.O_WRONLY)
+        self._fd: int | None = os.open(str(array.filename), os.O_WRONLY)
 
     def write(self, i: int, logits: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(logits)).cast("B")
+        if self._fd is None:
+            raise ValueError("this logits writer is closed")
+        data = np.ascontiguousarray(logits).data.cast("B")
         os.pwrite(self._fd, data, self.offset + i * data.nbytes)
 
     def close(self) -> None:

@@ -66,7 +66,7 @@ class StoredLogits:
         n_vocab = self.shape[2]
         start = self.offset + 4 * n_vocab * (i * self.shape[1] + rows.start)
         view = out[: rows.stop - rows.start]
-        got = os.preadv(self._fd, [memoryview(view).cast("B")], start)
+        got = os.preadv(self._fd, [view.data.cast("B")], start)
         if got != view.nbytes:
             raise SweepError(f"{self.path} is truncated: a stored baseline must be recomputed (delete it)")
         return view
@@ -94,10 +94,18 @@ class BaselineWindow:
     lse: np.ndarray
     nll: np.ndarray
 
-    def rows(self, c: slice, buffer: np.ndarray) -> BaselineWindow:
+    def rows(self, c: slice, buffer: np.ndarray) -> _BaselineRows:
         """Rows `c`, with stored logits read into `buffer`."""
         y = self.logits.read(c, buffer) if isinstance(self.logits, _WindowRows) else self.logits[c]
-        return BaselineWindow(y, self.lse[c], self.nll[c])
+        return _BaselineRows(y, self.lse[c], self.nll[c])
+
+
+@dataclass(frozen=True)
+class _BaselineRows:
+    """Rows of a BaselineWindow, their logits in memory."""
+    logits: np.ndarray
+    lse: np.ndarray
+    nll: np.ndarray
 
 
 @dataclass
@@ -238,7 +246,7 @@ def _exp_rows(x: np.ndarray, shift: np.ndarray, out: np.ndarray, d_max: np.ndarr
     return np.where(plain, np.exp(-shift.astype(np.float64)), 1.0)
 
 
-def _window_rows(z, targets, out, scratch: _Scratch) -> None:
+def _window_rows(z: np.ndarray, targets: np.ndarray, out: dict[str, np.ndarray], scratch: _Scratch) -> None:
     """Rows of an unpaired window (`z` is only read): llama-perplexity's NLL, lse = top + log(sum e^(z - top)),
     from float32 exponentials summed in float64.
 
@@ -260,7 +268,8 @@ def _window_rows(z, targets, out, scratch: _Scratch) -> None:
     out["nll"][...] = log_sum - picked
 
 
-def _paired_rows(z, targets, base: BaselineWindow, out, scratch: _Scratch) -> None:
+def _paired_rows(z: np.ndarray, targets: np.ndarray, base: _BaselineRows, out: dict[str, np.ndarray],
+                 scratch: _Scratch) -> None:
     """Rows of a window paired with the same rows of its baseline (raw logits y); `y` may be `scratch.p` itself
     (it is read before p is written).
 

@@ -95,9 +95,10 @@ def write_tiny_model(path: Path, tokenizer_source: Path, seed: int = 0, add_bos:
     n_vocab = n_vocab or n_source
     if n_vocab < n_source:
         raise ValueError(f"n_vocab={n_vocab} is smaller than the tokenizer's {n_source} tokens")
-    padding = {"tokenizer.ggml.tokens": [f"<sweep_pad_{i}>" for i in range(n_vocab - n_source)],
-               "tokenizer.ggml.token_type": [4] * (n_vocab - n_source),  # user-defined: never produced by BPE
-               "tokenizer.ggml.scores": [0.0] * (n_vocab - n_source)}
+    padding: dict[str, list[str | int | float]] = {
+        "tokenizer.ggml.tokens": [f"<sweep_pad_{i}>" for i in range(n_vocab - n_source)],
+        "tokenizer.ggml.token_type": [4] * (n_vocab - n_source),  # user-defined: never produced by BPE
+        "tokenizer.ggml.scores": [0.0] * (n_vocab - n_source)}
     for field in reader.fields.values():
         if not field.name.startswith("tokenizer."):
             continue
