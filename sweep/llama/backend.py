@@ -212,7 +212,7 @@ class Backend(NodeHooks):
         self._b_pos[:] = np.arange(n_ctx, dtype=np.int32)
 
         # the logit mask of the window being decoded, None outside `decode_window` (generation); routing.py reads it
-        self.output_mask = None
+        self.output_mask: np.ndarray | None = None
         self.decode_seconds = 0.0  # total time inside llama_decode (benchmarks: overhead = wall - decode)
         self.consumers: dict[str, int] = {}  # per weight, the nodes of one decode that multiply by / gather it
         # Filled by the probe decode: every node of the graph and every weight tensor reachable from it.

@@ -53,7 +53,10 @@ def write_gguf_copy(
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys
 
     reader = GGUFReader(src)
-    arch = reader.get_field(Keys.General.ARCHITECTURE).contents()
+    arch_field = reader.get_field(Keys.General.ARCHITECTURE)
+    if arch_field is None:
+        raise SweepError(f"{src} has no {Keys.General.ARCHITECTURE}: not a llama.cpp model file")
+    arch = arch_field.contents()
     with atomic_path(dst, suffix=".part") as tmp:
         writer = GGUFWriter(tmp, arch)
         for field in reader.fields.values():

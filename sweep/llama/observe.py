@@ -29,6 +29,7 @@ import ctypes
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from llama_cpp._ggml import libggml
@@ -144,7 +145,7 @@ class NodeHooks:
 
     def _compile(self) -> None:
         """The registrations as the callback reads them, rebuilt on each change (never during a decode)."""
-        self._matmuls = tuple(e.fn for e in self._entries if e.kind == "matmul")
+        self._matmuls: tuple[Any, ...] = tuple(e.fn for e in self._entries if e.kind == "matmul")  # .wants(m), (m)
         self._observers = tuple(e for e in self._entries if e.kind == "observe")
         self._replacers = tuple(e for e in self._entries if e.kind == "replace") if self._replacing else ()
         self._pairs = frozenset().union(*(e.pairs for e in self._observers + self._replacers))
@@ -192,7 +193,7 @@ class NodeHooks:
 
     def _due_on(self, t: GGMLTensor, name: str, index: int):
         """(matmul observers, node observers, replacements) of this node, or None when it needs none."""
-        matmuls = ()
+        matmuls: tuple = ()
         if self._matmuls and t.op in MATMUL_OPS:
             m = matmul_view(t, with_data=False)
             matmuls = tuple(o for o in self._matmuls if o.wants(m))
@@ -226,7 +227,7 @@ class NodeHooks:
             out = fn(name, y)
             if out is not None:
                 y, written = out, True
-        if written:
+        if written and y is not None:  # y is None only when nothing was written
             write_f32(t_ptr, t, name, y)
             if self._read_back is not None:
                 self._read_back.append((name, x, y, read_f32(t_ptr, t, name)))

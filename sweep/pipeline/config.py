@@ -32,7 +32,7 @@ class BaselineLogits(Choice):
     recompute = "recompute"  # no logits on disk: each baseline window decoded beside its point (twice the decode)
 
 
-RankBy = Choice("RankBy", {name: name for name in RANKABLE})  # any metric of metrics.METRICS
+RankBy = Choice("RankBy", {name: name for name in RANKABLE})  # type: ignore[call-overload]  # Enum's functional API, which mypy does not follow; any metric of metrics.METRICS
 
 
 @dataclass
@@ -83,7 +83,7 @@ class MetricsConfig:
     # What the ranking orders by (and early stopping and the generation check's worst points watch): KL divergence,
     # which a few windows resolve; the ranking shows ΔPPL ± its error beside it. Lower is worse for top1_agree,
     # higher for every other metric.
-    rank_by: RankBy = RankBy.kld_mean
+    rank_by: RankBy = RankBy.kld_mean  # type: ignore[valid-type]  # RankBy is built from METRICS at import
     # Generation check: greedy completions of `prompts` (through the chat template) compared token by token with
     # the baseline's. true: every point (~7% of a 16-window sweep on SmolLM2); false: none; top:N: the N points
     # that rank worst, checked when the sweep ends (gencheck.py; docs/benchmarks.md).
@@ -177,7 +177,7 @@ def hydra_error_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[list[str] | None], None]:
+def hydra_command(config_name: str, run: Callable[[DictConfig], object]) -> Callable[..., None]:
     """A command's `main(argv)` over a Hydra app: `run` on the config `conf/<config_name>.yaml` composes, a user
     error as one line. Hydra reads its arguments from sys.argv, so an argv given is put there first."""
 

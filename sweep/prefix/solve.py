@@ -92,7 +92,8 @@ def plan_stages(points: Mapping[int, float], costs: StageCosts, max_stages: int)
     best: list[list[float]] = [[0.0] * len(cands)]
     nxt: list[list[int | None]] = [[None] * len(cands)]
     for k in range(1, max(max_stages, 0) + 1):
-        row, links = [0.0] * len(cands), [None] * len(cands)
+        row: list[float] = [0.0] * len(cands)
+        links: list[int | None] = [None] * len(cands)
         for i in reversed(range(len(cands))):
             blocks = n - cands[i]
             tail = 0.0  # the points from cands[i] to the next stage
@@ -104,7 +105,7 @@ def plan_stages(points: Mapping[int, float], costs: StageCosts, max_stages: int)
         best.append(row)
         nxt.append(links)
 
-    def starts_of(k: int, i: int) -> tuple[int, ...]:
+    def starts_of(k: int, i: int | None) -> tuple[int, ...]:
         out = []
         while i is not None:
             out.append(cands[i])
