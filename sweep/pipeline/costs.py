@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import Keys
@@ -169,7 +170,7 @@ def costs(plan: Plan) -> Costs:
     threads = int(first.run.threads or cores_for_this_job(None if sequential else plan.launcher))
     concurrent = 1
     if kind == LauncherKind.joblib:
-        n_jobs = int(plan.launcher.get("n_jobs") or 1)
+        n_jobs = int(plan.launcher.get("n_jobs") or 1) if plan.launcher is not None else 1
         concurrent = cores if n_jobs < 0 else min(n_jobs, len(plan.points))
 
     baselines: dict[str, Baseline] = {}
@@ -232,7 +233,7 @@ def costs(plan: Plan) -> Costs:
     free = shutil.disk_usage(free_dir).free
     store_dev = free_dir.stat().st_dev
     to_build = sum(g.model_bytes for g in groups.values() if g.container_missing and
-                   nearest_existing(g.container_path).stat().st_dev == store_dev) + \
+                   g.container_path is not None and nearest_existing(g.container_path).stat().st_dev == store_dev) + \
         sum(g.prefix_bytes for g in groups.values() if g.prefix_dir and
             nearest_existing(g.prefix_dir).stat().st_dev == store_dev)
     to_compute = len(plan.points) - n_stored
@@ -310,8 +311,8 @@ def memory_warnings(c: Costs) -> list[str]:
 
 def time_one_window(group: Group, text_path, threads: int) -> Timing:
     """Score one real window on this machine, as a baseline and as a point, and time the generation check."""
-    on_container = group.container_path is not None and not group.container_missing
-    file = group.container_path if on_container else group.source
+    file = group.container_path if group.container_path is not None and not group.container_missing else group.source
+    on_container = file is group.container_path
     t0 = time.perf_counter()
     settings = compute_settings(group.container, group.n_gpu_layers, group.rpc)
     with Session(file, group.n_ctx, threads, settings) as session:  # as a job loads it
@@ -375,7 +376,8 @@ def render(c: Costs, text_path) -> str:
                  + ("" if c.needed_bytes <= c.free_bytes else "  << DOES NOT FIT"))
     for g in c.groups:
         if g.container_missing:
-            lines.append(f"              F32 container to build once: {gb(g.model_bytes)} in {g.container_path.parent}")
+            lines.append(f"              F32 container to build once: {gb(g.model_bytes)} in "
+                         f"{g.container_path.parent if g.container_path else '-'}")
         if g.prefix_bytes:
             lines.append(f"              prefix reuse: stage files and residuals up to {gb(g.prefix_bytes)} in "
                          f"{g.prefix_dir} (sweep prefix-clean removes them; run.prefix_reuse=false: none)")
@@ -435,7 +437,7 @@ def _launcher_lines(c: Costs) -> list[str]:
     if c.sequential:
         return [f"  launcher    sequential: one process, {c.threads} thread{plural(c.threads)}, the model loaded "
                 f"once"]
-    cfg = c.launcher_cfg or {}
+    cfg: Any = c.launcher_cfg or {}
     if c.launcher == LauncherKind.joblib:
         lines = [f"  launcher    joblib: {c.concurrent_jobs} jobs at once, {c.threads} thread{plural(c.threads)} per "
                  f"job, ~{mem} per job ({gb(c.job_memory * c.concurrent_jobs)} together)"]

@@ -70,8 +70,11 @@ def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessi
         return df
     fields = check_point(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), key, sessions)
     rec = read_record(job_dir / RECORD_FILE)
-    rec.update(fields)
-    write_record(job_dir / RECORD_FILE, rec)
+    if rec is None:  # unreadable since the job wrote it: the table gets the check, the record stays as it is
+        log.warning("generation check: the record of point %s cannot be read, not updated", key)
+    else:
+        rec.update(fields)
+        write_record(job_dir / RECORD_FILE, rec)
     for name, value in fields.items():
         if name not in df:
             df[name] = pd.Series([None] * len(df), dtype=object, index=df.index)

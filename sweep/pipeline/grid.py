@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -58,7 +59,7 @@ class _Checker:
     def __init__(self):
         self.infos: dict[str, ModelInfo] = {}
         self.nodes: dict[tuple, dict] = {}  # (path, compute settings) -> the graph's nodes
-        self.tokens: dict[tuple, object] = {}
+        self.tokens: dict[tuple, np.ndarray] = {}
         self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_windows) -> windows scored
         self.containers: dict[tuple, str] = {}  # model.container=auto's choices
 
@@ -201,7 +202,7 @@ class JobComposer:
             return compose(job)
         if any(o.is_add() or o.is_delete() or o.is_force_add() or o.package is not None for o in parsed):
             return compose(job)
-        choice = tuple(o.input_line for o in parsed if o.key_or_group in self.groups)
+        choice = tuple(str(o.input_line) for o in parsed if o.key_or_group in self.groups)
         if choice not in self.composed:
             self.composed[choice] = compose(list(choice))
         cfg = copy.deepcopy(self.composed[choice])

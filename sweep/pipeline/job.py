@@ -86,6 +86,7 @@ def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, la
             rec = failed_record(cfg, fmt.label, layers, inputs, e)
         rec.update(key=key, started_at=started, finished_at=time.time())
         store.put_point(key, rec)
+    assert rec is not None  # stored, computed or failed above
     if job_dir is not None:
         write_record(job_dir / RECORD_FILE, rec)
     print(describe(rec) + (" [stored]" if reused else ""), flush=True)

@@ -88,18 +88,21 @@ def _stored_or_scored(key: str, backend: Backend, w: Windows, progress: bool, st
             ("logits" in saved or not keep_logits):
         return Score(saved["nll"], w.n_ctx, 0.0, argmax=saved["argmax"], lse=saved["lse"], logits=saved.get("logits"))
     shape = (w.n_windows, w.n_scored, backend.n_vocab)
-    logits, tmp = (None, None)
+    logits: np.ndarray | None = None
+    tmp: Path | None = None
     if keep_logits:
         logits, tmp = store.baseline_logits_file(key, shape) if store else (np.empty(shape, np.float32), None)
     try:
         result = score(backend, w, progress, desc="baseline", keep_logits=logits, math=math)
         if store:
-            if tmp is not None:
+            if isinstance(logits, np.memmap):  # the store's file (tmp)
                 logits.flush()
+            assert result.argmax is not None and result.lse is not None  # score() always sets them
             store.put_baseline(key, {"nll": result.nll, "argmax": result.argmax, "lse": result.lse}, tmp)
-            if tmp is not None:  # from now on read through the stored file, a window at a time
+            if tmp is not None and (stored := store.baseline(key)) is not None:  # from now on read through the
+                # stored file, a window at a time (just written: it is there)
                 result = Score(result.nll, w.n_ctx, result.seconds, argmax=result.argmax, lse=result.lse,
-                               logits=store.baseline(key)["logits"])
+                               logits=stored["logits"])
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()

@@ -224,9 +224,11 @@ def decode_profile(cfg, info, container: str, settings, threads: int, cache: Pat
         math_s = _math_seconds(b.decode_window(*_window(b, n_ctx)) if split is None else split[2], threads)
     if split is None:  # no node to split at: the whole window, shared by FLOPs
         block_f, head_f = window_flops(info, *gguf_sizes(info.path)[1:], n_ctx)
-        split = (total * info.n_layers * block_f / (info.n_layers * block_f + head_f),
-                 total * head_f / (info.n_layers * block_f + head_f))
-    block_s, head_s = split[0] / info.n_layers, split[1]
+        blocks_s, after_s = (total * info.n_layers * block_f / (info.n_layers * block_f + head_f),
+                             total * head_f / (info.n_layers * block_f + head_f))
+    else:
+        blocks_s, after_s = split[0], split[1]
+    block_s, head_s = blocks_s / info.n_layers, after_s
     try:
         atomic_write_bytes(memo, json.dumps({"block_s": block_s, "head_s": head_s, "math_s": math_s,
                                              "file": str(timed_file)}).encode())

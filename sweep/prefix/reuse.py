@@ -90,7 +90,7 @@ class Reuse:
     n_layers: int = 0
 
     def columns(self) -> dict:
-        start = self.stage if self.status == OK else 0
+        start = (self.stage or 0) if self.status == OK else 0
         return {"prefix_reuse": self.status, "prefix_stage": self.stage if self.status == OK else None,
                 "prefix_reason": self.reason, "decoded_blocks": self.n_layers - start}
 
@@ -361,8 +361,8 @@ def capture(ref, starts: tuple[int, ...], cache_dir: Path, key: str,
         # false) the full model's window 0 decoded as points decode it, no node observed
         if base is None and baseline is not None:
             base = baseline()
-        if getattr(base, "logits", None) is not None:
-            meta["window0_logits_sha256"] = logits_sha256(np.asarray(base.logits[0]))
+        if (logits := getattr(base, "logits", None)) is not None:
+            meta["window0_logits_sha256"] = logits_sha256(np.asarray(logits[0]))
         else:
             meta["window0_logits_sha256"] = logits_sha256(full.decode_window(w.tokens[0], mask))
             decoded += 1
@@ -392,10 +392,10 @@ class _memmaps:
     def __init__(self, cache_dir: Path, key: str, starts, shape):
         self.targets = {s: residuals_file(cache_dir, key, s) for s in starts}
         self.shape = shape
-        self._paths = []
+        self._paths: list = []  # the atomic_path context of each file, left on __exit__
 
     def __enter__(self) -> dict[int, np.ndarray]:
-        arrays = {}
+        arrays: dict[int, np.ndarray] = {}
         for s, path in self.targets.items():
             cm = atomic_path(path, suffix=".part.npy")
             tmp = cm.__enter__()
