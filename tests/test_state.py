@@ -21,7 +21,8 @@ from sweep.pipeline.point import record, run_point
 from sweep.pipeline.reference import open_reference
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
-from sweep.store.records import Store, gather, write_record
+from sweep.store.record import write_record
+from sweep.store.records import Store, gather
 
 # (module, name) -> why it is allowed to live at module level
 ALLOWED = {
@@ -78,7 +79,7 @@ def test_running_points_leaves_every_module_level_container_unchanged(tiny_model
             out = run_point(ref, target, make_format(fmt), progress=False, store=store,
                             prompts=("Hello",), max_new_tokens=4, baseline_logits=logits)
             rec = record(ref, target, make_format(fmt), out)
-            write_record(tmp_path / "sweep" / kind / "record.json", {**rec, "key": kind, "finished_at": 0})
+            write_record(tmp_path / "sweep" / kind / "record.json", rec.update(key=kind, started_at=0, finished_at=0))
     assert len(gather([tmp_path / "sweep"])) == 2
     assert container_globals() == before
 

@@ -26,7 +26,8 @@ from ..quant.formats import make_format
 from ..quant.targets import resolve
 from ..scoring.generation import compare, complete
 from ..scoring.metrics import worst_first
-from ..store.records import RECORD_FILE, find_records, point_key, read_record, write_record
+from ..store.record import RECORD_FILE, read_json, read_record, write_json, write_record
+from ..store.records import find_records, point_key
 from .point import baseline_completions, point_backend
 from .reference import open_reference
 from .session import Sessions
@@ -87,7 +88,7 @@ def check_point(cfg, key: str, sessions: Sessions) -> dict:
     prompts, max_new = tuple(cfg.metrics.prompts), int(cfg.metrics.max_new_tokens)
     gen_key = point_key(point=key, prompts=list(prompts), max_new_tokens=max_new)
     store_file = Path(cfg.run.store) / "generations" / f"{gen_key}.json"
-    cached = read_record(store_file)
+    cached = read_json(store_file)  # the generation columns of the point (checked when added to its record)
     if cached is not None:
         return cached
     ref = open_reference(OmegaConf.merge(cfg, {"run": {"progress": False}}), sessions=sessions)
@@ -98,7 +99,7 @@ def check_point(cfg, key: str, sessions: Sessions) -> dict:
         with applied(backend, target, fmt):
             got = complete(backend, prompts, max_new)
     fields = {**compare(got, expected), "generation_checked": "top"}
-    write_record(store_file, fields)
+    write_json(store_file, fields)
     return fields
 
 

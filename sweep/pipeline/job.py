@@ -26,7 +26,8 @@ from ..quant.formats import make_format
 from ..quant.targets import parse_layers, resolve
 from ..scoring.generation import generation_mode
 from ..scoring.metrics import EarlyStop, StopRule
-from ..store.records import RECORD_FILE, Store, point_key, write_record
+from ..store.record import RECORD_FILE, Record, write_record
+from ..store.records import Store, point_key
 from .point import describe, record, run_point
 from .reference import load_inputs, open_reference
 from .session import Sessions
@@ -47,7 +48,7 @@ def cores_for_this_job(launcher_cfg) -> int:
     return cores
 
 
-def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> dict:
+def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> Record:
     """One point: `sessions` holds the loaded model, shared with the jobs before and after this one."""
     store = Store(Path(cfg.run.store))
     cfg = settled(OmegaConf.merge(cfg, {"run": {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)}}),
@@ -138,16 +139,16 @@ def stop_rule(metrics_cfg) -> StopRule | None:
 TRACEBACK_CHARS = 4000  # the end of a failed point's traceback kept in its record: where it failed, not the whole stack
 
 
-def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> dict:
-    return {
-        "layer": layers[0] if len(layers) == 1 else None, "layers": ",".join(map(str, layers)) or "-",
-        "tensor": cfg.tensor, "kind": cfg.kind, "fmt": fmt_label, "status": "failed",
+def failed_record(cfg, fmt_label: str, layers, inputs, error: Exception) -> Record:
+    return Record(
+        layer=layers[0] if len(layers) == 1 else None, layers=",".join(map(str, layers)) or "-",
+        tensor=cfg.tensor, kind=cfg.kind, fmt=fmt_label, status="failed",
         **({"expert": _expert_label(cfg, inputs)} if inputs.info.n_experts else {}),
-        "reason": f"{type(error).__name__}: {error}".splitlines()[0],
-        "traceback": "".join(traceback.format_exception(error))[-TRACEBACK_CHARS:],
-        "container": cfg.model.container, "model": inputs.source.name, "model_sha256": inputs.model_sha256,
-        "data_source": inputs.text.source, "n_windows": cfg.data.n_windows, "n_ctx": cfg.data.n_ctx,
-    }
+        reason=f"{type(error).__name__}: {error}".splitlines()[0],
+        traceback="".join(traceback.format_exception(error))[-TRACEBACK_CHARS:],
+        container=cfg.model.container, model=inputs.source.name, model_sha256=inputs.model_sha256,
+        data_source=inputs.text.source, n_windows=cfg.data.n_windows, n_ctx=cfg.data.n_ctx,
+    )
 
 
 def _expert_label(cfg, inputs) -> str:

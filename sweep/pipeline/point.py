@@ -26,6 +26,8 @@ from ..scoring.additivity import prediction_columns
 from ..scoring.generation import compare, complete
 from ..scoring.metrics import RANKABLE, StopRule, Tokens, summarize
 from ..scoring.perplexity import Score, score
+from ..store.columns import window_column
+from ..store.record import Record
 from ..store.records import Store, baseline_key, completions_key
 from .reference import Reference
 
@@ -240,45 +242,42 @@ def per_token(run: Score, base: Score) -> Tokens:
     return tokens
 
 
-WINDOW_COLUMNS = {"base_nll": "baseline_nll"}  # the records' names of per-window means, where they differ
-
-
-def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: float = 0.05) -> dict:
-    """One flat row of the results table."""
+def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: float = 0.05) -> Record:
+    """One flat row of the results table (its columns: sweep/store/columns.py)."""
     diverged = out.status == "diverged"
     tokens = {} if diverged else per_token(out.score, out.baseline)
     metrics = summarize(tokens, alpha, out.score.stopped_early) if tokens else {}
     # Per-window means (window i of every point is the same text): enough to replay any early-stopping rule.
-    windows = {f"window_{WINDOW_COLUMNS.get(name, name)}": values.mean(axis=1).tolist()
+    windows = {window_column(name): values.mean(axis=1).tolist()
                for name, values in tokens.items() if name != "nll"}
     if diverged:
         metrics = {"delta_ppl": math.inf, "delta_nll": math.inf, "delta_nll_stderr": math.nan,
                    "delta_ppl_stderr": math.nan}
-    return {
+    return Record(
         # `layer` is the block number of a single-layer point (None otherwise); `layers` names every block touched.
-        "layer": target.layers[0] if len(target.layers) == 1 else None, "layers": target.layer_label,
-        "tensor": target.tensor, "kind": target.kind, "fmt": fmt.label,
+        layer=target.layers[0] if len(target.layers) == 1 else None, layers=target.layer_label,
+        tensor=target.tensor, kind=target.kind, fmt=fmt.label,
         **({"expert": expert_label(target.experts)} if ref.info.n_experts else {}),
-        "status": out.status, "reason": out.reason,
-        "ppl": out.score.ppl, "ppl_stderr": out.score.ppl_stderr,
-        "baseline_ppl": out.baseline.ppl, "baseline_ppl_stderr": out.baseline.ppl_stderr,
-        **metrics, **(out.generation or {}), "alpha": alpha,
-        "n_elements": out.proof.n_elements, "n_changed": out.proof.n_changed,
-        "frac_changed": out.proof.frac_changed, "rel_mse": out.proof.rel_mse, "sqnr_db": out.proof.sqnr_db,
-        "max_abs_err": out.proof.max_abs_err, "n_overflow": out.proof.n_overflow, "hook_calls": out.proof.hook_calls,
-        "delta_calls": out.proof.delta_calls,
+        status=out.status, reason=out.reason,
+        ppl=out.score.ppl, ppl_stderr=out.score.ppl_stderr,
+        baseline_ppl=out.baseline.ppl, baseline_ppl_stderr=out.baseline.ppl_stderr,
+        **metrics, **(out.generation or {}), alpha=alpha,
+        n_elements=out.proof.n_elements, n_changed=out.proof.n_changed,
+        frac_changed=out.proof.frac_changed, rel_mse=out.proof.rel_mse, sqnr_db=out.proof.sqnr_db,
+        max_abs_err=out.proof.max_abs_err, n_overflow=out.proof.n_overflow, hook_calls=out.proof.hook_calls,
+        delta_calls=out.proof.delta_calls,
         **storage_columns(out.proof.storage, metrics.get("kld_mean")), **(out.routing or {}),
-        "targets": ",".join(target.names), "baseline": out.container_note,
-        "container": ref.container, **({"native_weights": ref.native_weights} if ref.container == "native" else {}),
+        targets=",".join(target.names), baseline=out.container_note,
+        container=ref.container, **({"native_weights": ref.native_weights} if ref.container == "native" else {}),
         **runtime_identity(ref.backend.settings), **ref.backend.placement(),
-        "model": ref.source.name, "model_path": str(ref.source), "model_sha256": ref.model_sha256,
-        "data_source": ref.text.source, "data_sha256": ref.text.sha256,
-        "n_windows": out.score.n_windows, "stopped_early": out.score.stopped_early, "n_ctx": out.score.n_ctx,
-        "n_tokens": out.score.n_tokens,
-        "seconds": out.seconds, "score_seconds": out.score.seconds, "decode_seconds": out.decode_seconds,
-        "baseline_logits": out.baseline_logits, **(out.prefix.columns() if out.prefix else {}), **windows,
+        model=ref.source.name, model_path=str(ref.source), model_sha256=ref.model_sha256,
+        data_source=ref.text.source, data_sha256=ref.text.sha256,
+        n_windows=out.score.n_windows, stopped_early=out.score.stopped_early, n_ctx=out.score.n_ctx,
+        n_tokens=out.score.n_tokens,
+        seconds=out.seconds, score_seconds=out.score.seconds, decode_seconds=out.decode_seconds,
+        baseline_logits=out.baseline_logits, **(out.prefix.columns() if out.prefix else {}), **windows,
         **(joint_columns(ref, target, fmt, out, tokens) if fmt.recipe and tokens else {}),
-    }
+    )
 
 
 def joint_columns(ref: Reference, target: Target, fmt: Format, out: Outcome, tokens) -> dict:
@@ -314,7 +313,7 @@ def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
     return out
 
 
-def describe(rec: dict) -> str:
+def describe(rec: Record) -> str:
     """The one-line summary printed when a point finishes."""
     head = f"[{rec['status']}] {rec['kind']} {rec['tensor']} L{rec['layers']}"
     head += f" E{rec['expert']} {rec['fmt']}" if rec.get("expert") not in (None, "all") else f" {rec['fmt']}"

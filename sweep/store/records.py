@@ -1,4 +1,4 @@
-"""Records on disk: one JSON file per finished point, written atomically; baselines; the gathered table.
+"""The store, keys and the gathered table: finished points (one record each, store/record.py) and baselines.
 
 A point's key is a hash of everything that determines its result (model file hash, container, text hash, slice,
 n_ctx, target, format), so a record can be reused by any later sweep that asks for the same point -- that is how
@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,55 +22,17 @@ from scipy.stats import false_discovery_control
 
 from ..files import atomic_write_bytes, temporary_beside
 from ..scoring.metrics import METRICS
+from .columns import COLUMNS, DIVERGED, NO_OP, OK, SORT
+from .record import LEFT_OUT, RECORD_FILE, RECORD_VERSION, Record, read_record, write_record
 
-RECORD_FILE = "record.json"
-DONE = ("ok", "no-op", "diverged")  # a "failed" point is retried when the sweep runs again
-RECORD_SCHEMA = 2  # 2: `n_chunks` became `n_windows` (config and records); older records are not reused
+DONE = (OK, NO_OP, DIVERGED)  # a "failed" point is retried when the sweep runs again
 KEY_CHARS = 20  # hex digits of a key: 80 bits, no collision among any number of points a store will hold
 
 
 def point_key(**fields) -> str:
-    blob = json.dumps({"schema": RECORD_SCHEMA, **fields}, sort_keys=True, default=str)
+    """A key of the store: the record version is in every key, so that raising it computes every point again."""
+    blob = json.dumps({"schema": RECORD_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return str(x)
-
-
-def write_record(path: Path, record: dict) -> None:
-    atomic_write_bytes(path, json.dumps(record, indent=1, default=_json_default, allow_nan=True).encode())
-
-
-_said_unreadable: set[Path] = set()
-
-
-def read_record(path: Path) -> dict | None:
-    """The record at `path`, or None: missing, or unreadable (truncated, not JSON), which is said once per process
-    in one line, since the point is then computed again."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return _unreadable(path, e.strerror or type(e).__name__)
-    try:
-        rec = json.loads(text)
-    except ValueError as e:
-        return _unreadable(path, f"not JSON: {str(e)[:80]}" if text.strip() else "empty")
-    return rec if isinstance(rec, dict) else _unreadable(path, f"a JSON {type(rec).__name__}, not a record")
-
-
-def _unreadable(path: Path, why: str) -> None:
-    if path not in _said_unreadable:
-        _said_unreadable.add(path)
-        print(f"warning: the stored record {path} cannot be read ({why}): its point is computed again",
-              file=sys.stderr, flush=True)
-    return None
 
 
 class Store:
@@ -80,11 +41,11 @@ class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def point(self, key: str) -> dict | None:
+    def point(self, key: str) -> Record | None:
         rec = read_record(self.root / "points" / f"{key}.json")
-        return rec if rec and rec.get("status") in DONE else None
+        return rec if rec and rec["status"] in DONE else None
 
-    def put_point(self, key: str, record: dict) -> None:
+    def put_point(self, key: str, record: Record) -> None:
         write_record(self.root / "points" / f"{key}.json", record)
 
     def baseline(self, key: str) -> dict[str, np.ndarray] | None:
@@ -126,18 +87,17 @@ def find_records(paths: Iterable[Path]) -> list[Path]:
 
 
 def gather(paths: Iterable[Path]) -> pd.DataFrame:
-    """One row per distinct point (the newest record wins when the same point was recorded twice)."""
-    rows = [r for r in map(read_record, find_records(paths)) if r]
+    """One row per distinct point (the newest record wins when the same point was recorded twice), its columns in the
+    order the records give them; a record that is not a complete one of this version is said and left out."""
+    rows = [dict(r) for r in (read_record(p, then=LEFT_OUT) for p in find_records(paths)) if r]
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
-    if "n_chunks" in df:  # records of schema 1 named the windows scored `n_chunks`
-        df["n_windows"] = df["n_windows"].fillna(df["n_chunks"]) if "n_windows" in df else df["n_chunks"]
-        df = df.drop(columns="n_chunks")
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
-    df["layer"] = df["layer"].astype("Int64")  # NA for points over several blocks or none
-    order = ["kind", "tensor", "fmt", "layer", "expert"]
-    return add_q_values(df.sort_values([c for c in order if c in df]).reset_index(drop=True))
+    for c in COLUMNS:  # the registry's dtypes where pandas would infer another (`layer`: NA for several blocks)
+        if c.table_dtype and c.name in df:
+            df[c.name] = df[c.name].astype(c.table_dtype)
+    return add_q_values(df.sort_values([c for c in SORT if c in df]).reset_index(drop=True))
 
 
 def add_q_values(df: pd.DataFrame) -> pd.DataFrame:
