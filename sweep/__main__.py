@@ -21,6 +21,7 @@ from .pipeline.config import CONF_DIR  # (importing it registers the schemas)
 from .pipeline.grid import check_composes
 from .pipeline.job import run_job
 from .pipeline.session import Sessions
+from .store.record import Record
 
 # Hydra finds plugins by walking the hydra_plugins namespace on sys.path; an editable install's import hook hides this
 # project's part of it outside the project's directory, so the sweep registers its own by hand as well.
@@ -37,7 +38,7 @@ def sweep_app(sessions: Sessions):
     copy of its own and closes it when it ends."""
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # absolute: also when imported
-    def sweep_job(cfg: DictConfig) -> dict:
+    def sweep_job(cfg: DictConfig) -> Record:
         hc = HydraConfig.get()
         try:
             return run_job(cfg, sessions, Path(hc.runtime.output_dir), hc.launcher)

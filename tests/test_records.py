@@ -81,11 +81,11 @@ def test_docs_columns_page_is_the_registry():
 def test_the_column_tables_of_the_docs_name_registry_columns():
     """Every `| column | meaning |` table of the pages names columns of the registry (a renamed column fails here)."""
     named = []
-    for page in sorted((ROOT / "docs").glob("*.md")):
+    for page in sorted(set((ROOT / "docs").glob("*.md")) - {ROOT / "docs" / "columns.md"}):
         for table in re.findall(r"^\| column \|.*\n\|[-| ]+\|\n((?:\|.*\n)+)", page.read_text(), re.M):
             for row in table.splitlines():
                 named += [(page.name, n) for n in re.findall(r"`(\w+)`", row.split("|")[1])]
-    assert len(named) > 60
+    assert {page for page, _ in named} >= {"moe.md", "prefix.md", "statistics.md"} and len(named) > 20
     assert not [n for n in named if n[1] not in BY_NAME]
 
 

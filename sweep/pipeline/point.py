@@ -335,7 +335,7 @@ def describe(rec: Record) -> str:
             f"SQNR {rec['sqnr_db']:.1f} dB, hook calls {rec['hook_calls']}{_joint(rec)}")
 
 
-def _joint(rec: dict) -> str:
+def _joint(rec: Record) -> str:
     """A recipe's joint point: predicted (sum of singles) vs measured, and the residual."""
     if rec.get("predicted") is None or rec["predicted"] != rec["predicted"]:
         return ""
@@ -349,7 +349,7 @@ def _joint(rec: dict) -> str:
     return text + f" ({rec.get('additivity_note')})"
 
 
-def _p_value(rec: dict) -> str:
+def _p_value(rec: Record) -> str:
     """The point's own ΔNLL test, printed as a p-value (per comparison: a sweep's table adds q-values)."""
     if rec.get("stopped_early"):
         return f", stopped early after {rec['n_windows']} windows, untested"

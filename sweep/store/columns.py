@@ -22,7 +22,7 @@ STATUSES = (OK, NO_OP, DIVERGED, FAILED)
 EVERY = frozenset(STATUSES)  # every record, a failed point's too
 SCORED = frozenset({OK, NO_OP, DIVERGED})  # points that were scored (a record of pipeline/point.record)
 MEASURED = frozenset({OK, NO_OP})  # points scored to a number (not diverged)
-NONE = frozenset()  # only under the column's `when`
+NONE: frozenset[str] = frozenset()  # only under the column's `when`
 
 # The types of a column's values (JSON's own): a "json" column holds a JSON document as a string, "floats" a list.
 TYPES = ("int", "float", "bool", "str", "json", "floats")
@@ -41,7 +41,7 @@ class Column:
     name: str
     type: str  # one of TYPES
     meaning: str
-    always: frozenset  # the statuses whose every record has it
+    always: frozenset[str]  # the statuses whose every record has it
     when: str = ""  # when else a record has it, in words ("": never)
     role: str = "measure"  # one of ROLES
     nullable: bool = False  # may hold null (JSON) / None
@@ -147,7 +147,8 @@ COLUMNS: tuple[Column, ...] = (
     C("ggml_type", "str", "the GGUF type the target is stored in", (), STORAGE, nullable=True),
     C("fallback_from", "str", "the type asked for, where llama.cpp's row fallback stored another", (), STORAGE,
       nullable=True),
-    C("bytes", "int", "the target's size in the format", (), STORAGE),
+    C("bytes", "float", "the target's size in the format (a GGUF type's exact bytes; else from the format's bits per "
+      "element and scales, NaN where unknown)", (), STORAGE),
     C("bpw", "float", "bits per weight in the format", (), STORAGE),
     C("imatrix_used", "bool", "whether every GGUF type of it was given an imatrix entry", (), STORAGE +
       " given an imatrix"),

@@ -77,9 +77,9 @@ class Record(Mapping):
         self._values: dict = {}
         self.update(columns)
 
-    def update(self, other: Mapping = (), /, **columns) -> Record:
+    def update(self, other: Mapping | None = None, /, **columns) -> Record:
         """Add or replace columns (checked), as dict.update; returns the record."""
-        self._values.update({name: _checked(name, value) for name, value in {**dict(other), **columns}.items()})
+        self._values.update({name: _checked(name, value) for name, value in {**(other or {}), **columns}.items()})
         return self
 
     def __getitem__(self, name: str):
@@ -160,11 +160,13 @@ def read_json(path: Path, then: str = RECOMPUTED):
     except FileNotFoundError:
         return None
     except OSError as e:
-        return _refused(path, f"cannot be read ({e.strerror or type(e).__name__})", then)
+        _refused(path, f"cannot be read ({e.strerror or type(e).__name__})", then)
+        return None
     try:
         return json.loads(text)
     except ValueError as e:
-        return _refused(path, f"cannot be read ({f'not JSON: {str(e)[:80]}' if text.strip() else 'empty'})", then)
+        _refused(path, f"cannot be read ({f'not JSON: {str(e)[:80]}' if text.strip() else 'empty'})", then)
+        return None
 
 
 def read_record(path: Path, then: str = RECOMPUTED) -> Record | None:
@@ -173,16 +175,17 @@ def read_record(path: Path, then: str = RECOMPUTED) -> Record | None:
     data = read_json(path, then)
     if data is None:
         return None
-    if not isinstance(data, dict):
-        return _refused(path, f"cannot be read (a JSON {type(data).__name__}, not a record)", then)
     try:
+        if not isinstance(data, dict):
+            raise RecordError(f"cannot be read (a JSON {type(data).__name__}, not a record)")
         return Record.from_json(data)
     except RecordError as e:
-        return _refused(path, str(e), then)
+        _refused(path, str(e), then)
+        return None
 
 
 def _refused(path: Path, why: str, then: str) -> None:
+    """Say once per process, in one line, that the file at `path` is not read, why, and what happens `then`."""
     if path not in _said:
         _said.add(path)
         print(f"warning: the stored record {path} {why}: {then}", file=sys.stderr, flush=True)
-    return None

@@ -96,7 +96,7 @@ def gather(paths: Iterable[Path]) -> pd.DataFrame:
     df = df.sort_values("finished_at").drop_duplicates("key", keep="last")
     for c in COLUMNS:  # the registry's dtypes where pandas would infer another (`layer`: NA for several blocks)
         if c.table_dtype and c.name in df:
-            df[c.name] = df[c.name].astype(c.table_dtype)
+            df[c.name] = df[c.name].astype(pd.api.types.pandas_dtype(c.table_dtype))
     return add_q_values(df.sort_values([c for c in SORT if c in df]).reset_index(drop=True))
 
 
