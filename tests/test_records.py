@@ -108,7 +108,7 @@ def planted(path: Path, **change) -> Path:
 @pytest.mark.parametrize("change, why", [
     ({"record_version": 1}, "is of record version 1, this sweep reads version 2"),
     ({"record_version": None, "n_chunks": 3}, "is of record version 1, this sweep reads version 2"),
-    ({"record_version": 3}, "is of record version 3, this sweep reads version 2: read it with the newer sweep"),
+    ({"record_version": 3}, "is of record version 3, written by a newer sweep (this one reads version 2)"),
 ])
 def test_a_record_of_another_version_is_refused_in_one_line(change, why, tmp_path, capsys):
     store = Store(tmp_path / "store")

@@ -121,8 +121,8 @@ class Record(Mapping):
             version = 1 if "n_chunks" in data else RECORD_VERSION
         if version != RECORD_VERSION:
             newer = isinstance(version, int) and version > RECORD_VERSION
-            raise RecordError(f"is of record version {version}, this sweep reads version {RECORD_VERSION}" +
-                              (": read it with the newer sweep that wrote it" if newer else ""))
+            raise RecordError(f"is of record version {version}, " + (f"written by a newer sweep (this one reads "
+                              f"version {RECORD_VERSION})" if newer else f"this sweep reads version {RECORD_VERSION}"))
         unknown = [name for name in data if name not in BY_NAME or BY_NAME[name].where != "record"]
         if unknown:
             raise RecordError(f"has columns this version does not know ({', '.join(unknown)})")
