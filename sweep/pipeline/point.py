@@ -6,7 +6,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,7 +124,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
         moe = bool(ref.info.n_experts) and not recompute
         base_routing = baseline_routing(ref.session, full, ref.windows, matched, ref.info.n_experts_used) \
             if moe else None
-        unrouted = never_routed(base_routing, target) if moe else None
+        unrouted = never_routed(base_routing, target) if base_routing is not None else None
         with tracking(backend, ref.info.n_experts_used) if moe else nullcontext() as tracker, \
                 applied(backend, target, fmt, ref.info.tensor_types) as proof:
             if target.kind == "weight" and (proof.n_changed == 0 or unrouted):
@@ -132,8 +132,7 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
                 # decode needed (a no-op)
                 result = base = base or baseline_score(full, ref, progress, store, matched, keep_logits=False)
             else:
-                settled = (lambda so_far: stop.settled(per_token(so_far, so_far.baseline or
-                                                                 base.first(so_far.n_windows)))) \
+                settled = (lambda so_far: stop.settled(per_token(so_far, _paired(so_far, base)))) \
                     if stop is not None else None
                 result = score(backend, ref.windows, progress, reference=base, settled=settled,
                                desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}",
@@ -145,10 +144,11 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
                 tracker.counting = False
             if prompts and not result.diverged:
                 got = expected if result is base else complete(backend, prompts, max_new_tokens)
-        generation = compare(got, expected) if got is not None else None
+        generation = compare(got, expected) if got is not None and expected is not None else None
         decoding = full.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
         if backend is not full:
             decoding += backend.decode_seconds - stage_decoding_before
+    assert base is not None  # scored above (recompute: the run's own baseline)
     routing = point_routing(ref.info, target, tracker if result is not base else None, base_routing) if moe else {}
     reason = unrouted or expert_no_op(target, proof) or proof.no_op_reason(target, fmt) or absorbed(result, base)
     status = "no-op" if reason else "ok"
@@ -224,10 +224,18 @@ def absorbed(run: Score, base: Score) -> str | None:
         return None
     cut = base.first(run.n_windows)
     # (log-sum-exps are summed in float32 when paired, in float64 alone: they are not comparable bit for bit)
-    same = (np.array_equal(run.nll, cut.nll) and np.array_equal(run.argmax, cut.argmax)
+    same = (np.array_equal(run.nll, cut.nll) and cut.argmax is not None and np.array_equal(run.argmax, cut.argmax)
             and (run.kld is None or not run.kld.any()))
     return ("absorbed downstream: the values changed but the scored output did not (NLL, KL and top token of "
             "every scored token are exactly the baseline's)") if same else None
+
+
+def _paired(so_far: Score, base: Score | None) -> Score:
+    """The baseline of a run's first windows: recomputed alongside it, else the stored one's first windows."""
+    if so_far.baseline is not None:
+        return so_far.baseline
+    assert base is not None  # not recompute: the stored baseline was scored before the run
+    return base.first(so_far.n_windows)
 
 
 def per_token(run: Score, base: Score) -> Tokens:
@@ -235,6 +243,7 @@ def per_token(run: Score, base: Score) -> Tokens:
     if run is base:  # a weight no-op: the model is bit-identical to its baseline
         zeros = np.zeros_like(base.nll)
         return {"dnll": zeros, "kld": zeros, "top1": np.ones_like(zeros), "nll": base.nll, "base_nll": base.nll}
+    assert run.argmax is not None and base.argmax is not None  # every scored window keeps its top tokens
     tokens = {"dnll": run.nll - base.nll, "top1": (run.argmax == base.argmax).astype(np.float64), "nll": run.nll,
               "base_nll": base.nll}
     if run.kld is not None:
@@ -283,13 +292,14 @@ def record(ref: Reference, target: Target, fmt: Format, out: Outcome, alpha: flo
 def joint_columns(ref: Reference, target: Target, fmt: Format, out: Outcome, tokens) -> dict:
     """A recipe's joint point: what the tables predicted for its tensors (the sum of their single damages) and the
     additivity residual, paired over windows when the point ran on the tables' windows (sweep/quant/recipe_types.py)."""
+    assert fmt.recipe is not None  # a joint point's format names its recipe
     recipe = read_recipe(fmt.recipe)
     context = {"model_sha256": ref.model_sha256, "container": ref.container, "n_ctx": out.score.n_ctx,
                "data_sha256": ref.text.sha256, "stopped_early": out.score.stopped_early}
     return prediction_columns(recipe, target.names, RANKABLE[recipe.metric].window_damage(tokens), context)
 
 
-def storage_columns(storage: list[dict], kld_mean: float | None) -> dict:
+def storage_columns(storage: Sequence[Mapping], kld_mean: float | None) -> dict:
     """Size of the target in the format and in the user's file, and the damage per bit saved (KLD divided by the
     bits per weight saved against the file; NaN where the format does not save bits)."""
     if not storage:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def stage_for(layers: tuple[int, ...], starts: tuple[int, ...]) -> int | None:
 class Reuse:
     """How a point is decoded: `backend` is the stage (a StageView) or the full model."""
 
-    backend: object
+    backend: Any  # the full model's Backend, or the StageView (llama/stage_view.py) that decodes like it
     status: str  # ok | fallback | off
     reason: str | None = None
     stage: int | None = None

@@ -69,7 +69,7 @@ class Store:
         if logits_tmp is not None:
             os.replace(logits_tmp, self.root / "baselines" / f"{key}.logits.npy")
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stubs read the first keyword as allow_pickle
         atomic_write_bytes(self.root / "baselines" / f"{key}.npz", buf.getvalue())  # last: marks it complete
 
 
