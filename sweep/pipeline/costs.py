@@ -134,7 +134,7 @@ class Costs:
     concurrent_jobs: int
     available_memory: int | None
     timings: list[Timing] = field(default_factory=list)
-    stages: list = field(default_factory=list)  # prefix reuse's plan per model, both sides (prefix_plan.Settled)
+    stages: list = field(default_factory=list)  # prefix reuse's plan per model, both sides (prefix/plan.Settled)
 
     @property
     def sequential(self) -> bool:

@@ -50,7 +50,7 @@ class Plan:
     points: list[tuple[DictConfig, Target]] = field(default_factory=list)
     launcher: DictConfig | None = None
     n_windows: dict[tuple, int] = field(default_factory=dict)
-    stages: list = field(default_factory=list)  # prefix reuse's plan per model (prefix_plan.Settled)
+    stages: list = field(default_factory=list)  # prefix reuse's plan per model (prefix/plan.Settled)
 
 
 class _Checker:

@@ -43,7 +43,7 @@ class Session:
         self._completions: dict[str, list] = {}
         # MoE: the unperturbed routing of the scored windows, by (model copy, windows) (sweep/llama/routing.py)
         self.routing: dict[tuple, object] = {}
-        # Prefix reuse: the stages of this model, their captured residuals and identity verdicts (scoring/prefix.py)
+        # Prefix reuse: the stages of this model, their captured residuals and identity verdicts (prefix/reuse.py)
         self.prefixes = Prefixes()
 
     def tokens(self, text) -> np.ndarray:
