@@ -60,7 +60,8 @@ class Metric:
 
     @property
     def window_column(self) -> str | None:
-        """The record's per-window means of this metric's quantity (pipeline/point.record), when they make up the value."""
+        """The record's per-window means of this metric's quantity (pipeline/point.record), when they make up the
+        value."""
         return f"window_{self.per_token}" if self.token_mean else None
 
     def window_damage(self, tokens: Tokens) -> np.ndarray | None:
