@@ -28,7 +28,7 @@ from .loop import LoopSettings, closed_loop
 from .sizes import SourceModel
 from .solve import Recipe, make_recipe
 from .table import Table
-from .validate import FileScore, Paired, References, compute_identity, file_row, paired
+from .validate import FileScore, Paired, References, compute_identity, file_row, paired, prediction_cells
 
 log = logging.getLogger("sweep.recipe")
 
@@ -186,9 +186,7 @@ def format_ladder(report: dict) -> str:
         for label, row in (("recipe", r["recipe"]), ("preset", r["preset_row"])):
             d = r["recipe_minus_preset"] if label == "recipe" else None
             d_s = f"{d['diff']:+.3e} {_ci(d['ci95'], f='+.2e')}" if d else ""
-            pred = f"{row['predicted']:.3e}" if row.get("predicted") is not None else "-"
-            rs = row.get("residual_sweep_windows")
-            rs_s = f"{rs['residual']:+.2e} {_ci(rs['ci95'], f='+.1e')}" if rs else "-"
+            pred, rs_s = prediction_cells(row)
             lines.append(f"{r['size']:<8} {label:<7} {row['file_bytes']:>11,} {row['bpw_file']:>6.3f} "
                          f"{row['ppl']:>8.4f} ± {row['ppl_stderr']:.4f} {row['kld_mean']:.4e} {_ci(row['kld_ci95'])} "
                          f"{100 * row['top1_agree']:6.2f} {_ci(row['top1_ci95'], 100, '.2f')} {d_s:>34} {pred:>10} "

@@ -314,9 +314,7 @@ def format_report(report: dict) -> str:
         tl, th = r["top1_ci95"]
         vs = next((v for k, v in r.items() if k.startswith("vs_")), None)
         vs_s = f"{vs['diff']:+.3e} [{vs['ci95'][0]:+.2e},{vs['ci95'][1]:+.2e}]" if vs else ""
-        pred = f"{r['predicted']:.3e}" if r.get("predicted") is not None else "-"
-        rs = r.get("residual_sweep_windows")
-        rs_s = f"{rs['residual']:+.2e} [{rs['ci95'][0]:+.1e},{rs['ci95'][1]:+.1e}]" if rs else "-"
+        pred, rs_s = prediction_cells(r)
         lines.append(f"{r['file']:<8} {r['file_bytes']:>10} {r['file_bytes'] / 1e6:>8.3f} {r['bpw_file']:>6.3f} "
                      f"{r['ppl']:>8.4f} ± {r['ppl_stderr']:.4f} {r['kld_mean']:.4e} [{kl:.3e},{kh:.3e}] "
                      f"{100 * r['top1_agree']:6.2f} [{100 * tl:.2f},{100 * th:.2f}] {vs_s:>34} {pred:>10} {rs_s:>36}")
@@ -356,3 +354,11 @@ def _write_plot(path: Path, report: dict) -> None:
     fig = recipe_pareto(report)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def prediction_cells(row) -> tuple[str, str]:
+    """A table row's predicted damage and the additivity residual on the sweep's windows with its 95% interval, as
+    the validation and ladder tables print them ("-" where the row has none)."""
+    pred = f"{row['predicted']:.3e}" if row.get("predicted") is not None else "-"
+    rs = row.get("residual_sweep_windows")
+    return pred, (f"{rs['residual']:+.2e} [{rs['ci95'][0]:+.1e},{rs['ci95'][1]:+.1e}]" if rs else "-")
