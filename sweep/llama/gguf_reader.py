@@ -12,6 +12,7 @@ import numpy as np
 from llama_cpp._ggml import libggml
 
 from ..errors import SweepError
+from .backend import _init_once, _recent_errors
 from .ggml_tensor import GGML_MAX_DIMS
 from .quantize import _kv_str
 
@@ -75,6 +76,7 @@ class GGUFTensorInfo:
     type_id: int  # enum ggml_type as stored
     ne: tuple[int, ...]  # ggml order: ne[0] is the row length; trailing 1s dropped
     nbytes: int  # stored bytes (without alignment padding)
+    offset: int = 0  # from the start of the data section
 
 
 def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
@@ -92,7 +94,8 @@ def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
                 ne.pop()
             out.append(GGUFTensorInfo(libggml.gguf_get_tensor_name(ctx, i).decode(),
                                       int(libggml.gguf_get_tensor_type(ctx, i)), tuple(ne),
-                                      int(libggml.gguf_get_tensor_size(ctx, i))))
+                                      int(libggml.gguf_get_tensor_size(ctx, i)),
+                                      int(libggml.gguf_get_tensor_offset(ctx, i))))
         return out, int(libggml.gguf_get_data_offset(ctx)), int(libggml.gguf_get_alignment(ctx))
     finally:
         libggml.gguf_free(ctx)
@@ -188,9 +191,12 @@ def _value(ctx, i: int, kind: int, key: str):
 def gguf_header(path: Path) -> GGUFHeader:
     """The metadata and tensor table of a GGUF file (milliseconds where gguf-py's reader takes seconds on a
     tokenizer's arrays); a file ggml cannot read is one SweepError line."""
+    _init_once()  # ggml's messages go to the log callback, not to stderr: the user sees one line
+    _recent_errors.clear()
     ctx = libggml.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
     if not ctx:
-        raise SweepError(f"cannot read GGUF file {path}: ggml's reader refuses it (is it complete and uncorrupted?)")
+        why = _recent_errors[0] if _recent_errors else "ggml's reader refuses it"
+        raise SweepError(f"cannot read GGUF file {path}: {why} (is it complete and uncorrupted?)")
     try:
         meta, lengths = {}, {}
         for i in range(libggml.gguf_get_n_kv(ctx)):
@@ -202,5 +208,10 @@ def gguf_header(path: Path) -> GGUFHeader:
                 meta[key] = value
     finally:
         libggml.gguf_free(ctx)
-    tensors, _, _ = gguf_tensor_table(path)
+    tensors, data_offset, _ = gguf_tensor_table(path)
+    # ggml reads the header only: a file cut short (a copy or a download that stopped) is found by its size
+    end = data_offset + max((t.offset + t.nbytes for t in tensors), default=0)
+    if (size := path.stat().st_size) < end:
+        raise SweepError(f"cannot read GGUF file {path}: it has {size:,} bytes but its tensors end at byte {end:,} "
+                         f"(is it complete and uncorrupted?)")
     return GGUFHeader(meta, lengths, tuple(tensors))
