@@ -38,6 +38,8 @@ def bad_inputs(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], d
     not_gguf.write_text("hello, I am not a model\n")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 3])
+    cut = tmp_path / "cut.gguf"  # the header whole, the last tensor's data short: a download that stopped
+    cut.write_bytes(tiny_model.read_bytes()[:-1000])
     alien = tmp_path / "alien.gguf"
     w = GGUFWriter(alien, "martian")
     w.add_block_count(2)
@@ -53,6 +55,7 @@ def bad_inputs(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], d
         "missing model": (["model.path=/models/nope.gguf"], {}, "model file not found: /models/nope.gguf"),
         "not GGUF": ([f"model.path={not_gguf}"], {}, "not a GGUF file (starts with b'hell'"),
         "truncated GGUF": ([f"model.path={truncated}"], {}, "cannot read GGUF file"),
+        "GGUF cut in its data": ([f"model.path={cut}"], {}, "bytes but its tensors end at byte"),
         "unloadable architecture": ([f"model.path={alien}"], {}, "llama.cpp cannot load"),
         "layer out of range": ([model, "layer=3"], {}, "layer 3 is out of range: the model has 3 blocks"),
         "unknown tensor": ([model, "layer=0", "kind=weight", "tensor=fnn_norm"], {}, "unknown weight tensor"),
@@ -68,9 +71,9 @@ def bad_inputs(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], d
     }
 
 
-CASES = ["missing model", "not GGUF", "truncated GGUF", "unloadable architecture", "layer out of range",
-         "unknown tensor", "unknown node", "unknown format", "bad format parameter", "text too short", "empty text",
-         "hub unreachable", "unwritable runs dir", "unwritable sweep dir"]
+CASES = ["missing model", "not GGUF", "truncated GGUF", "GGUF cut in its data", "unloadable architecture",
+         "layer out of range", "unknown tensor", "unknown node", "unknown format", "bad format parameter",
+         "text too short", "empty text", "hub unreachable", "unwritable runs dir", "unwritable sweep dir"]
 
 
 @pytest.mark.parametrize("case", CASES)
