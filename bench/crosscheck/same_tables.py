@@ -44,7 +44,7 @@ SWEEPS = {
                      "run.prefix_starts=[20,25]", *COMMON],
 }
 # what is not a number of the model: when and where it ran, and how long it took
-VOLATILE_WORDS = ("_s", "seconds", "time", "date", "dir", "path", "host", "pid", "wall", "when", "version")
+VOLATILE_WORDS = ("_s", "_at", "seconds", "time", "date", "dir", "path", "host", "pid", "wall", "when", "version")
 
 
 def volatile(column: str) -> bool:
@@ -56,7 +56,7 @@ def write_recipe(path: Path) -> None:
     reader = GGUFReader(embedded_model_path())
     tensors = [{"name": t.name, "type": "q4_K" if len(t.shape) == 2 else "f32"}
                for t in reader.tensors if t.name.startswith("blk.3.")]
-    path.write_text(json.dumps({"metric": "kld", "tensors": tensors}))
+    path.write_text(json.dumps({"metric": "kld_mean", "tensors": tensors}))
 
 
 def run_tree(tree: Path, work: Path, windows: int, recipe: Path, cache: Path) -> dict[str, pd.DataFrame]:
