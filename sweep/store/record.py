@@ -65,12 +65,13 @@ def _checked(name: str, value):
 class Record(Mapping):
     """One point's record: columns of the registry, each value of its column's type, in the order they were given.
 
-    A mapping checked against the registry rather than a dataclass of ~110 optional fields: which columns a record
+    A mapping checked against the registry rather than a dataclass of ~100 optional fields: which columns a record
     has depends on its point (a MoE model's, a recipe's, the native container's, a failed one's), the readers index
     it by column name, and the order the point gives its columns is the order of the JSON file and of the table's
-    columns -- kept as it was before this class (a dataclass would impose one order on every kind of point). A
-    TypedDict would check nothing at run time; this refuses an unknown column or a value of the wrong type where it
-    is set, and `complete` a record without a column its status always has.
+    columns, which differs by kind of point (a failed MoE point gives `status` before `expert`, a diverged point its
+    ΔPPL and ΔNLL columns in another order, a weight no-op its window means): a dataclass would impose one order and
+    change those files and tables. A TypedDict would check nothing at run time; this refuses an unknown column or a
+    value of the wrong type where it is set, and `complete` a record without a column its status always has.
     """
 
     def __init__(self, **columns):
