@@ -86,19 +86,24 @@ def gguf_tensor_table(path: Path) -> tuple[list[GGUFTensorInfo], int, int]:
     if not ctx:
         raise SweepError(f"ggml cannot read {path} as GGUF")
     try:
-        out = []
-        for i in range(libggml.gguf_get_n_tensors(ctx)):
-            ne_ptr = libggml.gguf_get_tensor_ne(ctx, i)
-            ne = [int(ne_ptr[k]) for k in range(GGML_MAX_DIMS)]
-            while len(ne) > 1 and ne[-1] == 1:
-                ne.pop()
-            out.append(GGUFTensorInfo(libggml.gguf_get_tensor_name(ctx, i).decode(),
-                                      int(libggml.gguf_get_tensor_type(ctx, i)), tuple(ne),
-                                      int(libggml.gguf_get_tensor_size(ctx, i)),
-                                      int(libggml.gguf_get_tensor_offset(ctx, i))))
-        return out, int(libggml.gguf_get_data_offset(ctx)), int(libggml.gguf_get_alignment(ctx))
+        return _tensor_table(ctx)
     finally:
         libggml.gguf_free(ctx)
+
+
+def _tensor_table(ctx) -> tuple[list[GGUFTensorInfo], int, int]:
+    """`gguf_tensor_table` of an open gguf context."""
+    out = []
+    for i in range(libggml.gguf_get_n_tensors(ctx)):
+        ne_ptr = libggml.gguf_get_tensor_ne(ctx, i)
+        ne = [int(ne_ptr[k]) for k in range(GGML_MAX_DIMS)]
+        while len(ne) > 1 and ne[-1] == 1:
+            ne.pop()
+        out.append(GGUFTensorInfo(libggml.gguf_get_tensor_name(ctx, i).decode(),
+                                  int(libggml.gguf_get_tensor_type(ctx, i)), tuple(ne),
+                                  int(libggml.gguf_get_tensor_size(ctx, i)),
+                                  int(libggml.gguf_get_tensor_offset(ctx, i))))
+    return out, int(libggml.gguf_get_data_offset(ctx)), int(libggml.gguf_get_alignment(ctx))
 
 
 _declare([
@@ -206,9 +211,9 @@ def gguf_header(path: Path) -> GGUFHeader:
             value = _value(ctx, i, kind, key)
             if value is not None:
                 meta[key] = value
+        tensors, data_offset, _ = _tensor_table(ctx)  # the same open header: the file is read once
     finally:
         libggml.gguf_free(ctx)
-    tensors, data_offset, _ = gguf_tensor_table(path)
     # ggml reads the header only: a file cut short (a copy or a download that stopped) is found by its size
     end = data_offset + max((t.offset + t.nbytes for t in tensors), default=0)
     if (size := path.stat().st_size) < end:
