@@ -28,6 +28,7 @@ from ..scoring.generation import generation_mode
 from ..scoring.metrics import EarlyStop, StopRule
 from ..store.record import RECORD_FILE, Record, write_record
 from ..store.records import Store, point_key
+from .map_job import run_map_job
 from .point import describe, record, run_point
 from .reference import load_inputs, open_reference
 from .session import Sessions
@@ -48,11 +49,19 @@ def cores_for_this_job(launcher_cfg) -> int:
     return cores
 
 
-def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> Record:
-    """One point: `sessions` holds the loaded model, shared with the jobs before and after this one."""
+def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> Record | None:
+    """One point: `sessions` holds the loaded model, shared with the jobs before and after this one. The map's own
+    job (run.map_job set: map_job.py) records no point."""
     store = Store(Path(cfg.run.store))
     cfg = settled(OmegaConf.merge(cfg, {"run": {"threads": cfg.run.threads or cores_for_this_job(launcher_cfg)}}),
                   launcher_cfg)  # (a sweep's jobs come with it settled: grid.py)
+    if cfg.run.map_job:
+        try:
+            run_map_job(cfg, open_reference(cfg, load_inputs(cfg), sessions), store)
+        except Exception as e:  # said; the end of the sweep says the map has no errors to predict from
+            log.debug("the map's job failed", exc_info=True)
+            print(f"map: the statistics job failed: {type(e).__name__}: {e}", flush=True)
+        return None
     fmt = make_format(**cfg.fmt)
     inputs = load_inputs(cfg)
     layers = parse_layers(cfg.layer, inputs.info.n_layers)
