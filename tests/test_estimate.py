@@ -204,3 +204,16 @@ def test_refine_measures_the_ambiguous_points_and_no_others(mapped, tmp_path):
     assert set(zip(measured["targets"], measured["fmt"])) == set(expected[:2])
     assert not (out / "refine" / "round-2").exists()  # the budget of 2 points is spent in round 1
     assert math.isfinite(json.loads((out / "recipe.json").read_text())["predicted_damage"])
+
+
+def test_experts_of_a_stack_are_mapped_one_by_one(tmp_path, smollm2, env):
+    """A MoE model's expert stack: each expert asked for is a weight of the map, with its own calibration."""
+    model = write_tiny_model(tmp_path / "tiny-qwen3moe.gguf", smollm2, arch="qwen3moe")
+    proc = run_sweep(tiny_args(model, tmp_path, "layer=0,1", "tensor=ffn_down_exps", "kind=weight", "expert=0,1",
+                               "fmt=q4_0,q3_K,q8_0", "metrics.generate=false", "run.estimate=map",
+                               "run.map_checks=1"), env)
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert len(df) == 2 * 2 * 3 and set(df["expert"]) == {"0", "1"}
+    plan = MapPlan.read(tmp_path / "sweep")
+    assert set(plan.calibration) == {f"blk.{b}.ffn_down_exps.weight[{e}]" for b in (0, 1) for e in (0, 1)}
+    assert df["estimated"].sum() == len(plan.predicted) > 0 and "predicted from 4 calibration" in proc.stdout

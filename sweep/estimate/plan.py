@@ -35,7 +35,7 @@ class Cell:
 
     job: int
     tensor: str  # the GGUF tensor name (blk.3.ffn_down.weight)
-    cls: str  # its class: the name without its block (ffn_down.weight), with the experts it targets
+    cls: str  # its class: the name without its block (ffn_down.weight, ffn_down_exps.weight)
     layer: int | None
     fmt: str  # the format's label (q4_K)
     stored: str  # the GGUF type llama.cpp stores it in (q4_K's rows of 576 are q5_0)
@@ -143,7 +143,7 @@ def cell_of(job: int, cfg, target, info) -> Cell | None:
     experts = tuple(int(e) for e in target.experts)
     label = expert_label(experts) if info.n_experts else None
     params = {k: v for k, v in dict(cfg.fmt).items() if v is not None}
-    return Cell(job, tensor, in_block(tensor) + (f"[{label}]" if experts else ""),
+    return Cell(job, tensor, in_block(tensor),  # (a stack's experts share their class's law)
                 target.layers[0] if target.layers else None, fmt_name, stored.name, stored.bpw, params, experts, label)
 
 

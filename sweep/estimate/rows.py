@@ -78,6 +78,10 @@ def predictions(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
             exact[c.name, c.fmt] = law.Exact(float(r["kld_mean"]), _float(r.get("kld_stderr")),
                                              _float(r.get("rel_mse")))
     calibration = {t: f for t, f in plan.calibration.items() if (t, f) in exact}
+    # a calibration point whose format holds the weight exactly (a no-op: the source's own grid) has no damage to
+    # scale from: its tensor's other points are not predicted, and the summary says so
+    held = {t for t, f in calibration.items() if found[t, f]["status"] == "no-op" or unweighted[t, f] == 0}
+    calibration = {t: f for t, f in calibration.items() if t not in held}
     for tensor, fmt in calibration.items():
         law.check_calibration(tensor, fmt, exact[tensor, fmt].rel_mse, unweighted[tensor, fmt])
     classes = {c.name: c.cls for c in plan.cells}
@@ -92,6 +96,7 @@ def predictions(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     try:  # beside the plan, for the summary and the reader; a sweep directory one may not write is read all the same
         atomic_write_bytes(sweep_dir / FIT_FILE, json.dumps({"alpha": fit.alpha, "sigma": fit.sigma,
                                                              "checks": fit.checks, "calibration": calibration,
+                                                             "no_op_calibration": sorted(held),
                                                              "predicted": len(out)}, indent=1).encode())
     except OSError:
         pass
@@ -134,7 +139,10 @@ def spent_line(df: pd.DataFrame, sweep_dir: Path) -> str:
     n_pred = int(df["estimated"].astype(bool).sum()) if "estimated" in df else 0
     fit = json.loads((sweep_dir / FIT_FILE).read_text()) if (sweep_dir / FIT_FILE).is_file() else {}
     worst = max((abs(c["log_ratio"]) for c in fit.get("checks", [])), default=math.nan)
+    held = fit.get("no_op_calibration", [])
+    unpredicted = (f"; not predicted: {len(held)} tensors whose calibration point is a no-op (its format holds the "
+                   f"weight exactly), e.g. {held[0]}: set run.map_calibrate to another format" if held else "")
     return (f"{line} + {stats:,.0f} for the map's input statistics; map: {n_pred} points predicted from "
             f"{len(fit.get('calibration', {}))} calibration and {len(fit.get('checks', []))} check points "
             f"(exponents {', '.join(f'{c} {a:.2f}' for c, a in fit.get('alpha', {}).items())}; the check points' "
-            f"worst miss {math.exp(worst):.2f}x, tolerance {plan.tolerance:g}x)")
+            f"worst miss {math.exp(worst):.2f}x, tolerance {plan.tolerance:g}x){unpredicted}")

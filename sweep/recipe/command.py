@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     budget, kind = budget_bytes(size, args.bpw, source)
     recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
     if args.refine:
-        recipe, table, _ = refine(
+        recipe, table, _, _ = refine(
             lambda t: make_recipe(t, source, types, budget, kind, args.default_type, args.group),
             lambda runs: read_table(runs, args.metric, imatrix=args.imatrix is not None), args.runs, table, source,
             types, args.refine, args.out / "refine", threads(args), imatrix)
@@ -172,8 +172,6 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         raise SweepError("--heldout-text is scored by --validate: add --validate")
     if args.loop_sizes and not ladder:
         raise SweepError("--loop-sizes applies to the ladder's sizes: add --ladder or --sizes")
-    if args.refine and ladder:
-        raise SweepError("--refine solves one size: give --size or --bpw (run it once per size)")
     if args.refine < 0:
         raise SweepError("--refine N: N is the most points to measure, 0 or more")
     if args.loop_budget < 1 or args.loop_blocks < 1:

@@ -100,9 +100,9 @@ def measure(points: list[tuple[str, str]], table: Table, out: Path, store: str, 
 
 def refine(solve: Callable[[Table], Recipe], read: Callable[[list[Path]], Table], runs: list[Path], table: Table,
            source: SourceModel, types: list[str], budget_points: int, out: Path, threads: int,
-           imatrix: Path | None) -> tuple[Recipe, Table, list[dict]]:
+           imatrix: Path | None) -> tuple[Recipe, Table, list[dict], list[Path]]:
     """Solve; measure up to `budget_points` ambiguous predictions, round by round; solve again. Returns the last
-    recipe, its table and one entry per round (printed as it happens)."""
+    recipe, its table, one entry per round (printed as it happens) and the sweep directories it measured into."""
     recipe, spent = solve(table), 0
     rounds: list[dict] = []
     extra: list[Path] = []
@@ -117,7 +117,7 @@ def refine(solve: Callable[[Table], Recipe], read: Callable[[list[Path]], Table]
                 f"--refine {budget_points} points spent, {len(todo)} ambiguous left"
             print(f"refine: round {entry['round']}: {why}; recipe predicted {table.metric} {recipe.damage:.4g}")
             rounds.append({**entry, "stop": why})
-            return recipe, table, rounds
+            return recipe, table, rounds, extra
         before = {(t, ty): table.rows[measured_key(source, t, ty)].damage for t, ty in take}
         extra += measure(take, table, out / f"round-{entry['round']}", store, threads, imatrix)
         spent += len(take)
