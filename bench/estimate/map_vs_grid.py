@@ -13,7 +13,10 @@ the decoded layer-tokens of the exact points spent against the whole grid's. The
   * `baseline`: the issue's reference: one exact point per tensor at --calibrate, scaled by the unweighted error
     (10^(-SQNR/10)) with exponent 1;
   * `weighted`: the same scaled by the imatrix-weighted error;
-  * `map`: the product's law: the weighted error with each class's exponent fitted on the check points.
+  * `map`: the product's law: the weighted error with each class's exponent fitted on the check points;
+  * `two points (q3_K, q6_K)`: two exact points per tensor (a third of the grid), each cell scaled from the nearer;
+  * `exact vs exact`: the grid's own exact points at --calibrate against each type's, per (class, type) across
+    layers: how far any law that scales one exact point can go on these windows.
 """
 
 from __future__ import annotations
@@ -81,6 +84,31 @@ def evaluate(df: pd.DataFrame, pred: dict[tuple[str, str], law.Prediction], exac
             "layer_tokens": spent / d["decoded_blocks"].sum()}
 
 
+def two_points(df: pd.DataFrame, errors: dict, calibrations: tuple[str, str]) -> dict:
+    """Two exact points per tensor, each other cell scaled (exponent 1) from the nearer one in log error."""
+    exact = {(str(r.targets), str(r.fmt)): float(r.kld_mean) for r in df.itertuples() if r.fmt in calibrations}
+    pred = {}
+    for r in df.itertuples():
+        t, f = str(r.targets), str(r.fmt)
+        if f in calibrations:
+            continue
+        e = errors[t, f].weighted
+        c = min(calibrations, key=lambda c: abs(math.log(e / errors[t, c].weighted)))
+        k = exact[t, c] * e / errors[t, c].weighted
+        pred[t, f] = law.Prediction(t, f, k, k, k, c)
+    return evaluate(df, pred, set(exact))
+
+
+def between_types(df: pd.DataFrame, calibrate: str) -> dict:
+    """The exact points' own agreement: Spearman across layers between the --calibrate points and each type's."""
+    out = {}
+    for cls, g in df.groupby("cls"):
+        k = g.pivot_table(index="layer", columns="fmt", values="kld_mean")
+        for f in k.columns:
+            out[cls, f] = stats.spearmanr(k[calibrate], k[f]).statistic
+    return out
+
+
 def run(df: pd.DataFrame, errors: dict, calibrate: str, checks: int, method: str, tolerance: float) -> dict:
     cells = [Cell(i, str(r.targets), str(r.cls), int(r.layer), str(r.fmt), str(r.ggml_type),
                   TYPES[str(r.ggml_type)].bpw if str(r.ggml_type) in TYPES else 16.0)
@@ -116,23 +144,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"grid: {len(df)} exact points, {df['cls'].nunique()} classes x {df['fmt'].nunique()} types x "
           f"{df['layer'].nunique()} layers, {int(df['n_windows'].max())} windows")
     results = {m: run(df, errors, a.calibrate, a.checks, m, a.tolerance) for m in ("baseline", "weighted", "map")}
+    results["two points (q3_K, q6_K)"] = two_points(df, errors, ("q3_K", "q6_K"))
     print("| method | exact points | layer-tokens | Spearman | worst (class, type) | top-10 | median abs log ratio "
           "| 90th pct | inside 95% |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
+        if "spearman" not in r:
+            continue
         worst = min(r["cells"].items(), key=lambda kv: kv[1])
         print(f"| {m} | {r['exact_points']}/{r['points']} | {r['layer_tokens']:.3f} | {r['spearman']:.4f} | "
               f"{worst[1]:.3f} {worst[0][0]} {worst[0][1]} | {r['top10']}/10 | {r['median_abs_log_ratio']:.3f} | "
               f"{r['p90_abs_log_ratio']:.3f} | {r['inside_95']:.2f} |")
+    results["exact vs exact"] = {"per_class": {}, "cells": between_types(df, a.calibrate)}
     fmts = sorted({f for _, f in results["map"]["cells"]}, key=lambda f: TYPES[f].bpw)
     for m, r in results.items():
         print(f"\n{m}: Spearman per (class, type) across layers" + (
+            f" (the exact {a.calibrate} points against each type's exact points: the ceiling of any law scaled "
+            f"from one point)" if m == "exact vs exact" else "") + (
             f"; exponents {', '.join(f'{c} {v:.3f}' for c, v in r['alpha'].items())}" if m == "map" else ""))
         print("| class | " + " | ".join(fmts) + " | class overall |")
         print("|---|" + "---|" * (len(fmts) + 1))
-        for c in sorted(r["per_class"]):
+        for c in sorted({c for c, _ in r["cells"]}):
             print(f"| {c} | " + " | ".join(f"{r['cells'].get((c, f), math.nan):.3f}" for f in fmts)
-                  + f" | {r['per_class'][c]:.4f} |")
+                  + f" | {r['per_class'].get(c, math.nan):.4f} |")
 
 
 if __name__ == "__main__":

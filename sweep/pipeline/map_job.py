@@ -50,8 +50,13 @@ def run_map_job(cfg, ref: Reference, store: Store) -> dict:
     decoded_blocks = 0
     if not stats_file.is_file():
         col = collect(ref.backend, ref.windows.tokens, progress=bool(cfg.run.progress))
-        write_gguf(stats_file, Imatrix(col.sums, col.counts, chunk_count=ref.windows.n_windows,
-                                       chunk_size=ref.windows.n_ctx, datasets=[str(ref.text.source)]))
+        quiet = logging.getLogger("gguf")  # (gguf's writer says INFO lines about its file: not the user's news)
+        level, quiet.level = quiet.level, logging.WARNING
+        try:
+            write_gguf(stats_file, Imatrix(col.sums, col.counts, chunk_count=ref.windows.n_windows,
+                                           chunk_size=ref.windows.n_ctx, datasets=[str(ref.text.source)]))
+        finally:
+            quiet.setLevel(level)
         decoded_blocks = ref.info.n_layers
     stats = load(stats_file)
     by_weight: dict[str, dict] = {}
