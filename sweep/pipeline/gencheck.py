@@ -27,7 +27,7 @@ from ..quant.targets import resolve
 from ..scoring.generation import compare, complete
 from ..scoring.metrics import worst_first
 from ..store.records import RECORD_FILE, find_records, point_key, read_record, write_record
-from .point import baseline_completions, point_backend
+from .point import baseline_completions, matched_targets, point_backend
 from .reference import open_reference
 from .session import Sessions
 
@@ -90,7 +90,8 @@ def check_point(cfg, key: str, sessions: Sessions) -> dict:
     ref = open_reference(OmegaConf.merge(cfg, {"run": {"progress": False}}), sessions=sessions)
     target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes, cfg.get("expert", "all"))
     fmt = make_format(**cfg.fmt)
-    with point_backend(ref, target) as (backend, matched):
+    matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
+    with point_backend(ref, matched) as backend:
         expected = baseline_completions(backend, ref, matched, prompts, max_new)
         with applied(backend, target, fmt):
             got = complete(backend, prompts, max_new)
