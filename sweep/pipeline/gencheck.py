@@ -22,7 +22,6 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ..quant.apply import applied
-from ..quant.formats import make_format
 from ..quant.targets import resolve
 from ..scoring.generation import compare, complete
 from ..scoring.metrics import worst_first
@@ -30,6 +29,7 @@ from ..store.records import RECORD_FILE, find_records, point_key, read_record, w
 from .point import baseline_completions, matched_targets, point_backend
 from .reference import open_reference
 from .session import Sessions
+from .settings import JobSettings, job_settings, quiet
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessi
     if job_dir is None or not (job_dir / ".hydra" / "config.yaml").exists():
         log.warning("generation check: no job configuration for point %s, skipped", key)
         return df
-    fields = check_point(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), key, sessions)
+    # the job's composed configuration: the entry of this check, read into its settings here
+    settings = quiet(job_settings(OmegaConf.load(job_dir / ".hydra" / "config.yaml")))
+    fields = check_point(settings, key, sessions)
     rec = read_record(job_dir / RECORD_FILE)
     rec.update(fields)
     write_record(job_dir / RECORD_FILE, rec)
@@ -79,24 +81,21 @@ def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessi
     return df
 
 
-def check_point(cfg, key: str, sessions: Sessions) -> dict:
-    """The generation check of one point (its job's composed config), cached in the store."""
-    prompts, max_new = tuple(cfg.metrics.prompts), int(cfg.metrics.max_new_tokens)
+def check_point(s: JobSettings, key: str, sessions: Sessions) -> dict:
+    """The generation check of one point (its job's settings), cached in the store."""
+    prompts, max_new = s.metrics.prompts, s.metrics.max_new_tokens
     gen_key = point_key(point=key, prompts=list(prompts), max_new_tokens=max_new)
-    store_file = Path(cfg.run.store) / "generations" / f"{gen_key}.json"
+    store_file = s.run.store / "generations" / f"{gen_key}.json"
     cached = read_record(store_file)
     if cached is not None:
         return cached
-    ref = open_reference(OmegaConf.merge(cfg, {"run": {"progress": False}}), sessions=sessions)
-    target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes, cfg.get("expert", "all"))
-    fmt = make_format(**cfg.fmt)
+    ref = open_reference(s, sessions=sessions)
+    target = resolve(s.point.kind, s.point.tensor, s.point.layer, ref.info, ref.backend.nodes, s.point.expert)
     matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
     with point_backend(ref, matched) as backend:
         expected = baseline_completions(backend, ref, matched, prompts, max_new)
-        with applied(backend, target, fmt):
+        with applied(backend, target, s.point.fmt):
             got = complete(backend, prompts, max_new)
     fields = {**compare(got, expected), "generation_checked": "top"}
     write_record(store_file, fields)
     return fields
-
-
