@@ -161,15 +161,16 @@ def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True
     t0 = time.perf_counter()
     plan = decide(ref, target, fmt, kld, prompts, max_new_tokens, stop, baseline_logits, prefix)
     decoding_before = ref.backend.decode_seconds
-    with point_backend(ref, plan.matched) as full:
+    with point_backend(ref, plan.matched) as full:  # its model: the loaded one, or its matched copy
         def baseline(keep_logits: bool = plan.keep_logits) -> Score:
             return baseline_score(full, ref, progress, store, plan.matched, keep_logits=keep_logits)
 
+        # the stage its perturbed decodes start from (the baseline, if decoded now, reads the stages' residuals)
         reuse = choose(ref, target, full, plan.reuse, None if plan.recompute else baseline)
         backend, stage_decoding_before = reuse.backend, reuse.backend.decode_seconds
-        kept, uses = delta_uses(backend, target)
-        base = None if plan.recompute else baseline()
-        m = measure(ref, target, fmt, plan, full, backend, base, baseline, progress)
+        kept, uses = delta_uses(backend, target)  # quantized weights perturbed by a delta, and their nodes
+        base = None if plan.recompute else baseline()  # its baseline (recompute: beside each window)
+        m = measure(ref, target, fmt, plan, full, backend, base, baseline, progress)  # perturbed: scored, generated
         generation = compare(m.completions, m.expected) if m.completions is not None else None
         decoding = full.decode_seconds if plan.matched else ref.backend.decode_seconds - decoding_before
         if backend is not full:
