@@ -149,7 +149,7 @@ class NodeHooks:
         self._observers = tuple(e for e in self._entries if e.kind == "observe")
         self._replacers = tuple(e for e in self._entries if e.kind == "replace") if self._replacing else ()
         self._pairs = frozenset().union(*(e.pairs for e in self._observers + self._replacers))
-        self._by_name = tuple(e for e in self._observers if e.wants is not None)
+        self._by_name = tuple((e, e.wants) for e in self._observers if e.wants is not None)  # (entry, predicate)
         self._watching = bool(self._matmuls or self._pairs or self._by_name)
 
     # ---- the callback ---------------------------------------------------------------------------------------
@@ -205,8 +205,8 @@ class NodeHooks:
             observers = tuple(e for e in self._observers if node in e.pairs or (e.wants is not None and e.wants(name)))
             replacers = tuple(e.fn for e in self._replacers if node in e.pairs)
         else:  # only the predicates can want it
-            for e in self._by_name:
-                if e.wants(name):
+            for e, wants in self._by_name:
+                if wants(name):
                     observers += (e,)
         return (matmuls, observers, replacers) if matmuls or observers or replacers else None
 
