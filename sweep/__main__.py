@@ -38,7 +38,7 @@ def sweep_app(sessions: Sessions):
     copy of its own and closes it when it ends."""
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # absolute: also when imported
-    def sweep_job(cfg: DictConfig) -> Record:
+    def sweep_job(cfg: DictConfig) -> Record | None:
         hc = HydraConfig.get()
         try:
             return run_job(cfg, sessions, Path(hc.runtime.output_dir), hc.launcher)
@@ -60,5 +60,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         sweep_app(sessions)()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m sweep COMMAND ...` is `sweep COMMAND ...`
+    from .commands.cli import COMMANDS
+    from .commands.cli import main as command
+
+    first = sys.argv[1:2]
+    if first == ["plan"]:  # (here, not through the cli: it would import this module a second time)
+        main([*sys.argv[2:], PLAN_FLAG], prog="python -m sweep plan")
+    elif first and first[0] in [*COMMANDS, "--help", "-h", "help"]:
+        command()
+    else:
+        main()

@@ -34,6 +34,13 @@ class Kind(Choice):
     activation = "activation"
 
 
+class Estimate(Choice):
+    """run.estimate: how the grid's points are scored (docs/estimate.md)."""
+
+    off = "off"  # every point measured exactly
+    map = "map"  # weight points of GGUF types predicted from a few exact points per tensor (sweep/estimate/)
+
+
 class LauncherKind(Choice):
     """Who runs a sweep's jobs (`launcher_kind`)."""
 

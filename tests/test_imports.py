@@ -23,6 +23,7 @@ ORDER = (
     ("sweep.quant",),  # which format, which tensor, how it is applied
     ("sweep.scoring",),  # the text, its windows, the metrics
     ("sweep.store",),  # records, keys, the table, atomic files
+    ("sweep.estimate",),  # the sensitivity map: weight errors, the response law, predicted rows
     ("sweep.prefix",),  # prefix reuse: its plan, stage files, residuals
     ("sweep.pipeline",),  # config -> grid -> costs -> job -> point
     ("sweep.cluster",),  # the launchers' side: the checks before launch, SLURM's time limit and incomplete sweeps

@@ -42,6 +42,7 @@ class GridSweeper(Sweeper):
         from sweep.cluster.preflight import run_checks
         from sweep.cluster.time_limit import set_time_limit
         from sweep.errors import exit_on_user_error
+        from sweep.estimate.plan import MapPlan
         from sweep.pipeline.costs import print_grid_plan
         from sweep.pipeline.grid import plan
 
@@ -56,11 +57,14 @@ class GridSweeper(Sweeper):
             return []
         # a launcher that runs the jobs elsewhere: the checks too (sweep/cluster/preflight.py): no model loaded here
         elsewhere = launcher_kind(config.hydra.launcher) != LauncherKind.basic
-        launch, minutes = exit_on_user_error(run_checks, overrides, hydra_overrides, elsewhere)
+        launch, minutes, map_plan = exit_on_user_error(run_checks, overrides, hydra_overrides, elsewhere)
         set_time_limit(launcher, minutes)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, sweep_dir / "multirun.yaml")
+        if map_plan is not None:  # run.estimate=map: its plan beside the jobs, and its own job first
+            path = MapPlan.from_json(map_plan).write(sweep_dir)
+            launch = [[*launch[0], f"run.map_job={path}"], *launch]
         size = self.max_batch_size or len(launch)
         returns, first = [], 0
         for start in range(0, len(launch), size):

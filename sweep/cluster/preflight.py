@@ -15,16 +15,19 @@ from ..pipeline.costs import check_resources, costs
 from ..pipeline.grid import plan
 from .time_limit import time_limit
 
+Checked = tuple[list[list[str]], int | None, dict | None]
 
-def checks(overrides: list[str], hydra_overrides: list[str]) -> tuple[list[list[str]], int | None]:
-    """Every job's overrides, in launch order, and the SLURM time limit to set (None: none to set)."""
+
+def checks(overrides: list[str], hydra_overrides: list[str]) -> Checked:
+    """Every job's overrides, in launch order, the SLURM time limit to set (None: none to set), and the map's plan
+    (run.estimate=map, as JSON; None without it)."""
     grid = plan(overrides)
     c = costs(grid)
     check_resources(c)
-    return grid.launch, time_limit(grid, c, hydra_overrides)
+    return grid.launch, time_limit(grid, c, hydra_overrides), grid.map.to_json() if grid.map else None
 
 
-def run_checks(overrides: list[str], hydra_overrides: list[str], in_child: bool) -> tuple[list[list[str]], int | None]:
+def run_checks(overrides: list[str], hydra_overrides: list[str], in_child: bool) -> Checked:
     """`checks`, here or in a fresh child process (spawned: no copy of this process's state or threads); a
     SweepError there is raised here."""
     if not in_child:

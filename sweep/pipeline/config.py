@@ -19,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..choices import Choice, Container, Kind, NativeWeights
+from ..choices import Choice, Container, Estimate, Kind, NativeWeights
 from ..errors import SweepError, exit_on_user_error
 from ..quant.formats import FORMATS, Granularity
 from ..scoring.metrics import RANKABLE, EarlyStop
@@ -112,6 +112,14 @@ class RunConfig:
     prefix_min_gain: float = 0.15
     # the stages' first blocks; null: chosen before launch from the sweep's layers and windows (solve.py)
     prefix_starts: Optional[list[int]] = None
+    # The sensitivity map (docs/estimate.md): "off" measures every point; "map" measures one calibration point per
+    # weight tensor (and a few check points per class) and predicts the grid's other weight points of GGUF types
+    # from their weight errors; every point gets a row, `estimated` says which.
+    estimate: Estimate = Estimate.off
+    map_calibrate: Optional[str] = None  # the calibration format; null: each tensor's middle format by bits/weight
+    map_checks: int = 3  # tensors per class also measured at their lowest format (the law's fit and check)
+    map_tolerance: float = 3.0  # the check fails when a check point misses by more than this factor
+    map_job: Optional[str] = None  # set by the sweeper on the map's own job: the map plan it computes errors for
 
 
 @dataclass

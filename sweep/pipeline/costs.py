@@ -471,3 +471,5 @@ def print_grid_plan(p: Plan) -> None:
     for g in c.groups:
         c.timings.append(time_one_window(g, text_path, min(c.threads, cores)))
     print(render(c, text_path))
+    if p.map is not None:  # the points above are the exact ones; the map's own job decodes the windows once more
+        print(f"  map         {p.map.summary().removeprefix('run.estimate=map: ')} (docs/estimate.md)")

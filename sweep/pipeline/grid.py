@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..choices import LauncherKind, launcher_kind
 from ..errors import SweepError
+from ..estimate.plan import MapPlan, split
 from ..llama.backend import Backend, tokens_of
 from ..llama.model_file import ModelInfo, model_info, resolve_model_path
 from ..prefix.plan import Settled, StageInputs, plan_for
@@ -49,6 +50,7 @@ class Plan:
     launcher: DictConfig | None = None
     n_windows: dict[tuple, int] = field(default_factory=dict)
     stages: list = field(default_factory=list)  # prefix reuse's plan per model (prefix/plan.Settled)
+    map: MapPlan | None = None  # run.estimate=map: the map's plan (`jobs` are then the exact points only)
 
 
 class _Checker:
@@ -159,6 +161,10 @@ def plan(overrides: list[str]) -> Plan:
                 job.append(f"model.container={checker.container(settings, base.hydra.launcher)}")
                 settings = job_settings(composer(job))
             points.append((settings, checker.check(settings)))
+        map_plan, exact = split(jobs, points, lambda s: checker.info(s.model.path))
+        if map_plan is not None:  # the predicted points are not launched: the map's plan holds them
+            print(map_plan.summary(), flush=True)
+            jobs, points = [jobs[i] for i in exact], [points[i] for i in exact]
         points, stages = settle_starts(jobs, points, lambda s: checker.info(s.model.path), checker.windows)
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))
@@ -167,7 +173,7 @@ def plan(overrides: list[str]) -> Plan:
     hydra_keys = {o.get_key_element() for o in parsed if o.is_hydra_override()}
     launch = [[a for a in job if a.split("=", 1)[0] not in hydra_keys] for job in jobs]
     check_rpc_launcher(points, base.hydra.launcher)
-    return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows, stages)
+    return Plan(jobs, launch, points, base.hydra.launcher, checker.n_windows, stages, map_plan)
 
 
 class JobComposer:

@@ -22,6 +22,7 @@ from ..quant.experts import parse_experts
 from ..quant.targets import parse_layers, resolve
 from ..store.record import RECORD_FILE, Record, write_record
 from ..store.records import Store, point_key
+from .map_job import run_map_job
 from .point import describe, record, run_point
 from .reference import Inputs, load_inputs, open_reference
 from .session import Sessions
@@ -43,12 +44,20 @@ def cores_for_this_job(launcher_cfg) -> int:
     return cores
 
 
-def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> Record:
+def run_job(cfg: DictConfig, sessions: Sessions, job_dir: Path | None = None, launcher_cfg=None) -> Record | None:
     """One point: `sessions` holds the loaded model, shared with the jobs before and after this one. The entry of a
-    job: its settings are read from `cfg` here, once."""
+    job: its settings are read from `cfg` here, once. The map's own job (run.map_job set: map_job.py) records no
+    point."""
     s = job_settings(cfg)
     s = settled(with_threads(s, s.run.threads or cores_for_this_job(launcher_cfg)),
                 launcher_cfg)  # (a sweep's jobs come with it settled: grid.py)
+    if s.run.map_job:
+        try:
+            run_map_job(s, open_reference(s, load_inputs(s), sessions), Store(s.run.store))
+        except Exception as e:  # said; the end of the sweep says the map has no errors to predict from
+            log.debug("the map's job failed", exc_info=True)
+            print(f"map: the statistics job failed: {type(e).__name__}: {e}", flush=True)
+        return None
     return run_settled_job(s, sessions, job_dir)
 
 

@@ -87,13 +87,18 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """run.*: threads, progress bars, the store, prefix reuse."""
+    """run.*: threads, progress bars, the store, prefix reuse, the sensitivity map (docs/estimate.md)."""
 
     threads: int | None  # None: the cores this process may use
     progress: bool
     store: Path
     prefix: PrefixSettings
     prefix_min_gain: float
+    estimate: str  # "off" | "map"
+    map_calibrate: str | None  # the calibration format; None: each tensor's middle format by bits/weight
+    map_checks: int
+    map_tolerance: float
+    map_job: str | None  # the map's own job: the map plan (map.json) it computes the errors for
 
     @property
     def n_threads(self) -> int:
@@ -129,6 +134,12 @@ class PointSettings:
     layer: object  # an int, a tuple of ints, "all", "each" or None, as configured
     expert: object  # "all", "each", an int or a tuple of ints
     fmt: Format
+    # fmt.* as configured, the unset (None) left out: make_format(**dict(fmt_config)) is `fmt` (the map's cells)
+    fmt_config: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def fmt_params(self) -> dict:
+        return dict(self.fmt_config)
 
 
 @dataclass(frozen=True)
@@ -160,15 +171,20 @@ def score_settings(cfg: DictConfig) -> ScoreSettings:
                             None if starts is None else tuple(int(s) for s in starts))
     threads = _get(cfg, "run.threads")
     run = RunSettings(None if threads is None else int(threads), bool(_get(cfg, "run.progress")),
-                      Path(_get(cfg, "run.store")), prefix, float(_get(cfg, "run.prefix_min_gain")))
+                      Path(_get(cfg, "run.store")), prefix, float(_get(cfg, "run.prefix_min_gain")),
+                      estimate=str(_get(cfg, "run.estimate")), map_calibrate=_str(_get(cfg, "run.map_calibrate")),
+                      map_checks=int(_get(cfg, "run.map_checks")), map_tolerance=float(_get(cfg, "run.map_tolerance")),
+                      map_job=_str(_get(cfg, "run.map_job")))
     return ScoreSettings(model, data, run)
 
 
 def job_settings(cfg: DictConfig) -> JobSettings:
     """The settings of one job; a value that composition cannot check is a SweepError of one line."""
     reference = score_settings(cfg)
+    fmt = _get(cfg, "fmt")
     point = PointSettings(str(_get(cfg, "kind")), str(_get(cfg, "tensor")), _axis(_get(cfg, "layer")),
-                          _axis(_get(cfg, "expert")), make_format(**_get(cfg, "fmt")))
+                          _axis(_get(cfg, "expert")), make_format(**fmt),
+                          tuple((k, v) for k, v in fmt.items() if v is not None))
     return JobSettings(reference.model, reference.data, reference.run, point, metrics_settings(cfg))
 
 

@@ -26,6 +26,7 @@ from .build import PRESETS, build_and_check, check_source_quantizable, preset_fi
 from .export import write_recipe
 from .heldout import check_long_enough, read_heldout_text
 from .ladder import ladder_sizes, run_ladder
+from .refine import refine
 from .sizes import SourceModel, check_type, parse_size
 from .solve import Recipe, budget_bytes, make_recipe, missing_measurements
 from .table import Table, check_complete, read_table
@@ -68,6 +69,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                         "measured, the additive model corrected, solved again: sweep/recipe/loop.py)")
     p.add_argument("--loop-budget", type=int, default=40, help="joint points the closed loop may measure per size")
     p.add_argument("--loop-blocks", type=int, default=1, help="consecutive blocks per joint point of the loop")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="tables with the map's predictions (run.estimate=map): measure up to N predicted points "
+                        "exactly where a choice rests on overlapping intervals, then solve again "
+                        "(sweep/recipe/refine.py)")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
@@ -120,6 +125,11 @@ def run(args: argparse.Namespace) -> dict:
     size, size_from = resolve_size(args.size, args, source_path, imatrix) if args.size is not None else (None, None)
     budget, kind = budget_bytes(size, args.bpw, source)
     recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
+    if args.refine:
+        recipe, table, _, _ = refine(
+            lambda t: make_recipe(t, source, types, budget, kind, args.default_type, args.group),
+            lambda runs: read_table(runs, args.metric, imatrix=args.imatrix is not None), args.runs, table, source,
+            types, args.refine, args.out / "refine", threads(args), imatrix)
     txt, js = write_recipe(args.out, recipe, source, recipe_meta(args, table, types, size_from))
     print(summary(args, recipe, budget, kind, size_from))
     print(f"wrote {txt} and {js}")
@@ -162,6 +172,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         raise SweepError("--heldout-text is scored by --validate: add --validate")
     if args.loop_sizes and not ladder:
         raise SweepError("--loop-sizes applies to the ladder's sizes: add --ladder or --sizes")
+    if args.refine < 0:
+        raise SweepError("--refine N: N is the most points to measure, 0 or more")
     if args.loop_budget < 1 or args.loop_blocks < 1:
         raise SweepError("--loop-budget and --loop-blocks must be at least 1")
     if ladder:

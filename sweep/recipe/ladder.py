@@ -13,6 +13,7 @@ same held-out windows (and `--heldout-text`'s), paired with the source in F32: o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -25,9 +26,10 @@ from ..scoring.text import Text
 from .build import IMATRIX_LADDER, LADDER, NEED_IMATRIX, PRESETS, build_and_check, preset_file, stored_types
 from .export import pattern_for, write_recipe
 from .loop import LoopSettings, closed_loop
+from .refine import refine
 from .sizes import SourceModel
 from .solve import Recipe, make_recipe
-from .table import Table
+from .table import Table, read_table
 from .validate import FileScore, Paired, References, compute_identity, file_row, paired, prediction_cells
 
 log = logging.getLogger("sweep.recipe")
@@ -42,6 +44,7 @@ class Rung:
     built: Path | None = None
     note: str | None = None  # why there is no recipe at this size
     loop: dict | None = None
+    refine: list[dict] | None = None  # --refine's rounds at this size
     scores: dict[str, FileScore] = field(default_factory=dict)  # "recipe"/"preset" -> FileScore
 
 
@@ -72,6 +75,7 @@ def run_ladder(args: argparse.Namespace, table: Table, source: SourceModel, sour
           + (f"validation: {2 * len(sizes)} files x {per_file} windows of {table.n_ctx} tokens + the reference's "
              f"{per_file}" if args.validate else "no validation"))
     rungs: list[Rung] = []
+    runs = list(args.runs)  # with --refine, the points it measured serve the sizes after too
     for size in sizes:
         rung = Rung(size)
         rungs.append(rung)
@@ -99,6 +103,14 @@ def run_ladder(args: argparse.Namespace, table: Table, source: SourceModel, sour
             print(f"{size} ({rung.preset_bytes} bytes): {rung.note}")
             continue
         d = args.out / size
+        if args.refine:
+            solve = functools.partial(_solve, source=source, types=types, budget=rung.preset_bytes,
+                                      defaults=defaults, groups=args.group)
+            read = functools.partial(read_table, metric=table.metric, imatrix=imatrix is not None)
+            recipe, table, rounds, measured = refine(solve, read, runs, table, source, types, args.refine,
+                                                     d / "refine", threads, imatrix)
+            runs += measured
+            rung.refine = rounds
         m = {**meta, "size": size,
              "budget_from": f"the size of llama.cpp's {size} built from the same source ({rung.preset})",
              "default_type": "the preset's type of each tensor" if not args.default_type else args.default_type}
@@ -133,9 +145,14 @@ def run_ladder(args: argparse.Namespace, table: Table, source: SourceModel, sour
     return {"rungs": rungs, "report": report}
 
 
+def _solve(table: Table, source: SourceModel, types: list[str], budget: int, defaults: list[str],
+           groups: list[str]) -> Recipe:
+    return make_recipe(table, source, types, budget, "file", defaults, groups)
+
+
 def _rung_json(r: Rung) -> dict[str, object]:
     out: dict[str, object] = {"size": r.size, "preset": str(r.preset) if r.preset else None,
-                              "preset_bytes": r.preset_bytes, "note": r.note, "loop": r.loop}
+                              "preset_bytes": r.preset_bytes, "note": r.note, "loop": r.loop, "refine": r.refine}
     if r.recipe is not None:
         out.update(recipe_predicted=r.recipe.damage, recipe_bytes_predicted=r.recipe.predicted_file_bytes,
                    recipe_dir=str(Path(r.built).parent) if r.built else None)

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import SweepError
+from ..estimate.rows import gather_table
 from ..llama.gguf_names import split_block
 from ..llama.model_file import embedded_model_path
 from ..scoring.metrics import RANKABLE
-from ..store.records import gather
 
 
 @dataclass
@@ -29,6 +29,14 @@ class Measurement:
     damage: float  # the metric as damage (1 - top-1 agreement for top1_agree)
     stderr: float
     windows: np.ndarray | None  # per-window damage means, or None
+    estimated: bool = False  # the map's prediction (run.estimate=map), not a measurement
+    lo: float = math.nan  # 95% interval of the damage: a prediction's own, a measurement's ± 1.96 stderr
+    hi: float = math.nan
+
+    def interval(self) -> tuple[float, float]:
+        if self.estimated or not math.isfinite(self.stderr):
+            return (self.lo, self.hi) if self.estimated else (self.damage, self.damage)
+        return self.damage - 1.96 * self.stderr, self.damage + 1.96 * self.stderr
 
 
 @dataclass
@@ -70,7 +78,7 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     for run in runs:
         if not Path(run).exists():
             raise SweepError(f"{run} does not exist: give sweep directories (hydra.sweep.dir) or record files")
-    df = gather(runs)
+    df = gather_table(runs)
     if df.empty:
         raise SweepError(f"no records under {', '.join(map(str, runs))}: run the sweep first (docs/recipes.md: "
                          f"Mixed-precision recipe)")
@@ -119,8 +127,17 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
         if isinstance(w, (list, np.ndarray)) and len(w):
             windows = damage_of(metric, np.asarray(w, float))
         se = getattr(r, stderr_col) if stderr_col else math.nan
+        estimated = bool(getattr(r, "estimated", False)) and pd.notna(getattr(r, "estimated", False))
+        if estimated and metric != "kld_mean":
+            raise SweepError("the tables hold the map's predictions (run.estimate=map), which predict kld_mean: "
+                             "choose --metric kld_mean")
+        lo, hi = (float(getattr(r, "estimate_lo")), float(getattr(r, "estimate_hi"))) if estimated else \
+            (math.nan, math.nan)  # noqa: B009  (getattr: a row's columns are not attributes mypy knows)
+        if estimated:  # a prediction's standard error, for the sums: its 95% interval's half width
+            se = (hi - lo) / 3.92
         table.rows[key] = Measurement(tensor, fmt, stored, float(damage_of(metric, float(value))),
-                                      float(se) if se is not None and pd.notna(se) else math.nan, windows)
+                                      float(se) if se is not None and pd.notna(se) else math.nan, windows,
+                                      estimated, lo, hi)
         table.diverged.discard(key)
     return table
 

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from ..errors import SweepError, exit_on_user_error
-from ..store.records import gather, write_table
+from ..estimate.rows import gather_table
+from ..store.records import write_table
 from .ranking import default_metric, format_ranking
 
 
@@ -36,7 +37,7 @@ def report(args: argparse.Namespace) -> None:
     missing = [str(d) for d in args.dirs if not d.exists()]
     if missing:
         raise SweepError(f"not found: {', '.join(missing)} (give sweep directories under runs/)")
-    df = gather(args.dirs)
+    df = gather_table(args.dirs)
     if df.empty:
         raise SweepError(f"no record.json under {', '.join(map(str, args.dirs))}")
     args.metric = args.metric or default_metric(df)

@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 
 from ..cluster.incomplete import EXIT_INCOMPLETE, missing_line, read_missing
 from ..cluster.launcher import checks_generation_in_a_task
+from ..errors import SweepError
+from ..estimate.rows import gather_table, spent_line
 from ..pipeline.gencheck import check_worst
 from ..scoring.generation import generation_mode
 from ..store.records import gather, write_table
@@ -35,10 +37,20 @@ class GatherResults(Callback):
         # launcher has run it as a task of its own: its results are in the records gathered above)
         if n_check and not checks_generation_in_a_task(config.hydra.launcher):
             df = check_worst(df, sweep_dir, str(config.metrics.rank_by), n_check)
+        map_failed = None
+        try:  # run.estimate=map: the predicted points beside the measured ones
+            df = gather_table([sweep_dir])
+        except SweepError as e:  # the map's check: the measured points are kept, the predictions are not written
+            map_failed = str(e)
+            df["estimated"] = False
         parquet, csv = write_table(df, sweep_dir)
         print(format_ranking(df, str(config.metrics.rank_by)))
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
         print(f"{len(df)} points ({counts}) -> {parquet} and {csv.name}")
+        print(spent_line(df, sweep_dir))
+        if map_failed:
+            print(f"error: {map_failed}", file=sys.stderr, flush=True)
+            raise SystemExit(1)
         self.end_incomplete(missing, len(df))
 
     @staticmethod

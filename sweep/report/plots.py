@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..estimate.rows import gather_table
 from ..scoring.metrics import RANKABLE
-from ..store.records import gather
 from .plots_moe import expert_routing
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
@@ -37,7 +37,7 @@ def load_results(path: str | os.PathLike | None = None, runs_dir: str | os.PathL
     path = Path(path)
     if path.is_dir():
         table = path / "results.parquet"
-        return pd.read_parquet(table) if table.exists() else gather([path])
+        return pd.read_parquet(table) if table.exists() else gather_table([path])
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 

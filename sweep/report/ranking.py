@@ -17,7 +17,8 @@ def ranking(df: pd.DataFrame, metric: str = "kld_mean", top: int | None = 20) ->
     measured = measured.sort_values("_order", ascending=False).drop(columns="_order")
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     tests = [c for m in RANKABLE.values() if m.test for c in (m.test.p, m.test.q, m.test.flag)]
-    cols = ["layer", "layers", "tensor", "expert", "kind", "fmt", "status", metric, stderr, "delta_ppl",
+    cols = ["layer", "layers", "tensor", "expert", "kind", "fmt", "status", "estimated", metric, stderr,
+            "estimate_lo", "estimate_hi", "calibrated_by", "delta_ppl",
             "delta_ppl_stderr", *tests, "stopped_early", "ppl",
             "baseline_ppl", "kld_mean", "top1_agree", "frac_changed", "sqnr_db",
             "ggml_type", "fallback_from", "bpw", "bpw_orig", "kld_per_bit_saved",  # GGUF-type points
@@ -44,6 +45,7 @@ def format_ranking(df: pd.DataFrame, metric: str = DEFAULT_METRIC, top: int = 20
     stderr = RANKABLE[metric].stderr if metric in RANKABLE else None
     ranked = ranking(df, metric, top)
     n_measured = int(df["status"].isin(["ok", "diverged"]).sum())
+    n_estimated = int(df["estimated"].fillna(False).astype(bool).sum()) if "estimated" in df else 0
     alpha = float(df["alpha"].dropna().iloc[0]) if "alpha" in df and df["alpha"].notna().any() else 0.05
     n_tested = int(df["status"].eq("ok").sum())
     ok_q = df.loc[df["status"].eq("ok"), "delta_nll_q"] if "delta_nll_q" in df else pd.Series(dtype=float)
@@ -51,8 +53,10 @@ def format_ranking(df: pd.DataFrame, metric: str = DEFAULT_METRIC, top: int = 20
         note += (f"; no point's ΔNLL is distinguishable from zero (every q > {alpha:g}): an order by ΔPPL would be "
                  f"noise" + ("" if metric.startswith("kld") else ", rank by metrics.rank_by=kld_mean"))
     ppl_beside = metric != FALLBACK_METRIC and FALLBACK_METRIC in df
+    of = f"{n_measured} points: {n_measured - n_estimated} measured, {n_estimated} estimated (~, with its 95% " \
+        f"interval: run.estimate=map)" if n_estimated else f"{n_measured} measured points"
     lines = [f"most sensitive first by {metric}{' (ΔPPL ± stderr beside)' if ppl_beside else ''} ({len(ranked)} of "
-             f"{n_measured} measured points; ± paired stderr; * ΔNLL q <= {alpha:g}: Benjamini-Hochberg false "
+             f"{of}; ± paired stderr; * ΔNLL q <= {alpha:g}: Benjamini-Hochberg false "
              f"discovery rate over the {n_tested} ok points{note}):"]
     for rank, (_, r) in enumerate(ranked.iterrows(), start=1):  # (ranking's index is the rank: 1, 2, ...)
         lines.append(_row(rank, r, metric, stderr, alpha, ppl_beside))
@@ -67,7 +71,12 @@ def format_ranking(df: pd.DataFrame, metric: str = DEFAULT_METRIC, top: int = 20
 
 def _row(i: int, r: pd.Series, metric: str, stderr: str | None, alpha: float, ppl_beside: bool) -> str:
     """One ranked point: the ranked value ± its stderr, ΔPPL ± its stderr beside it (starred when its ΔNLL's q is
-    at most alpha), PPL against the baseline's, q, and KLD with top-1 agreement when the point has them."""
+    at most alpha), PPL against the baseline's, q, and KLD with top-1 agreement when the point has them. A
+    predicted point (the map's): its KLD with its 95% interval, marked ~, and nothing it does not have."""
+    if bool(r.get("estimated")) and pd.notna(r.get("estimated")):
+        return (f"{i:>4}. {r['kind']:<10} {_tensor(r):<12} L{str(r['layers']):<6} {r['fmt']:<24} "
+                f"~{r['kld_mean']:.4g} [{r['estimate_lo']:.3g}, {r['estimate_hi']:.3g}]   estimated from "
+                f"{str(r['calibrated_by']).split(' ')[0]}")
     err = f" ± {r[stderr]:.4g}" if stderr and stderr in r and pd.notna(r[stderr]) else ""
     q = r.get("delta_nll_q")
     star = " *" if q is not None and pd.notna(q) and q <= alpha else ""

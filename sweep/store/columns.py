@@ -210,6 +210,14 @@ COLUMNS: tuple[Column, ...] = (
     C("additivity_residual_stderr", "float", "its standard error", (), PAIRED),
     C("additivity_residual_lo", "float", "its 95% t-interval, low end", (), PAIRED),
     C("additivity_residual_hi", "float", "its 95% t-interval, high end", (), PAIRED),
+    # the map's (run.estimate=map, docs/estimate.md): added by the table, never in a record
+    C("estimated", "bool", "the row is the map's prediction, not a measured point", NONE, "every row", "run",
+      where="table"),
+    C("estimate_lo", "float", "a predicted row's 95% prediction interval of `kld_mean`, low end", NONE,
+      "estimated rows", "metric", where="table"),
+    C("estimate_hi", "float", "its high end", NONE, "estimated rows", "metric", where="table"),
+    C("calibrated_by", "str", "the exact point a predicted row was scaled from: its format and store key", NONE,
+      "estimated rows", "run", where="table"),
     # the store's
     C("key", "str", "the point's store key: every input that determines its result", EVERY, role="run"),
     C("started_at", "float", "when the point started (Unix time)", EVERY, role="run"),
