@@ -8,6 +8,7 @@ import pytest
 
 from sweep.llama.model_file import embedded_model_path
 from sweep.pipeline.config import compose
+from sweep.pipeline.settings import job_settings
 from sweep.scoring.text import embedded_text_path
 from sweep.testing.tiny_model import write_tiny_model
 
@@ -52,6 +53,11 @@ def make_cfg(model: Path | None, text: Path, n_ctx: int, n_windows: int, contain
                     f"model.cache_dir={cache_dir}" if cache_dir else "model.cache_dir=null", f"data.path={text}",
                     f"data.n_ctx={n_ctx}", f"data.n_windows={n_windows}", "run.threads=2", "run.progress=false",
                     *overrides])
+
+
+def make_settings(*args, **kw):
+    """The settings of a job of `make_cfg(...)` (sweep/pipeline/settings.py): what open_reference takes."""
+    return job_settings(make_cfg(*args, **kw))
 
 
 @pytest.fixture

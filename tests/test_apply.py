@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 
 from sweep.errors import SweepError
 from sweep.llama.backend import Backend
@@ -23,7 +23,7 @@ N_CTX = 64
 
 @pytest.fixture(scope="module")
 def tiny_ref(tiny_model, wikitext, cache_dir):
-    with open_reference(make_cfg(tiny_model, wikitext, N_CTX, 4, "f32", cache_dir)) as ref:
+    with open_reference(make_settings(tiny_model, wikitext, N_CTX, 4, "f32", cache_dir)) as ref:
         yield ref
 
 
@@ -88,7 +88,8 @@ def test_no_op_is_reported_with_its_reason(tiny_ref):
 
 
 def test_native_copy_mode_uses_a_matched_baseline(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, N_CTX, 3, "native", cache_dir, "model.native_weights=copy"))
+    ref = open_reference(make_settings(tiny_model, wikitext, N_CTX, 3, "native", cache_dir,
+                                       "model.native_weights=copy"))
     target = resolve("weight", "ffn_down", 1, ref.info)
     assert ref.info.tensor_types["blk.1.ffn_down.weight"] == "Q4_1"
     out = run_point(ref, target, make_format("bf16"), progress=False)
@@ -101,7 +102,7 @@ def test_user_model_file_is_never_written(tiny_model, wikitext, cache_dir):
     digest = sha256(tiny_model)
     st = tiny_model.stat()
     for container in ("native", "f32"):
-        ref = open_reference(make_cfg(tiny_model, wikitext, N_CTX, 2, container, cache_dir))
+        ref = open_reference(make_settings(tiny_model, wikitext, N_CTX, 2, container, cache_dir))
         for kind, tensor in [("weight", "ffn_norm"), ("weight", "ffn_down"), ("activation", "ffn_out")]:
             target = resolve(kind, tensor, "all", ref.info, ref.backend.nodes)
             run_point(ref, target, make_format("int8"), progress=False)
@@ -135,7 +136,7 @@ def test_f32_container_is_cached_and_exact(tiny_model, cache_dir):
 
 @pytest.fixture(scope="module")
 def real_ref(wikitext, cache_dir):
-    with open_reference(make_cfg(None, wikitext, 512, 2, "f32", cache_dir)) as ref:
+    with open_reference(make_settings(None, wikitext, 512, 2, "f32", cache_dir)) as ref:
         yield ref
 
 

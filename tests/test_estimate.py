@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,9 +19,12 @@ from test_sweep import ROOT, run_sweep, tiny_args
 
 from sweep.errors import SweepError
 from sweep.estimate import law
-from sweep.estimate.plan import Cell, MapPlan, choose
+from sweep.estimate.plan import Cell, MapPlan, cell_of, choose
 from sweep.estimate.rows import gather_table
 from sweep.estimate.weight_error import relative_errors
+from sweep.pipeline.config import compose
+from sweep.pipeline.settings import job_settings
+from sweep.quant.formats import make_format
 from sweep.recipe.refine import ambiguous
 from sweep.recipe.sizes import SourceModel
 from sweep.recipe.solve import make_recipe
@@ -62,6 +66,28 @@ def test_plan_measures_one_calibration_per_tensor_and_spread_checks():
                            "blk.7.ffn_down.weight": "q2_K"}
     assert plan.unmapped == 2 and len(plan.exact_jobs) == 9 + 3 + 2 and len(plan.predicted) == 27 - 12
     assert MapPlan.from_json(json.loads(json.dumps(plan.to_json()))).to_json() == plan.to_json()
+
+
+@pytest.mark.parametrize("overrides, mapped", [
+    (["fmt=q4_K", "fmt.imatrix=/x.imatrix.gguf"], True),
+    (["fmt=q4_K", "fmt.granularity=per_tensor"], True),
+    (["fmt=int8"], False),  # a float format: measured exactly
+    (["fmt=q4_K", "kind=activation"], False),
+])
+def test_a_cell_is_read_from_a_points_settings(overrides, mapped):
+    """The grid's points are (settings, target): a cell's params are fmt.* as configured, JSON and back the same
+    format."""
+    cfg = compose(["tensor=ffn_down", *overrides])
+    s = job_settings(cfg)
+    target = SimpleNamespace(names=["blk.3.ffn_down.weight"], layers=(3,), experts=())
+    info = SimpleNamespace(tensor_shapes={"blk.3.ffn_down.weight": (256, 64)}, n_experts=0)
+    c = cell_of(7, s, target, info)
+    if not mapped:
+        assert c is None
+        return
+    assert c is not None and (c.job, c.cls, c.layer, c.fmt, c.stored) == (7, "ffn_down.weight", 3, "q4_K", "q4_K")
+    assert c.params == {k: v for k, v in dict(cfg.fmt).items() if v is not None}
+    assert make_format(**json.loads(json.dumps(c.params))) == s.point.fmt
 
 
 def test_law_recovers_the_exponent_and_its_check_catches_a_wrong_point():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -47,7 +47,7 @@ CASES = [("weight", "ffn_down", 1, make_format("int8")), ("activation", "l_out",
 @pytest.mark.parametrize("kind, tensor, layer, fmt", CASES)
 def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer, fmt, tiny_model, wikitext,
                                                              cache_dir, tmp_path, monkeypatch):
-    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, 64, 4, "f32", cache_dir))
     target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))  # the baseline goes through disk
     assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in str(out.baseline.logits.filename)
@@ -69,7 +69,7 @@ def test_kld_top1_dnll_match_exact_float64_on_the_tiny_model(kind, tensor, layer
                                                       ("activation", "l_out", 10, make_format("int8"))])
 def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, wikitext, cache_dir, tmp_path,
                                                      monkeypatch):
-    ref = open_reference(make_cfg(None, wikitext, 512, 2, "f32", cache_dir))
+    ref = open_reference(make_settings(None, wikitext, 512, 2, "f32", cache_dir))
     target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
     out = run_point(ref, target, fmt, progress=False, store=Store(tmp_path))
     assert isinstance(out.baseline.logits, np.memmap) and str(tmp_path) in str(out.baseline.logits.filename)
@@ -80,7 +80,7 @@ def test_kld_matches_exact_float64_on_the_real_model(kind, tensor, layer, fmt, w
 
 
 def test_identical_model_has_zero_kld_and_full_agreement(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 3, "f32", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, 64, 3, "f32", cache_dir))
     target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     out = run_point(ref, target, make_format("none"), progress=False)
     assert out.status == "no-op"
@@ -161,7 +161,7 @@ def test_first_departure():
 
 
 def test_generation_is_recorded_on_the_tiny_model(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, 64, 2, "f32", cache_dir))
     target = resolve("activation", "ffn_norm", 0, ref.info, ref.backend.nodes)
     zero = run_point(ref, target, make_format("zero"), progress=False, prompts=("Hello",), max_new_tokens=8)
     same = run_point(ref, target, make_format("none"), progress=False, prompts=("Hello",), max_new_tokens=8)
@@ -219,7 +219,7 @@ def test_early_stop_rule_settles_clear_effects_and_negligible_ones_but_not_noise
 
 
 def test_an_early_stopped_point_is_the_full_point_cut_short_and_paired(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 8, "f32", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, 64, 8, "f32", cache_dir))
     target = resolve("activation", "l_out", 1, ref.info, ref.backend.nodes)
     full = run_point(ref, target, make_format("int4"), progress=False)
     stopped = run_point(ref, target, make_format("int4"), progress=False,

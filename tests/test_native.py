@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 
 from sweep.llama import container
 from sweep.llama.quantize import dequantized_weight
@@ -24,7 +24,7 @@ N_CTX = 64
 
 @pytest.fixture(scope="module")
 def native_ref(tiny_model, wikitext, cache_dir):
-    with open_reference(make_cfg(tiny_model, wikitext, N_CTX, 3, "native", cache_dir)) as ref:
+    with open_reference(make_settings(tiny_model, wikitext, N_CTX, 3, "native", cache_dir)) as ref:
         yield ref
 
 
@@ -96,7 +96,7 @@ def test_delta_and_copy_measure_nearly_the_same_model(native_ref, tiny_model, wi
     target = resolve("weight", "ffn_down", 1, native_ref.info)
     fmt = make_format("int4")
     delta = run_point(native_ref, target, fmt, progress=False)
-    with open_reference(make_cfg(tiny_model, wikitext, N_CTX, 3, "native", cache_dir,
+    with open_reference(make_settings(tiny_model, wikitext, N_CTX, 3, "native", cache_dir,
                                  "model.native_weights=copy")) as ref:
         copy = run_point(ref, target, fmt, progress=False)
     assert "dequantized to F32" in copy.container_note and copy.proof.delta_calls == 0
@@ -118,7 +118,7 @@ def test_an_expert_of_a_quantized_moe_stack_through_its_delta(tmp_path_factory, 
     from sweep.testing.tiny_model import write_tiny_model
 
     model = write_tiny_model(tmp_path_factory.mktemp("moe") / "tiny-qwen3moe.gguf", smollm2, arch="qwen3moe")
-    with open_reference(make_cfg(model, wikitext, N_CTX, 3, "native", cache_dir)) as ref:
+    with open_reference(make_settings(model, wikitext, N_CTX, 3, "native", cache_dir)) as ref:
         b, target, fmt = ref.backend, resolve("weight", "ffn_down_exps", 1, ref.info, expert="1"), make_format("int4")
         name = target.names[0]
         assert not b.holds_f32(name)

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 
 from sweep.errors import SweepError
 from sweep.llama.backend import Backend
@@ -131,7 +131,7 @@ def test_n_windows_is_clamped_to_the_text_and_zero_means_all():
     ("f32", 8, 24.3706, 1.65361),
 ])
 def test_real_model_matches_llama_perplexity(container, n_windows, ppl, stderr, wikitext, cache_dir):
-    with open_reference(make_cfg(None, wikitext, 512, n_windows, container, cache_dir)) as ref:
+    with open_reference(make_settings(None, wikitext, 512, n_windows, container, cache_dir)) as ref:
         result = score(ref.backend, ref.windows, progress=False, math=ref.session.math)
     assert round(result.ppl, 4) == ppl
     assert round(result.ppl_stderr, 3) == round(stderr, 3)

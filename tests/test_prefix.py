@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from test_sweep import run_sweep, tiny_args
 
@@ -112,16 +112,16 @@ def test_the_sweep_settles_its_stages_once_for_every_job(models, tmp_path, wikit
                        "metrics.generate=false"), f"data.path={wikitext}"]
     p = plan(args)
     (starts,) = {o for job in p.jobs for o in job if o.startswith("run.prefix_starts=")}
-    assert all(f"run.prefix_starts={list(cfg.run.prefix_starts)}".replace(" ", "") == starts for cfg, _ in p.points)
+    assert all(f"run.prefix_starts={list(s.run.prefix.starts)}".replace(" ", "") == starts for s, _ in p.points)
     # the tiny model: 3 blocks 64 wide under a 49,152-token head, which every identity window decodes too
     (settled,) = p.stages
     assert settled.plan.starts == () and settled.head_share > 0.9
     assert "prefix reuse: none for llama.gguf: no stage pays here (a plan must save 1.5x what its stages cost" in \
         capsys.readouterr().out
     given = plan([*args, "run.prefix_starts=[1]"])
-    assert all(list(cfg.run.prefix_starts) == [1] for cfg, _ in given.points)
+    assert all(s.run.prefix.starts == (1,) for s, _ in given.points)
     assert all(sum(o.startswith("run.prefix_starts=") for o in job) == 1 for job in given.jobs)
-    assert all(list(cfg.run.prefix_starts) == [] for cfg, _ in plan([*args, "metrics.generate=true"]).points)
+    assert all(s.run.prefix.starts == () for s, _ in plan([*args, "metrics.generate=true"]).points)
 
 
 @pytest.mark.slow
@@ -194,7 +194,7 @@ def all_windows(view, ref) -> bool:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_a_stage_is_the_full_model(arch, container, models, wikitext, cache_dir):
     """Stages 1 and 2 of a 3-block model; gemma3's pattern [sliding, global, sliding] is cut inside at both."""
-    cfg = make_cfg(models[arch], wikitext, 64, 2, container, cache_dir, "run.threads=1")
+    cfg = make_settings(models[arch], wikitext, 64, 2, container, cache_dir, "run.threads=1")
     with open_reference(cfg) as ref:
         prefixes = Prefixes()
         try:
@@ -212,12 +212,12 @@ def test_a_stage_is_memory_mapped_unless_the_point_writes_weights(models, wikite
     memory-mapped from its file and refuses a write with a clear error instead of crashing. A point that writes an
     F32 weight gets the stage read into memory, checked for identity as loaded; that stage then serves both."""
     for container, writes in (("f32", True), ("native", False)):
-        cfg = make_cfg(models["llama"], wikitext, 64, 2, container, cache_dir, "run.threads=1")
+        cfg = make_settings(models["llama"], wikitext, 64, 2, container, cache_dir, "run.threads=1")
         with open_reference(cfg) as ref:
             weight = resolve("weight", "ffn_down", 1, ref.info, ref.backend.nodes)
             assert writes_weights(ref.backend, weight) == writes
             assert not writes_weights(ref.backend, resolve("activation", "l_out", 1, ref.info, ref.backend.nodes))
-    cfg = make_cfg(models["llama"], wikitext, 64, 2, "f32", cache_dir, "run.threads=1")
+    cfg = make_settings(models["llama"], wikitext, 64, 2, "f32", cache_dir, "run.threads=1")
     with open_reference(cfg) as ref:
         prefixes = Prefixes()
         try:
@@ -237,7 +237,7 @@ def test_a_stage_is_memory_mapped_unless_the_point_writes_weights(models, wikite
 def test_the_next_stage_is_read_ahead(models, wikitext, cache_dir, monkeypatch):
     """While a point decodes, the files of the stage after its own (the first stage for a point before every stage)
     are read into the page cache, once; nothing after the last stage, nor what would not fit in memory."""
-    cfg = make_cfg(models["llama"], wikitext, 64, 2, "native", cache_dir, "run.threads=1")
+    cfg = make_settings(models["llama"], wikitext, 64, 2, "native", cache_dir, "run.threads=1")
     with open_reference(cfg) as ref:
         prefixes = Prefixes()
         try:
@@ -290,7 +290,7 @@ def test_gemma3_built_in_pattern_is_written_out(smollm2, wikitext, tmp_path):
     assert fields["gemma3.block_count"].contents() == 5
     assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, True, False, True, True]
 
-    cfg = make_cfg(src, wikitext, 64, 2, "native", tmp_path / "cache", "run.threads=1")
+    cfg = make_settings(src, wikitext, 64, 2, "native", tmp_path / "cache", "run.threads=1")
     with open_reference(cfg) as ref:
         prefixes = Prefixes()
         try:
@@ -398,7 +398,7 @@ def test_plan_counts_stage_files_and_residuals(tiny_model, tmp_path, env, wikite
 def test_recomputed_baselines_on_a_stage(kind, tensor, models, wikitext, cache_dir):
     """metrics.baseline_logits=recompute switches the perturbation off and on around each window's unperturbed
     decode: on a stage, through the stage's names. Same numbers as the full decode, stored baseline or not."""
-    cfg = make_cfg(models["qwen2"], wikitext, 64, 2, "f32", cache_dir, "run.threads=1")
+    cfg = make_settings(models["qwen2"], wikitext, 64, 2, "f32", cache_dir, "run.threads=1")
     settings = PrefixSettings(True, 6, cache_dir)
     fmt = make_format("int8")
     with open_reference(cfg) as ref:
@@ -417,7 +417,7 @@ def test_residuals_are_read_while_the_baseline_decodes(models, wikitext, tmp_pat
     """The residuals come from the baseline's own decode, at a sweep's first point whatever its layer, and the
     identity check compares with the baseline's logits: no window is decoded for reuse alone. The baseline and the
     point are those of a session that never reused anything."""
-    cfg = make_cfg(models["gemma3"], wikitext, 64, 3, "f32", tmp_path / "cache", "run.threads=1")
+    cfg = make_settings(models["gemma3"], wikitext, 64, 3, "f32", tmp_path / "cache", "run.threads=1")
     fmt = make_format("int8")
     outs = []
     for prefix in (PrefixSettings(True, 6, tmp_path / "cache"), None):

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 
 from sweep.pipeline.point import record, run_point
 from sweep.pipeline.reference import open_reference
@@ -40,7 +40,7 @@ def test_every_column_of_real_points_is_registered_with_its_type(tiny_model, wik
     for container, kind, tensor, fmt, prompts in (("native", "weight", "ffn_down", "q4_K", ()),
                                                   ("f32", "activation", "l_out", "int8", ("Hello",)),
                                                   ("f32", "weight", "ffn_norm", "none", ())):
-        cfg = make_cfg(tiny_model, wikitext, 64, 2, container, cache_dir)
+        cfg = make_settings(tiny_model, wikitext, 64, 2, container, cache_dir)
         with open_reference(cfg) as ref:
             target = resolve(kind, tensor, 1, ref.info, ref.backend.nodes)
             out = run_point(ref, target, make_format(fmt), progress=False, store=store, prompts=prompts,

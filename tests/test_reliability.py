@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 from gguf import GGUFWriter
 from test_sweep import ROOT, read_table, run_sweep, tiny_args
 
@@ -109,7 +109,7 @@ class NaNFormat:
 
 
 def test_non_finite_logits_are_recorded_as_diverged_and_the_model_stays_usable(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, 64, 4, "f32", cache_dir))
     target = resolve("activation", "ffn_out", 1, ref.info, ref.backend.nodes)
     before = score(ref.backend, ref.windows, progress=False).nll
     out = run_point(ref, target, NaNFormat(), progress=False)

@@ -26,6 +26,7 @@ from sweep.llama.container import compute_settings, f32_container
 from sweep.llama.rpc import has_rpc
 from sweep.pipeline.job import job_key, run_job
 from sweep.pipeline.session import Sessions
+from sweep.pipeline.settings import job_settings
 
 pytestmark = pytest.mark.rpc
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_a_point_on_the_server_is_the_cpu_point_bit_for_bit(server, tiny_model, 
     # keyed by the backend: two points and two baselines in one store, never one for both
     assert cpu["key"] != rpc["key"]
     assert len(list((store / "baselines").glob("*.npz"))) == 2
-    assert job_key(cfg_rpc, cpu["model_sha256"], cpu["data_sha256"], (1,)) == rpc["key"]
+    assert job_key(job_settings(cfg_rpc), cpu["model_sha256"], cpu["data_sha256"], (1,), ()) == rpc["key"]
 
 
 def test_a_tied_embedding_is_perturbed_in_both_of_its_copies(server, tiny_model, wikitext, cache_dir, tmp_path):

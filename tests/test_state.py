@@ -13,7 +13,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
-from conftest import make_cfg
+from conftest import make_settings
 
 import sweep
 from sweep.files import file_memo
@@ -71,7 +71,7 @@ def test_running_points_leaves_every_module_level_container_unchanged(tiny_model
     before = container_globals()
     assert before  # the registries are seen
     store = Store(tmp_path / "store")
-    cfg = make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir)
+    cfg = make_settings(tiny_model, wikitext, 64, 2, "f32", cache_dir)
     with open_reference(cfg) as ref:
         for kind, tensor, fmt, logits in (("weight", "ffn_up", "int8", "store"),
                                           ("activation", "l_out", "bf16", "recompute")):
@@ -86,7 +86,7 @@ def test_running_points_leaves_every_module_level_container_unchanged(tiny_model
 
 def test_a_closed_reference_keeps_nothing(tiny_model, wikitext, cache_dir, tmp_path):
     """Closing a reference closes its model; a new one computes (or reads from the store) its baseline afresh."""
-    cfg = make_cfg(tiny_model, wikitext, 64, 2, "f32", cache_dir)
+    cfg = make_settings(tiny_model, wikitext, 64, 2, "f32", cache_dir)
     target_args = ("weight", "ffn_up", 1)
     with open_reference(cfg) as ref:
         out = run_point(ref, resolve(*target_args, ref.info), make_format("int8"), progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 from gguf import GGUFReader
 
 from sweep.errors import SweepError
@@ -23,7 +23,7 @@ N_CTX = 64
 
 @pytest.fixture
 def f32_cfg(tiny_model, wikitext, cache_dir):
-    return make_cfg(tiny_model, wikitext, N_CTX, 2, "f32", cache_dir)
+    return make_settings(tiny_model, wikitext, N_CTX, 2, "f32", cache_dir)
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_per_token_means_one_row_per_token_on_3d_nodes(f32_ref):
 # ---- 3. changed values, unchanged output: a no-op -------------------------------------------------------------------
 
 def test_vcur_fp16_is_absorbed_by_the_native_f16_cache(tiny_model, wikitext, cache_dir):
-    ref = open_reference(make_cfg(tiny_model, wikitext, N_CTX, 2, "native", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, N_CTX, 2, "native", cache_dir))
     assert ref.backend.settings.kv_type == "f16"
     target = resolve("activation", "Vcur", 1, ref.info, ref.backend.nodes)
     out = run_point(ref, target, make_format("fp16"), progress=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_cfg
+from conftest import make_settings
 from scipy.special import logsumexp
 
 from sweep.errors import SweepError
@@ -32,7 +32,7 @@ PAIRED = ("kld_mean", "kld_p99", "top1_agree", "delta_nll", "delta_nll_stderr", 
                                                       ("activation", "l_out", 0, "fp8_e4m3")])
 def test_recomputed_baseline_gives_the_stored_modes_numbers_bit_for_bit(kind, tensor, layer, fmt, tiny_model,
                                                                         wikitext, cache_dir, tmp_path):
-    ref = open_reference(make_cfg(tiny_model, wikitext, 64, 4, "f32", cache_dir))
+    ref = open_reference(make_settings(tiny_model, wikitext, 64, 4, "f32", cache_dir))
     target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
     stored = run_point(ref, target, make_format(fmt), progress=False, store=Store(tmp_path))
     weights_before = {n: ref.backend.read_weight(n) for n in target.names} if kind == "weight" else {}

@@ -26,6 +26,7 @@ from sweep.llama import quantize as be
 from sweep.llama.container import dequantized
 from sweep.pipeline.config import compose
 from sweep.pipeline.reference import open_reference
+from sweep.pipeline.settings import job_settings
 from sweep.quant import ggml_types
 from sweep.quant.imatrix_file import Imatrix, read
 from sweep.scoring.text import embedded_text_path
@@ -71,7 +72,7 @@ def main() -> None:
         llama_perplexity.build(targets=("llama-imatrix", "llama-quantize", "llama-perplexity")).parent / "llama-imatrix"
     cfg = compose(["model.container=native", f"data.path={args.text}", f"data.n_windows={args.chunks}",
                    f"run.threads={args.threads}"])
-    ref = open_reference(cfg)
+    ref = open_reference(job_settings(cfg))
     t0 = time.perf_counter()
     col = collect(ref.backend, ref.windows.tokens)
     ours_s = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from sweep.llama.container import write_gguf_copy
 from sweep.pipeline.config import compose
 from sweep.pipeline.point import record, run_point
 from sweep.pipeline.reference import open_reference
+from sweep.pipeline.settings import job_settings
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.scoring.text import embedded_text_path
@@ -37,7 +38,7 @@ def main() -> None:
     fmt, pattern = make_format("int4", group_size=32), re.compile(r"^blk\.\d+\.attn_v\.weight$")
     cfg = compose(["model.container=f32", f"data.path={args.text}", f"data.n_windows={args.chunks}",
                    f"run.threads={args.threads}"])
-    ref = open_reference(cfg)
+    ref = open_reference(job_settings(cfg))
     target = resolve("weight", "attn_v", "all", ref.info)
     ours = record(ref, target, fmt, run_point(ref, target, fmt, progress=True))
 

@@ -31,6 +31,7 @@ from sweep.imatrix.compute import collect
 from sweep.llama.model_file import embedded_model_path, model_info
 from sweep.pipeline.config import compose
 from sweep.pipeline.reference import open_reference
+from sweep.pipeline.settings import job_settings
 from sweep.quant.imatrix_file import Imatrix, read
 from sweep.scoring.text import embedded_text_path
 from sweep.testing.tiny_model import MOE_ARCHITECTURES, write_tiny_model
@@ -40,7 +41,7 @@ def crosscheck(binary: Path, model: Path, text: Path, chunks: int, n_ctx: int, t
     cfg = compose([f"model.path={model}", "model.container=native", f"data.path={text}", f"data.n_ctx={n_ctx}",
                    f"data.n_windows={chunks}", f"run.threads={threads}", "run.progress=false"])
     info = model_info(model)
-    with open_reference(cfg) as ref:
+    with open_reference(job_settings(cfg)) as ref:
         col = collect(ref.backend, ref.windows.tokens)
         ours = Imatrix(col.sums, col.counts, chunk_count=ref.windows.n_windows, chunk_size=n_ctx)
     out = tmp / f"{model.stem}.imatrix.gguf"

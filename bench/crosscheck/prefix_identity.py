@@ -22,9 +22,9 @@ import numpy as np
 
 from sweep.llama.cache import CONTAINERS, STAGES, cache_root
 from sweep.pipeline.config import compose
-from sweep.pipeline.job import prefix_settings
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
+from sweep.pipeline.settings import job_settings
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.scoring.text import embedded_text_path
@@ -50,13 +50,13 @@ def main() -> int:
     cfg = compose([f"model.container={args.container}", f"data.path={args.text}", f"data.n_windows={args.windows}",
                    f"run.threads={args.threads}", "run.progress=false", f"model.cache_dir={work}",
                    *([f"model.path={args.model}"] if args.model else [])])
-    settings = prefix_settings(cfg)
+    settings = job_settings(cfg).run.prefix
     fmt = make_format("int8")
     failures = 0
     points = [(kind, tensor, layer) for kind, tensor in POINTS for layer in map(int, args.layers.split(","))]
     runs = {}
     for reuse in (True, False):  # two sessions: nothing computed with reuse (the baseline included) serves the other
-        with open_reference(cfg) as ref:
+        with open_reference(job_settings(cfg)) as ref:
             for kind, tensor, layer in points:
                 target = resolve(kind, tensor, layer, ref.info, ref.backend.nodes)
                 runs[reuse, kind, tensor, layer] = run_point(ref, target, fmt, progress=False,

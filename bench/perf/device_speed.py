@@ -21,6 +21,7 @@ from bench import llama_perplexity
 from sweep.pipeline.config import compose
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
+from sweep.pipeline.settings import job_settings
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.scoring.perplexity import score
@@ -45,7 +46,7 @@ def main() -> None:
     for container in ("native", "f32"):
         cfg = compose([f"model.container={container}", "model.n_gpu_layers=-1", f"data.path={text}",
                        f"data.n_windows={args.n_windows}", f"run.threads={args.threads}", "run.progress=false"])
-        with open_reference(cfg) as ref:
+        with open_reference(job_settings(cfg)) as ref:
             placement = ref.backend.placement()
             ours = [score(ref.backend, ref.windows, progress=False, math=ref.session.math) for _ in range(2)][-1]
             theirs = llama_perplexity.run(args.llama_perplexity, ref.backend.path, Path(text), args.n_windows,

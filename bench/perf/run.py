@@ -25,6 +25,7 @@ from sweep.pipeline.config import compose
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
 from sweep.pipeline.session import Session
+from sweep.pipeline.settings import job_settings
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
 from sweep.scoring.perplexity import score
@@ -40,10 +41,10 @@ POINTS = [("weight", "ffn_down", 5, "int8"), ("activation", "l_out", 10, "int8")
           ("activation", "kqv_out", 15, "bf16")]
 
 
-def cfg(container: str, n_windows: int, threads: int, text: str):
-    """The configuration `python -m sweep` composes (the real conf/)."""
-    return compose([f"model.container={container}", f"data.path={text}", f"data.n_windows={n_windows}",
-                    f"run.threads={threads}", "run.progress=false"])
+def settings(container: str, n_windows: int, threads: int, text: str):
+    """The settings of the configuration `python -m sweep` composes (the real conf/)."""
+    return job_settings(compose([f"model.container={container}", f"data.path={text}", f"data.n_windows={n_windows}",
+                                 f"run.threads={threads}", "run.progress=false"]))
 
 
 def row(*cells, widths=(44, 18, 18, 12)):
@@ -61,7 +62,7 @@ def throughput(binary: Path, text: str, n_windows: int, threads: int, rounds: in
     row("model", "llama-perplexity", "sweep", "ratio")
     ratios = []
     for container in ("native", "f32"):
-        with open_reference(cfg(container, n_windows, threads, text)) as ref:
+        with open_reference(settings(container, n_windows, threads, text)) as ref:
             # the first run warms caches, as llama-perplexity's warm-up decode does
             score(ref.backend, ref.windows, progress=False, math=ref.session.math)
             ours, theirs = [], []
@@ -85,7 +86,7 @@ def throughput(binary: Path, text: str, n_windows: int, threads: int, rounds: in
 
 def overhead(text: str, n_windows: int, threads: int, n_points: int) -> None:
     print(f"\n## Per-point overhead (F32 container, {n_windows} windows; baseline already stored)")
-    ref = open_reference(cfg("f32", n_windows, threads, text))  # its session keeps the baseline in memory
+    ref = open_reference(settings("f32", n_windows, threads, text))  # its session keeps the baseline in memory
     run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False)  # baseline
     row("point", "wall s", "decode s", "overhead")
     for generate in (False, True):
@@ -103,7 +104,7 @@ def overhead(text: str, n_windows: int, threads: int, n_points: int) -> None:
 
 def reuse_vs_reload(text: str, n_windows: int, threads: int, n_points: int) -> None:
     print(f"\n## {n_points}-point sweep: one loaded model vs a reload per point (F32, {n_windows} windows)")
-    with tempfile.TemporaryDirectory() as tmp, open_reference(cfg("f32", n_windows, threads, text)) as ref:
+    with tempfile.TemporaryDirectory() as tmp, open_reference(settings("f32", n_windows, threads, text)) as ref:
         store = Store(Path(tmp))  # both variants read the baseline from the store, as a sweep's jobs do
         targets = [(resolve(k, t, layer, ref.info, ref.backend.nodes), make_format(f)) for k, t, layer, f in
                    POINTS[:n_points]]
@@ -180,7 +181,7 @@ def scaling(text: str, threads: int, sizes: list[int]) -> None:
     print("\n## Wall time vs slice size (one activation point, F32)")
     row("windows", "point s", "s / window", "")
     for n in sizes:
-        ref = open_reference(cfg("f32", n, threads, text))
+        ref = open_reference(settings("f32", n, threads, text))
         target = resolve("activation", "l_out", 10, ref.info, ref.backend.nodes)
         run_point(ref, target, make_format("none"), progress=False)  # the baseline of this slice
         out = run_point(ref, target, make_format("int8"), progress=False)

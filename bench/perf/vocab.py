@@ -44,6 +44,7 @@ from sweep.llama.model_file import embedded_model_path
 from sweep.pipeline.config import compose
 from sweep.pipeline.point import run_point
 from sweep.pipeline.reference import open_reference
+from sweep.pipeline.settings import job_settings
 from sweep.quant.apply import applied
 from sweep.quant.formats import make_format
 from sweep.quant.targets import resolve
@@ -88,10 +89,10 @@ def model_for(n_vocab: int, shape: str = "tiny") -> Path:
     return path
 
 
-def cfg(model: Path, n_windows: int, threads: int, text: str):
-    """The configuration `python -m sweep` composes (the real conf/)."""
-    return compose([f"model.path={model}", "model.container=f32", f"data.path={text}", f"data.n_windows={n_windows}",
-                    f"run.threads={threads}", "run.progress=false"])
+def settings(model: Path, n_windows: int, threads: int, text: str):
+    """The settings of the configuration `python -m sweep` composes (the real conf/)."""
+    return job_settings(compose([f"model.path={model}", "model.container=f32", f"data.path={text}",
+                                 f"data.n_windows={n_windows}", f"run.threads={threads}", "run.progress=false"]))
 
 
 def row(*cells, widths=(46, 14, 14, 14, 14)):
@@ -216,7 +217,7 @@ def point_seconds(model: Path, n_windows: int, threads: int, text: str, store_ro
             spent[0] += time.perf_counter() - t0
 
     wm.WindowMath.__call__ = timed
-    ref = open_reference(cfg(model, n_windows, threads, text))
+    ref = open_reference(settings(model, n_windows, threads, text))
     store = Store(store_root)
     run_point(ref, resolve("weight", "ffn_norm", 0, ref.info), make_format("bf16"), progress=False, store=store)
     out = []
@@ -344,7 +345,7 @@ def main() -> None:
         versions = {args.against: perplexity_at(args.against), **versions}
     for n_vocab in map(int, args.vocab.split(",")):
         model = model_for(n_vocab, args.shape)
-        ref = open_reference(cfg(model, args.windows, args.threads, args.text))
+        ref = open_reference(settings(model, args.windows, args.threads, args.text))
         print(f"\n## vocab {ref.backend.n_vocab} ({model.name})")
         with tempfile.TemporaryDirectory() as tmp:
             math_table(window_math_ms(ref, Path(tmp) / "store", versions, args.repeat), n_vocab, args.threads,
@@ -356,7 +357,7 @@ def main() -> None:
             if args.against:
                 ref.backend.close()  # the children load it, one at a time
                 whole_points_against(args.against, model, args, Path(tmp) / "store", args.rounds)
-                ref = open_reference(cfg(model, args.windows, args.threads, args.text))
+                ref = open_reference(settings(model, args.windows, args.threads, args.text))
             o = overhead(ref, Path(tmp) / "store", args.points, ())
             decode_per_window = o["decode"] / (args.points * args.windows)
             outside_per_window = (o["wall"] - o["decode"]) / (args.points * args.windows)

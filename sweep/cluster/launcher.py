@@ -60,7 +60,8 @@ def launch(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: in
             missing.append({"job": job.job_id, "overrides": list(filter_overrides(overrides)), "reason": reason})
             log.warning("task %s returned no result: %s", job.job_id, reason)
     write_missing(sweep_dir, missing)
-    generation_check(launcher.config, executor, sweep_dir)
+    metrics = launcher.config.metrics
+    generation_check(generation_mode(metrics.generate), str(metrics.rank_by), executor, sweep_dir)
     return returns
 
 
@@ -88,14 +89,13 @@ def make_executor(launcher):
     return executor
 
 
-def generation_check(config, executor, sweep_dir: Path) -> None:
-    """metrics.generate=top:N: one more task checks the N worst points and adds the result to their records, which
-    the end-of-sweep callback then gathers (it finds them done and loads no model)."""
-    n = generation_mode(config.metrics.generate)
+def generation_check(n: int | None, rank_by: str, executor, sweep_dir: Path) -> None:
+    """metrics.generate=top:N (n = N): one more task checks the N worst points and adds the result to their records,
+    which the end-of-sweep callback then gathers (it finds them done and loads no model)."""
     if not n:
         return
     executor.update_parameters(name="generation_check")
-    job = executor.submit(check_worst_points, str(sweep_dir), str(config.metrics.rank_by), n)
+    job = executor.submit(check_worst_points, str(sweep_dir), rank_by, n)
     try:
         job.result()
     except Exception as e:  # the points are measured; only the check is missing: say so, keep the table

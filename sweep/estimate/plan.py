@@ -131,43 +131,44 @@ def choose(cells: Sequence[Cell], n_jobs: int, calibrate: str | None, n_checks: 
     return MapPlan(list(cells), calibration, checks, sorted(exact), unmapped, tolerance)
 
 
-def cell_of(job: int, cfg, target, info) -> Cell | None:
-    """The map's cell of a checked point (cfg composed, target resolved), or None when the map cannot predict it:
-    an activation, a float format, a recipe, several tensors at once, a tensor outside the blocks' weights."""
-    fmt_name = str(cfg.fmt.name)
-    if str(cfg.kind) != "weight" or not is_ggml(fmt_name) or cfg.fmt.get("recipe") or len(target.names) != 1 \
+def cell_of(job: int, s, target, info) -> Cell | None:
+    """The map's cell of a checked point (`s` its settings, pipeline/settings.JobSettings; target resolved), or None
+    when the map cannot predict it: an activation, a float format, a recipe, several tensors at once, a tensor outside
+    the blocks' weights."""
+    fmt_name, params = s.point.fmt.name, s.point.fmt_params
+    if s.point.kind != "weight" or not is_ggml(fmt_name) or params.get("recipe") or len(target.names) != 1 \
             or len(target.layers) > 1:
         return None
     tensor = target.names[0]
     stored, _ = type_for_rows(fmt_name, info.tensor_shapes[tensor][0])
     experts = tuple(int(e) for e in target.experts)
     label = expert_label(experts) if info.n_experts else None
-    params = {k: v for k, v in dict(cfg.fmt).items() if v is not None}
     return Cell(job, tensor, in_block(tensor),  # (a stack's experts share their class's law)
                 target.layers[0] if target.layers else None, fmt_name, stored.name, stored.bpw, params, experts, label)
 
 
 def split(jobs: list[list[str]], points: list, info_of) -> tuple[MapPlan | None, list[int]]:
     """run.estimate=map: the map's plan of the grid and the jobs to launch (the exact ones); without it, every job.
-    `points`: (cfg, target) of every job; info_of(cfg): its model's ModelInfo."""
-    modes = {str(cfg.run.estimate) for cfg, _ in points}
+    `points`: (settings, target) of every job (pipeline/settings.JobSettings); info_of(settings): its model's
+    ModelInfo."""
+    modes = {s.run.estimate for s, _ in points}
     if modes == {"off"}:
         return None, list(range(len(jobs)))
     if len(modes) > 1:
         raise SweepError("run.estimate differs between the grid's points: set it once for the sweep")
-    cfg0 = points[0][0]
-    cells = [c for c in (cell_of(i, cfg, t, info_of(cfg)) for i, (cfg, t) in enumerate(points)) if c]
+    run = points[0][0].run
+    cells = [c for c in (cell_of(i, s, t, info_of(s)) for i, (s, t) in enumerate(points)) if c]
     if not cells:
         raise SweepError("run.estimate=map predicts weight points of GGUF types (kind=weight fmt=q4_K,...) and this "
                          "grid has none (activation points stay exact, as do float formats): drop run.estimate=map")
-    if len({(str(cfg.model.path), str(cfg.data.path), int(cfg.data.n_windows)) for cfg, _ in points}) > 1:
+    if len({(str(s.model.path), str(s.data.path), s.data.n_windows) for s, _ in points}) > 1:
         raise SweepError("run.estimate=map needs one model and one slice of text per sweep: run one sweep each")
-    calibrate = cfg0.run.map_calibrate
+    calibrate = run.map_calibrate
     if calibrate is not None and calibrate not in {c.fmt for c in cells}:
         raise SweepError(f"run.map_calibrate={calibrate} is not a format of the grid's weight points "
                          f"({', '.join(sorted({c.fmt for c in cells}))})")
-    if int(cfg0.run.map_checks) < 1 or float(cfg0.run.map_tolerance) <= 1:
+    if run.map_checks < 1 or run.map_tolerance <= 1:
         raise SweepError("run.estimate=map needs run.map_checks >= 1 and run.map_tolerance > 1 (a factor)")
-    plan = choose(cells, len(jobs), calibrate, int(cfg0.run.map_checks), float(cfg0.run.map_tolerance))
+    plan = choose(cells, len(jobs), calibrate, run.map_checks, run.map_tolerance)
     plan.jobs = [list(j) for j in jobs]
     return plan, plan.exact_jobs

@@ -25,6 +25,7 @@ from ..llama.input_stats import Collector, collect
 from ..pipeline import config
 from ..pipeline.config import hydra_command
 from ..pipeline.reference import open_reference
+from ..pipeline.settings import score_settings
 from ..quant.imatrix_file import Imatrix, write_gguf
 
 
@@ -38,8 +39,9 @@ ConfigStore.instance().store(name="imatrix_schema", node=ImatrixConfig)
 
 
 def run_imatrix(cfg: DictConfig) -> Path:
-    with open_reference(cfg) as ref:
-        col = collect(ref.backend, ref.windows.tokens, cfg.process_output, cfg.run.progress)
+    s = score_settings(cfg)
+    with open_reference(s) as ref:
+        col = collect(ref.backend, ref.windows.tokens, bool(cfg.process_output), s.run.progress)
     im = Imatrix(col.sums, col.counts, chunk_count=ref.windows.n_windows, chunk_size=ref.windows.n_ctx,
                  datasets=[str(ref.text.source)])
     out = write_gguf(Path(cfg.out), im)

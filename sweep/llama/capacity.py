@@ -20,7 +20,7 @@ from ..choices import LauncherKind, launcher_kind
 from ..cores import available_memory
 from ..files import file_memo
 from .container import f32_container_path
-from .model_file import header, model_info, resolve_model_path
+from .model_file import header, model_info
 
 RUNTIME_BYTES = 400_000_000  # Python, numpy, pandas, Hydra and llama.cpp's code in a job (0.34-0.40 GB measured)
 KV_BYTES = {"f32": 4, "f16": 2}  # bytes per K/V cache element, by the container's compute settings
@@ -114,22 +114,11 @@ def choose(source: Path, arch: str, n_vocab: int, n_ctx: int, cache_dir: Path | 
     return "f32", f"one job in the F32 container needs {gb(f32.total)} of the {gb(limit)} {where}"
 
 
-def auto_container(cfg, launcher_cfg=None) -> tuple[str, str]:
-    """The container a composed config runs in (model.container, or auto's choice) and why, in words."""
-    if str(cfg.model.container) != "auto":
-        return str(cfg.model.container), "model.container"
-    info = model_info(resolve_model_path(cfg.model.path))
-    return choose(info.path, info.arch, info.n_vocab, int(cfg.data.n_ctx), cfg.model.cache_dir, launcher_cfg,
-                  offloaded=bool(cfg.model.n_gpu_layers))
-
-
-def settled(cfg, launcher_cfg=None):
-    """`cfg` with model.container=auto replaced by its choice (the same config when it names one)."""
-    if str(cfg.model.container) != "auto":
-        return cfg
-    from omegaconf import OmegaConf
-
-    return OmegaConf.merge(cfg, {"model": {"container": auto_container(cfg, launcher_cfg)[0]}})
+def auto_container(source: Path, n_ctx: int, cache_dir: Path | None = None, launcher_cfg=None,
+                   offloaded: bool = False) -> tuple[str, str]:
+    """model.container=auto's choice for this model file and window, and why, in words."""
+    info = model_info(source)
+    return choose(info.path, info.arch, info.n_vocab, n_ctx, cache_dir, launcher_cfg, offloaded=offloaded)
 
 
 def nearest_existing(path: Path) -> Path:

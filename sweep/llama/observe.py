@@ -149,7 +149,7 @@ class NodeHooks:
         self._observers = tuple(e for e in self._entries if e.kind == "observe")
         self._replacers = tuple(e for e in self._entries if e.kind == "replace") if self._replacing else ()
         self._pairs = frozenset().union(*(e.pairs for e in self._observers + self._replacers))
-        self._by_name = any(e.wants is not None for e in self._observers)
+        self._by_name = tuple((e, e.wants) for e in self._observers if e.wants is not None)  # (entry, predicate)
         self._watching = bool(self._matmuls or self._pairs or self._by_name)
 
     # ---- the callback ---------------------------------------------------------------------------------------
@@ -171,7 +171,8 @@ class NodeHooks:
             if self._collect:
                 self._collect_node(t_ptr, t, name, index)
             try:
-                self._due = self._due_on(t, name, index) if self._watching else None
+                self._due = self._due_on(t, name, index) if self._watching and (
+                    self._by_name or (name, index) in self._pairs or (self._matmuls and t.op in MATMUL_OPS)) else None
             except BaseException as e:  # a `wants` failed: stop at this node (its computed call ends the decode)
                 self.hook_error, self._due = e, None
                 return True
@@ -194,14 +195,19 @@ class NodeHooks:
     def _due_on(self, t: GGMLTensor, name: str, index: int):
         """(matmul observers, node observers, replacements) of this node, or None when it needs none."""
         matmuls: tuple = ()
+        observers: tuple = ()
+        replacers: tuple = ()
         if self._matmuls and t.op in MATMUL_OPS:
             m = matmul_view(t, with_data=False)
             matmuls = tuple(o for o in self._matmuls if o.wants(m))
         node = (name, index)
-        chosen = node in self._pairs
-        observers = tuple(e for e in self._observers if node in e.pairs or (e.wants is not None and e.wants(name))) \
-            if chosen or self._by_name else ()
-        replacers = tuple(e.fn for e in self._replacers if node in e.pairs) if chosen else ()
+        if node in self._pairs:  # named by some: every observer and replacement asked, in the order entered
+            observers = tuple(e for e in self._observers if node in e.pairs or (e.wants is not None and e.wants(name)))
+            replacers = tuple(e.fn for e in self._replacers if node in e.pairs)
+        else:  # only the predicates can want it
+            for e, wants in self._by_name:
+                if wants(name):
+                    observers += (e,)
         return (matmuls, observers, replacers) if matmuls or observers or replacers else None
 
     def _run(self, t_ptr, t: GGMLTensor, name: str, matmuls, observers, replacers) -> None:

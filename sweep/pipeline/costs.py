@@ -33,8 +33,8 @@ from ..errors import SweepError
 from ..llama import capacity
 from ..llama.capacity import RUNTIME_BYTES, as_f32, gb, gguf_sizes, kv_bytes, nearest_existing
 from ..llama.container import compute_settings, f32_container_path, runtime_identity
-from ..llama.model_file import model_info, resolve_model_path, sha256
-from ..prefix.reuse import disk_bytes, unwritten_stages
+from ..llama.model_file import model_info, sha256
+from ..prefix.reuse import PrefixSettings, disk_bytes, unwritten_stages
 from ..scoring.generation import complete
 from ..scoring.perplexity import score
 from ..scoring.text import load_text
@@ -42,7 +42,7 @@ from ..scoring.windows import make_windows
 from ..store.records import Store, baseline_key
 from .grid import Plan
 from .grid import plan as grid_plan
-from .job import cores_for_this_job, job_key, prefix_settings
+from .job import cores_for_this_job, job_key
 from .point import matched_targets
 from .session import Session
 
@@ -163,7 +163,7 @@ class Costs:
 def costs(plan: Plan) -> Costs:
     """Every figure of the plan except the time (which needs a decode): cheap enough for every sweep."""
     first = plan.points[0][0]
-    store = Store(Path(first.run.store))
+    store = Store(first.run.store)
     kind = launcher_kind(plan.launcher)
     cores = available_cores()
     sequential = kind in (LauncherKind.basic, LauncherKind.other)  # as Costs.sequential
@@ -178,51 +178,49 @@ def costs(plan: Plan) -> Costs:
     sizes: dict[Path, tuple] = {}
     texts: dict[str, str] = {}
     n_stored = 0
-    for cfg, target in plan.points:
-        source = resolve_model_path(cfg.model.path)
+    for s, target in plan.points:
+        model, m = s.model, s.metrics
+        source = model.source
         info = model_info(source)
         if source not in sizes:
             sizes[source] = gguf_sizes(source)
         file_bytes, tensors, meta = sizes[source]
-        data_key = str(cfg.data.path)
+        data_key = str(s.data.path)
         if data_key not in texts:
-            texts[data_key] = load_text(cfg.data.path).sha256
-        n_ctx = int(cfg.data.n_ctx)
-        n_windows = plan.n_windows[(str(cfg.model.path), cfg.data.path, n_ctx, int(cfg.data.n_windows))]
-        recompute = cfg.metrics.baseline_logits == "recompute"
-        settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
-        gkey = (source, cfg.model.container, n_ctx, n_windows)
+            texts[data_key] = load_text(s.data.path).sha256
+        n_ctx = s.data.n_ctx
+        n_windows = plan.n_windows[(str(model.path), s.data.path, n_ctx, s.data.n_windows)]
+        recompute = m.baseline_logits == "recompute"
+        settings = model.compute
+        gkey = (source, model.container, n_ctx, n_windows)
         group = groups.get(gkey)
         if group is None:
-            cpath = None
-            if cfg.model.container == "f32":
-                cpath = f32_container_path(source, cfg.model.cache_dir)
+            cpath = f32_container_path(source, model.cache) if model.container == "f32" else None
             group = groups[gkey] = Group(
-                source, cfg.model.container, n_ctx, n_windows, info.n_vocab,
+                source, model.container, n_ctx, n_windows, info.n_vocab,
                 as_f32(file_bytes, tensors, tensors) if cpath else file_bytes, cpath,
                 cpath is not None and not cpath.exists(), kv_bytes(meta, info.arch, n_ctx, settings.kv_type),
-                gen_prompts=tuple(cfg.metrics.prompts) if cfg.metrics.generate else (),
-                max_new_tokens=int(cfg.metrics.max_new_tokens), kld=bool(cfg.metrics.kld),
-                n_gpu_layers=int(cfg.model.n_gpu_layers), rpc=cfg.model.rpc, recompute=recompute)
-            _prefix_costs(group, cfg, info, tensors, meta, file_bytes - sum(b for b, _ in tensors.values()))
+                gen_prompts=m.prompts if m.generate != 0 else (), max_new_tokens=m.max_new_tokens, kld=m.kld,
+                n_gpu_layers=model.n_gpu_layers, rpc=model.rpc, recompute=recompute)
+            _prefix_costs(group, s.run.prefix, info, tensors, meta, file_bytes - sum(b for b, _ in tensors.values()))
         if target.kind == "weight":
             group.originals_bytes = max(group.originals_bytes,
                                         sum(4 * tensors[n][1] for n in target.names if n in tensors))
-        matched = matched_targets(cfg.model.container, info, target, str(cfg.model.native_weights))
+        matched = matched_targets(model.container, info, target, model.native_weights)
         if matched:
             group.copy_bytes = max(group.copy_bytes, as_f32(file_bytes, tensors, set(matched)))
-        if store.point(job_key(cfg, sha256(source), texts[data_key], target.layers)) is not None:
+        if store.point(job_key(s, sha256(source), texts[data_key], target.layers, target.experts)) is not None:
             n_stored += 1
             continue
         group.n_todo += 1
-        bkey = baseline_key(sha256(source), cfg.model.container, matched, texts[data_key], n_ctx, n_windows,
+        bkey = baseline_key(sha256(source), model.container, matched, texts[data_key], n_ctx, n_windows,
                             runtime_identity(settings))
         if bkey not in baselines:
-            with_logits = bool(cfg.metrics.kld) and not recompute
+            with_logits = m.kld and not recompute
             stored = (store.root / "baselines" / f"{bkey}.npz").exists() and \
                 (not with_logits or (store.root / "baselines" / f"{bkey}.logits.npy").exists())
-            label = f"{cfg.model.container} container" + (f", {', '.join(matched)} dequantized to F32"
-                                                          if matched else "")
+            label = f"{model.container} container" + (f", {', '.join(matched)} dequantized to F32"
+                                                      if matched else "")
             baselines[bkey] = Baseline(label, bkey, stored, list(groups).index(gkey),
                                        logits_bytes=0 if stored or not with_logits else
                                        n_windows * group.n_scored * info.n_vocab * 4)
@@ -242,18 +240,17 @@ def costs(plan: Plan) -> Costs:
                  capacity.available_memory(), stages=list(plan.stages))
 
 
-def _prefix_costs(group: Group, cfg, info, tensors: dict, meta: dict, header_bytes: int) -> None:
+def _prefix_costs(group: Group, prefix: PrefixSettings, info, tensors: dict, meta: dict, header_bytes: int) -> None:
     """Prefix reuse's disk (stage files not yet written, residuals) and the largest stage held beside the model."""
-    if not cfg.run.prefix_reuse or info.n_experts:
+    if not prefix.enabled or info.n_experts:
         return
-    settings = prefix_settings(cfg)
-    starts = settings.starts_for(info.n_layers)
+    starts = prefix.starts_for(info.n_layers)
     if not starts:
         return
-    cache = settings.cache_dir
+    cache = prefix.cache_dir
     n_embd = int(meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=info.arch), 0))
-    f32 = cfg.model.container == "f32"
-    missing = unwritten_stages(cache, sha256(group.source), cfg.model.container, starts)
+    f32 = group.container == "f32"
+    missing = unwritten_stages(cache, sha256(group.source), group.container, starts)
     stage_files, residuals = disk_bytes(tensors, info.n_layers, n_embd, group.n_windows, group.n_ctx, missing, f32,
                                         header_bytes)
     group.prefix_dir, group.prefix_bytes = cache, stage_files + residuals

@@ -19,18 +19,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..quant.apply import applied
-from ..quant.formats import make_format
 from ..quant.targets import resolve
 from ..scoring.generation import compare, complete
 from ..scoring.metrics import worst_first
 from ..store.record import RECORD_FILE, read_json, read_record, write_json, write_record
 from ..store.records import find_records, point_key
-from .point import baseline_completions, point_backend
+from .point import baseline_completions, matched_targets, point_backend
 from .reference import open_reference
 from .session import Sessions
+from .settings import JobSettings, job_settings, quiet
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,13 @@ def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessi
     if job_dir is None or not (job_dir / ".hydra" / "config.yaml").exists():
         log.warning("generation check: no job configuration for point %s, skipped", key)
         return df
-    fields = check_point(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), key, sessions)
+    # the job's composed configuration: the entry of this check, read into its settings here
+    composed = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    if not isinstance(composed, DictConfig):  # a list, not a job's configuration
+        log.warning("generation check: the job configuration of point %s is not a mapping, skipped", key)
+        return df
+    settings = quiet(job_settings(composed))
+    fields = check_point(settings, key, sessions)
     rec = read_record(job_dir / RECORD_FILE)
     if rec is None:  # unreadable since the job wrote it: the table gets the check, the record stays as it is
         log.warning("generation check: the record of point %s cannot be read, not updated", key)
@@ -83,23 +89,21 @@ def _check_one(df: pd.DataFrame, key: str, job_dir: Path | None, sessions: Sessi
     return df
 
 
-def check_point(cfg, key: str, sessions: Sessions) -> dict:
-    """The generation check of one point (its job's composed config), cached in the store."""
-    prompts, max_new = tuple(cfg.metrics.prompts), int(cfg.metrics.max_new_tokens)
+def check_point(s: JobSettings, key: str, sessions: Sessions) -> dict:
+    """The generation check of one point (its job's settings), cached in the store."""
+    prompts, max_new = s.metrics.prompts, s.metrics.max_new_tokens
     gen_key = point_key(point=key, prompts=list(prompts), max_new_tokens=max_new)
-    store_file = Path(cfg.run.store) / "generations" / f"{gen_key}.json"
+    store_file = s.run.store / "generations" / f"{gen_key}.json"
     cached = read_json(store_file)  # the generation columns of the point (checked when added to its record)
     if cached is not None:
         return cached
-    ref = open_reference(OmegaConf.merge(cfg, {"run": {"progress": False}}), sessions=sessions)
-    target = resolve(cfg.kind, cfg.tensor, cfg.layer, ref.info, ref.backend.nodes, cfg.expert)
-    fmt = make_format(**cfg.fmt)
-    with point_backend(ref, target) as (backend, matched):
+    ref = open_reference(s, sessions=sessions)
+    target = resolve(s.point.kind, s.point.tensor, s.point.layer, ref.info, ref.backend.nodes, s.point.expert)
+    matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
+    with point_backend(ref, matched) as backend:
         expected = baseline_completions(backend, ref, matched, prompts, max_new)
-        with applied(backend, target, fmt):
+        with applied(backend, target, s.point.fmt):
             got = complete(backend, prompts, max_new)
     fields = {**compare(got, expected), "generation_checked": "top"}
     write_json(store_file, fields)
     return fields
-
-

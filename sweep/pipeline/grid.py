@@ -12,6 +12,7 @@ import copy
 import itertools
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,28 +28,25 @@ from ..choices import LauncherKind, launcher_kind
 from ..errors import SweepError
 from ..estimate.plan import MapPlan, split
 from ..llama.backend import Backend, tokens_of
-from ..llama.capacity import auto_container
-from ..llama.container import compute_settings
 from ..llama.model_file import ModelInfo, model_info, resolve_model_path
-from ..prefix.plan import settle_starts
+from ..prefix.plan import Settled, StageInputs, plan_for
+from ..prefix.reuse import static_fallback
 from ..quant import ggml_types
 from ..quant.experts import refuse_unquantized_type
-from ..quant.formats import make_format
 from ..quant.targets import Target, resolve
-from ..scoring.generation import generation_mode
-from ..scoring.metrics import RANKABLE
 from ..scoring.text import load_text
 from ..scoring.windows import make_windows
 from .config import CONF_DIR, compose, hydra_error_line
+from .settings import JobSettings, auto_choice, job_settings, with_prefix_starts
 
 
 @dataclass
 class Plan:
     jobs: list[list[str]]  # the override list of every job, in launch order
     launch: list[list[str]] = field(default_factory=list)  # the same without Hydra's own overrides: what is launched
-    # What the checks learned, for `costs.py` (what the sweep will cost): each job's composed config and
-    # resolved target, the launcher's config, and the windows the text gives per (model, text, n_ctx, n_windows).
-    points: list[tuple[DictConfig, Target]] = field(default_factory=list)
+    # What the checks learned, for `costs.py` (what the sweep will cost): each job's settings and resolved target,
+    # the launcher's config, and the windows the text gives per (model, text, n_ctx, n_windows).
+    points: list[tuple[JobSettings, Target]] = field(default_factory=list)
     launcher: DictConfig | None = None
     n_windows: dict[tuple, int] = field(default_factory=dict)
     stages: list = field(default_factory=list)  # prefix reuse's plan per model (prefix/plan.Settled)
@@ -65,12 +63,12 @@ class _Checker:
         self.n_windows: dict[tuple, int] = {}  # (path, text path, n_ctx, n_windows) -> windows scored
         self.containers: dict[tuple, str] = {}  # model.container=auto's choices
 
-    def container(self, cfg, launcher) -> str:
+    def container(self, s: JobSettings, launcher) -> str:
         """model.container=auto's choice for this job's model and window, said once per model."""
-        key = (str(cfg.model.path), int(cfg.data.n_ctx), cfg.model.cache_dir, bool(cfg.model.n_gpu_layers))
+        key = (s.model.path, s.data.n_ctx, s.model.cache_dir, bool(s.model.n_gpu_layers))
         if key not in self.containers:
-            chosen, why = auto_container(cfg, launcher)
-            print(f"model.container=auto: {chosen} for {self.info(cfg.model.path).path.name} ({why})", flush=True)
+            chosen, why = auto_choice(s, launcher)
+            print(f"model.container=auto: {chosen} for {self.info(s.model.path).path.name} ({why})", flush=True)
             self.containers[key] = chosen
         return self.containers[key]
 
@@ -100,42 +98,31 @@ class _Checker:
             self.n_windows[(str(path), text_path, n_ctx, n_windows)] = make_windows(
                 self.tokens[key], n_ctx, n_windows, None).n_windows
 
-    def windows(self, cfg) -> int:
-        """The windows a checked point of `cfg` scores."""
-        return self.n_windows[(str(cfg.model.path), cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows))]
+    def windows(self, s: JobSettings) -> int:
+        """The windows a checked point of `s` scores."""
+        return self.n_windows[(str(s.model.path), s.data.path, s.data.n_ctx, s.data.n_windows)]
 
-    def check(self, cfg) -> Target:
-        """What composition cannot check (choices and types it does: sweep/pipeline/config.py)."""
-        fmt = make_format(**cfg.fmt)
-        generation_mode(cfg.metrics.generate)
-        if not 0 < cfg.metrics.alpha < 1:
-            raise SweepError(f"metrics.alpha={cfg.metrics.alpha} must be between 0 and 1 (e.g. 0.05)")
-        stop = cfg.metrics.early_stop
-        if stop.enabled:
-            if stop.min_windows < 2 or stop.rtol < 0 or stop.atol < 0:
-                raise SweepError(f"metrics.early_stop needs min_windows >= 2 and rtol, atol >= 0 (got min_windows="
-                                 f"{stop.min_windows}, rtol={stop.rtol}, atol={stop.atol})")
-            if RANKABLE[cfg.metrics.rank_by].needs_logits and not cfg.metrics.kld:
-                raise SweepError(f"metrics.early_stop watches metrics.rank_by={cfg.metrics.rank_by}, which needs "
-                                 f"metrics.kld=true")
-        if cfg.layer == "each":
+    def check(self, s: JobSettings) -> Target:
+        """What composition and the settings cannot check (choices and types composition does:
+        sweep/pipeline/config.py; single values the settings: sweep/pipeline/settings.py)."""
+        p = s.point
+        fmt = p.fmt
+        if p.layer == "each":
             raise SweepError("layer=each cannot be combined with this sweep; give the layers explicitly")
-        if cfg.expert == "each":
+        if p.expert == "each":
             raise SweepError("expert=each cannot be combined with this sweep; give the experts explicitly")
-        ggml_types.check_kind(fmt, cfg.kind)
-        info = self.info(cfg.model.path)
-        settings = compute_settings(cfg.model.container, cfg.model.n_gpu_layers, cfg.model.rpc)
-        self.probe(cfg.model.path, cfg.data.path, int(cfg.data.n_ctx), int(cfg.data.n_windows))
-        nodes = self.graph_nodes(cfg.model.path, settings) if cfg.kind == "activation" else None
-        target = resolve(cfg.kind, cfg.tensor,
-                         OmegaConf.to_object(cfg.layer) if OmegaConf.is_config(cfg.layer) else cfg.layer, info, nodes,
-                         cfg.expert)
-        if cfg.kind == "weight" and cfg.tensor != "all":  # (tensor=all: a whole block or file, as before)
+        ggml_types.check_kind(fmt, p.kind)
+        info = self.info(s.model.path)
+        compute = s.model.compute  # (model.rpc is checked here, whatever the kind)
+        self.probe(s.model.path, s.data.path, s.data.n_ctx, s.data.n_windows)
+        nodes = self.graph_nodes(s.model.path, compute) if p.kind == "activation" else None
+        target = resolve(p.kind, p.tensor, p.layer, info, nodes, p.expert)
+        if p.kind == "weight" and p.tensor != "all":  # (tensor=all: a whole block or file, as before)
             refuse_unquantized_type(fmt, target.names, info)
         if not target.token_rows and fmt.rowwise:
-            raise SweepError(f"{fmt.label} rounds per row, but node {cfg.tensor!r} does not have one row per token "
+            raise SweepError(f"{fmt.label} rounds per row, but node {p.tensor!r} does not have one row per token "
                              f"(its tokens are not its outermost axis): use fmt.granularity=per_tensor")
-        ggml_types.preflight(fmt, cfg.kind, target.names)
+        ggml_types.preflight(fmt, p.kind, target.names)
         return target
 
 
@@ -169,16 +156,16 @@ def plan(overrides: list[str]) -> Plan:
             jobs = expand(parser.parse_overrides(params + list(overrides) + each))
         points = []
         for job in jobs:
-            cfg = composer(job)
-            if str(cfg.model.container) == "auto":  # settled here once, so that every job runs in the same one
-                job.append(f"model.container={checker.container(cfg, base.hydra.launcher)}")
-                cfg = composer(job)
-            points.append((cfg, checker.check(cfg)))
-        map_plan, exact = split(jobs, points, lambda cfg: checker.info(cfg.model.path))
+            settings = job_settings(composer(job))
+            if settings.model.container == "auto":  # settled here once, so that every job runs in the same one
+                job.append(f"model.container={checker.container(settings, base.hydra.launcher)}")
+                settings = job_settings(composer(job))
+            points.append((settings, checker.check(settings)))
+        map_plan, exact = split(jobs, points, lambda s: checker.info(s.model.path))
         if map_plan is not None:  # the predicted points are not launched: the map's plan holds them
             print(map_plan.summary(), flush=True)
             jobs, points = [jobs[i] for i in exact], [points[i] for i in exact]
-        stages = settle_starts(jobs, points, lambda cfg: checker.info(cfg.model.path), checker.windows)
+        points, stages = settle_starts(jobs, points, lambda s: checker.info(s.model.path), checker.windows)
         for directory in {str(Path(base.run.store)), str(Path(base.hydra.sweep.dir))}:
             check_writable(Path(directory))
     if not jobs:
@@ -219,6 +206,44 @@ class JobComposer:
         except Exception:
             return compose(job)
         return cfg
+
+
+def settle_starts(jobs: list[list[str]], points: list[tuple[JobSettings, Target]], info_of: Callable,
+                  windows_of: Callable) -> tuple[list[tuple[JobSettings, Target]], list[Settled]]:
+    """run.prefix_starts for every job that reuses a prefix and does not name its stages: one plan per model file
+    and container (sweep/prefix/plan.py), from the first layers and windows of its points that can reuse one; each
+    job gets the override (so that every job of the sweep uses the same stage files) and its settings the value.
+    info_of(settings) -> ModelInfo; windows_of(settings) -> the windows a point scores. Says the choice once per
+    model. Returns the points with their settings settled, and the plans."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, _) in enumerate(points):
+        if s.run.prefix.enabled and s.run.prefix.starts is None:
+            groups.setdefault((str(s.model.path), s.model.container, s.model.cache_dir), []).append(i)
+    points, settled = list(points), []
+    for members in groups.values():
+        first = points[members[0]][0]
+        info = info_of(first)
+        first_layers: dict[int, float] = {}
+        for s, target in (points[i] for i in members):
+            if target.layers and static_fallback(info.n_experts, bool(s.point.fmt.recipe),
+                                                 s.metrics.generate is None) is None:
+                first_layers[min(target.layers)] = first_layers.get(min(target.layers), 0) + windows_of(s)
+        starts: tuple[int, ...] = ()
+        if first_layers:
+            plan_of_model = plan_for(stage_inputs(first, info, windows_of(first)), first_layers)
+            settled.append(plan_of_model)
+            starts = plan_of_model.plan.starts
+            print(plan_of_model.line(), flush=True)
+        for i in members:
+            jobs[i].append(f"run.prefix_starts=[{','.join(map(str, starts))}]")
+            points[i] = (with_prefix_starts(points[i][0], tuple(starts)), points[i][1])
+    return points, settled
+
+
+def stage_inputs(s: JobSettings, info: ModelInfo, n_windows: int) -> StageInputs:
+    return StageInputs(info, s.model.container, s.data.n_ctx, n_windows, s.model.compute, s.run.n_threads,
+                       s.run.prefix.cache_dir, s.run.prefix.n_stages, s.run.prefix_min_gain, s.data.path,
+                       s.run.store)
 
 
 # AXIS=each: one job per value 0..N-1, N read from the model: (ModelInfo field, what one is called, their plural)
@@ -268,7 +293,7 @@ def _config_dir():
 def check_rpc_launcher(points, launcher) -> None:
     """An RPC server serves one client at a time (llama.cpp's rpc_serve_client loop): parallel jobs on the same
     servers would only wait for each other, each holding the model in the servers' memory in turn."""
-    if any(cfg.model.rpc for cfg, _ in points) and launcher_kind(launcher) != LauncherKind.basic:
+    if any(s.model.rpc for s, _ in points) and launcher_kind(launcher) != LauncherKind.basic:
         raise SweepError("model.rpc runs with the sequential launcher only (an RPC server serves one client at a "
                          "time, so parallel jobs would queue on it): drop hydra/launcher=...")
 

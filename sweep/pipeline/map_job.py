@@ -19,37 +19,39 @@ from ..errors import SweepError
 from ..estimate.plan import ERRORS_FILE, MapPlan
 from ..estimate.weight_error import weight_errors
 from ..files import atomic_write_bytes
-from ..llama.container import compute_settings, runtime_identity
+from ..llama.container import runtime_identity
 from ..llama.input_stats import collect
 from ..llama.quantize import dequantized_weight
 from ..quant.formats import make_format
 from ..quant.imatrix_file import Imatrix, load, write_gguf
 from ..store.records import Store, point_key
 from .reference import Reference
+from .settings import ModelSettings, ScoreSettings
 
 log = logging.getLogger(__name__)
 
 
-def statistics_path(store: Store, ref: Reference, cfg) -> Path:
+def statistics_path(store: Store, ref: Reference, model: ModelSettings) -> Path:
     """Where the input statistics of this model, container, text and slice are kept."""
     key = point_key(map_statistics=True, model_sha256=ref.model_sha256, container=ref.container,
                     data_sha256=ref.text.sha256, n_ctx=ref.windows.n_ctx, n_windows=ref.windows.n_windows,
-                    runtime=runtime_identity(compute_settings(cfg.model.container, cfg.model.n_gpu_layers,
-                                                              cfg.model.rpc)))
+                    runtime=runtime_identity(model.compute))
     return store.root / "map" / f"{key}.imatrix.gguf"
 
 
-def run_map_job(cfg, ref: Reference, store: Store) -> dict:
-    """Statistics (stored or decoded now) and the weight errors of every cell of the map in cfg.run.map_job."""
-    sweep_dir = Path(cfg.run.map_job).parent
+def run_map_job(s: ScoreSettings, ref: Reference, store: Store) -> dict:
+    """Statistics (stored or decoded now) and the weight errors of every cell of the map in s.run.map_job."""
+    if s.run.map_job is None:
+        raise SweepError("the map's job needs run.map_job (the sweeper sets it)")
+    sweep_dir = Path(s.run.map_job).parent
     plan = MapPlan.read(sweep_dir)
     if plan is None:
-        raise SweepError(f"{cfg.run.map_job} is missing: the map's job runs inside the sweep that planned it")
+        raise SweepError(f"{s.run.map_job} is missing: the map's job runs inside the sweep that planned it")
     started = time.time()
-    stats_file = statistics_path(store, ref, cfg)
+    stats_file = statistics_path(store, ref, s.model)
     decoded_blocks = 0
     if not stats_file.is_file():
-        col = collect(ref.backend, ref.windows.tokens, progress=bool(cfg.run.progress))
+        col = collect(ref.backend, ref.windows.tokens, progress=s.run.progress)
         quiet = logging.getLogger("gguf")  # (gguf's writer says INFO lines about its file: not the user's news)
         level, quiet.level = quiet.level, logging.WARNING
         try:

@@ -15,8 +15,15 @@ import numpy as np
 
 from ..llama.backend import Backend
 from ..llama.container import runtime_identity, tensors_to_f32
-from ..llama.routing import baseline_routing, changed_tokens, never_routed, routing_columns, tracking
-from ..prefix.reuse import PrefixSettings, Reuse, choose
+from ..llama.routing import (
+    RoutingTracker,
+    baseline_routing,
+    changed_tokens,
+    never_routed,
+    routing_columns,
+    tracking,
+)
+from ..prefix.reuse import PrefixSettings, Reuse, ReusePlan, choose, plan_reuse
 from ..quant.apply import Proof, Unperturbed, applied
 from ..quant.experts import label as expert_label
 from ..quant.formats import Format
@@ -45,21 +52,20 @@ def matched_targets(container: str, info, target: Target, native_weights: str = 
 
 
 @contextmanager
-def point_backend(ref: Reference, target: Target) -> Iterator[tuple[Backend, tuple[str, ...]]]:
-    """The model a point runs on, and the tensors its baseline has dequantized: the loaded reference (quantized
-    weights of the native container are perturbed by a delta on their matmuls' outputs: quant/apply.py), or -- with
-    model.native_weights=copy, for a weight point whose targets are quantized -- a copy of the file with only those
-    tensors in F32, whose unrounded scores are the point's baseline (container-matched; a file-sized write and a
-    second model per point)."""
-    matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
+def point_backend(ref: Reference, matched: tuple[str, ...]) -> Iterator[Backend]:
+    """The model a point runs on: the loaded reference (quantized weights of the native container are perturbed by
+    a delta on their matmuls' outputs: quant/apply.py), or -- with model.native_weights=copy, for a weight point
+    whose targets are quantized (`matched_targets`) -- a copy of the file with only those tensors in F32, whose
+    unrounded scores are the point's baseline (container-matched; a file-sized write and a second model per
+    point)."""
     if not matched:
-        yield ref.backend, ()
+        yield ref.backend
         return
     with tempfile.TemporaryDirectory(prefix="sweep-native-") as scratch:
         copy = tensors_to_f32(ref.source, matched, Path(scratch) / "matched.gguf")
         with Backend(copy, ref.windows.n_ctx, ref.threads, writable_weights=True,
                      settings=ref.backend.settings) as backend:
-            yield backend, matched
+            yield backend
 
 
 def baseline_score(backend: Backend, ref: Reference, progress: bool, store: Store | None = None,
@@ -96,76 +102,146 @@ class Outcome:
     prefix: Reuse | None = None  # prefix reuse: the stage decoded, or why the full model (sweep/prefix/reuse.py)
 
 
+@dataclass(frozen=True)
+class PointPlan:
+    """What a point will do, decided before anything is decoded (`decide`): `run_point` carries it out."""
+
+    matched: tuple[str, ...]  # its model: () the loaded reference; else a copy of the file with these tensors in
+    # F32, measured against that copy's own baseline (model.native_weights=copy: `point_backend`)
+    note: str  # what the baseline is, in words (the record's `baseline`)
+    recompute: bool  # its baseline: each window decoded unperturbed beside the perturbed one, or stored once
+    keep_logits: bool  # the baseline's raw logits, for exact KL (metrics.kld)
+    reuse: ReusePlan  # prefix reuse: the stage the perturbed decodes start from, or the full model and why
+    routing: bool  # MoE: the routing observed in the unperturbed and the scored decodes
+    stop: StopRule | None  # early stopping: after each window, whether the question is settled
+    prompts: tuple[str, ...]  # the generation check in this job: greedy completions compared with the baseline's
+    max_new_tokens: int
+
+    @property
+    def baseline_logits(self) -> str:  # the record's `baseline_logits`
+        return "recompute" if self.recompute else "store"
+
+
+def decide(ref: Reference, target: Target, fmt: Format, kld: bool = True, prompts: tuple[str, ...] = (),
+           max_new_tokens: int = 32, stop: StopRule | None = None, baseline_logits: str = "store",
+           prefix: PrefixSettings | None = None) -> PointPlan:
+    """The point's decisions, from its settings, its target and the model's description."""
+    matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
+    recompute = kld and baseline_logits == "recompute"
+    reuse = plan_reuse(prefix, ref.info.n_layers, ref.info.n_experts, target.layers, bool(fmt.recipe),
+                       bool(prompts), matched)
+    # (no routing in recompute mode: its unperturbed decodes interleave with the perturbed ones)
+    return PointPlan(matched, container_note(ref, target, matched), recompute, kld, reuse,
+                     bool(ref.info.n_experts) and not recompute, stop, tuple(prompts), max_new_tokens)
+
+
+@dataclass
+class Measured:
+    """What the perturbed run gave: the proof of what was applied, the scores, the routing and completions."""
+
+    proof: Proof
+    score: Score
+    baseline: Score
+    tracker: RoutingTracker | None  # MoE: the routing of the scored decodes
+    completions: list | None  # the generation check's completions (None: not generated)
+    expected: list | None  # ... and the baseline's
+    base_routing: RoutingTracker | None  # MoE: the routing of the unperturbed decodes
+    unrouted: str | None  # MoE: why the experts perturbed are never selected (a no-op), or None
+
+
 def run_point(ref: Reference, target: Target, fmt: Format, progress: bool = True,
               store: Store | None = None, kld: bool = True, prompts: tuple[str, ...] = (),
               max_new_tokens: int = 32, stop: StopRule | None = None, baseline_logits: str = "store",
               prefix: PrefixSettings | None = None) -> Outcome:
-    """baseline_logits="recompute" (with kld): no stored baseline logits; each window is decoded unperturbed, its
+    """The life of a point: its decisions (`decide`); its model (`point_backend`); the stage its perturbed decodes
+    start from (`choose`); its baseline; the format applied, the windows scored and the completions generated
+    (`measure`); what was measured, judged (`verdict`).
+
+    baseline_logits="recompute" (with kld): no stored baseline logits; each window is decoded unperturbed, its
     logits kept in memory, then decoded perturbed (twice the decode, no disk). The numbers equal the stored mode's.
     prefix: reuse the unperturbed prefix (sweep/prefix/reuse.py); None decodes the full model."""
     t0 = time.perf_counter()
+    plan = decide(ref, target, fmt, kld, prompts, max_new_tokens, stop, baseline_logits, prefix)
     decoding_before = ref.backend.decode_seconds
-    with point_backend(ref, target) as (full, matched):
-        # prefix reuse: the perturbed decodes run on a verified stage (`backend`), baselines on the full model
-        note = container_note(ref, target, matched)
-        recompute = kld and baseline_logits == "recompute"
-        reuse = choose(ref, target, fmt, full, matched, prefix, bool(prompts), None if recompute else
-                       lambda: baseline_score(full, ref, progress, store, matched, keep_logits=kld))
+    with point_backend(ref, plan.matched) as full:  # its model: the loaded one, or its matched copy
+        def baseline(keep_logits: bool = plan.keep_logits) -> Score:
+            return baseline_score(full, ref, progress, store, plan.matched, keep_logits=keep_logits)
+
+        # the stage its perturbed decodes start from (the baseline, if decoded now, reads the stages' residuals)
+        reuse = choose(ref, target, full, plan.reuse, None if plan.recompute else baseline)
         backend, stage_decoding_before = reuse.backend, reuse.backend.decode_seconds
-        kept, uses = delta_uses(backend, target)
-        base = None if recompute else baseline_score(full, ref, progress, store, matched, keep_logits=kld)
-        # recompute: the originals are read before the perturbation is applied, to switch it off per window
-        originals = {n: backend.read_weight(n) for n in target.names if backend.holds_f32(n)} \
-            if recompute and target.kind == "weight" else {}
-        expected = baseline_completions(full, ref, matched, tuple(prompts), max_new_tokens) if prompts else None
-        got = None
-        # MoE: the routing of the scored windows, unperturbed and in this point's decodes (not in recompute mode,
-        # whose unperturbed decodes interleave with the perturbed ones)
-        moe = bool(ref.info.n_experts) and not recompute
-        base_routing = baseline_routing(ref.session, full, ref.windows, matched, ref.info.n_experts_used) \
-            if moe else None
-        unrouted = never_routed(base_routing, target) if base_routing is not None else None
-        with tracking(backend, ref.info.n_experts_used) if moe else nullcontext() as tracker, \
-                applied(backend, target, fmt, ref.info.tensor_types) as proof:
-            if target.kind == "weight" and (proof.n_changed == 0 or unrouted):
-                # bit-identical weights, or experts no scored token uses: the baseline's numbers, no perturbed
-                # decode needed (a no-op)
-                result = base = base or baseline_score(full, ref, progress, store, matched, keep_logits=False)
-            else:
-                settled = (lambda so_far: stop.settled(per_token(so_far, _paired(so_far, base)))) \
-                    if stop is not None else None
-                result = score(backend, ref.windows, progress, reference=base, settled=settled,
-                               desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}",
-                               unperturbed=Unperturbed(backend, target, originals) if recompute else None,
-                               math=ref.session.math)
-                base = result.baseline or base
-            proof = replace(proof)  # the record's counts are about the scored windows, not the generation
-            if tracker is not None:
-                tracker.counting = False
-            if prompts and not result.diverged:
-                got = expected if result is base else complete(backend, prompts, max_new_tokens)
-        generation = compare(got, expected) if got is not None and expected is not None else None
-        decoding = full.decode_seconds if matched else ref.backend.decode_seconds - decoding_before
+        kept, uses = delta_uses(backend, target)  # quantized weights perturbed by a delta, and their nodes
+        base = None if plan.recompute else baseline()  # its baseline (recompute: beside each window)
+        m = measure(ref, target, fmt, plan, full, backend, base, baseline, progress)  # perturbed: scored, generated
+        generation = compare(m.completions, m.expected) if m.completions is not None and m.expected is not None \
+            else None
+        decoding = full.decode_seconds if plan.matched else ref.backend.decode_seconds - decoding_before
         if backend is not full:
             decoding += backend.decode_seconds - stage_decoding_before
+    routing = point_routing(ref.info, target, m.tracker if m.score is not m.baseline else None, m.base_routing) \
+        if plan.routing else {}
+    status, reason = verdict(target, fmt, m, kept, uses)
+    base = m.baseline.first(m.score.n_windows) if m.score.stopped_early else m.baseline  # paired: the same windows
+    return Outcome(m.proof, m.score, base, plan.note, status, reason, time.perf_counter() - t0, generation, decoding,
+                   plan.baseline_logits, routing, reuse)
+
+
+def measure(ref: Reference, target: Target, fmt: Format, plan: PointPlan, full: Backend, backend,
+            base: Score | None, baseline, progress: bool) -> Measured:
+    """The point's perturbed run on `backend` (the full model or a stage): the format applied to the target, the
+    windows scored against the baseline (`base`; None: recomputed beside each window), the completions generated.
+    A weight point that leaves the weights bit-identical, or perturbs experts no scored token uses, decodes
+    nothing: its numbers are the baseline's (a no-op)."""
+    # recompute: the originals are read before the perturbation is applied, to switch it off per window
+    originals = {n: backend.read_weight(n) for n in target.names if backend.holds_f32(n)} \
+        if plan.recompute and target.kind == "weight" else {}
+    expected = baseline_completions(full, ref, plan.matched, plan.prompts, plan.max_new_tokens) \
+        if plan.prompts else None
+    base_routing = baseline_routing(ref.session, full, ref.windows, plan.matched, ref.info.n_experts_used) \
+        if plan.routing else None
+    unrouted = never_routed(base_routing, target) if base_routing is not None else None
+    got = None
+    with tracking(backend, ref.info.n_experts_used) if plan.routing else nullcontext() as tracker, \
+            applied(backend, target, fmt, ref.info.tensor_types) as proof:
+        if target.kind == "weight" and (proof.n_changed == 0 or unrouted):
+            result = base = base or baseline(keep_logits=False)
+        else:
+            stop = plan.stop
+            settled = (lambda so_far: stop.settled(per_token(so_far, _paired(so_far, base)))) \
+                if stop is not None else None
+            result = score(backend, ref.windows, progress, reference=base, settled=settled,
+                           desc=f"{target.kind} {target.tensor} L{target.layer_label} {fmt.label}",
+                           unperturbed=Unperturbed(backend, target, originals) if plan.recompute else None,
+                           math=ref.session.math)
+            base = result.baseline or base
+        proof = replace(proof)  # the record's counts are about the scored windows, not the generation
+        if tracker is not None:
+            tracker.counting = False
+        if plan.prompts and not result.diverged:
+            got = expected if result is base else complete(backend, plan.prompts, plan.max_new_tokens)
     assert base is not None  # scored above (recompute: the run's own baseline)
-    routing = point_routing(ref.info, target, tracker if result is not base else None, base_routing) if moe else {}
-    reason = unrouted or expert_no_op(target, proof) or proof.no_op_reason(target, fmt) or absorbed(result, base)
+    return Measured(proof, result, base, tracker, got, expected, base_routing, unrouted)
+
+
+def verdict(target: Target, fmt: Format, m: Measured, kept: list[str], uses: int) -> tuple[str, str | None]:
+    """The point's status and why: ok; a no-op (nothing measured: experts never routed, nothing rounded, or the
+    output untouched); diverged; or failed, when the proofs do not add up to the point it names (the format applied
+    once per node and window, each quantized weight's delta added once per node that uses it)."""
+    proof, result = m.proof, m.score
+    reason = m.unrouted or expert_no_op(target, proof) or proof.no_op_reason(target, fmt) or \
+        absorbed(result, m.baseline)
     status = "no-op" if reason else "ok"
     expected_calls = result.n_windows * len(target.names) if target.kind == "activation" else len(target.names)
     if result.diverged:
-        status, reason = "diverged", result.diverged
-    elif proof.hook_calls != expected_calls:  # a node rounded twice, or never: the point is not what it names
-        status, reason = "failed", (f"the format was applied {proof.hook_calls} times, expected {expected_calls} "
-                                    f"({len(target.names)} node(s) x {result.n_windows} window(s))"
-                                    if target.kind == "activation" else
-                                    f"{proof.hook_calls} weight tensors written, expected {expected_calls}")
-    elif (why := missed_deltas(kept, uses, proof, result, status)) is not None:
-        status, reason = "failed", why
-    if result.stopped_early:
-        base = base.first(result.n_windows)  # paired: the baseline on the same windows
-    return Outcome(proof, result, base, note, status, reason, time.perf_counter() - t0, generation, decoding,
-                   "recompute" if recompute else "store", routing, reuse)
+        return "diverged", result.diverged
+    if proof.hook_calls != expected_calls:  # a node rounded twice, or never: the point is not what it names
+        return "failed", (f"the format was applied {proof.hook_calls} times, expected {expected_calls} "
+                          f"({len(target.names)} node(s) x {result.n_windows} window(s))"
+                          if target.kind == "activation" else
+                          f"{proof.hook_calls} weight tensors written, expected {expected_calls}")
+    if (why := missed_deltas(kept, uses, proof, result, status)) is not None:
+        return "failed", why
+    return status, reason
 
 
 def container_note(ref: Reference, target: Target, matched: tuple[str, ...]) -> str:

@@ -1,8 +1,8 @@
 """The reference a point is measured against: the model in its container, and the text cut into windows.
 
-`open_reference(cfg)` takes the composed config (its `model`, `data` and `run` sections). The loaded model belongs
-to a `session.Session`: the reference's own, closed with it, or -- in a sweep process -- one of the `Sessions`
-that the jobs share.
+`open_reference(settings)` takes the settings' `model`, `data` and `run` parts (sweep/pipeline/settings.py). The
+loaded model belongs to a `session.Session`: the reference's own, closed with it, or -- in a sweep process -- one of
+the `Sessions` that the jobs share.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cores import available_cores
 from ..llama.backend import Backend
-from ..llama.capacity import settled
-from ..llama.container import compute_settings, container_path
-from ..llama.model_file import ModelInfo, model_info, resolve_model_path, sha256
+from ..llama.container import container_path
+from ..llama.model_file import ModelInfo, model_info, sha256
 from ..scoring.text import Text, load_text
 from ..scoring.windows import Windows, make_windows
 from .session import Session, Sessions
+from .settings import ScoreSettings, settled
 
 
 @dataclass
@@ -62,29 +61,27 @@ class Reference(Inputs):
         self.close()
 
 
-def load_inputs(cfg) -> Inputs:
-    source = resolve_model_path(cfg.model.path)
+def load_inputs(s: ScoreSettings) -> Inputs:
+    source = s.model.source
     info = model_info(source)
-    return Inputs(source, info, load_text(cfg.data.path))
+    return Inputs(source, info, load_text(s.data.path))
 
 
-def open_reference(cfg, inputs: Inputs | None = None, sessions: Sessions | None = None) -> Reference:
-    """The reference of the composed config `cfg`; its model from `sessions` when given (shared, closed by its
-    owner), else loaded for this reference alone (closed with it)."""
-    inputs = inputs or load_inputs(cfg)  # the text first: a missing text fails fast
-    cfg = settled(cfg)  # model.container=auto outside a sweep (which settles it before its jobs: grid.py)
-    file = container_path(inputs.source, cfg.model.container, cfg.model.cache_dir)
-    threads = int(cfg.run.threads or available_cores())
-    settings = compute_settings(cfg.model.container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
-    n_ctx = int(cfg.data.n_ctx)
+def open_reference(s: ScoreSettings, inputs: Inputs | None = None, sessions: Sessions | None = None) -> Reference:
+    """The reference of the settings `s`; its model from `sessions` when given (shared, closed by its owner), else
+    loaded for this reference alone (closed with it)."""
+    inputs = inputs or load_inputs(s)  # the text first: a missing text fails fast
+    s = settled(s)  # model.container=auto outside a sweep (which settles it before its jobs: grid.py)
+    file = container_path(inputs.source, s.model.container, s.model.cache_dir)
+    threads, n_ctx = s.run.n_threads, s.data.n_ctx
+    settings = s.model.compute
     session = sessions.get(file, n_ctx, threads, settings) if sessions else Session(file, n_ctx, threads, settings)
     try:
         b = session.backend
-        windows = make_windows(session.tokens(inputs.text), n_ctx, int(cfg.data.n_windows),
-                               b.bos if b.add_bos else None)
+        windows = make_windows(session.tokens(inputs.text), n_ctx, s.data.n_windows, b.bos if b.add_bos else None)
     except BaseException:
         if sessions is None:
             session.close()
         raise
-    return Reference(inputs.source, inputs.info, inputs.text, str(cfg.model.container), session, windows,
-                     owns_session=sessions is None, native_weights=str(cfg.model.native_weights))
+    return Reference(inputs.source, inputs.info, inputs.text, s.model.container, session, windows,
+                     owns_session=sessions is None, native_weights=s.model.native_weights)

@@ -17,34 +17,26 @@ import functools
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import Keys
 
-from ..cores import available_cores, available_memory
+from ..cores import available_memory
 from ..files import atomic_write_bytes
-from ..llama.backend import Backend
+from ..llama.backend import Backend, ComputeSettings
 from ..llama.block_timing import blocks_and_head_seconds
-from ..llama.cache import cache_root, profile_file, residuals_file
+from ..llama.cache import profile_file, residuals_file
 from ..llama.capacity import gb, gguf_sizes, nearest_existing, need
-from ..llama.container import compute_settings, f32_container_path, runtime_identity
+from ..llama.container import f32_container_path, runtime_identity
 from ..llama.gguf_names import block_of
-from ..llama.model_file import sha256
+from ..llama.model_file import ModelInfo, sha256
 from ..llama.stage_check import stage_refusal
-from ..scoring.generation import generation_mode
 from ..scoring.text import load_text
 from ..scoring.window_math import BaselineWindow, WindowMath
 from ..store.records import Store, baseline_key, point_key
-from .reuse import (
-    disk_bytes,
-    io_speeds,
-    residuals_key_of,
-    static_fallback,
-    unwritten_stages,
-)
+from .reuse import disk_bytes, io_speeds, residuals_key_of, unwritten_stages
 from .solve import MARGIN, StageCosts, StagePlan, plan_stages
 
 TIMING_WINDOWS = 2  # what timing a window costs (a load and the window): a plan must promise more to be timed
@@ -87,42 +79,28 @@ def _refused(p: StagePlan) -> str:
     return ", ".join(f"block {s} ({why})" for s, why in sorted(p.refused.items()))
 
 
-def settle_starts(jobs: list[list[str]], points: list, info_of: Callable, windows_of: Callable) -> list[Settled]:
-    """run.prefix_starts for every job that reuses a prefix and does not name its stages: one plan per model file
-    and container, from the first layers and windows of its points that can reuse one; each job gets the
-    override (so that every job of the sweep uses the same stage files) and its composed config the value.
-    info_of(cfg) -> ModelInfo; windows_of(cfg) -> the windows a point of cfg scores. Says the choice once per model."""
-    groups: dict[tuple, list] = {}
-    for job, (cfg, target) in zip(jobs, points):
-        if cfg.run.prefix_reuse and cfg.run.prefix_starts is None:
-            key = (str(cfg.model.path), str(cfg.model.container), cfg.model.cache_dir)
-            groups.setdefault(key, []).append((job, cfg, target))
-    settled = []
-    for members in groups.values():
-        cfg0 = members[0][1]
-        info = info_of(cfg0)
-        first_layers: dict[int, float] = {}
-        for _, cfg, target in members:
-            if target.layers and static_fallback(info.n_experts, bool(cfg.fmt.recipe),
-                                                 generation_mode(cfg.metrics.generate) is None) is None:
-                first = min(target.layers)
-                first_layers[first] = first_layers.get(first, 0) + windows_of(cfg)
-        starts: tuple[int, ...] = ()
-        if first_layers:
-            s = plan_for(cfg0, info, first_layers, windows_of(cfg0))
-            settled.append(s)
-            starts = s.plan.starts
-            print(s.line(), flush=True)
-        for job, cfg, _ in members:
-            job.append(f"run.prefix_starts=[{','.join(map(str, starts))}]")
-            cfg.run.prefix_starts = list(starts)
-    return settled
+@dataclass(frozen=True)
+class StageInputs:
+    """What the plan of one model's stages reads of its jobs' settings."""
+
+    info: ModelInfo
+    container: str  # "f32" | "native"
+    n_ctx: int
+    n_windows: int  # the windows a point scores
+    compute: ComputeSettings
+    threads: int
+    cache_dir: Path  # stage files, residuals, the timed window (model.cache_dir)
+    n_stages: int  # run.prefix_stages
+    min_gain: float  # run.prefix_min_gain
+    data_path: str | None
+    store: Path  # run.store: whether the baseline is stored already
 
 
-def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settled:
+def plan_for(s: StageInputs, first_layers: dict[int, float]) -> Settled:
     """The stages of one model: screened by FLOPs, then planned on a timed window."""
-    n, container, n_ctx = info.n_layers, str(cfg.model.container), int(cfg.data.n_ctx)
-    source, cache = info.path, cache_root(cfg.model.cache_dir)
+    info, n_windows = s.info, s.n_windows
+    n, container, n_ctx = info.n_layers, s.container, s.n_ctx
+    source, cache = info.path, s.cache_dir
     file_bytes, tensors, meta = gguf_sizes(source)
     f32 = container == "f32"
     header = file_bytes - sum(b for b, _ in tensors.values())
@@ -135,22 +113,19 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
     def allowed(start: int) -> bool:
         return stage_refusal(source, start) is None
 
-    settings = compute_settings(container, int(cfg.model.n_gpu_layers), cfg.model.rpc)
-    threads = int(cfg.run.threads or available_cores())
-    capture = _capture_windows(cfg, source, container, n_windows, settings, sorted(first_layers))
+    capture = _capture_windows(s, sorted(first_layers))
     block_f, head_f = window_flops(info, tensors, meta, n_ctx)
     screen = StageCosts(n, block_f, head_f, capture_s=capture * (n * block_f + head_f), allowed=allowed,
                         source="FLOPs")
-    k = int(cfg.run.prefix_stages)
+    k = s.n_stages
     plan = plan_stages(first_layers, screen, k)
     head_share = head_f / (n * block_f + head_f)
-    if plan.net_s <= TIMING_WINDOWS * (n * block_f + head_f) and not _profile_path(cfg, info, container, settings,
-                                                                                   threads, cache).exists():
+    if plan.net_s <= TIMING_WINDOWS * (n * block_f + head_f) and not _profile_path(s).exists():
         # even with free files the best plan would not save what timing it costs: reuse is off, nothing timed
         none = StagePlan((), plan.full_s, plan.full_s, 0.0, 1.0, plan.refused)
         return Settled(source.name, none, screen, head_share, 0, sum(first_layers.values()))
 
-    block_s, head_s, math_s, timed = decode_profile(cfg, info, container, settings, threads, cache)
+    block_s, head_s, math_s, timed = decode_profile(s)
     speeds = io_speeds(cache)
     sha = sha256(source)
 
@@ -165,7 +140,7 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
     free_disk = shutil.disk_usage(nearest_existing(cache)).free // 2  # stage files may take half the free disk
 
     def fits(starts: tuple[int, ...]) -> bool:
-        on_disk = sum(stage_bytes(s) for s in unwritten_stages(cache, sha, container, starts))
+        on_disk = sum(stage_bytes(start) for start in unwritten_stages(cache, sha, container, starts))
         return on_disk <= free_disk and (memory is None or job + stage_bytes(min(starts)) <= memory)
 
     costs = StageCosts(n, block_s, head_s, prepare_s, capture * (n * block_s + head_s), allowed, fits, timed)
@@ -173,11 +148,11 @@ def plan_for(cfg, info, first_layers: dict[int, float], n_windows: int) -> Settl
     # the sweep without reuse: every point's windows and the baseline's, through every block and the head, and each
     # point window's math (at a 262k vocabulary, a fair share of the window)
     sweep_s = (sum(first_layers.values()) + n_windows) * (n * block_s + head_s) + sum(first_layers.values()) * math_s
-    min_gain = float(cfg.run.prefix_min_gain)
+    min_gain = s.min_gain
     if plan.starts and plan.net_s < min_gain * sweep_s:
         plan = StagePlan((), plan.full_s, plan.full_s, 0.0, 1.0,
-                         {**plan.refused, **{s: f"saves {plan.net_s / sweep_s:.0%} of the sweep, below "
-                                                f"run.prefix_min_gain={min_gain:g}" for s in plan.starts}})
+                         {**plan.refused, **{start: f"saves {plan.net_s / sweep_s:.0%} of the sweep, below "
+                                                    f"run.prefix_min_gain={min_gain:g}" for start in plan.starts}})
     return Settled(source.name, plan, costs, head_s / (n * block_s + head_s),
                    stage_bytes(min(plan.starts)) if plan.starts else 0, sum(first_layers.values()))
 
@@ -202,22 +177,21 @@ def _first(meta: dict, key: str) -> int:
     return int(max(value) if isinstance(value, list) else value)
 
 
-def decode_profile(cfg, info, container: str, settings, threads: int, cache: Path
-                   ) -> tuple[float, float, float, str]:
+def decode_profile(s: StageInputs) -> tuple[float, float, float, str]:
     """(seconds per block per window, seconds of the head per window, seconds of a point's per-window math, in
     words where from): kept beside the stage files."""
-    n_ctx = int(cfg.data.n_ctx)
-    memo = _profile_path(cfg, info, container, settings, threads, cache)
-    as_is = not _loaded_file(info, container, cache).exists()
-    timed_file = info.path if as_is else _loaded_file(info, container, cache)
-    where = ("on the file as it is (its F32 container is not built yet)" if as_is and container == "f32"
+    info, n_ctx, threads = s.info, s.n_ctx, s.threads
+    memo = _profile_path(s)
+    as_is = not _loaded_file(info, s.container, s.cache_dir).exists()
+    timed_file = info.path if as_is else _loaded_file(info, s.container, s.cache_dir)
+    where = ("on the file as it is (its F32 container is not built yet)" if as_is and s.container == "f32"
              else f"{threads} thread{'s' if threads != 1 else ''}")
     try:
         kept = json.loads(memo.read_text())
         return float(kept["block_s"]), float(kept["head_s"]), float(kept["math_s"]), f"timed before, {where}"
     except (OSError, ValueError, KeyError):
         pass
-    with Backend(timed_file, n_ctx, threads, settings=settings) as b:
+    with Backend(timed_file, n_ctx, threads, settings=s.compute) as b:
         t0 = time.perf_counter()
         split = blocks_and_head_seconds(b, n_ctx)
         total = time.perf_counter() - t0
@@ -257,24 +231,23 @@ def _loaded_file(info, container: str, cache: Path) -> Path:
     return f32_container_path(info.path, cache) if container == "f32" else info.path
 
 
-def _profile_path(cfg, info, container: str, settings, threads: int, cache: Path) -> Path:
+def _profile_path(s: StageInputs) -> Path:
     """Where the timed window of this model, container, window, threads and runtime is kept: beside the stage files
     (once per model file and machine, like them), as timed on the loaded file or, before it is built, the source."""
-    as_is = not _loaded_file(info, container, cache).exists()
-    key = point_key(kind="decode-profile", model_sha256=sha256(info.path), container=container, timed_as_is=as_is,
-                    n_ctx=int(cfg.data.n_ctx), threads=threads, runtime=runtime_identity(settings))
-    return profile_file(cache, key)
+    as_is = not _loaded_file(s.info, s.container, s.cache_dir).exists()
+    key = point_key(kind="decode-profile", model_sha256=sha256(s.info.path), container=s.container,
+                    timed_as_is=as_is, n_ctx=s.n_ctx, threads=s.threads, runtime=runtime_identity(s.compute))
+    return profile_file(s.cache_dir, key)
 
 
-def _capture_windows(cfg, source: Path, container: str, n_windows: int, settings, starts: list[int]) -> int:
+def _capture_windows(s: StageInputs, starts: list[int]) -> int:
     """Windows the residuals take a decode of their own for: all of them when the baseline is stored already (the
     first point decodes no baseline to read them from) and some stage's residuals are not cached; else none."""
-    text = load_text(cfg.data.path).sha256
-    sha, n_ctx = sha256(source), int(cfg.data.n_ctx)
-    bkey = baseline_key(sha, container, (), text, n_ctx, n_windows, runtime_identity(settings))
-    if not (Store(Path(cfg.run.store)).root / "baselines" / f"{bkey}.npz").exists():
+    text = load_text(s.data_path).sha256
+    sha, n_ctx = sha256(s.info.path), s.n_ctx
+    bkey = baseline_key(sha, s.container, (), text, n_ctx, s.n_windows, runtime_identity(s.compute))
+    if not (Store(s.store).root / "baselines" / f"{bkey}.npz").exists():
         return 0
-    rkey = residuals_key_of(sha, container, text, n_ctx, n_windows, settings)
-    cache = cache_root(cfg.model.cache_dir)
-    return 0 if all(residuals_file(cache, rkey, s).exists() for s in starts if s > 0) else n_windows
-
+    rkey = residuals_key_of(sha, s.container, text, n_ctx, s.n_windows, s.compute)
+    return 0 if all(residuals_file(s.cache_dir, rkey, start).exists() for start in starts if start > 0) \
+        else s.n_windows

@@ -10,9 +10,10 @@ Per session (`Prefixes`, held by `session.Session`):
   * the identity verdict of each stage: its logits on the first window, decoded from the residuals, must equal the
     full model's bit for bit before any point uses it; otherwise every point of that stage falls back to the full
     decode and its record says why.
-`choose` decides per point and says why not in the record's `prefix_reuse` / `prefix_reason` columns. The stages'
-first blocks (`run.prefix_starts`) are chosen before launch from the sweep's layers (solve.py), at most
-`run.prefix_stages` of them; `sweep prefix-clean` removes the cache.
+`plan_reuse` decides per point before any decode, `choose` carries it out (verifying the stage); the record's
+`prefix_reuse` / `prefix_reason` columns say which, or why not. The stages' first blocks (`run.prefix_starts`) are
+chosen before launch from the sweep's layers (solve.py), at most `run.prefix_stages` of them; `sweep prefix-clean`
+removes the cache.
 """
 
 from __future__ import annotations
@@ -96,41 +97,68 @@ class Reuse:
                 "prefix_reason": self.reason, "decoded_blocks": self.n_layers - start}
 
 
-def choose(ref, target, fmt, backend, matched: tuple[str, ...], settings: PrefixSettings | None,
-           generation: bool, baseline: Callable[[], object] | None = None) -> Reuse:
-    """The backend a point's perturbed decodes run on: a verified stage, or `backend` (the full model) with why.
-    baseline: computes (or fetches) the point's baseline; the residuals are captured during its decode if any."""
+@dataclass(frozen=True)
+class ReusePlan:
+    """Prefix reuse as decided before anything is decoded (`plan_reuse`): a stage to verify and decode from, or the
+    full model and why. `choose` carries it out."""
+
+    status: str  # OK: decode from `stage` once verified (else a fallback, said then) | FALLBACK | OFF
+    reason: str | None = None
+    stage: int | None = None
+    starts: tuple[int, ...] = ()  # the sweep's stages, whose residuals the baseline's decode reads if it decodes now
+    read_ahead: bool = False  # read the next stage's files into the page cache while this point decodes
+    cache_dir: Path | None = None
+
+
+def plan_reuse(settings: PrefixSettings | None, n_layers: int, n_experts: int, layers: tuple[int, ...],
+               recipe: bool, generation: bool, matched: tuple[str, ...]) -> ReusePlan:
+    """Whether a point (its blocks `layers`) can decode from a stage, from what is known before any decode.
+    matched: the tensors of its own F32 copy (model.native_weights=copy), () when it runs on the loaded model."""
+    if settings is None or not settings.enabled:
+        return ReusePlan(OFF, "run.prefix_reuse=false")
+    if (why := static_fallback(n_experts, recipe, generation)) is not None:
+        return ReusePlan(FALLBACK, why)
+    # the residuals of every stage are read while the loaded model's baseline decodes (a copy has its own)
+    starts, cache = settings.starts_for(n_layers), settings.cache_dir
+    primed = () if matched else starts
+    if not layers:
+        return ReusePlan(FALLBACK, "the point touches no block: there is no unperturbed prefix to reuse",
+                         starts=primed, cache_dir=cache)
+    if matched:  # model.native_weights=copy: the point runs on its own copy of the file
+        return ReusePlan(FALLBACK, f"quantized weight in the native container ({', '.join(matched)}): decoded on "
+                                   f"its matched F32 copy of the whole model (model.native_weights=copy)")
+    start = stage_for(layers, starts)
+    if start is None:
+        return ReusePlan(FALLBACK, f"no stage starts at or before layer {min(layers)} (stages: "
+                                   f"{', '.join(map(str, starts)) or 'none'}; set them with run.prefix_starts=[...])",
+                         starts=starts, read_ahead=True, cache_dir=cache)
+    return ReusePlan(OK, None, start, starts, True, cache)
+
+
+def choose(ref, target, backend, plan: ReusePlan, baseline: Callable[[], object] | None = None) -> Reuse:
+    """The backend a point's perturbed decodes run on, as `plan` says: a verified stage, or `backend` (the full
+    model) with why. baseline: computes (or fetches) the point's baseline; the residuals are captured during its
+    decode if any (None: no baseline is decoded before the point's windows)."""
     n = ref.info.n_layers
 
-    def full(status: str, reason: str) -> Reuse:
+    def full(status: str, reason: str | None) -> Reuse:
         return Reuse(backend, status, reason, None, n)
 
-    if settings is None or not settings.enabled:
-        return full(OFF, "run.prefix_reuse=false")
-    if (why := static_fallback(ref.info.n_experts, bool(fmt.recipe), generation)) is not None:
-        return full(FALLBACK, why)
-    starts = settings.starts_for(n)
     prefixes = ref.session.prefixes
-    if not matched and baseline is not None:  # a baseline about to be decoded reads the residuals for every stage
-        prefixes.prime(ref, starts, settings.cache_dir, baseline)
-    if not target.layers:
-        return full(FALLBACK, "the point touches no block: there is no unperturbed prefix to reuse")
-    if matched:  # model.native_weights=copy: the point runs on its own copy of the file
-        return full(FALLBACK, f"quantized weight in the native container ({', '.join(matched)}): decoded on its "
-                              f"matched F32 copy of the whole model (model.native_weights=copy)")
-    start = stage_for(target.layers, starts)
-    if start is None:
-        prefixes.read_ahead(ref, None, starts, settings.cache_dir)
-        return full(FALLBACK, f"no stage starts at or before layer {min(target.layers)} (stages: "
-                              f"{', '.join(map(str, starts)) or 'none'}; set them with run.prefix_starts=[...])")
-    view = prefixes.view(ref, start, starts, settings.cache_dir, baseline, writes_weights(backend, target))
-    prefixes.read_ahead(ref, start, starts, settings.cache_dir)
+    if plan.starts and baseline is not None:
+        prefixes.prime(ref, plan.starts, plan.cache_dir, baseline)
+    if plan.status != OK:
+        if plan.read_ahead:
+            prefixes.read_ahead(ref, None, plan.starts, plan.cache_dir)
+        return full(plan.status, plan.reason)
+    view = prefixes.view(ref, plan.stage, plan.starts, plan.cache_dir, baseline, writes_weights(backend, target))
+    prefixes.read_ahead(ref, plan.stage, plan.starts, plan.cache_dir)
     if isinstance(view, str):
         return full(FALLBACK, view)
     missing = prefixes.missing_in_stage(ref.backend, view, target)
     if missing:
         return full(FALLBACK, missing)
-    return Reuse(view, OK, None, start, n)
+    return Reuse(view, OK, None, plan.stage, n)
 
 
 def writes_weights(full, target) -> bool:
