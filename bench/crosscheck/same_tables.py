@@ -12,7 +12,7 @@ Each tree gets its own store and sweep directories (nothing computed by one is r
 container is shared (it is the same file). Columns that hold wall-clock times, dates or paths differ by nature and
 are listed apart, never compared. Exit status 1 on any other difference.
 
-    python -m bench.crosscheck.same_tables --against REV [--windows 2] [--keep DIR]
+    python -m bench.crosscheck.same_tables --against REV [--windows 2] [--keep DIR] [--added COL,...]
 """
 
 from __future__ import annotations
@@ -75,11 +75,13 @@ def run_tree(tree: Path, work: Path, windows: int, recipe: Path, cache: Path) ->
     return tables
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
-    """(compared and equal, differing, skipped as volatile); columns only one side has count as differing."""
+def compare(a: pd.DataFrame, b: pd.DataFrame, added: frozenset[str] = frozenset()
+            ) -> tuple[list[str], list[str], list[str]]:
+    """(compared and equal, differing, skipped as volatile or added); columns only one side has count as differing,
+    except the `added` ones that only this tree (b) has: a new column, said, not a changed number."""
     same, differ, skipped = [], [], []
     for col in sorted(set(a.columns) | set(b.columns)):
-        if volatile(col):
+        if volatile(col) or (col in added and col in b.columns and col not in a.columns):
             skipped.append(col)
         elif col not in a.columns or col not in b.columns:
             differ.append(f"{col} (only in {'the revision' if col in a.columns else 'this tree'})")
@@ -95,7 +97,10 @@ def main() -> int:
     ap.add_argument("--against", required=True, help="the git revision to compare with (e.g. main)")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--keep", help="keep the sweeps' directories here (default: a temporary directory, removed)")
+    ap.add_argument("--added", default="", help="columns this tree adds on purpose (comma-separated, e.g. estimated): "
+                                                "not compared when only this tree has them; listed as not compared")
     args = ap.parse_args()
+    added = frozenset(c for c in args.added.split(",") if c)
     work = Path(args.keep or tempfile.mkdtemp(prefix="same-tables-"))
     work.mkdir(parents=True, exist_ok=True)
     rev_tree = work / "rev"
@@ -113,12 +118,12 @@ def main() -> int:
         subprocess.run(["git", "worktree", "remove", "--force", str(rev_tree)], cwd=ROOT, capture_output=True)
     failures = 0
     for name in SWEEPS:
-        same, differ, skipped = compare(before[name], after[name])
+        same, differ, skipped = compare(before[name], after[name], added)
         ok = not differ and len(before[name]) == len(after[name])
         failures += not ok
         print(f"{name}: {'bit-identical' if ok else 'DIFFERENT'} ({len(before[name])} rows; {len(same)} columns "
               f"equal{'; differ: ' + ', '.join(differ) if differ else ''}; not compared: {', '.join(skipped)})")
-    common = set.intersection(*(set(compare(before[n], after[n])[0]) for n in SWEEPS))
+    common = set.intersection(*(set(compare(before[n], after[n], added)[0]) for n in SWEEPS))
     print(f"compared columns (every sweep): {', '.join(sorted(common))}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
