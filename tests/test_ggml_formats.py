@@ -200,3 +200,26 @@ def test_sweep_records_fallback_and_sizes_and_refuses_misuse(tiny_model, tmp_pat
         bad = subprocess.run([sys.executable, "-m", "sweep", *tiny_args(tiny_model, tmp_path, "layer=0", *axes)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert bad.returncode == 2 and message in bad.stderr and bad.stderr.startswith("error: "), bad.stderr[-2000:]
+
+
+def test_tensor_all_with_a_gguf_type_is_what_llama_cpp_quantizes(f32_model, tmp_path, wikitext):
+    """`tensor=all` with a GGUF type: the quantizable tensors (llama-quant.cpp's rule), not the norms; with a float
+    format every tensor. An iq2_xxs point over a whole block no longer stops on a norm the imatrix cannot cover."""
+    from sweep.llama.model_file import model_info
+    from sweep.pipeline.grid import plan
+    from sweep.quant.targets import resolve
+
+    info = model_info(f32_model)
+    every = resolve("weight", "all", 1, info).names
+    quantized = resolve("weight", "all", 1, info, quantized_only=True).names
+    assert "blk.1.attn_norm.weight" in every and not any("_norm" in n for n in quantized)
+    assert set(quantized) == {n for n in every if ggml_types.quantizable(n, info.tensor_shapes[n])} >= set(TENSORS)
+    im = Imatrix(chunk_count=1, chunk_size=64, datasets=["test"])
+    for name in quantized:
+        im.sums[name] = np.ones((1, info.tensor_shapes[name][0]), dtype=np.float32)
+        im.counts[name] = np.array([1], dtype=np.int64)
+    path = write_gguf(tmp_path / "block1.imatrix.gguf", im)
+    grid = plan([f"model.path={f32_model}", f"data.path={wikitext}", "data.n_ctx=64", "data.n_windows=2",
+                 "layer=1", "tensor=all", "kind=weight", "fmt=iq2_xxs", f"fmt.imatrix={path}",
+                 f"run.store={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert grid.points[0][1].names == quantized

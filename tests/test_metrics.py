@@ -274,3 +274,12 @@ def test_default_ranking_is_by_kl_with_delta_ppl_beside_and_says_when_nothing_is
     no_kl = format_ranking(df.drop(columns=["kld_mean", "kld_stderr", "top1_agree"])).splitlines()
     assert "by delta_ppl" in no_kl[0] and "no kld_mean in these points" in no_kl[0]
     assert [line.split()[3] for line in no_kl[1:]] == ["L0", "L2", "L1"]
+
+
+def test_the_tail_percentile_is_numpys_on_the_same_per_token_kld():
+    """kld_p999 (the validation tables' tail beside the mean): numpy's 99.9th percentile of the per-token KLD."""
+    rng = np.random.default_rng(3)
+    kld = rng.lognormal(-6, 2, size=(16, 255))
+    tokens = {"kld": kld, "top1": rng.random((16, 255)) < 0.9}
+    out = summarize(tokens, 0.05)
+    assert out["kld_p999"] == np.percentile(kld, 99.9) and out["kld_p999"] > out["kld_p99"] > out["kld_mean"]

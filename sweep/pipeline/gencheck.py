@@ -22,7 +22,6 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from ..quant.apply import applied
-from ..quant.targets import resolve
 from ..scoring.generation import compare, complete
 from ..scoring.metrics import worst_first
 from ..store.record import RECORD_FILE, read_json, read_record, write_json, write_record
@@ -98,7 +97,7 @@ def check_point(s: JobSettings, key: str, sessions: Sessions) -> dict:
     if cached is not None:
         return cached
     ref = open_reference(s, sessions=sessions)
-    target = resolve(s.point.kind, s.point.tensor, s.point.layer, ref.info, ref.backend.nodes, s.point.expert)
+    target = s.point.target(ref.info, ref.backend.nodes)
     matched = matched_targets(ref.container, ref.info, target, ref.native_weights)
     with point_backend(ref, matched) as backend:
         expected = baseline_completions(backend, ref, matched, prompts, max_new)

@@ -33,7 +33,7 @@ from ..prefix.plan import Settled, StageInputs, plan_for
 from ..prefix.reuse import static_fallback
 from ..quant import ggml_types
 from ..quant.experts import refuse_unquantized_type
-from ..quant.targets import Target, resolve
+from ..quant.targets import Target
 from ..scoring.text import load_text
 from ..scoring.windows import make_windows
 from .config import CONF_DIR, compose, hydra_error_line
@@ -116,7 +116,7 @@ class _Checker:
         compute = s.model.compute  # (model.rpc is checked here, whatever the kind)
         self.probe(s.model.path, s.data.path, s.data.n_ctx, s.data.n_windows)
         nodes = self.graph_nodes(s.model.path, compute) if p.kind == "activation" else None
-        target = resolve(p.kind, p.tensor, p.layer, info, nodes, p.expert)
+        target = p.target(info, nodes)
         if p.kind == "weight" and p.tensor != "all":  # (tensor=all: a whole block or file, as before)
             refuse_unquantized_type(fmt, target.names, info)
         if not target.token_rows and fmt.rowwise:

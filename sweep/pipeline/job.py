@@ -19,7 +19,7 @@ from ..llama.model_file import sha256
 from ..llama.rpc import on_server_lost
 from ..quant.experts import label as expert_label
 from ..quant.experts import parse_experts
-from ..quant.targets import parse_layers, resolve
+from ..quant.targets import parse_layers
 from ..store.record import RECORD_FILE, Record, write_record
 from ..store.records import Store, point_key
 from .map_job import run_map_job
@@ -84,8 +84,7 @@ def run_settled_job(s: JobSettings, sessions: Sessions, job_dir: Path | None = N
         try:
             with on_server_lost(lost):
                 ref = open_reference(s, inputs, sessions)
-                target = resolve(s.point.kind, s.point.tensor, s.point.layer, ref.info, ref.backend.nodes,
-                                 s.point.expert)
+                target = s.point.target(ref.info, ref.backend.nodes)
                 m = s.metrics
                 out = run_point(ref, target, fmt, s.run.progress, store, kld=m.kld, prompts=m.prompts_here,
                                 max_new_tokens=m.max_new_tokens, stop=m.stop, baseline_logits=m.baseline_logits,

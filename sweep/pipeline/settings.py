@@ -22,9 +22,11 @@ from ..llama.backend import ComputeSettings
 from ..llama.cache import cache_root
 from ..llama.capacity import auto_container
 from ..llama.container import compute_settings
-from ..llama.model_file import resolve_model_path
+from ..llama.model_file import ModelInfo, resolve_model_path
 from ..prefix.reuse import PrefixSettings
 from ..quant.formats import Format, make_format
+from ..quant.ggml_types import is_ggml
+from ..quant.targets import Target, resolve
 from ..scoring.generation import generation_mode
 from ..scoring.metrics import RANKABLE, EarlyStop, StopRule
 from .config import SweepConfig
@@ -140,6 +142,12 @@ class PointSettings:
     @property
     def fmt_params(self) -> dict:
         return dict(self.fmt_config)
+
+    def target(self, info: ModelInfo, nodes=None) -> Target:
+        """The tensors or nodes of this point in this model (quant/targets.resolve); `tensor=all` with a GGUF type
+        is every tensor llama.cpp quantizes."""
+        return resolve(self.kind, self.tensor, self.layer, info, nodes, self.expert,
+                       quantized_only=is_ggml(self.fmt.name))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from ..llama.backend import PROBE_TOKENS, NodeOccurrence
 from ..llama.gguf_names import block_name, block_of, in_block
 from ..llama.model_file import ModelInfo
 from . import experts as moe
+from .ggml_types import quantizable
 from .indices import parse_indices
 
 _LAYER_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
@@ -110,17 +111,21 @@ def advertised_nodes(nodes: Mapping[str, Sequence[NodeOccurrence]], layer: int =
 
 
 def resolve(kind: str, tensor: str, layer, info: ModelInfo, nodes: Mapping[str, Sequence[NodeOccurrence]] | None = None,
-            expert="all") -> Target:
+            expert="all", quantized_only: bool = False) -> Target:
     """The concrete tensors/nodes for one point of the grid; raises SweepError naming the valid choices.
 
     `nodes`: the graph's nodes by name, each a list of backend.NodeOccurrence (needed for activations);
-    `expert`: the experts of a MoE stack (sweep/quant/experts.py)."""
+    `expert`: the experts of a MoE stack (sweep/quant/experts.py); `quantized_only`: `tensor=all` means the tensors
+    llama.cpp's quantizer quantizes (a GGUF type's point: norms and routers stay as they are, as in every GGUF)."""
     if kind not in tuple(Kind):
         raise SweepError(f"unknown kind={kind!r}; valid: {', '.join(Kind)}")
     layers = parse_layers(layer, info.n_layers)
     chosen = moe.parse_experts(expert, info)
     if kind == "weight":
         target = _resolve_weight(tensor, layers, info)
+        if quantized_only and tensor == ALL:
+            target = replace(target, names=tuple(n for n in target.names
+                                                 if quantizable(n, info.tensor_shapes.get(n, ()))))
         moe.check_target(kind, tensor, target.names, chosen, info)
         return replace(target, experts=chosen)
     if nodes is None:

@@ -192,8 +192,10 @@ def format_ladder(report: dict) -> str:
     h = report["heldout"]
     lines = [f"ladder ({'with importance matrix ' + report['imatrix'] if report['imatrix'] else 'no importance matrix'}"
              f"): held-out {h['windows']} windows of {h['n_ctx']} tokens from token {h['first_token']} on, "
-             f"{h['tokens_scored']} tokens scored; 95% t-intervals over windows; metric {report['metric']}",
-             f"{'size':<8} {'file':<7} {'bytes':>11} {'bpw':>6} {'PPL':>17} {'KLD [95% CI]':>31} "
+             f"{h['tokens_scored']} tokens scored; 95% t-intervals over windows; the solver minimised the sum of "
+             f"{report['metric']}; KLD p99.9: the 99.9th percentile of the per-token KLD; top-1: llama-perplexity's "
+             f"same top p",
+             f"{'size':<8} {'file':<7} {'bytes':>11} {'bpw':>6} {'PPL':>17} {'KLD [95% CI]':>31} {'KLD p99.9':>10} "
              f"{'top-1 % [95% CI]':>22} {'recipe − preset [95% CI]':>34} {'predicted':>10} "
              f"{'residual (sweep win.) [95% CI]':>34}"]
     for r in report["rungs"]:
@@ -206,8 +208,8 @@ def format_ladder(report: dict) -> str:
             pred, rs_s = prediction_cells(row)
             lines.append(f"{r['size']:<8} {label:<7} {row['file_bytes']:>11,} {row['bpw_file']:>6.3f} "
                          f"{row['ppl']:>8.4f} ± {row['ppl_stderr']:.4f} {row['kld_mean']:.4e} {_ci(row['kld_ci95'])} "
-                         f"{100 * row['top1_agree']:6.2f} {_ci(row['top1_ci95'], 100, '.2f')} {d_s:>34} {pred:>10} "
-                         f"{rs_s:>34}")
+                         f"{row['kld_p999']:>10.4f} {100 * row['top1_agree']:6.2f} "
+                         f"{_ci(row['top1_ci95'], 100, '.2f')} {d_s:>34} {pred:>10} {rs_s:>34}")
     for r in report["rungs"]:
         if "verdict" in r:
             lines.append(f"{r['size']:<8} {r['verdict']}" + (f"; on the other text: {r['verdict_other_text']}"

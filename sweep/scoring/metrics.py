@@ -108,6 +108,8 @@ METRICS = (
            _blocked("kld"), token_mean=True),
     Metric("kld_median", "kld", _of("kld", np.median), "higher", "median KL divergence"),
     Metric("kld_p99", "kld", _of("kld", lambda v: np.percentile(v, 99)), "higher", "99th percentile KL divergence"),
+    Metric("kld_p999", "kld", _of("kld", lambda v: np.percentile(v, 99.9)), "higher",
+           "99.9th percentile KL divergence (the tail: a few tokens a file gets badly wrong)"),
     Metric("kld_max", "kld", _of("kld", np.max), "higher", "largest KL divergence"),
     Metric("top1_agree", "top1", _of("top1", np.mean), "lower", "top-1 agreement with the baseline",
            "top1_agree_stderr", _blocked("top1"), damage=lambda v: 1.0 - v, token_mean=True),
