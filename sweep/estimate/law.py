@@ -78,6 +78,8 @@ def fit(classes: Mapping[str, str], errors: Mapping[tuple[str, str], float], exa
         c = calibration.get(tensor)
         if c is None or fmt == c or (tensor, c) not in exact:
             continue
+        if min(errors[tensor, fmt], errors[tensor, c], point.kld, exact[tensor, c].kld) <= 0:
+            continue  # a format that holds the weight exactly (a no-op) tells nothing about the law's slope
         dx = math.log(errors[tensor, fmt] / errors[tensor, c])
         dy = _log(point.kld) - _log(exact[tensor, c].kld)
         pairs.setdefault(classes[tensor], []).append((tensor, fmt, dx, dy))
@@ -100,13 +102,12 @@ def fit(classes: Mapping[str, str], errors: Mapping[tuple[str, str], float], exa
                                                                                       default_sigma)
              for cls, s in sigma.items()}
     result = Fit(alpha, sigma, checks)
-    check(result, errors, exact, calibration, tolerance)
+    check(result, exact, calibration, tolerance)
     return result
 
 
-def check(result: Fit, errors: Mapping[tuple[str, str], float], exact: Mapping[tuple[str, str], Exact],
-          calibration: Mapping[str, str], tolerance: float, unweighted: Mapping[tuple[str, str], float] | None = None
-          ) -> None:
+def check(result: Fit, exact: Mapping[tuple[str, str], Exact], calibration: Mapping[str, str],
+          tolerance: float) -> None:
     """SweepError when a check point misses by more than a factor `tolerance`."""
     worst = max(result.checks, key=lambda c: abs(c["log_ratio"]), default=None)
     if worst is not None and abs(worst["log_ratio"]) > math.log(tolerance):
@@ -133,6 +134,8 @@ def check_calibration(tensor: str, fmt: str, measured_rel_mse: float, computed: 
 def predict(result: Fit, cls: str, tensor: str, fmt: str, errors: Mapping[tuple[str, str], float],
             calibration_fmt: str, calibration: Exact) -> Prediction:
     a = result.alpha.get(cls, 1.0)
+    if errors[tensor, fmt] == 0:  # the format holds the weight exactly: no damage, no doubt
+        return Prediction(tensor, fmt, 0.0, 0.0, 0.0, calibration_fmt)
     ratio = errors[tensor, fmt] / errors[tensor, calibration_fmt]
     kld = calibration.kld * ratio ** a
     rel = calibration.stderr / calibration.kld if calibration.kld > FLOOR and math.isfinite(calibration.stderr) \

@@ -26,7 +26,8 @@ from ..store.records import gather
 from . import law
 from .plan import ERRORS_FILE, FIT_FILE, MapPlan
 
-IDENTITY = ("kind", "targets", "fmt", "expert")  # one point of a model, text and slice
+# one point of a model, text and slice: an exact row replaces the prediction of the same point
+IDENTITY = ("model_sha256", "data_sha256", "n_ctx", "n_windows", "container", "kind", "targets", "fmt", "expert")
 KEPT_ROLES = ("point", "input")  # a predicted row keeps these columns of its calibration point
 SAME = ("imatrix_used", "imatrix_missing", "bytes_orig", "bpw_orig", "n_tokens", "targets")  # and these
 
@@ -38,7 +39,7 @@ def gather_table(paths: Iterable[Path]) -> pd.DataFrame:
     if df.empty:
         return df
     df["estimated"] = False
-    predicted = [p for p in (predictions(d, df) for d in paths if d.is_dir() and MapPlan.read(d)) if not p.empty]
+    predicted = [p for p in (predictions(d) for d in paths if d.is_dir() and MapPlan.read(d)) if not p.empty]
     if not predicted:
         return df
     extra = pd.concat(predicted, ignore_index=True)
@@ -59,12 +60,14 @@ def _errors(sweep_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def predictions(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
-    """The predicted rows of the map in `sweep_dir`, calibrated by the exact rows of `table`; the fit is written to
-    plan.FIT_FILE. SweepError when the fit's check fails (law.py)."""
+def predictions(sweep_dir: Path) -> pd.DataFrame:
+    """The predicted rows of the map in `sweep_dir`, calibrated by the exact records of that sweep (its model, text
+    and slice, whatever else is gathered beside it); the fit is written to plan.FIT_FILE. SweepError when the fit's
+    check fails (law.py)."""
     plan = MapPlan.read(sweep_dir)
     assert plan is not None
     data = _errors(sweep_dir)
+    table = gather([sweep_dir])
     weighted = {(e["weight"], e["fmt"]): e["weighted"] for e in data["errors"]}
     unweighted = {(e["weight"], e["fmt"]): e["unweighted"] for e in data["errors"]}
     measured = table[(table["kind"] == "weight") & table["status"].isin(["ok", "no-op"])]
