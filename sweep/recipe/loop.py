@@ -21,9 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +37,7 @@ from ..scoring.metrics import RANKABLE
 from .export import write_recipe
 from .sizes import SourceModel
 from .solve import Choice, Recipe, make_recipe
-from .table import Table
+from .table import Table, sweep_on_tables
 
 log = logging.getLogger("sweep.recipe")
 
@@ -155,22 +152,9 @@ def measure(recipe_json: Path, table: Table, parts: dict[str, list[int] | None],
     """The joint points of one iteration, by the sweep itself (`fmt=recipe`), on the tables' windows."""
     layers = [f"[{','.join(map(str, nums))}]" for nums in parts.values() if nums is not None]
     layer_axis = ",".join((["null"] if len(parts) > 1 or OUTSIDE in parts else []) + layers)
-    store = settings.store or out.parent / "store"
-    cmd = [sys.executable, "-m", "sweep", "kind=weight", "fmt=recipe", f"fmt.recipe={recipe_json}", "tensor=all",
-           f"layer={layer_axis}", f"model.container={table.container}", f"data.path={table.data_source}",
-           f"data.n_ctx={table.n_ctx}", f"data.n_windows={table.n_windows}", "metrics.generate=false",
-           f"metrics.rank_by={table.metric}", "run.progress=false", f"run.threads={settings.threads}",
-           f"run.store={store}", f"hydra.sweep.dir={out}"]
-    if table.model_path:
-        cmd.append(f"model.path={table.model_path}")
-    if settings.imatrix:
-        cmd.append(f"fmt.imatrix={settings.imatrix}")
-    log.info("joint points: %s", " ".join(cmd[1:]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SweepError(f"the joint points of the closed loop failed ({tail}); the sweep's command: "
-                         f"python -m sweep {' '.join(cmd[3:])}")
+    sweep_on_tables(table, ["kind=weight", "fmt=recipe", f"fmt.recipe={recipe_json}", "tensor=all",
+                            f"layer={layer_axis}"], out, settings.store or out.parent / "store", settings.threads,
+                    settings.imatrix, "the joint points of the closed loop")
     return pd.read_parquet(out / "results.parquet")
 
 

@@ -11,9 +11,6 @@ Rounds stop when no choice rests on overlapping predictions, or when N points ha
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from ..errors import SweepError
 from ..llama.gguf_names import split_block
 from .sizes import SourceModel
 from .solve import Recipe, measured_key
-from .table import Table
+from .table import Table, sweep_on_tables
 
 log = logging.getLogger("sweep.recipe")
 
@@ -80,20 +77,9 @@ def measure(points: list[tuple[str, str]], table: Table, out: Path, store: str, 
     dirs = []
     for (cls, ty), layers in sorted(groups.items()):
         sweep_dir = out / f"{cls}-{ty}"
-        cmd = [sys.executable, "-m", "sweep", "kind=weight", f"tensor={cls}", f"fmt={ty}",
-               f"layer={','.join(map(str, sorted(layers)))}", f"model.container={table.container}",
-               f"data.path={table.data_source}", f"data.n_ctx={table.n_ctx}", f"data.n_windows={table.n_windows}",
-               "metrics.generate=false", "run.progress=false", f"run.threads={threads}", f"run.store={store}",
-               f"hydra.sweep.dir={sweep_dir}"]
-        if table.model_path:
-            cmd.append(f"model.path={table.model_path}")
-        if imatrix:
-            cmd.append(f"fmt.imatrix={imatrix}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise SweepError(f"--refine: measuring {cls} {ty} failed ({tail}); the sweep's command: "
-                             f"python -m sweep {' '.join(cmd[3:])}")
+        sweep_on_tables(table, ["kind=weight", f"tensor={cls}", f"fmt={ty}",
+                                f"layer={','.join(map(str, sorted(layers)))}"], sweep_dir, store, threads, imatrix,
+                        f"--refine: measuring {cls} {ty}")
         dirs.append(sweep_dir)
     return dirs
 

@@ -7,7 +7,11 @@ in, and the slice it was measured on (validation must stay off those windows).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from ..estimate.rows import gather_table
 from ..llama.gguf_names import split_block
 from ..llama.model_file import embedded_model_path
 from ..scoring.metrics import RANKABLE
+
+log = logging.getLogger("sweep.recipe")
 
 
 @dataclass
@@ -178,3 +184,22 @@ def check_complete(table: Table, missing: list[tuple[str, str]]) -> None:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         raise SweepError(f"{len(missing)} candidate measurement(s) missing: {shown}{more}; measure them with: "
                          f"{measure_command(missing, table)} (add run.store=... to reuse the points already run)")
+
+
+def sweep_on_tables(table: Table, axes: list[str], sweep_dir: Path, store: str | Path, threads: int,
+                    imatrix: Path | None, what: str) -> None:
+    """`python -m sweep AXES` on the tables' model, text, slice and container (so that its points pair with the
+    tables' own), into `sweep_dir`; a failure is a SweepError saying `what` failed and the sweep's command."""
+    cmd = [sys.executable, "-m", "sweep", *axes, f"model.container={table.container}",
+           f"data.path={table.data_source}", f"data.n_ctx={table.n_ctx}", f"data.n_windows={table.n_windows}",
+           "metrics.generate=false", f"metrics.rank_by={table.metric}", "run.progress=false",
+           f"run.threads={threads}", f"run.store={store}", f"hydra.sweep.dir={sweep_dir}"]
+    if table.model_path:
+        cmd.append(f"model.path={table.model_path}")
+    if imatrix:
+        cmd.append(f"fmt.imatrix={imatrix}")
+    log.info("%s: %s", what, " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SweepError(f"{what} failed ({tail}); the sweep's command: python -m sweep {' '.join(cmd[3:])}")
