@@ -124,12 +124,17 @@ def run(args: argparse.Namespace) -> dict:
                           threads(args), other_text)
     size, size_from = resolve_size(args.size, args, source_path, imatrix) if args.size is not None else (None, None)
     budget, kind = budget_bytes(size, args.bpw, source)
-    recipe = make_recipe(table, source, types, budget, kind, args.default_type, args.group)
+    def solve(t: Table) -> Recipe:
+        return make_recipe(t, source, types, budget, kind, args.default_type, args.group)
+
     if args.refine:
-        recipe, table, _, _ = refine(
-            lambda t: make_recipe(t, source, types, budget, kind, args.default_type, args.group),
-            lambda runs: read_table(runs, args.metric, imatrix=args.imatrix is not None), args.runs, table, source,
-            types, args.refine, args.out / "refine", threads(args), imatrix)
+        def read(runs: list[Path]) -> Table:
+            return read_table(runs, args.metric, imatrix=args.imatrix is not None)
+
+        recipe, table, _, _ = refine(solve, read, args.runs, table, source, types, args.refine, args.out / "refine",
+                                     threads(args), imatrix)
+    else:
+        recipe = solve(table)
     txt, js = write_recipe(args.out, recipe, source, recipe_meta(args, table, types, size_from))
     print(summary(args, recipe, budget, kind, size_from))
     print(f"wrote {txt} and {js}")
