@@ -35,11 +35,17 @@ SAME = ("imatrix_used", "imatrix_missing", "bytes_orig", "bpw_orig", "n_tokens",
 def gather_table(paths: Iterable[Path]) -> pd.DataFrame:
     """The records under `paths`, with the predictions of every map among them; `estimated` on every row."""
     paths = [Path(p) for p in paths]
-    df = gather(paths)
+    return with_predictions(gather(paths), paths)
+
+
+def with_predictions(df: pd.DataFrame, paths: list[Path]) -> pd.DataFrame:
+    """`df`, the gathered records of `paths`, with the predictions of every map among them (gather_table)."""
     if df.empty:
         return df
-    df["estimated"] = False
-    predicted = [p for p in (predictions(d) for d in paths if d.is_dir() and MapPlan.read(d)) if not p.empty]
+    df = df.assign(estimated=False)
+    # a map is calibrated by its own sweep's records: `df` itself when it is the only directory
+    predicted = [p for p in (predictions(d, df if paths == [d] else gather([d])) for d in paths
+                             if d.is_dir() and MapPlan.read(d)) if not p.empty]
     if not predicted:
         return df
     extra = pd.concat(predicted, ignore_index=True)
@@ -60,14 +66,13 @@ def _errors(sweep_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def predictions(sweep_dir: Path) -> pd.DataFrame:
-    """The predicted rows of the map in `sweep_dir`, calibrated by the exact records of that sweep (its model, text
-    and slice, whatever else is gathered beside it); the fit is written to plan.FIT_FILE. SweepError when the fit's
-    check fails (law.py)."""
+def predictions(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """The predicted rows of the map in `sweep_dir`, calibrated by `table`, the exact records of that sweep (its
+    model, text and slice, whatever else is gathered beside it); the fit is written to plan.FIT_FILE. SweepError when
+    the fit's check fails (law.py)."""
     plan = MapPlan.read(sweep_dir)
     assert plan is not None
     data = _errors(sweep_dir)
-    table = gather([sweep_dir])
     weighted = {(e["weight"], e["fmt"]): e["weighted"] for e in data["errors"]}
     unweighted = {(e["weight"], e["fmt"]): e["unweighted"] for e in data["errors"]}
     measured = table[(table["kind"] == "weight") & table["status"].isin(["ok", "no-op"])]

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ..cluster.incomplete import EXIT_INCOMPLETE, missing_line, read_missing
 from ..cluster.launcher import checks_generation_in_a_task
 from ..errors import SweepError
-from ..estimate.rows import gather_table, spent_line
+from ..estimate.rows import spent_line, with_predictions
 from ..pipeline.gencheck import check_worst
 from ..scoring.generation import generation_mode
 from ..store.records import gather, write_table
@@ -39,7 +39,7 @@ class GatherResults(Callback):
             df = check_worst(df, sweep_dir, str(config.metrics.rank_by), n_check)
         map_failed = None
         try:  # run.estimate=map: the predicted points beside the measured ones
-            df = gather_table([sweep_dir])
+            df = with_predictions(df, [sweep_dir])
         except SweepError as e:  # the map's check: the measured points are kept, the predictions are not written
             map_failed = str(e)
             df["estimated"] = False
