@@ -243,3 +243,14 @@ def test_experts_of_a_stack_are_mapped_one_by_one(tmp_path, smollm2, env):
     plan = MapPlan.read(tmp_path / "sweep")
     assert set(plan.calibration) == {f"blk.{b}.ffn_down_exps.weight[{e}]" for b in (0, 1) for e in (0, 1)}
     assert df["estimated"].sum() == len(plan.predicted) > 0 and "predicted from 4 calibration" in proc.stdout
+
+
+def test_a_predicted_format_that_holds_the_weight_exactly_is_a_no_op(tmp_path, tiny_model, env):
+    """The tiny model is Q4_1: q4_1 re-encodes it exactly. Predicted from q8_0, its rows say no-op, never 'ok'."""
+    run_sweep(tiny_args(tiny_model, tmp_path, "layer=0,1", "tensor=ffn_down", "kind=weight", "fmt=q4_0,q4_1,q8_0",
+                        "metrics.generate=false", "run.estimate=map", "run.map_calibrate=q8_0", "run.map_checks=1"),
+              env)
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet").set_index(["layer", "fmt"])
+    exact = df.loc[[(layer, "q4_1") for layer in (0, 1)]]
+    assert exact["estimated"].all() and (exact["status"] == "no-op").all() and (exact["kld_mean"] == 0).all()
+    assert exact["reason"].str.contains("holds the weight exactly").all()

@@ -122,7 +122,10 @@ def _float(v) -> float:
 def _row(calibration: pd.Series, fmt: str, stored: str, p: law.Prediction, rel: float, bpw: float) -> dict:
     row = {k: v for k, v in calibration.items() if k in BY_NAME and (BY_NAME[k].role in KEPT_ROLES or k in SAME)}
     n = calibration.get("n_elements")
-    row.update(fmt=fmt, status="ok", reason=None, kld_mean=p.kld, estimate_lo=p.lo, estimate_hi=p.hi,
+    exact = rel == 0  # the format holds the weight exactly: nothing would change, and the row says so
+    row.update(fmt=fmt, status="no-op" if exact else "ok",
+               reason=f"{fmt} holds the weight exactly (its weight error is 0): predicted, not measured" if exact
+               else None, kld_mean=p.kld, estimate_lo=p.lo, estimate_hi=p.hi,
                estimated=True, calibrated_by=f"{p.calibrated_by} (key {calibration['key']})",
                ggml_type=stored, fallback_from=fmt if stored != fmt else None, bpw=bpw, rel_mse=rel,
                sqnr_db=-10 * math.log10(rel) if rel > 0 else math.inf, n_elements=n,
