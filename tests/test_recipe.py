@@ -16,6 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from test_sweep import ROOT, run_sweep, tiny_args
 
+from sweep.errors import SweepError
 from sweep.recipe.export import read_recipe_txt, types_from_patterns, write_recipe_txt
 from sweep.recipe.sizes import SourceModel
 from sweep.recipe.solve import make_recipe, solve_groups
@@ -141,6 +142,42 @@ def test_build_writes_the_recipes_types_and_recipe_txt_round_trips(swept, tmp_pa
                                                        if not n.endswith("_norm.weight")}
     write_recipe_txt(tmp_path / "again.txt", lines)
     assert (tmp_path / "again.txt").read_text() == (out / "recipe.txt").read_text()
+
+
+def test_a_tie_is_one_type_per_block_in_the_built_file_and_its_cost_is_stated(swept, tmp_path):
+    model, runs, env = swept
+    table, source = read_table([runs]), SourceModel(model)
+
+    def split_blocks(recipe):
+        t = recipe.types()
+        return [i for i in range(3) if t[f"blk.{i}.attn_q.weight"] != t[f"blk.{i}.attn_k.weight"]]
+
+    def untied(b):
+        try:
+            return make_recipe(table, source, list(TYPES), int(b * source.n_elements / 8), "tensors", "q4_K")
+        except SweepError:  # below the smallest recipe
+            return None
+
+    # a budget where the untied recipe gives attn_q and attn_k of a block different types: the tie must bite
+    bpw = next(b for b in np.round(np.arange(4.5, 8.5, 0.05), 2) if (r := untied(b)) and split_blocks(r))
+    out = tmp_path / "tied"
+    proc = recipe_cli([runs, "--types", ",".join(TYPES), "--bpw", f"{bpw:.2f}", "--tie", "q,k", "--default-type",
+                       "q4_K", "--source", model, "--out", out, "--build", out / "built.gguf", "--threads", "2"], env)
+    assert "; 3 ties of one type each, read back" in proc.stdout
+    got = {t.name: t.tensor_type.name.lower() for t in GGUFReader(out / "built.gguf").tensors}
+    for i in range(3):  # read back from the file llama.cpp's quantizer wrote
+        assert got[f"blk.{i}.attn_q.weight"] == got[f"blk.{i}.attn_k.weight"], i
+    spec = json.loads((out / "recipe.json").read_text())
+    tie = spec["ties"]
+    assert spec["tie"] == ["q,k"] and tie["tensors_changed"] >= 1
+    assert tie["predicted"] == pytest.approx(spec["predicted_damage"]) and tie["cost"] > 0
+    assert tie["cost"] == pytest.approx(tie["predicted"] - tie["predicted_untied"])
+    assert f"tie q,k: predicted kld_mean {tie['predicted']:.4g} against {tie['predicted_untied']:.4g} untied" \
+        in proc.stdout
+    bad = recipe_cli([runs, "--types", ",".join(TYPES), "--bpw", "6", "--tie", "q,zz", "--source", model,
+                      "--out", tmp_path / "bad"], env, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --tie 'q,zz': unknown tensor class 'zz'")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_missing_measurement_infeasible_budget_and_source_are_one_line_errors(swept, tmp_path):

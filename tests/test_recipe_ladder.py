@@ -50,7 +50,7 @@ def test_ladder_builds_a_recipe_at_each_size_or_says_why_not(low_bit, tmp_path):
     out = tmp_path / "ladder"
     proc = recipe_cli([runs, "--types", "q3_K,q4_K,q8_0", "--sizes", "Q2_K,Q4_K_M", "--source", model,
                        "--out", out, "--validate", "--heldout-windows", "2", "--heldout-text", other,
-                       "--loop-sizes", "Q4_K_M", "--loop-budget", "4", "--threads", "2"], env)
+                       "--loop-sizes", "Q4_K_M", "--loop-budget", "4", "--speed-reps", "1", "--threads", "2"], env)
     report = json.loads((out / "ladder.json").read_text())
     rungs = {r["size"]: r for r in report["rungs"]}
     assert list(rungs) == ["Q2_K", "Q4_K_M"]
@@ -86,6 +86,12 @@ def test_ladder_builds_a_recipe_at_each_size_or_says_why_not(low_bit, tmp_path):
     assert report["other_text"]["text_sha256"] != report["heldout"]["text_sha256"]
     assert report["other_text"]["text"] == str(other.resolve()) and report["other_text"]["first_token"] == 0
     assert (out / "ladder_pareto.png").stat().st_size > 0 and "on another text" in proc.stdout
+    # speed beside quality: llama-bench's pp512/tg128 of the recipe and its preset, in the json and the table
+    assert report["throughput"]["reps"] == 1 and report["throughput"]["n_prompt"] == 512
+    assert "pp512 / tg128 t/s (median, range)" in proc.stdout and "Q4_K_M   speed: generation " in proc.stdout
+    for label in ("recipe", "preset"):
+        s = rungs["Q4_K_M"]["speed"][label]
+        assert s["pp512"]["median"] > 0 and s["tg128"]["median"] > 0 and len(s["tg128"]["runs"]) == 1
     # the closed loop at Q4_K_M: one iteration of 3 blocks + the whole recipe fits the budget of 4
     loop = rungs["Q4_K_M"]["loop"]
     assert loop["joint_points_spent"] <= 4 and len(loop["iterations"]) == 1

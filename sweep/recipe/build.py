@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from gguf import LlamaFileType
@@ -21,6 +22,7 @@ from ..llama.quantize import ggml_type_facts, llama_quantize_file
 from ..quant.imatrix_file import load, provenance
 from .export import read_recipe_txt, type_id
 from .solve import Recipe
+from .ties import check_ties
 
 # llama.cpp's own mixes (enum llama_ftype in include/llama.h, gguf's LlamaFileType): the presets a recipe is compared
 # with, by name. The ladder's sizes, smallest first (sweep/recipe/ladder.py); the IQ2/IQ3 mixes store types that
@@ -113,9 +115,10 @@ def stored_types(path: Path) -> dict[str, tuple[str, int]]:
 
 
 def build_and_check(recipe: Recipe, source_path: Path, dst: Path, txt: Path, js: Path, imatrix: Path | None,
-                    threads: int) -> Path:
-    """The GGUF built from recipe.txt as llama-quantize reads it, every tensor's type and bytes checked; recipe.json
-    gets the built file's path and size."""
+                    threads: int, ties: Sequence[str] = ()) -> Path:
+    """The GGUF built from recipe.txt as llama-quantize reads it, every tensor's type and bytes checked, and each
+    tie's tensors (patterns of ties.tie_pattern) of one type per block; recipe.json gets the built file's path and
+    size."""
     lines = read_recipe_txt(txt)  # the build reads what llama-quantize would read
     built = build_recipe(source_path, dst, lines, imatrix, threads)
     real = built.stat().st_size
@@ -125,8 +128,10 @@ def build_and_check(recipe: Recipe, source_path: Path, dst: Path, txt: Path, js:
     if differ:
         raise SweepError(f"the built file differs from the recipe on {len(differ)} tensor(s), e.g. {differ[0]}: "
                          f"recipe {want[differ[0]]}, file {got.get(differ[0])}")
+    n_ties = check_ties({n: t for n, (t, _) in got.items()}, list(ties), str(built))
     print(f"built {built}: {real} bytes ({real / 1e6:.3f} MB; predicted {recipe.predicted_file_bytes}, "
-          f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says")
+          f"{real - recipe.predicted_file_bytes:+d}); every tensor's type and bytes as the recipe says"
+          + (f"; {n_ties} ties of one type each, read back" if ties else ""))
     update_json(js, {"built": {"path": str(built), "file_bytes": real}})
     return built
 

@@ -30,6 +30,7 @@ from .refine import refine
 from .sizes import SourceModel, check_type, parse_size
 from .solve import Recipe, budget_bytes, make_recipe, missing_measurements
 from .table import Table, check_complete, read_table
+from .ties import TIE_HELP, tie_cost, tie_patterns
 from .validate import validate
 
 log = logging.getLogger("sweep.recipe")
@@ -50,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metric", default="kld_mean", help="damage to minimize (a ranked metric; default kld_mean)")
     p.add_argument("--group", action="append", default=[], metavar="REGEX",
                    help="tensors matching REGEX share one type within each block (repeatable), e.g. 'attn_[qkv]'")
+    p.add_argument("--tie", action="append", default=[], metavar="A,B[,C]",
+                   help="tensor classes that take one type within each block, as one choice of the solver "
+                        "(repeatable): 'gate,up' (fused gate/up kernels), 'q,k,v'; short names " + TIE_HELP)
     p.add_argument("--default-type", action="append", default=[], metavar="[REGEX=]TYPE",
                    help="type of quantizable tensors the tables do not cover (repeatable: 'token_embd=q8_0' for the "
                         "tensors REGEX finds, a plain TYPE for the rest; default q8_0; 'keep' = the source's type)")
@@ -73,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="tables with the map's predictions (run.estimate=map): measure up to N predicted points "
                         "exactly where a choice rests on overlapping intervals, then solve again "
                         "(sweep/recipe/refine.py)")
+    p.add_argument("--speed-reps", type=int, default=5, metavar="N",
+                   help="with --validate in the ladder: prompt (pp512) and generation (tg128) throughput of every "
+                        "recipe and preset, N repetitions alternated, as llama-bench (0: not measured)")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
@@ -135,13 +142,19 @@ def run(args: argparse.Namespace) -> dict:
                                      threads(args), imatrix)
     else:
         recipe = solve(table)
-    txt, js = write_recipe(args.out, recipe, source, recipe_meta(args, table, types, size_from))
+    meta = recipe_meta(args, table, types, size_from)
+    if args.tie:
+        untied = make_recipe(table, source, types, budget, kind, args.default_type, args.untied_group)
+        meta["ties"] = tie_cost(args.tie, recipe, untied, args.metric)
+        print(meta["ties"]["line"])
+    txt, js = write_recipe(args.out, recipe, source, meta)
     print(summary(args, recipe, budget, kind, size_from))
     print(f"wrote {txt} and {js}")
     result: dict[str, object] = {"recipe": recipe, "txt": txt, "json": js, "table": table, "source": source}
     built = None
     if args.build:
-        built = result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args))
+        built = result["built"] = build_and_check(recipe, source_path, args.build, txt, js, imatrix, threads(args),
+                                                  ties=tie_patterns(args.tie))
     if args.validate:
         if built is None:  # (check_arguments refuses --validate without --build)
             raise SweepError("--validate scores the built file: add --build OUT.gguf")
@@ -157,6 +170,9 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
     types = [check_type(t.strip()) for t in args.types.split(",") if t.strip()]
     if not types:
         raise SweepError("--types is empty: give candidate GGUF types, e.g. q4_K,q6_K,q8_0")
+    # a tie is a group of the solver; the groups without the ties give the tie's cost (the untied recipe)
+    args.untied_group = list(args.group)
+    args.group = args.group + tie_patterns(args.tie)
     # the ladder's default: each tensor the tables do not cover keeps the type its size's preset gives it
     args.default_type = args.default_type or ([] if args.ladder or args.sizes else ["q8_0"])
     for entry in args.default_type:
@@ -177,6 +193,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         raise SweepError("--heldout-text is scored by --validate: add --validate")
     if args.loop_sizes and not ladder:
         raise SweepError("--loop-sizes applies to the ladder's sizes: add --ladder or --sizes")
+    if args.speed_reps < 0:
+        raise SweepError("--speed-reps N: N repetitions of the throughput runs, 0 (none) or more")
     if args.refine < 0:
         raise SweepError("--refine N: N is the most points to measure, 0 or more")
     if args.loop_budget < 1 or args.loop_blocks < 1:
@@ -200,7 +218,8 @@ def check_before_writing(args: argparse.Namespace, table: Table, source: SourceM
 def recipe_meta(args: argparse.Namespace, table: Table, types: list[str], size_from: str | None) -> dict:
     """What recipe.json says about how it was made and what the tables were measured on."""
     return {"command": "python -m sweep.recipe " + shlex.join(sys.argv[1:]), "metric": args.metric,
-            "types": types, "groups": args.group, "default_type": args.default_type, "budget_from": size_from or
+            "types": types, "groups": args.untied_group, "tie": args.tie, "default_type": args.default_type,
+            "budget_from": size_from or
             f"{args.bpw} bits per weight", "model": table.model, "model_sha256": table.model_sha256,
             "measured_on": {"container": table.container, "n_ctx": table.n_ctx, "n_windows": table.n_windows,
                             "imatrix": table.imatrix, "data_source": table.data_source,
