@@ -130,3 +130,48 @@ def test_heldout_text_mistakes_are_one_line_errors(low_bit, tmp_path):
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: --heldout-text {path}"), proc.stderr[-2000:]
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not out.exists()  # nothing written
+
+
+def _rung(size, kld, windows, sweep_windows, predicted, choices, file_bytes):
+    from pathlib import Path
+
+    from sweep.recipe.ladder_table import Rung
+    from sweep.recipe.solve import Choice, Recipe
+    from sweep.recipe.validate import FileScore
+
+    recipe = Recipe([Choice(n, ty if d is not None else None, ty, 100, d if d is not None else np.nan, 0.0)
+                     for n, ty, d in choices], file_bytes, "file", file_bytes, file_bytes, 1000, predicted, 0.0)
+    score = FileScore("recipe", Path(f"{size}.gguf"), file_bytes, 1000, {"kld_mean": kld}, np.asarray(windows),
+                      np.asarray(sweep_windows), predicted, None, [])
+    rung = Rung(size, preset_bytes=file_bytes, recipe=recipe)
+    rung.scores = {"recipe": score, "preset": score}
+    return rung
+
+
+def test_the_order_check_names_why_a_larger_recipe_measured_worse():
+    from sweep.recipe.ladder_table import format_order, order_check
+
+    small = _rung("Q3_K_M", 0.10, [0.09, 0.11, 0.10, 0.10], [0.1, 0.1], 0.05,
+                  [("a", "q4_K", 0.02), ("b", "q4_K", 0.03), ("token_embd.weight", "q8_0", None)], 1000)
+    larger = _rung("Q4_K_S", 0.08, [0.07, 0.09, 0.08, 0.08], [0.08, 0.08], 0.04,
+                   [("a", "q5_0", 0.01), ("b", "q4_K", 0.03), ("token_embd.weight", "q8_0", None)], 1100)
+    # larger still, predicted better and better on the tables' windows, worse on held-out text but within noise,
+    # with one tensor at a type the tables measured as exact (damage 0) and the preset's type outside the tables
+    largest = _rung("Q4_K_M", 0.085, [0.06, 0.11, 0.07, 0.10], [0.07, 0.07], 0.03,
+                    [("a", "q5_1", 0.0), ("b", "q4_K", 0.03), ("token_embd.weight", "q6_K", None)], 1200)
+    steps = order_check([largest, small, larger])  # in any order: checked smallest file first
+    assert [(s["previous"], s["size"], s["falls"]) for s in steps] == [("Q3_K_M", "Q4_K_S", True),
+                                                                       ("Q4_K_S", "Q4_K_M", False)]
+    reasons = " | ".join(steps[1]["reasons"])
+    assert "held-out: within noise (paired +5.00e-03" in reasons
+    assert "on the tables' own windows the larger recipe is better (0.07 < 0.08" in reasons
+    assert "1 more tensors take a type the tables measured as an exact re-encoding of the source (damage 0, e.g. " \
+           "a=q5_1)" in reasons
+    assert "1 tensors outside the tables take other types (the presets', e.g. token_embd.weight=q6_K)" in reasons
+    lines = format_order(steps)
+    assert lines[0] == "order: the recipes' KLD falls at 1 of 2 steps; where it does not:"
+    assert lines[1].startswith("  Q4_K_M after Q4_K_S: 0.085 vs 0.08: ")
+    same = _rung("Q3_K_S", 0.11, [0.1, 0.12, 0.11, 0.11], [0.1, 0.1], 0.05,
+                 [("a", "q4_K", 0.02), ("b", "q4_K", 0.03), ("token_embd.weight", "q8_0", None)], 1050)
+    step = order_check([small, same])[0]
+    assert step["reasons"] == ["the same recipe as Q3_K_M (the same file): the difference is the scoring's only"]

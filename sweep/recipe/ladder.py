@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SweepError
@@ -33,34 +32,16 @@ from ..llama.throughput import BenchSettings, measure
 from ..scoring.text import Text
 from .build import IMATRIX_LADDER, LADDER, NEED_IMATRIX, PRESETS, build_and_check, preset_file, stored_types
 from .export import pattern_for, write_recipe
-from .ladder_table import format_ladder, order_check, rung_json, write_plot
+from .ladder_table import Rung, format_ladder, order_check, rung_json, write_plot
 from .loop import LoopSettings, closed_loop
 from .refine import refine
 from .sizes import SourceModel
 from .solve import Recipe, make_recipe
 from .table import Table, read_table
 from .ties import tie_cost
-from .validate import FileScore, References, compute_identity
+from .validate import References, compute_identity
 
 log = logging.getLogger("sweep.recipe")
-
-
-@dataclass
-class Rung:
-    size: str
-    preset: Path | None = None
-    preset_bytes: int | None = None
-    recipe: Recipe | None = None
-    built: Path | None = None
-    note: str | None = None  # why there is no recipe at this size
-    loop: dict | None = None
-    refine: list[dict] | None = None  # --refine's rounds at this size
-    kept_from: str | None = None  # monotone: the smaller size whose recipe this size took
-    tie: dict | None = None  # --tie: the tied recipe's predicted cost against the untied one
-    untied: Recipe | None = None
-    untied_built: Path | None = None
-    scores: dict[str, FileScore] = field(default_factory=dict)  # "recipe"/"preset" -> FileScore
-    speed: dict | None = None  # "recipe"/"preset"/"untied" -> throughput.Throughput.summary
 
 
 def ladder_sizes(text: str | None, imatrix: Path | None) -> list[str]:

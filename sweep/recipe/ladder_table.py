@@ -3,17 +3,33 @@ throughput), the order of the recipes as the size grows with the reason at each 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .validate import Paired, file_row, paired, prediction_cells
-
-if TYPE_CHECKING:
-    from .ladder import Rung
+from .solve import Recipe
+from .validate import FileScore, Paired, file_row, paired, prediction_cells
 
 SLOWER = 0.05  # generation throughput more than 5% below the preset's is stated
+
+
+@dataclass
+class Rung:
+    size: str
+    preset: Path | None = None
+    preset_bytes: int | None = None
+    recipe: Recipe | None = None
+    built: Path | None = None
+    note: str | None = None  # why there is no recipe at this size
+    loop: dict | None = None
+    refine: list[dict] | None = None  # --refine's rounds at this size
+    kept_from: str | None = None  # monotone: the smaller size whose recipe this size took
+    tie: dict | None = None  # --tie: the tied recipe's predicted cost against the untied one
+    untied: Recipe | None = None
+    untied_built: Path | None = None
+    scores: dict[str, FileScore] = field(default_factory=dict)  # "recipe"/"preset" -> FileScore
+    speed: dict | None = None  # "recipe"/"preset"/"untied" -> throughput.Throughput.summary
 
 
 def rung_json(r: Rung) -> dict[str, object]:
