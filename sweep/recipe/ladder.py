@@ -178,7 +178,7 @@ def _monotone(rung: Rung, recipe: Recipe, rungs: list[Rung]) -> Recipe:
     fits = [r for r in rungs if r is not rung and r.recipe is not None and r.kept_from is None
             and r.recipe.predicted_file_bytes <= rung.preset_bytes]
     best = min(fits, key=lambda r: r.recipe.damage if r.recipe else 0.0, default=None)
-    if best is None or best.recipe is None or not best.recipe.damage < recipe.damage:
+    if best is None or best.recipe is None or not best.recipe.damage < recipe.damage * (1 - 1e-9):  # (sums' rounding)
         return recipe
     rung.kept_from = best.size
     print(f"{rung.size}: its solve predicts {recipe.damage:.4g}, more than {best.size}'s recipe "
