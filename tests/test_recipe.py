@@ -113,6 +113,26 @@ def test_budget_counts_every_tensor_and_groups_share_a_type(swept):
     assert {types[n] for k in keys for n in members[k]} == set(TYPES)
 
 
+def test_a_type_llama_cpp_cannot_build_here_is_no_candidate_and_no_missing_measurement(swept):
+    """iq2_xxs needs importance data (ggml's quantizer and llama-quant refuse it without): tables measured without
+    an importance matrix cannot have it, and the token embedding never has it (imatrix files do not hold it)."""
+    from sweep.recipe.solve import missing_measurements, unbuildable
+
+    model, runs, _ = swept
+    table, source = read_table([runs]), SourceModel(model)
+    types = [*TYPES, "iq2_xxs"]
+    assert unbuildable(table, source, "blk.0.ffn_down.weight", "iq2_xxs")
+    assert not unbuildable(table, source, "blk.0.ffn_down.weight", "q4_K")  # measured
+    assert not unbuildable(table, source, "blk.0.ffn_down.weight", "q6_K")  # buildable, only not measured
+    assert missing_measurements(table, source, types) == []
+    smallest = make_recipe(table, source, ["q4_K"], 10**9, "file", "q4_K").predicted_file_bytes
+    recipe = make_recipe(table, source, types, smallest, "file", "q4_K")  # iq2_xxs would be smaller still
+    assert "iq2_xxs" not in {c.type_stored for c in recipe.choices}
+    table.imatrix = True  # with an importance matrix the blocks' tensors can take it: then it is a missing point
+    assert ("blk.0.attn_k.weight", "iq2_xxs") in missing_measurements(table, source, types)
+    assert unbuildable(table, source, "token_embd.weight", "iq2_xxs")  # ... but never the token embedding
+
+
 def test_build_writes_the_recipes_types_and_recipe_txt_round_trips(swept, tmp_path):
     model, runs, env = swept
     out = tmp_path / "r"

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import SweepError
 from ..llama.gguf_names import block_of
+from ..quant.ggml_types import needs_imatrix
 from .sizes import SourceModel, padded
 from .table import Table, check_complete
 
@@ -121,6 +122,18 @@ def measured_key(source: SourceModel, name: str, type_asked: str) -> tuple[str, 
     return name, source.tensor(name).stored_as(type_asked).name
 
 
+def unbuildable(table: Table, source: SourceModel, name: str, type_asked: str) -> bool:
+    """A candidate llama.cpp cannot build for this tensor and no point measured: a type ggml quantizes only with
+    importance data (iq2_xxs, iq2_xs, ...) where there is none: tables measured without an importance matrix, or the
+    token embedding and output, which imatrix files never hold (llama-quant exempts them from its own check; ggml's
+    quantizer still needs the data). Never a candidate, so never a missing measurement."""
+    key = measured_key(source, name, type_asked)
+    if key in table.rows or key in table.diverged:
+        return False
+    outside = name.startswith(("token_embd.", "output."))
+    return needs_imatrix(key[1], None if not outside else name) and (not table.imatrix or outside)
+
+
 def missing_measurements(table: Table, source: SourceModel, types: list[str]) -> list[tuple[str, str]]:
     """(tensor, type asked) pairs of covered tensors that no point measured (in that type or its stored type)."""
     out = []
@@ -128,6 +141,8 @@ def missing_measurements(table: Table, source: SourceModel, types: list[str]) ->
         seen = set()
         for ty in types:
             key = measured_key(source, t, ty)
+            if unbuildable(table, source, t, ty):
+                continue
             if key not in table.rows and key not in table.diverged and key not in seen:
                 out.append((t, ty))  # one point measures every asked type stored alike (q6_K, q8_0 on 576)
                 seen.add(key)
@@ -163,8 +178,8 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
         else:
             fixed.append(Choice(t.name, None, t.type_name, t.nbytes, math.nan, math.nan))
         if t.quantizable and any(re.search(p, t.name) for p in groups):
-            raise SweepError(f"--group matches {t.name}, which the tables do not cover: it would keep the default "
-                             f"type, not the group's; measure it or narrow the pattern")
+            raise SweepError(f"--group/--tie matches {t.name}, which the tables do not cover: it would keep the "
+                             f"default type, not the group's; measure it or narrow the pattern")
     members: dict[str, list[str]] = {}
     for name in covered:
         members.setdefault(group_key(name, groups), []).append(name)
@@ -174,7 +189,8 @@ def make_recipe(table: Table, source: SourceModel, types: list[str], budget: int
     weights = np.zeros((len(keys), n_t))
     for i, k in enumerate(keys):
         for j, ty in enumerate(types):
-            if any(measured_key(source, n, ty) in table.diverged for n in members[k]):
+            if any(measured_key(source, n, ty) in table.diverged or unbuildable(table, source, n, ty)
+                   for n in members[k]):
                 continue
             costs[i, j] = sum(table.rows[measured_key(source, n, ty)].damage for n in members[k])
             weights[i, j] = sum(cost_bytes(source.tensor(n).bytes_as(ty)) for n in members[k])
