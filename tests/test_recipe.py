@@ -374,3 +374,26 @@ def test_a_build_with_an_imatrix_writes_its_provenance_as_llama_quantize_does(sw
     predicted = SourceModel(model, keys)
     assert predicted.header_bytes == gguf_tensor_table(built)[1] > source.header_bytes
     assert predicted.file_bytes({n: b for n, (_, b) in stored_types(built).items()}) == built.stat().st_size
+
+
+def test_the_imatrix_tables_hold_the_token_embedding_which_no_imatrix_covers(swept, tmp_path):
+    """A point measured with an importance matrix that has no entry for its tensor (the token embedding: llama-imatrix
+    never sees it) is quantized without data, as the build with that matrix quantizes it: it belongs to the imatrix
+    tables, not to the tables measured without one."""
+    from sweep.quant.imatrix_file import Imatrix, write_gguf
+
+    model, _, env = swept
+    source = SourceModel(model)
+    matrices = [t for t in source.tensors if t.quantizable and len(t.ne) == 2 and t.name.startswith("blk.")]
+    im = Imatrix({t.name: np.ones((1, t.ne[0]), np.float32) for t in matrices},
+                 {t.name: np.array([64]) for t in matrices}, chunk_count=3, chunk_size=64, datasets=["wiki.test.raw"])
+    path = write_gguf(tmp_path / "tiny.imatrix.gguf", im)
+    for axes, where in ((["layer=0", "tensor=attn_q"], "blocks"), (["layer=null", "tensor=token_embd"], "embd")):
+        run_sweep(tiny_args(model, tmp_path, *axes, "kind=weight", "fmt=q4_K", f"fmt.imatrix={path}",
+                            "metrics.generate=false", sweep_dir=where), env)
+    runs = [tmp_path / "blocks", tmp_path / "embd"]
+    table = read_table(runs, imatrix=True)
+    assert set(table.rows) == {("blk.0.attn_q.weight", "q4_K"), ("token_embd.weight", "q4_K")}
+    assert table.rows[("token_embd.weight", "q4_K")].damage > 0
+    with pytest.raises(SweepError, match="no single-tensor weight points of GGUF types"):
+        read_table(runs, imatrix=False)  # neither point was measured without the matrix

@@ -93,8 +93,11 @@ def read_table(runs: list[Path], metric: str = "kld_mean", imatrix: bool = False
     df = df[(df["kind"] == "weight") & df["status"].isin(["ok", "no-op", "diverged"]) & df["ggml_type"].notna()]
     df = df[~df["targets"].astype(str).str.contains(",")]  # one tensor per point
     if "imatrix_used" in df:
-        with_im = df["imatrix_used"].fillna(False).astype(bool)
-        df = df[with_im] if imatrix else df[df["imatrix_used"].isna()]
+        # measured with an importance matrix: one that covers the tensor, or one without its entry (the token
+        # embedding: the build with that matrix quantizes it without data too, as the point did)
+        lacking = df["imatrix_missing"].notna() if "imatrix_missing" in df else pd.Series(False, index=df.index)
+        with_im = df["imatrix_used"].fillna(False).astype(bool) | lacking
+        df = df[with_im] if imatrix else df[df["imatrix_used"].isna() & ~lacking]
     elif imatrix:
         df = df.iloc[0:0]
     if df.empty:
