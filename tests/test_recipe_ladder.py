@@ -175,3 +175,20 @@ def test_the_order_check_names_why_a_larger_recipe_measured_worse():
                  [("a", "q4_K", 0.02), ("b", "q4_K", 0.03), ("token_embd.weight", "q8_0", None)], 1050)
     step = order_check([small, same])[0]
     assert step["reasons"] == ["the same recipe as Q3_K_M (the same file): the difference is the scoring's only"]
+
+
+def test_a_file_whose_logits_go_non_finite_is_a_row_that_says_so():
+    """llama.cpp's kernels on a built file can give NaN/inf logits on some text (the no-imatrix Q2_K preset did on
+    the licenses): the validation reports it in its row and verdict instead of stopping the ladder."""
+    from sweep.recipe.ladder_table import _diverged
+    from sweep.recipe.validate import _summary, _window_damage
+    from sweep.scoring.perplexity import Score
+
+    ref = Score(np.full((2, 4), 2.0), 5, 0.0, argmax=np.zeros((2, 4), np.int32), lse=np.zeros((2, 4)))
+    bad = Score(np.array([[2.0, np.nan, 1.0, 1.0]]), 5, 0.0, diverged="non-finite logits in window 0 at position 1")
+    row = _summary(bad, ref)
+    assert row["diverged"] == bad.diverged and np.isnan(row["kld_mean"]) and np.isnan(row["ppl"])
+    assert row["ref_ppl"] == ref.ppl and _window_damage(bad, ref, "kld_mean") is None
+    assert _diverged({"kld_mean": 0.1}, row) == ("preset diverged (non-finite logits in window 0 at position 1); "
+                                                 "the recipe did not")
+    assert _diverged({"kld_mean": 0.1}, {"kld_mean": 0.2}) is None

@@ -46,14 +46,24 @@ def rung_json(r: Rung) -> dict[str, object]:
         diff_other = paired(rec.other_damage, pre.other_damage)
         out.update(recipe=rec_row, preset_row=pre_row, recipe_minus_preset=diff,
                    recipe_minus_preset_other_text=diff_other)
-        out["verdict"] = verdict(rec_row["kld_ci95"], pre_row["kld_ci95"], diff)
-        if diff_other:
-            out["verdict_other_text"] = verdict(rec_row["other_text"]["kld_ci95"], pre_row["other_text"]["kld_ci95"],
-                                                diff_other)
+        out["verdict"] = _diverged(rec_row, pre_row) or verdict(rec_row["kld_ci95"], pre_row["kld_ci95"], diff)
+        if "other_text" in rec_row:
+            out["verdict_other_text"] = _diverged(rec_row["other_text"], pre_row["other_text"]) or verdict(
+                rec_row["other_text"]["kld_ci95"], pre_row["other_text"]["kld_ci95"], diff_other)
     if r.speed:
         out["speed"] = r.speed
         out["speed_verdict"] = speed_verdict(r.speed)
     return out
+
+
+def _diverged(recipe: dict, preset: dict) -> str | None:
+    """The verdict where a file's logits went non-finite (llama.cpp's kernels on that file), else None."""
+    if recipe.get("diverged") or preset.get("diverged"):
+        which = [f"{label} diverged ({row['diverged']})" for label, row in (("recipe", recipe), ("preset", preset))
+                 if row.get("diverged")]
+        better = "; the recipe did not" if not recipe.get("diverged") else ""
+        return "; ".join(which) + better
+    return None
 
 
 def _tg(s: dict) -> float:

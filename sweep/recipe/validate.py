@@ -80,8 +80,9 @@ def _t_ci(mean: float, se: float, n: int) -> tuple[float, float]:
 
 
 def _window_damage(run: Score, ref: Score, metric: str) -> np.ndarray | None:
-    """Per-window means of the metric's damage (metrics.Metric.damage), where the metric is a token mean."""
-    return RANKABLE[metric].window_damage(per_token(run, ref))
+    """Per-window means of the metric's damage (metrics.Metric.damage), where the metric is a token mean (none for a
+    file that diverged)."""
+    return None if run.diverged else RANKABLE[metric].window_damage(per_token(run, ref))
 
 
 def _score_file(path: Path, windows: Windows, ref: Score, n_ctx: int, threads: int, desc: str) -> Score:
@@ -203,7 +204,16 @@ class References:
         self.close()
 
 
+# what the reports read of a file that diverged (non-finite logits): nothing measured, and why
+_NOT_MEASURED = ("kld_mean", "kld_stderr", "kld_p999", "top1_agree", "top1_agree_stderr", "delta_nll",
+                 "delta_nll_stderr", "ppl", "ppl_stderr")
+
+
 def _summary(run: Score, ref: Score) -> dict:
+    if run.diverged:  # llama.cpp's own kernels on this file gave NaN/inf logits: a result, said, not a crash
+        log.warning("diverged: %s", run.diverged)
+        return {**dict.fromkeys(_NOT_MEASURED, math.nan), "diverged": run.diverged, "n_windows": 0,
+                "ref_ppl": ref.ppl, "ref_ppl_stderr": ref.ppl_stderr}
     out = summarize(per_token(run, ref), alpha=0.05)
     out.update(ppl=run.ppl, ppl_stderr=run.ppl_stderr, ref_ppl=ref.ppl, ref_ppl_stderr=ref.ppl_stderr)
     return out
