@@ -26,11 +26,10 @@ from pathlib import Path
 import llama_cpp
 
 from ..errors import SweepError
-from .backend import _init_once, llama_cpp_version, system_info
+from .backend import FLASH_ATTN, GGML_TYPES, _init_once, llama_cpp_version, system_info
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
-FLASH_ATTN = {"off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-              "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}
+# the sweep's choices (backend.py) and llama-bench's defaults beside them: flash attention `auto`
+FLASH_ATTN_CHOICES = {**FLASH_ATTN, "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,8 @@ class _Loaded:
         cparams.n_ubatch = min(s.n_ubatch, cparams.n_batch)
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = s.threads
-        cparams.type_k = cparams.type_v = KV_TYPES[s.kv_type]
-        cparams.flash_attn_type = FLASH_ATTN[s.flash_attn]
+        cparams.type_k = cparams.type_v = GGML_TYPES[s.kv_type]
+        cparams.flash_attn_type = FLASH_ATTN_CHOICES[s.flash_attn]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)

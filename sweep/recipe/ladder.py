@@ -38,7 +38,7 @@ from .refine import refine
 from .sizes import SourceModel
 from .solve import Recipe, make_recipe
 from .table import Table, read_table
-from .ties import tie_cost
+from .ties import tie_cost, tie_patterns
 from .validate import References, compute_identity
 
 log = logging.getLogger("sweep.recipe")
@@ -139,7 +139,7 @@ def run_ladder(args: argparse.Namespace, table: Table, source: SourceModel, sour
         print(f"{size}: recipe predicted {table.metric} {recipe.damage:.4g} in {recipe.predicted_file_bytes} bytes "
               f"(preset {rung.preset_bytes}); wrote {txt} and {js}")
         rung.built = build_and_check(recipe, source_path, d / "recipe.gguf", txt, js, imatrix, threads,
-                                     ties=args.group[len(args.untied_group):])
+                                     ties=tie_patterns(args.tie))
         if rung.untied is not None and speed is not None:  # for the tie's gain in speed
             u_txt, u_js = write_recipe(d / "untied", rung.untied, source, {**m, "note": "the recipe without --tie"})
             rung.untied_built = build_and_check(rung.untied, source_path, d / "untied" / "recipe.gguf", u_txt, u_js,

@@ -66,12 +66,17 @@ def _diverged(recipe: dict, preset: dict) -> str | None:
     return None
 
 
+def _test(s: dict, kind: str) -> dict:
+    """A file's throughput summary of one test ("pp": pp512, "tg": tg128): median, min, max, runs."""
+    return next(v for k, v in s.items() if k.startswith(kind) and v)
+
+
 def _tg(s: dict) -> float:
-    return next(v["median"] for k, v in s.items() if k.startswith("tg") and v)
+    return _test(s, "tg")["median"]
 
 
 def _pp(s: dict) -> float:
-    return next(v["median"] for k, v in s.items() if k.startswith("pp") and v)
+    return _test(s, "pp")["median"]
 
 
 def speed_verdict(speed: dict) -> str:
@@ -170,8 +175,7 @@ def speed_header(report: dict) -> str:
 def speed_cells(s: dict | None) -> str:
     if not s:
         return ""
-    pp = next(v for k, v in s.items() if k.startswith("pp"))
-    tg = next(v for k, v in s.items() if k.startswith("tg"))
+    pp, tg = _test(s, "pp"), _test(s, "tg")
     return (f"{pp['median']:.0f} [{pp['min']:.0f},{pp['max']:.0f}] / {tg['median']:.1f} "
             f"[{tg['min']:.1f},{tg['max']:.1f}]")
 
